@@ -1,0 +1,64 @@
+"""Tracker settings: one frozen dataclass, validated when it is built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+
+@dataclass(frozen=True)
+class TrackerConfig:
+    """Thresholds and ages of the ByteTrack-style IoU tracker. Ages count frames (by `frame_index`).
+
+    Detection scores split the input in three: `score >= high_score` feeds the first association and may start
+    tracks; `low_score <= score < high_score` only extends tracks that were matched on the previous frame
+    (ByteTrack's second stage, which keeps partly occluded objects); below `low_score` is ignored.
+    """
+
+    high_score: float = 0.5
+    """Scores at or above this are high-confidence detections (first association stage)."""
+    low_score: float = 0.1
+    """Scores below this are ignored; between this and `high_score` they enter the second stage only."""
+    new_track_score: float = 0.6
+    """An unmatched high-confidence detection starts a tentative track only at this score or above."""
+    match_iou: float = 0.2
+    """Minimum IoU between a track's predicted box and a high-confidence detection."""
+    low_match_iou: float = 0.5
+    """Minimum IoU in the second stage (low-confidence detections): stricter, as those are noisier."""
+    tentative_match_iou: float = 0.3
+    """Minimum IoU for a tentative (not yet confirmed) track to take a detection."""
+    min_hits: int = 2
+    """Consecutive matched frames before a tentative track is confirmed (emits `started`, gets its id).
+    A tentative track that misses one frame is dropped without an event. 1 confirms on the first detection."""
+    max_age: int = 30
+    """A confirmed track unseen for more than this many frames is removed (emits `ended`)."""
+    velocity_smoothing: float = 0.4
+    """Weight of the newest observed displacement in the constant-velocity estimate (1 = no smoothing)."""
+    max_predict_frames: int = 10
+    """Constant-velocity extrapolation stops after this many unseen frames, so a lost box does not fly away."""
+    class_agnostic: bool = False
+    """False: a track only takes detections with its own label (the grounded phrase). True: labels ignored
+    for association; the track reports the label of its latest detection."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("high_score", "low_score", "new_track_score", "velocity_smoothing"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                problems.append(f"{name}={value!r}: must be in [0, 1]")
+        for name in ("match_iou", "low_match_iou", "tentative_match_iou"):
+            value = getattr(self, name)
+            if not 0.0 < value <= 1.0:
+                problems.append(f"{name}={value!r}: must be in (0, 1]")
+        if self.low_score > self.high_score:
+            problems.append(f"low_score={self.low_score!r} is above high_score={self.high_score!r}")
+        if self.min_hits < 1:
+            problems.append(f"min_hits={self.min_hits!r}: must be at least 1")
+        if self.max_age < 0:
+            problems.append(f"max_age={self.max_age!r}: must be at least 0")
+        if self.max_predict_frames < 0:
+            problems.append(f"max_predict_frames={self.max_predict_frames!r}: must be at least 0")
+        if problems:
+            raise ValueError("invalid TrackerConfig:\n  " + "\n  ".join(problems))
+
+    def as_dict(self) -> dict[str, object]:
+        return {field.name: getattr(self, field.name) for field in fields(self)}

@@ -33,7 +33,7 @@ class TrackerConfig:
     """A confirmed track unseen for more than this many frames is removed (emits `ended`)."""
     velocity_smoothing: float = 0.4
     """Weight of the newest observed displacement in the constant-velocity estimate (1 = no smoothing)."""
-    max_predict_frames: int = 10
+    max_predict_frames: int = 20
     """Constant-velocity extrapolation stops after this many unseen frames, so a lost box does not fly away."""
     class_agnostic: bool = False
     """False: a track only takes detections with its own label (the grounded phrase). True: labels ignored

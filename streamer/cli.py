@@ -1,0 +1,190 @@
+"""The `groundwatch` command.
+
+    groundwatch demo                      the bundled video through the default model: events, recording, replay
+    groundwatch run [config.toml]         the daemon
+    groundwatch subscribe ENDPOINT [--stream ID] [--kind KIND]    one JSON line per event
+    groundwatch status [--control ENDPOINT]                       per-stream fps, latency, drops, reconnects
+    groundwatch prompt STREAM PROMPT [--control ENDPOINT]         change a stream's prompt while it runs
+    groundwatch replay VIDEO --events LOG -o out.mp4              overlays and trails drawn over the video
+    groundwatch detect|convert|train|eval ...                     the model's own tools (gdino)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+DEFAULT_CONTROL = "tcp://127.0.0.1:5556"
+
+
+def _configure_logging() -> None:
+    import os
+
+    logging.basicConfig(level=os.environ.get("GROUNDWATCH_LOG", "INFO").upper(),
+                        format="%(asctime)s supervisor %(levelname)s %(message)s", stream=sys.stderr)
+
+
+def _run(args) -> int:
+    from streamer.config import ConfigError, load_config
+    from streamer.daemon import Supervisor
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"groundwatch: bad configuration\n{exc}", file=sys.stderr)
+        return 2
+    _configure_logging()
+    supervisor = Supervisor(config)
+    supervisor.install_signal_handlers()
+
+    def announce(s: Supervisor) -> None:
+        print(f"groundwatch: events on {config.publish.endpoint} (subscribe: groundwatch subscribe "
+              f"{config.publish.endpoint}); control on {config.publish.control_endpoint}", flush=True)
+        if s.metrics_url:
+            print(f"groundwatch: metrics at {s.metrics_url}", flush=True)
+        for stream, path in s.record_paths.items():
+            print(f"groundwatch: recording {stream} to {path}", flush=True)
+
+    code = supervisor.run(on_ready=announce)
+    print(f"groundwatch: stopped ({supervisor.stop_reason})", flush=True)
+    return code
+
+
+def _demo(args) -> int:
+    from streamer.demo import run_demo
+
+    return run_demo(output_directory=args.output, weights=args.weights)
+
+
+def _subscribe(args) -> int:
+    from streamer.client import GapCounter, subscribe
+
+    gaps = GapCounter()
+    received = 0
+    try:
+        for event in subscribe(args.endpoint, args.stream, args.kind, timeout=args.timeout, count=args.count,
+                               gaps=gaps):
+            received += 1
+            sys.stdout.write(json.dumps(event, separators=(",", ":")) + "\n")
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        pass
+    except BrokenPipeError:
+        return 0
+    if gaps.lost and not args.kind:
+        print(f"groundwatch subscribe: {gaps.lost} events lost (this subscriber fell behind)", file=sys.stderr)
+    return 0 if received or args.timeout is None else 1
+
+
+def _status(args) -> int:
+    from streamer.client import format_status, status
+
+    try:
+        reply = status(args.control, timeout=args.timeout)
+    except TimeoutError as exc:
+        print(f"groundwatch status: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(reply, indent=2) if args.json else format_status(reply))
+    return 0
+
+
+def _prompt(args) -> int:
+    from streamer.client import set_prompt
+
+    try:
+        reply = set_prompt(args.control, args.stream, args.prompt)
+    except TimeoutError as exc:
+        print(f"groundwatch prompt: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(reply))
+    return 0 if reply.get("ok") else 1
+
+
+def _replay(args) -> int:
+    from streamer.replay import replay
+
+    for path in (args.video, args.events):
+        if not Path(path).is_file():
+            print(f"groundwatch replay: no such file {path}", file=sys.stderr)
+            return 2
+    summary = replay(args.video, args.events, args.output, trail_length=args.trail, progress=not args.quiet)
+    print(f"groundwatch replay: {summary.frames} frames, {summary.frames_with_events} with events, "
+          f"{summary.boxes_drawn} boxes drawn -> {summary.output}")
+    return 0
+
+
+def _delegate(command: str, argv: list[str]) -> int:
+    # Imported only here: the daemon's commands work whether or not the model's tools are installed.
+    if command in ("detect", "convert"):
+        from gdino import cli as gdino_cli
+
+        entry = gdino_cli.detect_main if command == "detect" else gdino_cli.convert_main
+    else:
+        from gdino.train import cli as train_cli
+
+        entry = train_cli.train_main if command == "train" else train_cli.eval_main
+    return int(entry(argv) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="groundwatch", description="Watch video for objects described in words.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = commands.add_parser("demo", help="run the bundled video through the default model")
+    demo.add_argument("-o", "--output", default="runs/demo", help="where the recording and replay go")
+    demo.add_argument("--weights", default="default", help="model weights ('default', 'tiny' or a path)")
+    demo.set_defaults(handler=_demo)
+
+    run = commands.add_parser("run", help="run the daemon")
+    run.add_argument("config", nargs="?", default="config.toml", help="TOML config (default: config.toml)")
+    run.set_defaults(handler=_run)
+
+    sub = commands.add_parser("subscribe", help="print events as JSON lines")
+    sub.add_argument("endpoint", help="the daemon's PUB endpoint, e.g. tcp://127.0.0.1:5555")
+    sub.add_argument("--stream", help="only this stream")
+    sub.add_argument("--kind", choices=("detections", "track", "status", "heartbeat", "error"), help="only this kind")
+    sub.add_argument("--count", type=int, help="exit after this many events")
+    sub.add_argument("--timeout", type=float, help="exit after this many seconds without an event")
+    sub.set_defaults(handler=_subscribe)
+
+    stat = commands.add_parser("status", help="per-stream fps, latency, drops, reconnects")
+    stat.add_argument("--control", default=DEFAULT_CONTROL, help=f"control endpoint (default {DEFAULT_CONTROL})")
+    stat.add_argument("--json", action="store_true", help="the full reply as JSON")
+    stat.add_argument("--timeout", type=float, default=5.0)
+    stat.set_defaults(handler=_status)
+
+    prompt = commands.add_parser("prompt", help="change a stream's prompt while the daemon runs")
+    prompt.add_argument("stream")
+    prompt.add_argument("prompt")
+    prompt.add_argument("--control", default=DEFAULT_CONTROL)
+    prompt.set_defaults(handler=_prompt)
+
+    rep = commands.add_parser("replay", help="draw recorded events over a video")
+    rep.add_argument("video")
+    rep.add_argument("--events", required=True, help="the stream's event log (.jsonl)")
+    rep.add_argument("-o", "--output", required=True, help="output video (.mp4)")
+    rep.add_argument("--trail", type=int, default=20, help="trail length in frames")
+    rep.add_argument("--quiet", action="store_true", help="no progress bar")
+    rep.set_defaults(handler=_replay)
+
+    for name, help_text in (("detect", "detect objects in images (gdino)"), ("convert", "convert checkpoints"),
+                            ("train", "train the model"), ("eval", "evaluate the model")):
+        delegated = commands.add_parser(name, help=help_text, add_help=False)
+        delegated.add_argument("args", nargs=argparse.REMAINDER)
+        delegated.set_defaults(handler=None)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("detect", "convert", "train", "eval"):
+        return _delegate(argv[0], argv[1:])
+    args = build_parser().parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

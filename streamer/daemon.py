@@ -1,0 +1,334 @@
+"""The supervisor: starts the processes, restarts crashed ones with backoff, serves the control socket and the
+Prometheus metrics, and shuts everything down in one ordered place.
+
+Processes (all spawned, never forked: torch and ZeroMQ do not survive a fork):
+    hub      PULL events from children -> PUB socket + event logs + heartbeats
+    worker   mailboxes -> detector (batched across streams) -> tracker per stream -> events
+    decoder  one per stream: PyAV -> RGB frames -> the stream's shared-memory mailbox
+
+Shutdown (SIGINT, SIGTERM, or every file done): decoders stop first, then the worker drains what they decoded
+and ends open tracks, then the hub publishes and records what is in flight and closes the logs. Each stage has
+its own stop event so the order is explicit; a stage that overruns its timeout is killed. Children also get
+PR_SET_PDEATHSIG, so even a SIGKILL of the supervisor leaves no orphan.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import queue
+import shutil
+import signal
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import zmq
+
+from streamer.config import Config
+from streamer.decoder import EXIT_FATAL, decoder_main
+from streamer.events import make_event
+from streamer.frames import FrameMailbox, remove_stale_mailboxes
+from streamer.hub import hub_main
+from streamer.inference import worker_main
+from streamer.process import EventSender
+from streamer.recording import run_stamp
+from streamer.stats import RateMeter, StreamStats, snapshot
+
+log = logging.getLogger("groundwatch")
+
+
+@dataclass
+class Child:
+    name: str
+    stage: int  # shutdown order: lower stops first
+    target: Callable
+    kwargs: Callable[[], dict]  # built at each start: a restarted worker gets the current prompts
+    stop: object
+    stream: str | None = None
+    process: multiprocessing.Process | None = None
+    restarts: int = 0
+    failures: int = 0
+    started_at: float = 0.0
+    restart_at: float | None = None
+    done: bool = False  # exited for good (file finished, fatal error): never restarted
+    exit_codes: list = field(default_factory=list)
+
+
+class Supervisor:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.context = multiprocessing.get_context("spawn")
+        self.stream_ids = [stream.id for stream in config.streams]
+        self.prompts = {stream.id: stream.prompt for stream in config.streams}
+        self.stage_stops = {stage: self.context.Event() for stage in (0, 1, 2)}
+        self.worker_ready = self.context.Event()
+        self.worker_control = self.context.Queue()
+        self.worker_replies = self.context.Queue()
+        self.children: list[Child] = []
+        self.stop_reason: str | None = None
+        self.exit_code = 0
+        self.run_stamp = f"{run_stamp()}-{os.getpid()}"
+        self.started = time.time()
+        self.metrics_url: str | None = None
+        self._metrics_server = None
+        self._request_id = 0
+        self._rates = None
+        self._latest_rates: dict[str, dict] = {}
+        self._closed = False
+
+    # -- set-up --------------------------------------------------------------------------------------------
+
+    @property
+    def record_paths(self) -> dict[str, str]:
+        if not self.config.record.enabled:
+            return {}
+        directory = Path(self.config.record.directory)
+        return {s: str(directory / s / f"events-{self.run_stamp}.jsonl") for s in self.stream_ids}
+
+    def video_directory(self, stream) -> str | None:
+        if not (stream.record_video and stream.is_live):
+            return None
+        return str(Path(self.config.record.directory) / stream.id / "video")
+
+    def start(self) -> None:
+        remove_stale_mailboxes()
+        config = self.config
+        self.runtime_dir = tempfile.mkdtemp(prefix="groundwatch-")
+        self.events_endpoint = f"ipc://{self.runtime_dir}/events"
+        self.stats = StreamStats.create(self.stream_ids)
+        self._rates = RateMeter(self.stats)
+        self.mailboxes: dict[str, FrameMailbox] = {}
+        for stream in config.streams:
+            # live: one slot being read, one being written, one freshest waiting; file: a batch in flight too
+            slots = 3 if stream.is_live else config.model.batch_size + 2
+            self.mailboxes[stream.id] = FrameMailbox.create(
+                stream.id, slots, stream.max_width, stream.max_height, self.context.Lock()
+            )
+        self.control = zmq.Context.instance().socket(zmq.REP)
+        self.control.setsockopt(zmq.LINGER, 0)
+        self.control.bind(config.publish.control_endpoint)
+        self.sender = EventSender(self.events_endpoint)
+        self._start_metrics()
+
+        pid = os.getpid()
+        stats_spec = self.stats.spec()
+        self.children.append(Child("hub", 2, hub_main, lambda: dict(
+            pull_endpoint=self.events_endpoint, pub_endpoint=config.publish.endpoint,
+            high_water_mark=config.publish.high_water_mark, heartbeat_seconds=config.publish.heartbeat_seconds,
+            stats_spec=stats_spec, record_directory=config.record.directory if config.record.enabled else None,
+            flush_seconds=config.record.flush_seconds, run_stamp=self.run_stamp, stop=self.stage_stops[2],
+            parent_pid=pid), self.stage_stops[2]))
+        self.children.append(Child("worker", 1, worker_main, lambda: dict(
+            streams=[{"id": s.id, "live": s.is_live, "prompt": self.prompts[s.id]} for s in config.streams],
+            mailbox_specs={s: m.spec() for s, m in self.mailboxes.items()}, stats_spec=stats_spec,
+            events_endpoint=self.events_endpoint, model=config.model.model_dump(exclude={"batch_size"}),
+            tracker=config.tracker.model_dump(), batch_size=config.model.batch_size, stop=self.stage_stops[1],
+            control=self.worker_control, replies=self.worker_replies, ready=self.worker_ready,
+            parent_pid=pid), self.stage_stops[1]))
+        for stream in config.streams:
+            stream_dict = {"id": stream.id, "url": stream.url, "live": stream.is_live, "fps": stream.fps,
+                           "max_width": stream.max_width, "max_height": stream.max_height}
+            self.children.append(Child(f"decoder-{stream.id}", 0, decoder_main, lambda s=stream, d=stream_dict: dict(
+                stream=d, mailbox_spec=self.mailboxes[s.id].spec(), stats_spec=stats_spec,
+                events_endpoint=self.events_endpoint, live=config.live.model_dump(),
+                video_directory=self.video_directory(s), stop=self.stage_stops[0], parent_pid=pid),
+                self.stage_stops[0], stream=stream.id))
+        for child in sorted(self.children, key=lambda c: -c.stage):  # hub first: its sockets must be bound
+            self._spawn(child)
+
+    def _start_metrics(self) -> None:
+        if not self.config.metrics.enabled:
+            return
+        from streamer.metrics import start_metrics_server
+
+        self._metrics_server, port = start_metrics_server(self, self.config.metrics.host, self.config.metrics.port)
+        self.metrics_url = f"http://{self.config.metrics.host}:{port}/metrics"
+
+    def _spawn(self, child: Child) -> None:
+        if child.name == "worker":
+            for mailbox in self.mailboxes.values():
+                mailbox.recover_reading()
+            self.worker_ready.clear()
+        child.process = self.context.Process(target=child.target, kwargs=child.kwargs(), name=f"gw-{child.name}",
+                                             daemon=True)
+        child.process.start()
+        child.started_at = time.monotonic()
+        child.restart_at = None
+
+    # -- supervision -----------------------------------------------------------------------------------------
+
+    def _check_children(self) -> None:
+        now = time.monotonic()
+        for child in self.children:
+            if child.done:
+                continue
+            if child.restart_at is not None:
+                if now >= child.restart_at:
+                    child.restarts += 1
+                    log.warning("restarting %s (restart %d)", child.name, child.restarts)
+                    self._spawn(child)
+                continue
+            process = child.process
+            if process is None or process.is_alive():
+                continue
+            code = process.exitcode
+            process.join()
+            child.exit_codes.append(code)
+            if child.stream is not None and code in (0, EXIT_FATAL):
+                child.done = True  # file finished, or a source that can never work (its error event is out)
+                continue
+            if child.name == "worker" and code == EXIT_FATAL:
+                child.done = True
+                self.request_stop("the model could not be loaded")
+                self.exit_code = 1
+                continue
+            if now - child.started_at > 60:
+                child.failures = 0
+            child.failures += 1
+            initial = self.config.supervisor.restart_initial_seconds
+            delay = min(self.config.supervisor.restart_max_seconds, initial * 2 ** (child.failures - 1))
+            child.restart_at = now + delay
+            message = f"process {child.name} exited with code {code}; restarting in {delay:.1f} s"
+            log.error(message)
+            for stream in [child.stream] if child.stream else self.stream_ids:
+                self.sender.send(make_event(stream, "error", message=message, error_type="process_crashed",
+                                            fatal=False, process=child.name))
+
+    def _all_done(self) -> bool:
+        if not self.config.supervisor.exit_when_done:
+            return False
+        return all(self.stats.get(stream, "worker_finished") >= 1 for stream in self.stream_ids)
+
+    def request_stop(self, reason: str) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason
+            log.info("stopping: %s", reason)
+
+    def install_signal_handlers(self) -> None:
+        def handler(signum, _frame):
+            self.request_stop(signal.Signals(signum).name)
+
+        signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, handler)
+
+    def run(self, on_ready: Callable[["Supervisor"], None] | None = None) -> int:
+        """Start, supervise until asked to stop (or every file is done), shut down. Returns the exit code."""
+        self.start()
+        if on_ready is not None:
+            on_ready(self)
+        poller = zmq.Poller()
+        poller.register(self.control, zmq.POLLIN)
+        next_check = next_rates = 0.0
+        try:
+            while self.stop_reason is None:
+                if poller.poll(100):
+                    self._serve_control()
+                now = time.monotonic()
+                if now >= next_rates:
+                    next_rates = now + 1.0
+                    self._latest_rates = {s: self._rates.rates(s, now) for s in self.stream_ids}
+                if now >= next_check:
+                    next_check = now + 0.2
+                    self._check_children()
+                    if self._all_done():
+                        self.request_stop("every stream finished")
+        finally:
+            self.shutdown()
+        return self.exit_code
+
+    # -- control socket ----------------------------------------------------------------------------------------
+
+    def status(self) -> dict:
+        streams = {}
+        for stream in self.config.streams:
+            figures = snapshot(self.stats, stream.id, self._latest_rates.get(stream.id))
+            figures.update(prompt=self.prompts[stream.id], source="live" if stream.is_live else "file")
+            streams[stream.id] = figures
+        processes = {
+            child.name: {"pid": child.process.pid if child.process else None,
+                         "alive": bool(child.process and child.process.is_alive()), "restarts": child.restarts}
+            for child in self.children
+        }
+        return {"ok": True, "uptime": round(time.time() - self.started, 3), "pid": os.getpid(),
+                "worker_ready": self.worker_ready.is_set(), "streams": streams, "processes": processes,
+                "publish": self.config.publish.endpoint, "metrics": self.metrics_url, "recordings": self.record_paths}
+
+    def set_prompt(self, stream: str, prompt: str, timeout: float = 60.0) -> dict:
+        if stream not in self.prompts:
+            return {"ok": False, "error": f"no stream {stream!r} (streams: {', '.join(self.stream_ids)})"}
+        if not isinstance(prompt, str) or not prompt.strip():
+            return {"ok": False, "error": "the prompt must be a non-empty string"}
+        self._request_id += 1
+        request_id = self._request_id
+        self.worker_control.put((request_id, "set_prompt", {"stream": stream, "prompt": prompt}))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                reply_id, reply = self.worker_replies.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if reply_id == request_id:
+                if reply.get("ok"):
+                    self.prompts[stream] = prompt  # a restarted worker starts with the new prompt
+                return reply
+        return {"ok": False, "error": "the inference worker did not answer in time"}
+
+    def _serve_control(self) -> None:
+        try:
+            message = self.control.recv(flags=zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        try:
+            request = json.loads(message)
+            command = request.get("cmd")
+            if command == "status":
+                reply = self.status()
+            elif command == "ping":
+                reply = {"ok": True}
+            elif command == "set_prompt":
+                reply = self.set_prompt(request.get("stream"), request.get("prompt"))
+            elif command == "stop":
+                self.request_stop("stop requested on the control socket")
+                reply = {"ok": True}
+            else:
+                reply = {"ok": False, "error": f"unknown command {command!r} (status, set_prompt, ping, stop)"}
+        except (ValueError, AttributeError) as exc:
+            reply = {"ok": False, "error": f"bad request: {exc}"}
+        self.control.send(json.dumps(reply).encode())
+
+    # -- shutdown ------------------------------------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Stop decoders, then the worker (which drains), then the hub (which flushes); clean up."""
+        if self._closed:
+            return
+        self._closed = True
+        timeout = self.config.supervisor.shutdown_timeout_seconds
+        for stage in (0, 1, 2):
+            self.stage_stops[stage].set()
+            members = [c for c in self.children if c.stage == stage and c.process is not None]
+            deadline = time.monotonic() + timeout
+            for child in members:
+                child.process.join(max(0.0, deadline - time.monotonic()))
+            for child in members:
+                if child.process.is_alive():
+                    log.warning("%s did not stop within %.0f s; killing it", child.name, timeout)
+                    child.process.kill()
+                    child.process.join(5)
+        self.sender.close()
+        self.control.close()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+        for mailbox in self.mailboxes.values():
+            mailbox.close()
+            mailbox.unlink()
+        self.stats.close()
+        self.stats.unlink()
+        self.worker_control.close()
+        self.worker_replies.close()
+        shutil.rmtree(self.runtime_dir, ignore_errors=True)

@@ -1,0 +1,293 @@
+"""The decoder process: one per stream. Reads video with PyAV and writes RGB frames into the stream's mailbox.
+
+Files: every frame in order, waiting for the worker (back-pressure). Live sources (RTSP over TCP): the freshest
+frame, stale ones dropped and counted; a read timeout so a stalled server cannot hang us; reconnection with
+exponential backoff and jitter. PyAV reports a dropped RTSP connection as an ordinary end of stream, so on a
+live source the end of the packets is a disconnect, never the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import sys
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import av
+
+from streamer.events import make_event
+from streamer.frames import FrameMailbox
+from streamer.process import EventSender, child_setup
+from streamer.stats import STATE_CODES, StreamStats
+
+log = logging.getLogger("groundwatch.decoder")
+
+EXIT_DONE = 0  # end of file reached, or asked to stop
+EXIT_FATAL = 3  # the source can never work (corrupt file): the supervisor does not restart us
+
+
+def fit_size(width: int, height: int, max_width: int, max_height: int) -> tuple[int, int]:
+    """The frame size to decode to: the source size, scaled down (aspect kept, even sides) to fit the slot."""
+    scale = min(1.0, max_width / width, max_height / height)
+    if scale >= 1.0:
+        return width, height
+    return max(2, int(width * scale) // 2 * 2), max(2, int(height * scale) // 2 * 2)
+
+
+def backoff_delay(attempt: int, initial: float, maximum: float, rng: random.Random) -> float:
+    """Exponential backoff with 'equal jitter': half the delay fixed, half random, so cameras that dropped
+    together do not all hammer the server again in the same instant."""
+    delay = min(maximum, initial * 2 ** max(attempt - 1, 0))
+    return delay / 2 + rng.uniform(0, delay / 2)
+
+
+class SegmentWriter:
+    """Copies a live source's packets to MPEG-TS segments without re-encoding.
+
+    MPEG-TS because a segment cut short by a crash still plays. Each segment starts on a keyframe, its
+    timestamps start at zero, and its name is the wall-clock time (ms) of its first packet, which is what
+    `groundwatch replay` uses to line events (wall-clock `ts`) up with the segment's frames.
+    """
+
+    def __init__(self, directory: Path, segment_seconds: float) -> None:
+        self.directory, self.segment_seconds = directory, segment_seconds
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.output = None
+        self.out_stream = None
+        self.first_pts = 0
+        self.started = 0.0
+        self.paths: list[Path] = []
+
+    def write(self, packet: av.Packet, in_stream) -> None:
+        if packet.pts is None or packet.size == 0:
+            return
+        now = time.time()
+        if packet.is_keyframe and (self.output is None or now - self.started >= self.segment_seconds):
+            self.close()
+            path = self.directory / f"{int(now * 1000)}.ts"
+            self.output = av.open(str(path), "w", format="mpegts")
+            self.out_stream = self.output.add_stream_from_template(in_stream)
+            self.first_pts, self.started = packet.pts, now
+            self.paths.append(path)
+        if self.output is None:
+            return  # wait for the first keyframe: a segment must be decodable from its start
+        packet.pts -= self.first_pts
+        if packet.dts is not None:
+            packet.dts -= self.first_pts
+        packet.stream = self.out_stream
+        try:
+            self.output.mux(packet)
+        except av.FFmpegError as exc:
+            log.warning("segment write failed: %s", exc)
+
+    def close(self) -> None:
+        if self.output is not None:
+            try:
+                self.output.close()
+            except av.FFmpegError:
+                pass
+            self.output = None
+
+
+class Decoder:
+    def __init__(self, *, stream_id: str, url: str, live: bool, fps: float, max_width: int, max_height: int,
+                 mailbox: FrameMailbox, stats: StreamStats, sender: EventSender, stop,
+                 open_timeout: float = 5.0, read_timeout: float = 5.0, reconnect_initial: float = 0.5,
+                 reconnect_max: float = 30.0, video_directory: Path | None = None,
+                 segment_seconds: float = 60.0) -> None:
+        self.stream_id, self.url, self.live, self.fps = stream_id, url, live, fps
+        self.max_width, self.max_height = max_width, max_height
+        self.mailbox, self.stats, self.sender, self.stop = mailbox, stats, sender, stop
+        self.open_timeout, self.read_timeout = open_timeout, read_timeout
+        self.reconnect_initial, self.reconnect_max = reconnect_initial, reconnect_max
+        self.video_directory, self.segment_seconds = video_directory, segment_seconds
+        self.rng = random.Random(os.getpid())
+        self.state = None
+        self.error_events = 0
+
+    # -- events ------------------------------------------------------------------------------------------
+
+    def _status(self, state: str, **fields) -> None:
+        if state == self.state and state != "reconnecting":
+            return
+        self.state = state
+        self.stats.set(self.stream_id, "state", STATE_CODES[state])
+        self.sender.send(make_event(self.stream_id, "status", state=state, source=self.source_kind, **fields))
+        self.stats.set(self.stream_id, "decoder_events_dropped", self.sender.dropped)
+
+    def _error(self, message: str, *, fatal: bool, error_type: str) -> None:
+        log.error("%s: %s", self.stream_id, message)
+        self.error_events += 1
+        self.sender.send(
+            make_event(self.stream_id, "error", message=message, error_type=error_type, fatal=fatal,
+                       source=self.source_kind)
+        )
+
+    @property
+    def source_kind(self) -> str:
+        return "live" if self.live else "file"
+
+    # -- decoding ----------------------------------------------------------------------------------------
+
+    def _frames(self, container, on_packet=None):
+        """Yield (frame, rgb array) for the first video stream; corrupt packets are counted and skipped."""
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"  # frame and slice threads: the decoder must outrun inference
+        size = None
+        for packet in container.demux(stream):
+            if on_packet is not None:
+                on_packet(packet, stream)
+            try:
+                frames = packet.decode()
+            except (av.InvalidDataError, av.error.PatchWelcomeError) as exc:
+                self.stats.add(self.stream_id, "decode_errors")
+                if self.stats.get(self.stream_id, "decode_errors") <= 3:
+                    self._error(f"corrupt packet skipped: {exc}", fatal=False, error_type="corrupt_packet")
+                continue
+            for frame in frames:
+                if size is None or size[2:] != (frame.width, frame.height):
+                    size = (*fit_size(frame.width, frame.height, self.max_width, self.max_height),
+                            frame.width, frame.height)
+                yield frame, size[0], size[1]
+
+    def run(self) -> int:
+        self.mailbox.reset()
+        self.stats.set(self.stream_id, "state", STATE_CODES["starting"])
+        try:
+            return self._run_live() if self.live else self._run_file()
+        finally:
+            if self.stop.is_set():
+                self.mailbox.finish()
+                self._status("offline", reason="shutdown")
+
+    def _run_file(self) -> int:
+        try:
+            container = av.open(self.url, timeout=(self.open_timeout, self.read_timeout))
+            if not container.streams.video:
+                container.close()
+                raise av.InvalidDataError(0, "no video stream in the file")
+        except (av.FFmpegError, OSError) as exc:
+            self._error(f"cannot open {self.url}: {exc}", fatal=True, error_type="open_failed")
+            self._status("offline", reason="error")
+            self.mailbox.finish()
+            return EXIT_FATAL
+        self._status("online")
+        min_gap = 1.0 / self.fps if self.fps > 0 else 0.0
+        next_pts = -1e18
+        frame_index = 0
+        rate = container.streams.video[0].average_rate or Fraction(25)
+        try:
+            for frame, width, height in self._frames(container):
+                index = frame_index
+                frame_index += 1
+                self.stats.add(self.stream_id, "frames_decoded")
+                pts = frame.time if frame.time is not None else index / float(rate)
+                if pts < next_pts - 1e-6:
+                    continue  # fps cap on media time: deterministic whatever the machine's speed
+                next_pts = max(next_pts + min_gap, pts) if min_gap else pts
+                rgb = frame.to_ndarray(format="rgb24", width=width, height=height)  # (H, W, 3) uint8
+                if not self.mailbox.put(rgb, frame_index=index, pts=pts, ts=pts, live=False, stop=self.stop):
+                    break
+                self.stats.set(self.stream_id, "last_frame_wall", time.time())
+                if self.stop.is_set():
+                    break
+        except (av.FFmpegError, OSError) as exc:
+            self._error(f"decoding stopped at frame {frame_index}: {exc}", fatal=True, error_type="decode_failed")
+            self._status("offline", reason="error", frames=frame_index)
+            self.mailbox.finish()
+            container.close()
+            return EXIT_FATAL
+        container.close()
+        self.mailbox.finish()
+        if not self.stop.is_set():
+            self._status("offline", reason="end_of_file", frames=frame_index)
+        return EXIT_DONE
+
+    def _open_live(self):
+        options = {"rtsp_transport": "tcp", "timeout": str(int(self.read_timeout * 1e6))}
+        if not self.url.lower().startswith(("rtsp://", "rtsps://")):
+            options = {"rw_timeout": str(int(self.read_timeout * 1e6))}
+        return av.open(self.url, options=options, timeout=(self.open_timeout, self.read_timeout))
+
+    def _run_live(self) -> int:
+        attempt = 0
+        segments = None
+        if self.video_directory is not None:
+            segments = SegmentWriter(self.video_directory, self.segment_seconds)
+        min_gap = 1.0 / self.fps if self.fps > 0 else 0.0
+        frame_index = 0
+        while not self.stop.is_set():
+            reason = None
+            try:
+                container = self._open_live()
+            except (av.FFmpegError, OSError) as exc:
+                reason = f"cannot connect: {exc}"
+                container = None
+            if container is not None:
+                self.mailbox.new_generation()
+                last_sent = 0.0
+                on_packet = segments.write if segments is not None else None
+                try:
+                    for frame, width, height in self._frames(container, on_packet):
+                        if self.state != "online":
+                            self._status("online", attempt=attempt)
+                            attempt = 0
+                        self.stats.add(self.stream_id, "frames_decoded")
+                        if self.stop.is_set():
+                            break
+                        now = time.time()
+                        if min_gap and now - last_sent < min_gap:
+                            continue
+                        last_sent = now
+                        rgb = frame.to_ndarray(format="rgb24", width=width, height=height)  # (H, W, 3) uint8
+                        pts = frame.time if frame.time is not None else 0.0
+                        self.mailbox.put(rgb, frame_index=frame_index, pts=pts, ts=now, live=True)
+                        self.stats.set(self.stream_id, "frames_dropped", self.mailbox.dropped)
+                        frame_index += 1
+                        self.stats.set(self.stream_id, "last_frame_wall", now)
+                    reason = "end of stream (the server closed the connection)"
+                except (av.FFmpegError, OSError) as exc:
+                    reason = f"read failed: {exc}"
+                finally:
+                    try:
+                        container.close()
+                    except (av.FFmpegError, OSError):
+                        pass
+                if segments is not None:
+                    segments.close()
+            if self.stop.is_set():
+                break
+            attempt += 1
+            if self.state == "online":
+                self.stats.add(self.stream_id, "reconnects")
+            delay = backoff_delay(attempt, self.reconnect_initial, self.reconnect_max, self.rng)
+            log.warning("%s: %s; reconnecting in %.1f s (attempt %d)", self.stream_id, reason, delay, attempt)
+            self._status("reconnecting", reason=reason, attempt=attempt, retry_in=round(delay, 3))
+            self.stop.wait(delay)
+        if segments is not None:
+            segments.close()
+        return EXIT_DONE
+
+
+def decoder_main(*, stream: dict, mailbox_spec: dict, stats_spec: dict, events_endpoint: str, live: dict,
+                 video_directory: str | None, stop, parent_pid: int) -> None:
+    """Entry point of the decoder process (spawned by the supervisor)."""
+    child_setup(f"decoder-{stream['id']}", parent_pid)
+    sender = EventSender(events_endpoint)
+    mailbox = FrameMailbox.attach(mailbox_spec)
+    stats = StreamStats.attach(stats_spec)
+    decoder = Decoder(
+        stream_id=stream["id"], url=stream["url"], live=stream["live"], fps=stream["fps"],
+        max_width=stream["max_width"], max_height=stream["max_height"], mailbox=mailbox, stats=stats,
+        sender=sender, stop=stop, open_timeout=live["open_timeout_seconds"],
+        read_timeout=live["read_timeout_seconds"], reconnect_initial=live["reconnect_initial_seconds"],
+        reconnect_max=live["reconnect_max_seconds"],
+        video_directory=Path(video_directory) if video_directory else None,
+        segment_seconds=live["segment_seconds"],
+    )
+    code = decoder.run()
+    sender.close()
+    sys.exit(code)

@@ -1,0 +1,126 @@
+"""The hub process: the one place events leave the daemon.
+
+Children PUSH `[topic, msgpack body]` to the hub's PULL socket. The hub numbers each stream's events (`seq`,
+one counter per stream over every kind), encodes the public JSON payload once, publishes it on the PUB socket
+(topic in its own frame) and appends the same bytes to the stream's event log. It also publishes a heartbeat
+per stream. PUB never blocks: a subscriber that stops reading loses events once its high-water mark is full,
+and sees the loss as a gap in `seq`; the pipeline runs on at full speed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import zmq
+
+from streamer.events import SCHEMA_VERSION, encode_payload, make_event, topic, unpack_internal
+from streamer.process import child_setup
+from streamer.recording import Recorder
+from streamer.stats import RateMeter, StreamStats, snapshot
+
+log = logging.getLogger("groundwatch.hub")
+
+
+class Hub:
+    def __init__(self, *, pull_endpoint: str, pub_endpoint: str, high_water_mark: int, heartbeat_seconds: float,
+                 stats: StreamStats | None, recorder: Recorder | None, context: zmq.Context | None = None) -> None:
+        self.context = context or zmq.Context.instance()
+        self.pull = self.context.socket(zmq.PULL)
+        self.pull.setsockopt(zmq.RCVHWM, 100_000)
+        self.pull.setsockopt(zmq.LINGER, 0)
+        self.pull.bind(pull_endpoint)
+        self.pub = self.context.socket(zmq.PUB)
+        self.pub.setsockopt(zmq.SNDHWM, high_water_mark)
+        self.pub.setsockopt(zmq.LINGER, 0)
+        self.pub.bind(pub_endpoint)
+        self.stats, self.recorder = stats, recorder
+        self.heartbeat_seconds = heartbeat_seconds
+        self.seq: dict[str, int] = {}
+        self.published = 0
+        self._rates = RateMeter(stats) if stats is not None else None
+        self._next_heartbeat = time.monotonic() + heartbeat_seconds
+        self.started = time.time()
+
+    def publish(self, event: dict) -> None:
+        """Number, encode, publish and record one event body."""
+        stream = event["stream"]
+        seq = self.seq.get(stream, 0) + 1
+        self.seq[stream] = seq
+        event = {"v": SCHEMA_VERSION, "seq": seq, **event}
+        payload = encode_payload(event)
+        self.pub.send_multipart((topic(stream, event["kind"]), payload), flags=zmq.NOBLOCK)
+        if self.recorder is not None:
+            self.recorder.append(stream, payload)
+        self.published += 1
+        if self.stats is not None and stream in self.stats.row_of:
+            self.stats.add(stream, "events_published")
+
+    def drain(self, limit: int = 10_000) -> int:
+        """Publish what the children sent, without blocking. Returns how many events."""
+        count = 0
+        while count < limit:
+            try:
+                frames = self.pull.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            try:
+                event = unpack_internal(frames)
+            except Exception as exc:  # a malformed internal message is a bug; never let it stop publishing
+                log.error("dropping a malformed internal event: %s", exc)
+                continue
+            self.publish(event)
+            count += 1
+        return count
+
+    def heartbeat(self, now: float) -> None:
+        if self.stats is None:
+            return
+        wall = time.time()
+        for stream in self.stats.stream_ids:
+            figures = snapshot(self.stats, stream, self._rates.rates(stream, now))
+            self.publish(make_event(stream, "heartbeat", ts=wall, uptime=round(wall - self.started, 3), **figures))
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        if now >= self._next_heartbeat:
+            self._next_heartbeat = now + self.heartbeat_seconds
+            self.heartbeat(now)
+        if self.recorder is not None:
+            self.recorder.maybe_flush()
+
+    def run(self, stop) -> None:
+        poller = zmq.Poller()
+        poller.register(self.pull, zmq.POLLIN)
+        while not stop.is_set():
+            if poller.poll(50):
+                self.drain()
+            self.tick()
+        # Producers were stopped before us (see Supervisor.shutdown): take what they left in flight.
+        quiet_since = time.monotonic()
+        while time.monotonic() - quiet_since < 0.3:
+            if poller.poll(50) and self.drain():
+                quiet_since = time.monotonic()
+
+    def close(self) -> None:
+        if self.recorder is not None:
+            self.recorder.close()
+        self.pull.close()
+        self.pub.close()
+
+
+def hub_main(*, pull_endpoint: str, pub_endpoint: str, high_water_mark: int, heartbeat_seconds: float,
+             stats_spec: dict, record_directory: str | None, flush_seconds: float, run_stamp: str, stop,
+             parent_pid: int) -> None:
+    """Entry point of the hub process (spawned by the supervisor)."""
+    child_setup("hub", parent_pid)
+    stats = StreamStats.attach(stats_spec)
+    recorder = None
+    if record_directory is not None:
+        recorder = Recorder(record_directory, stats.stream_ids, flush_seconds, stamp=run_stamp)
+    hub = Hub(pull_endpoint=pull_endpoint, pub_endpoint=pub_endpoint, high_water_mark=high_water_mark,
+              heartbeat_seconds=heartbeat_seconds, stats=stats, recorder=recorder)
+    try:
+        hub.run(stop)
+    finally:
+        hub.close()

@@ -1,0 +1,347 @@
+"""The inference worker: one process that batches frames across streams, runs the detector, tracks and emits.
+
+The worker knows the model only through the small `Detector` protocol (encode a prompt once; detect on a batch
+of frames), so transport, tracking and events can be tested with a deterministic fake; the daemon uses
+`GdinoDetector`. One text encoding is cached per prompt; one tracker runs per stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+
+from streamer.events import make_event, round_box
+from streamer.frames import Frame, FrameMailbox
+from streamer.process import EventSender, child_setup
+from streamer.stats import STATE_NAMES, StreamStats
+
+log = logging.getLogger("groundwatch.inference")
+
+
+class FrameDetections(Protocol):
+    boxes_xyxy: np.ndarray  # (N, 4) float32 pixels
+    scores: np.ndarray  # (N,)
+    phrases: list[str]
+
+
+class Detector(Protocol):
+    def encode(self, prompt: str) -> Any:
+        """Encode a prompt once; the result is passed back to `detect`."""
+
+    def detect(self, frames: Sequence[np.ndarray], encoding: Any) -> list[FrameDetections]:
+        """One `FrameDetections` per (H, W, 3) uint8 RGB frame."""
+
+
+class GdinoDetector:
+    """Grounding DINO behind the `Detector` protocol.
+
+    Same steps as `GroundingDino.detect`, with the resize exposed: the official short side of 800 px is what
+    the published weights expect, while a camera service on a CPU may trade accuracy for speed.
+    """
+
+    def __init__(self, *, weights: str = "default", device: str = "cpu", dtype: str = "float32",
+                 box_threshold: float = 0.35, text_threshold: float = 0.25, threads: int = 0,
+                 short_side: int = 800, max_side: int = 1333) -> None:
+        import torch
+
+        import gdino
+        from gdino import processing
+
+        if threads:
+            torch.set_num_threads(threads)
+        torch_dtype = getattr(torch, dtype)
+        if weights == "tiny":
+            # Random weights of the tiny config: plumbing tests and the pipeline benchmark, never for answers.
+            from gdino.config import tiny
+            from gdino.model import GroundingDino
+
+            torch.manual_seed(0)
+            model = GroundingDino(tiny()).to(device=device, dtype=torch_dtype).eval()
+        else:
+            model = gdino.load(weights, device=device, dtype=torch_dtype)
+        self.model, self.processing, self.device = model, processing, device
+        self.box_threshold, self.text_threshold = box_threshold, text_threshold
+        self.short_side, self.max_side = short_side, max_side
+        self._torch = torch
+
+    def encode(self, prompt: str) -> list:
+        """A prompt longer than the text encoder's window becomes several passes, each encoded once."""
+        with self._torch.inference_mode():
+            return [self.model.encode_text(p) if isinstance(p, str) else p for p in self.model.prompt_passes(prompt)]
+
+    def detect(self, frames: Sequence[np.ndarray], encoding: list) -> list[FrameDetections]:
+        processing, model = self.processing, self.model
+        with self._torch.inference_mode():
+            batch, pixel_mask, sizes = processing.preprocess(list(frames), device=self.device,
+                                                             short_side=self.short_side, max_side=self.max_side)
+            batch = batch.to(dtype=model.feat_map.weight.dtype)  # (B, 3, H, W) normalised
+            results = None
+            for text in encoding:
+                out = model(batch, text, pixel_mask=pixel_mask)
+                found = processing.postprocess(
+                    out.logits.float(), out.boxes.float(), text, sizes, model.tokenizer,
+                    box_threshold=self.box_threshold, text_threshold=self.text_threshold)
+                results = found if results is None else [processing.merge(a, b) for a, b in zip(results, found)]
+        return results
+
+
+def build_detector(model_config: dict) -> GdinoDetector:
+    return GdinoDetector(**model_config)
+
+
+def build_tracker(tracker_config: dict):
+    import tracker
+
+    return tracker.Tracker(tracker.TrackerConfig(**tracker_config))
+
+
+@dataclass
+class StreamState:
+    stream_id: str
+    live: bool
+    mailbox: FrameMailbox
+    prompt: str
+    tracker: Any
+    finished: bool = False
+    frames: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class InferenceWorker:
+    """Pulls frames from every mailbox, runs the detector in batches, tracks, and sends events."""
+
+    def __init__(self, *, detector: Detector, streams: list[dict], mailboxes: dict[str, FrameMailbox],
+                 stats: StreamStats, sender: EventSender, tracker_factory, batch_size: int = 4,
+                 idle_sleep: float = 0.003) -> None:
+        self.detector, self.stats, self.sender = detector, stats, sender
+        self.tracker_factory, self.batch_size, self.idle_sleep = tracker_factory, batch_size, idle_sleep
+        self.streams = {
+            s["id"]: StreamState(s["id"], s["live"], mailboxes[s["id"]], s["prompt"], tracker_factory())
+            for s in streams
+        }
+        self.encodings: dict[str, Any] = {}
+        self.encode_calls = 0
+        self._rotation = 0
+
+    # -- prompts -----------------------------------------------------------------------------------------
+
+    def encoding_for(self, prompt: str) -> Any:
+        if prompt not in self.encodings:
+            self.encode_calls += 1
+            self.encodings[prompt] = self.detector.encode(prompt)
+        return self.encodings[prompt]
+
+    def set_prompt(self, stream_id: str, prompt: str) -> dict:
+        """Switch a stream's prompt: encode it once, end the stream's tracks, start a fresh tracker."""
+        state = self.streams[stream_id]
+        started = time.perf_counter()
+        self.encoding_for(prompt)
+        encode_ms = (time.perf_counter() - started) * 1000
+        self._emit_track_events(state, state.tracker.finish(), ts=time.time() if state.live else None,
+                                reason="prompt_changed")
+        previous, state.prompt = state.prompt, prompt
+        state.tracker = self.tracker_factory()
+        self.stats.add(stream_id, "prompt_changes")
+        state_name = STATE_NAMES.get(self.stats.get(stream_id, "state"), "online")
+        self._send(make_event(stream_id, "status", state=state_name, reason="prompt_changed", prompt=prompt,
+                              previous_prompt=previous))
+        unused = {p for p in self.encodings if p not in {s.prompt for s in self.streams.values()}}
+        for stale in unused:  # forget encodings nobody uses any more: prompts may change all day
+            del self.encodings[stale]
+        return {"stream": stream_id, "prompt": prompt, "previous_prompt": previous, "encode_ms": round(encode_ms, 2)}
+
+    # -- the loop ----------------------------------------------------------------------------------------
+
+    def _send(self, event: dict) -> None:
+        if not self.sender.send(event):
+            self.stats.set(event["stream"], "worker_events_dropped", self.sender.dropped)
+
+    def gather(self) -> list[tuple[StreamState, Frame]]:
+        """Up to `batch_size` frames, round-robin over streams so a busy file cannot starve a camera."""
+        active = [s for s in self.streams.values() if not s.finished]
+        if not active:
+            return []
+        self._rotation = (self._rotation + 1) % len(active)
+        order = active[self._rotation:] + active[: self._rotation]
+        per_stream = max(1, -(-self.batch_size // len(order)))
+        batch: list[tuple[StreamState, Frame]] = []
+        for state in order:
+            room = min(per_stream, self.batch_size - len(batch))
+            if room <= 0:
+                break
+            for frame in state.mailbox.take(state.live, limit=room):
+                batch.append((state, frame))
+        if len(batch) < self.batch_size:  # leftover room goes to whoever has more frames waiting
+            for state in order:
+                room = self.batch_size - len(batch)
+                if room <= 0 or state.live:
+                    continue
+                for frame in state.mailbox.take(False, limit=room):
+                    batch.append((state, frame))
+        return batch
+
+    def process(self, batch: list[tuple[StreamState, Frame]]) -> None:
+        groups: dict[str, list[tuple[StreamState, Frame]]] = {}
+        for state, frame in batch:
+            groups.setdefault(state.prompt, []).append((state, frame))
+        for prompt, items in groups.items():
+            encoding = self.encoding_for(prompt)
+            started = time.perf_counter()
+            try:
+                results = self.detector.detect([frame.pixels for _, frame in items], encoding)
+            finally:
+                for state, frame in items:
+                    state.mailbox.release(frame)
+            inference_ms = (time.perf_counter() - started) * 1000 / len(items)
+            for (state, frame), result in zip(items, results):
+                self._emit_frame(state, frame, result, inference_ms)
+
+    def _emit_frame(self, state: StreamState, frame: Frame, result: FrameDetections, inference_ms: float) -> None:
+        boxes_xyxy = np.asarray(result.boxes_xyxy, dtype=np.float32).reshape(-1, 4)  # (N, 4) pixels
+        scores = np.asarray(result.scores, dtype=np.float32).reshape(-1)
+        phrases = list(result.phrases)
+        update = state.tracker.update(boxes_xyxy, scores, phrases, frame.frame_index)
+        track_of_detection = np.full(len(phrases), -1, dtype=np.int64)
+        matched = update.detection_indices >= 0
+        track_of_detection[update.detection_indices[matched]] = update.ids[matched]
+        height, width = frame.pixels.shape[:2]
+        detections = [
+            {
+                "box": round_box(boxes_xyxy[k]),
+                "score": round(float(scores[k]), 4),
+                "phrase": phrases[k],
+                "track_id": int(track_of_detection[k]) if track_of_detection[k] >= 0 else None,
+            }
+            for k in range(len(phrases))
+            if np.isfinite(boxes_xyxy[k]).all() and np.isfinite(scores[k])
+        ]
+        latency_ms = (time.time() - frame.decoded_at) * 1000
+        self._send(
+            make_event(state.stream_id, "detections", ts=frame.ts, frame=frame.frame_index,
+                       pts=round(frame.pts, 6), width=width, height=height, prompt=state.prompt,
+                       detections=detections, inference_ms=round(inference_ms, 2), latency_ms=round(latency_ms, 2))
+        )
+        self._emit_track_events(state, update, ts=frame.ts, frame=frame)
+        state.frames += 1
+        self.stats.add(state.stream_id, "frames_processed")
+        self.stats.add(state.stream_id, "detections", len(detections))
+        self.stats.set(state.stream_id, "inference_ms", inference_ms)
+        self.stats.set(state.stream_id, "latency_ms", latency_ms)
+
+    def _emit_track_events(self, state: StreamState, update, ts: float | None, frame: Frame | None = None,
+                           reason: str | None = None) -> None:
+        frame_index = frame.frame_index if frame is not None else int(update.frame_index)
+        ts = ts if ts is not None else (frame.ts if frame is not None else state.extra.get("last_ts", 0.0))
+        if frame is not None:
+            state.extra["last_ts"] = frame.ts
+        count = 0
+        row_of_id = {int(track_id): row for row, track_id in enumerate(update.ids.tolist())}
+        for kind, ids in (("started", update.started), ("updated", update.updated), ("lost", update.lost)):
+            for track_id in ids.tolist():
+                row = row_of_id.get(int(track_id))
+                if row is None:
+                    continue
+                self._send(
+                    make_event(state.stream_id, "track", ts=ts, frame=frame_index, event=kind,
+                               track_id=int(track_id), box=round_box(update.boxes_xyxy[row]),
+                               score=round(float(update.scores[row]), 4), phrase=update.labels[row],
+                               age=int(update.ages[row]), hits=int(update.hits[row]))
+                )
+                count += 1
+        for track in update.ended_tracks:
+            fields = {"reason": reason} if reason else {}
+            self._send(
+                make_event(state.stream_id, "track", ts=ts, frame=frame_index, event="ended", track_id=track.id,
+                           box=round_box(track.box_xyxy), score=round(track.score, 4), phrase=track.label,
+                           age=track.age, hits=track.hits, **fields)
+            )
+            count += 1
+        if count:
+            self.stats.add(state.stream_id, "track_events", count)
+
+    def finish_streams(self) -> None:
+        """A stream whose decoder finished and whose frames are all processed: end its tracks, mark it done.
+
+        The decoder sets `finished` after its last `put`, so finished-and-nothing-pending is final.
+        """
+        for state in self.streams.values():
+            if state.finished or not state.mailbox.finished or state.mailbox.pending():
+                continue
+            state.finished = True
+            self._emit_track_events(state, state.tracker.finish(), ts=None, reason="end_of_stream")
+            self.stats.set(state.stream_id, "worker_finished", 1)
+
+    def step(self) -> int:
+        """One round: gather, process, finish streams. Returns how many frames were processed."""
+        batch = self.gather()
+        if batch:
+            self.process(batch)
+        else:
+            self.finish_streams()
+        return len(batch)
+
+    def run(self, stop, control: "queue.Queue | None" = None, replies: "queue.Queue | None" = None) -> None:
+        while not stop.is_set():
+            if control is not None:
+                self._serve_control(control, replies)
+            if not self.step():
+                time.sleep(self.idle_sleep)
+        # Drain: frames already decoded from files are processed, so a shutdown never cuts a file short
+        # mid-mailbox; decoders are stopped first, so this is bounded by the mailbox size.
+        while self.step():
+            pass
+        for state in self.streams.values():
+            if not state.finished:
+                self._emit_track_events(state, state.tracker.finish(), ts=None, reason="shutdown")
+
+    def _serve_control(self, control, replies) -> None:
+        while True:
+            try:
+                request = control.get_nowait()
+            except queue.Empty:
+                return
+            request_id, command, args = request
+            try:
+                if command == "set_prompt":
+                    reply = {"ok": True, **self.set_prompt(args["stream"], args["prompt"])}
+                else:
+                    reply = {"ok": False, "error": f"unknown worker command {command!r}"}
+            except Exception as exc:  # a bad request must not kill the worker
+                reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+            replies.put((request_id, reply))
+
+
+def worker_main(*, streams: list[dict], mailbox_specs: dict[str, dict], stats_spec: dict, events_endpoint: str,
+                model: dict, tracker: dict, batch_size: int, stop, control, replies, ready, parent_pid: int) -> None:
+    """Entry point of the inference worker process (spawned by the supervisor)."""
+    child_setup("worker", parent_pid)
+    sender = EventSender(events_endpoint)
+    stats = StreamStats.attach(stats_spec)
+    mailboxes = {stream_id: FrameMailbox.attach(spec) for stream_id, spec in mailbox_specs.items()}
+    started = time.perf_counter()
+    try:
+        detector = build_detector(model)
+    except Exception as exc:
+        log.error("cannot load the model: %s", exc)
+        for stream in streams:
+            sender.send(make_event(stream["id"], "error", message=f"cannot load the model: {exc}",
+                                   error_type="model_load_failed", fatal=True))
+        sender.close()
+        sys.exit(3)
+    import tracker as tracker_package
+
+    tracker_package.warm_up()
+    worker = InferenceWorker(detector=detector, streams=streams, mailboxes=mailboxes, stats=stats, sender=sender,
+                             tracker_factory=lambda: build_tracker(tracker), batch_size=batch_size)
+    for stream in streams:
+        worker.encoding_for(stream["prompt"])
+    log.info("model ready in %.1f s", time.perf_counter() - started)
+    ready.set()
+    worker.run(stop, control, replies)
+    sender.close()

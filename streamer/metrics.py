@@ -1,0 +1,71 @@
+"""Prometheus metrics, read from the shared per-stream counters at each scrape (nothing to keep in sync)."""
+
+from __future__ import annotations
+
+from http.server import ThreadingHTTPServer
+from threading import Thread
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import MetricsHandler
+
+from streamer.stats import STATE_CODES
+
+COUNTERS = {
+    "frames_decoded": "Frames decoded from the source.",
+    "frames_processed": "Frames run through the detector.",
+    "frames_dropped": "Stale live frames dropped to stay on the freshest frame.",
+    "detections": "Boxes detected.",
+    "track_events": "Track lifecycle events emitted.",
+    "reconnects": "Times a live source was lost after being online.",
+    "decode_errors": "Corrupt packets skipped.",
+    "events_published": "Events published on the PUB socket.",
+    "prompt_changes": "Prompt changes through the control socket.",
+}
+
+
+class SupervisorCollector:
+    def __init__(self, supervisor) -> None:
+        self.supervisor = supervisor
+
+    def collect(self):
+        supervisor = self.supervisor
+        stats = supervisor.stats
+        for column, help_text in COUNTERS.items():
+            family = CounterMetricFamily(f"groundwatch_{column}", help_text, labels=["stream"])
+            for stream in stats.stream_ids:
+                family.add_metric([stream], stats.get(stream, column))
+            yield family
+        dropped = CounterMetricFamily("groundwatch_events_dropped", "Events dropped inside the daemon (hub behind).",
+                                      labels=["stream"])
+        fps = GaugeMetricFamily("groundwatch_fps", "Frames processed per second.", labels=["stream"])
+        latency = GaugeMetricFamily("groundwatch_latency_seconds", "Decode to events sent, last frame.",
+                                    labels=["stream"])
+        inference = GaugeMetricFamily("groundwatch_inference_seconds", "Detector time per frame, last batch.",
+                                      labels=["stream"])
+        state = GaugeMetricFamily("groundwatch_stream_state", "1 for the stream's current state.",
+                                  labels=["stream", "state"])
+        for stream in stats.stream_ids:
+            row = stats.row(stream)
+            dropped.add_metric([stream], row["decoder_events_dropped"] + row["worker_events_dropped"])
+            fps.add_metric([stream], supervisor._latest_rates.get(stream, {}).get("frames_processed", 0.0))
+            latency.add_metric([stream], row["latency_ms"] / 1000)
+            inference.add_metric([stream], row["inference_ms"] / 1000)
+            for name, code in STATE_CODES.items():
+                state.add_metric([stream, name], 1.0 if row["state"] == code else 0.0)
+        yield from (dropped, fps, latency, inference, state)
+        restarts = CounterMetricFamily("groundwatch_process_restarts", "Child processes restarted.",
+                                       labels=["process"])
+        for child in supervisor.children:
+            restarts.add_metric([child.name], child.restarts)
+        yield restarts
+
+
+def start_metrics_server(supervisor, host: str, port: int):
+    """Serve /metrics on a daemon thread. Returns (server, bound port)."""
+    registry = CollectorRegistry()
+    registry.register(SupervisorCollector(supervisor))
+    server = ThreadingHTTPServer((host, port), MetricsHandler.factory(registry))
+    server.daemon_threads = True
+    Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    return server, server.server_address[1]

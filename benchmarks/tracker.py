@@ -103,22 +103,32 @@ def _speed_frames(count: int, frames: int, seed: int = 0):
     return out
 
 
-def _time_per_frame(step, frames, warmup: int) -> float:
-    """Median seconds per frame over the frames after `warmup` (tracks exist by then)."""
-    times = []
+def _time_per_frame(step, frames, warmup: int) -> tuple[float, float]:
+    """Median (CPU seconds, wall seconds) per frame over the frames after `warmup` (tracks exist by then).
+
+    CPU time is this thread's (`time.thread_time`): on a shared machine a multi-millisecond frame is preempted
+    far more often than a 50 us one, so wall time would flatter the faster tracker.
+    """
+    cpu_times, wall_times = [], []
     for index, frame in enumerate(frames):
-        start = time.perf_counter()
+        wall_start = time.perf_counter()
+        cpu_start = time.thread_time()
         step(frame, index)
-        elapsed = time.perf_counter() - start
+        cpu_elapsed = time.thread_time() - cpu_start
+        wall_elapsed = time.perf_counter() - wall_start
         if index >= warmup:
-            times.append(elapsed)
-    return statistics.median(times)
+            cpu_times.append(cpu_elapsed)
+            wall_times.append(wall_elapsed)
+    return statistics.median(cpu_times), statistics.median(wall_times)
 
 
 def speed(repeats: int) -> dict[int, tuple[float, float]]:
+    """Per-frame CPU time (median over frames, then median over alternating runs); wall time beside it."""
     warm_up()
-    print(f"== speed: median per-frame update time, median over {repeats} runs (compilation excluded)")
-    print(f"{'detections':>10s} {'groundwatch':>14s} {'bytetrack':>14s} {'ratio':>8s}")
+    print(f"== speed: per-frame update, median over frames then over {repeats} alternating runs, compilation "
+          f"excluded; load average {os.getloadavg()[0]:.1f}")
+    print(f"{'detections':>10s} {'groundwatch cpu':>16s} {'bytetrack cpu':>16s} {'ratio':>7s}   "
+          f"{'gw wall':>10s} {'bt wall':>11s} {'ratio':>7s}")
     results = {}
     for count in (10, 100, 1000):
         frame_count = 60 if count < 1000 else 25
@@ -132,9 +142,13 @@ def speed(repeats: int) -> dict[int, tuple[float, float]]:
             reference = _bytetrack()
             detections = [_detections(b, s) for b, s in frames]  # built outside the timed region
             theirs.append(_time_per_frame(lambda f, i: reference.update(detections[i]), frames, warmup=5))
-        ours_s, theirs_s = statistics.median(ours), statistics.median(theirs)
-        results[count] = (ours_s, theirs_s)
-        print(f"{count:10d} {ours_s * 1e6:11.1f} us {theirs_s * 1e6:11.1f} us {theirs_s / ours_s:7.1f}x")
+        ours_cpu = statistics.median(t[0] for t in ours)
+        theirs_cpu = statistics.median(t[0] for t in theirs)
+        ours_wall = statistics.median(t[1] for t in ours)
+        theirs_wall = statistics.median(t[1] for t in theirs)
+        results[count] = (ours_cpu, theirs_cpu)
+        print(f"{count:10d} {ours_cpu * 1e6:13.1f} us {theirs_cpu * 1e6:13.1f} us {theirs_cpu / ours_cpu:6.1f}x   "
+              f"{ours_wall * 1e6:7.1f} us {theirs_wall * 1e6:8.1f} us {theirs_wall / ours_wall:6.1f}x")
     return results
 
 

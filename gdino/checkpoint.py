@@ -694,7 +694,6 @@ def _load_safetensors(path: Path) -> StateDict:
 
 def _load_torch(path: Path) -> dict:
     import pickle
-    import zipfile
 
     try:
         data = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -703,7 +702,7 @@ def _load_torch(path: Path) -> dict:
         if "Weights only load failed" in reason:
             reason = "it holds Python objects besides tensors, which groundwatch refuses to unpickle"
         raise CheckpointError(f"{path}: not a loadable weights file ({reason})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, UnicodeDecodeError) as exc:
+    except Exception as exc:  # torch.load fails on garbage in many ways (RuntimeError, EOFError, IndexError, ...)
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CheckpointError(f"{path}: not a readable torch file, truncated or corrupt? ({reason})") from None
     return data

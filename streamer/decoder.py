@@ -138,15 +138,15 @@ class Decoder:
         stream.thread_type = "AUTO"  # frame and slice threads: the decoder must outrun inference
         size = None
         for packet in container.demux(stream):
-            if on_packet is not None:
-                on_packet(packet, stream)
             try:
                 frames = packet.decode()
             except (av.InvalidDataError, av.error.PatchWelcomeError) as exc:
                 self.stats.add(self.stream_id, "decode_errors")
                 if self.stats.get(self.stream_id, "decode_errors") <= 3:
                     self._error(f"corrupt packet skipped: {exc}", fatal=False, error_type="corrupt_packet")
-                continue
+                frames = ()
+            if on_packet is not None:
+                on_packet(packet, stream)  # after decoding: muxing rewrites the packet's timestamps and stream
             for frame in frames:
                 if size is None or size[2:] != (frame.width, frame.height):
                     size = (*fit_size(frame.width, frame.height, self.max_width, self.max_height),

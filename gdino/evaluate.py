@@ -1,0 +1,364 @@
+"""Detection, grounding and tracking metrics, and their evaluation on the shapes world.
+
+- ``coco_ap``: COCO AP / AP50 / AP75 with pycocotools on in-memory ground truth and detections.
+- ``referring_accuracy``: top-1 box of a referring expression is correct when IoU >= 0.5.
+- ``tracking_metrics``: CLEAR-MOT MOTA and IDF1 from per-frame boxes and ids (IoU >= 0.5 matches).
+- ``evaluate_shapes``: runs a model over seeded held-out shapes sets (seeds never used in training) and
+  reports all of the above.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from gdino import shapes
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scores per phrase
+
+
+def phrase_scores(logits: torch.Tensor, offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]
+                  ) -> torch.Tensor:
+    """(Q, T) raw logits -> (Q, P) score per query and phrase: the mean token probability over the phrase's
+    tokens (tokens whose char span overlaps the phrase span)."""
+    probs = logits.float().sigmoid()
+    num_tokens = probs.shape[-1]
+    columns = []
+    for start, end in spans:
+        tokens = [t for t, (a, b) in enumerate(offsets[:num_tokens]) if b > a and a < end and b > start]
+        if not tokens:
+            columns.append(torch.zeros(probs.shape[0]))
+            continue
+        columns.append(probs[:, tokens].mean(-1))
+    return torch.stack(columns, -1) if columns else probs.new_zeros(probs.shape[0], 0)
+
+
+def boxes_to_pixels_xyxy(boxes_cxcywh: torch.Tensor, height: int, width: int) -> np.ndarray:
+    b = boxes_cxcywh.float().cpu().numpy()
+    out = np.stack([(b[:, 0] - b[:, 2] / 2) * width, (b[:, 1] - b[:, 3] / 2) * height,
+                    (b[:, 0] + b[:, 2] / 2) * width, (b[:, 1] + b[:, 3] / 2) * height], 1)
+    return np.clip(out, 0, [width, height, width, height]).astype(np.float32)
+
+
+def box_iou_matrix(a_xyxy: np.ndarray, b_xyxy: np.ndarray) -> np.ndarray:
+    a = np.asarray(a_xyxy, np.float64).reshape(-1, 4)
+    b = np.asarray(b_xyxy, np.float64).reshape(-1, 4)
+    ix = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
+    iy = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
+    inter = ix * iy
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# COCO AP
+
+
+@dataclass
+class ImageDetections:
+    boxes_xyxy: np.ndarray  # (N, 4) pixels
+    scores: np.ndarray  # (N,)
+    labels: list[str]
+
+
+@dataclass
+class ImageTruth:
+    boxes_xyxy: np.ndarray  # (N, 4) pixels
+    labels: list[str]
+    height: int
+    width: int
+
+
+def coco_ap(truths: Sequence[ImageTruth], detections: Sequence[ImageDetections]) -> dict[str, float]:
+    """COCO-style AP (IoU 0.50:0.95), AP50 and AP75 with pycocotools; categories are the label strings."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    names = sorted({l for t in truths for l in t.labels} | {l for d in detections for l in d.labels})
+    category_id = {n: i + 1 for i, n in enumerate(names)}
+    images, annotations, results = [], [], []
+    for image_id, (truth, det) in enumerate(zip(truths, detections), start=1):
+        images.append({"id": image_id, "height": truth.height, "width": truth.width})
+        for box, label in zip(np.asarray(truth.boxes_xyxy).reshape(-1, 4), truth.labels):
+            w, h = float(box[2] - box[0]), float(box[3] - box[1])
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": category_id[label],
+                                "bbox": [float(box[0]), float(box[1]), w, h], "area": w * h, "iscrowd": 0})
+        for box, score, label in zip(np.asarray(det.boxes_xyxy).reshape(-1, 4), det.scores, det.labels):
+            results.append({"image_id": image_id, "category_id": category_id[label], "score": float(score),
+                            "bbox": [float(box[0]), float(box[1]), float(box[2] - box[0]), float(box[3] - box[1])]})
+    if not annotations:
+        return {"AP": float("nan"), "AP50": float("nan"), "AP75": float("nan")}
+    gt = COCO()
+    gt.dataset = {"images": images, "annotations": annotations,
+                  "categories": [{"id": i, "name": n} for n, i in category_id.items()]}
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+        if not results:
+            return {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}
+        dt = gt.loadRes(results)
+        evaluator = COCOeval(gt, dt, "bbox")
+        evaluator.params.maxDets = [1, 10, 100]
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    stats = evaluator.stats
+    return {"AP": float(stats[0]), "AP50": float(stats[1]), "AP75": float(stats[2])}
+
+
+def referring_accuracy(predicted_xyxy: Sequence[np.ndarray], target_xyxy: Sequence[np.ndarray],
+                       threshold: float = 0.5) -> float:
+    """Fraction of expressions whose top-1 box has IoU >= ``threshold`` with the referent."""
+    if not predicted_xyxy:
+        return float("nan")
+    hits = [float(box_iou_matrix(p, t)[0, 0]) >= threshold for p, t in zip(predicted_xyxy, target_xyxy)]
+    return float(np.mean(hits))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tracking: CLEAR-MOT and IDF1
+
+
+def tracking_metrics(
+    truth_boxes: Sequence[np.ndarray], truth_ids: Sequence[np.ndarray],
+    hyp_boxes: Sequence[np.ndarray], hyp_ids: Sequence[np.ndarray], iou_threshold: float = 0.5,
+) -> dict[str, float]:
+    """MOTA = 1 - (FN + FP + IDSW) / GT with per-frame matching that keeps the previous frame's pairs when
+    they still overlap (CLEAR-MOT), and IDF1 = 2 IDTP / (GT + HYP) with the global one-to-one id assignment
+    that maximises the number of frames where both ids overlap."""
+    total_gt = total_hyp = fn = fp = idsw = matches = 0
+    last_match: dict[int, int] = {}  # truth id -> hypothesis id
+    pair_counts: dict[tuple[int, int], int] = {}
+    gt_frames: dict[int, int] = {}
+    hyp_frames: dict[int, int] = {}
+    for gb, gi, hb, hi in zip(truth_boxes, truth_ids, hyp_boxes, hyp_ids):
+        gb = np.asarray(gb, np.float64).reshape(-1, 4)
+        hb = np.asarray(hb, np.float64).reshape(-1, 4)
+        gi = [int(x) for x in np.asarray(gi).reshape(-1)]
+        hi = [int(x) for x in np.asarray(hi).reshape(-1)]
+        total_gt += len(gi)
+        total_hyp += len(hi)
+        for g in gi:
+            gt_frames[g] = gt_frames.get(g, 0) + 1
+        for h in hi:
+            hyp_frames[h] = hyp_frames.get(h, 0) + 1
+        iou = box_iou_matrix(gb, hb) if len(gi) and len(hi) else np.zeros((len(gi), len(hi)))
+        # IDF1 co-occurrence: every overlapping pair counts.
+        for a, b in zip(*np.nonzero(iou >= iou_threshold)):
+            key = (gi[a], hi[b])
+            pair_counts[key] = pair_counts.get(key, 0) + 1
+        # CLEAR-MOT: keep last frame's correspondences that still hold, then Hungarian on the rest.
+        matched: dict[int, int] = {}
+        used_g, used_h = set(), set()
+        for a, g in enumerate(gi):
+            h = last_match.get(g)
+            if h is not None and h in hi:
+                b = hi.index(h)
+                if iou[a, b] >= iou_threshold and b not in used_h:
+                    matched[a] = b
+                    used_g.add(a)
+                    used_h.add(b)
+        rest_g = [a for a in range(len(gi)) if a not in used_g]
+        rest_h = [b for b in range(len(hi)) if b not in used_h]
+        if rest_g and rest_h:
+            sub = iou[np.ix_(rest_g, rest_h)]
+            rows, cols = linear_sum_assignment(-sub)
+            for r, c in zip(rows, cols):
+                if sub[r, c] >= iou_threshold:
+                    matched[rest_g[r]] = rest_h[c]
+        for a, b in matched.items():
+            g, h = gi[a], hi[b]
+            if g in last_match and last_match[g] != h:
+                idsw += 1
+            last_match[g] = h
+        matches += len(matched)
+        fn += len(gi) - len(matched)
+        fp += len(hi) - len(matched)
+    mota = 1.0 - (fn + fp + idsw) / total_gt if total_gt else float("nan")
+    # IDF1: bipartite assignment of truth ids to hypothesis ids maximising co-occurrences.
+    g_ids = sorted(gt_frames)
+    h_ids = sorted(hyp_frames)
+    idtp = 0
+    if g_ids and h_ids:
+        weights = np.zeros((len(g_ids), len(h_ids)))
+        g_index = {g: i for i, g in enumerate(g_ids)}
+        h_index = {h: i for i, h in enumerate(h_ids)}
+        for (g, h), count in pair_counts.items():
+            weights[g_index[g], h_index[h]] = count
+        rows, cols = linear_sum_assignment(-weights)
+        idtp = int(weights[rows, cols].sum())
+    idf1 = 2 * idtp / (total_gt + total_hyp) if total_gt + total_hyp else float("nan")
+    return {"MOTA": float(mota), "IDF1": float(idf1), "FN": fn, "FP": fp, "IDSW": idsw, "GT": total_gt,
+            "matches": matches}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Running a model on the shapes world
+
+
+def _normalize(images: Sequence[np.ndarray]) -> torch.Tensor:
+    from gdino.train.data import normalize_image
+
+    return torch.stack([normalize_image(img) for img in images])
+
+
+@torch.no_grad()
+def predict(model, images: Sequence[np.ndarray], prompts: Sequence[shapes.Prompt], top_k: int = 100,
+            batch_size: int = 8) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per image: the ``top_k`` (query, phrase) pairs by score: boxes (K, 4) pixels xyxy, scores (K,),
+    phrase indices (K,)."""
+    device = next(model.parameters()).device
+    out_list = []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size]
+        chunk_prompts = prompts[start:start + batch_size]
+        batch = _normalize(chunk).to(device)
+        out = model(batch, [p.caption for p in chunk_prompts])
+        for i, prompt in enumerate(chunk_prompts):
+            height, width = chunk[i].shape[:2]
+            scores = phrase_scores(out.logits[i].cpu(), out.text.offsets[i], prompt.spans)  # (Q, P)
+            flat = scores.flatten()
+            k = min(top_k, flat.numel())
+            values, index = flat.topk(k)
+            query = index // scores.shape[1]
+            phrase = index % scores.shape[1]
+            boxes = boxes_to_pixels_xyxy(out.boxes[i, query].cpu(), height, width)
+            out_list.append((boxes, values.numpy(), phrase.numpy()))
+    return out_list
+
+
+def detection_set(num_images: int, seed: int, image_size: int, split: str = "all") -> list:
+    """A held-out category-list set: scenes of ``split`` with present categories plus negatives as prompt.
+    Seeds are at or above ``shapes.EVAL_SEED_OFFSET``, never used in training."""
+    items = []
+    for i in range(num_images):
+        scene_seed = shapes.EVAL_SEED_OFFSET + seed * 100_003 + i
+        image, objects = shapes.render_scene(scene_seed, (image_size, image_size), split=split)
+        negatives_split = "all" if split == "compositional" else split
+        prompt = shapes.category_prompt(objects, np.random.default_rng([scene_seed, 3]), num_negatives=(2, 4),
+                                        split=negatives_split)
+        items.append((image, objects, prompt))
+    return items
+
+
+def referring_set(num_images: int, seed: int, image_size: int, split: str = "train") -> list:
+    items = []
+    for i in range(num_images):
+        scene_seed = shapes.EVAL_SEED_OFFSET + seed * 100_003 + 50_000 + i
+        items.append(shapes.referring_scene(scene_seed, (image_size, image_size), split=split))
+    return items
+
+
+def evaluate_detection(model, items, batch_size: int = 8) -> dict[str, float]:
+    predictions = predict(model, [im for im, _, _ in items], [p for _, _, p in items], batch_size=batch_size)
+    truths, dets = [], []
+    for (image, objects, prompt), (boxes, scores, phrase) in zip(items, predictions):
+        height, width = image.shape[:2]
+        truths.append(ImageTruth(np.array([o.box_xyxy for o in objects], np.float32).reshape(-1, 4),
+                                 [o.category for o in objects], height, width))
+        dets.append(ImageDetections(boxes, scores, [prompt.phrases[j] for j in phrase]))
+    return coco_ap(truths, dets)
+
+
+def evaluate_referring(model, items, batch_size: int = 8) -> dict[str, float]:
+    predictions = predict(model, [im for im, _, _ in items], [p for _, _, p in items], top_k=1,
+                          batch_size=batch_size)
+    predicted, targets = [], []
+    for (image, objects, prompt), (boxes, _, _) in zip(items, predictions):
+        target = objects[prompt.object_phrase.index(0)]
+        predicted.append(boxes[:1])
+        targets.append(np.array([target.box_xyxy], np.float32))
+    return {"accuracy": referring_accuracy(predicted, targets)}
+
+
+def evaluate_tracking(model, num_videos: int = 2, num_frames: int = 40, seed: int = 0, size=(256, 256),
+                      score_threshold: float = 0.35) -> dict[str, float] | None:
+    """Detector + ``tracker`` on held-out shapes videos; None when the tracker package is not available."""
+    try:
+        import tracker as tracker_package
+
+        make_tracker = getattr(tracker_package, "Tracker")
+    except (ImportError, AttributeError):
+        return None
+    truth_boxes, truth_ids, hyp_boxes, hyp_ids = [], [], [], []
+    for v in range(num_videos):
+        video_seed = shapes.EVAL_SEED_OFFSET + seed * 100_003 + 90_000 + v
+        frames, truths = shapes.render_video(video_seed, num_frames, size, fps=10)
+        names = sorted({c for t in truths for c in t.categories})
+        prompt = shapes.fixed_category_prompt(names, [])
+        tracker = _new_tracker(make_tracker, tracker_package)
+        predictions = predict(model, list(frames), [prompt] * len(frames), top_k=100)
+        for frame_index, (truth, (boxes, scores, phrase)) in enumerate(zip(truths, predictions)):
+            keep = _nms_per_label(boxes, scores, phrase, score_threshold)
+            update = tracker.update(boxes[keep], scores[keep], phrase[keep].astype(np.int64), frame_index)
+            tb, ti = _track_output(update)
+            truth_boxes.append(truth.boxes_xyxy)
+            truth_ids.append(truth.track_ids + v * 100_000)
+            hyp_boxes.append(tb)
+            hyp_ids.append(ti + v * 100_000)
+    return tracking_metrics(truth_boxes, truth_ids, hyp_boxes, hyp_ids)
+
+
+def _new_tracker(make_tracker, package):
+    config_cls = getattr(package, "TrackerConfig", None)
+    try:
+        return make_tracker(config_cls()) if config_cls is not None else make_tracker()
+    except TypeError:
+        return make_tracker()
+
+
+def _track_output(update) -> tuple[np.ndarray, np.ndarray]:
+    """Boxes and ids of the confirmed tracks of a tracker update (field names as the tracker package has them)."""
+    for boxes_name, ids_name in (("boxes_xyxy", "track_ids"), ("boxes", "ids"), ("boxes_xyxy", "ids")):
+        if hasattr(update, boxes_name) and hasattr(update, ids_name):
+            return (np.asarray(getattr(update, boxes_name), np.float32).reshape(-1, 4),
+                    np.asarray(getattr(update, ids_name), np.int64).reshape(-1))
+    if isinstance(update, tuple) and len(update) >= 2:
+        return np.asarray(update[0], np.float32).reshape(-1, 4), np.asarray(update[1], np.int64).reshape(-1)
+    raise TypeError(f"cannot read boxes and ids from a {type(update).__name__}")
+
+
+def _nms_per_label(boxes, scores, labels, threshold: float, iou: float = 0.5) -> np.ndarray:
+    from torchvision.ops import batched_nms
+
+    keep = np.nonzero(scores >= threshold)[0]
+    if not len(keep):
+        return keep
+    kept = batched_nms(torch.as_tensor(boxes[keep]), torch.as_tensor(scores[keep]),
+                       torch.as_tensor(labels[keep].astype(np.int64)), iou).numpy()
+    return keep[kept]
+
+
+def evaluate_shapes(model, num_images: int = 200, seed: int = 0, image_size: int = 256,
+                    referring_images: int | None = None, tracking_videos: int = 0, batch_size: int = 8
+                    ) -> dict[str, dict]:
+    """Every shapes-world metric of ``model`` on held-out seeds: category-list AP on the training pairs
+    (``held_out``), on the held-out colour-shape pairs (``compositional``), referring accuracy, and (when
+    ``tracking_videos``) MOTA/IDF1."""
+    was_training = model.training
+    model.eval()
+    started = time.time()
+    report: dict[str, dict] = {}
+    report["held_out"] = evaluate_detection(model, detection_set(num_images, seed, image_size, "train"),
+                                            batch_size)
+    report["compositional"] = evaluate_detection(
+        model, detection_set(num_images, seed + 1, image_size, "compositional"), batch_size)
+    report["referring"] = evaluate_referring(
+        model, referring_set(referring_images or num_images, seed, image_size, "train"), batch_size)
+    if tracking_videos:
+        tracking = evaluate_tracking(model, tracking_videos, seed=seed, size=(image_size, image_size))
+        if tracking is not None:
+            report["tracking"] = tracking
+    report["meta"] = {"num_images": num_images, "seed": seed, "image_size": image_size,
+                      "seconds": round(time.time() - started, 1)}
+    model.train(was_training)
+    return report

@@ -1,0 +1,246 @@
+"""``groundwatch train CONFIG`` and ``groundwatch eval``.
+
+A training config is TOML with four tables (every key optional; unknown keys are an error)::
+
+    [model]                # preset = "tiny" | "swint_ogc" | "swinb_cogcoor"; pretrained_text = "minilm" | ""
+    preset = "tiny"        # or: weights = "default" | "path/model.safetensors" to fine-tune a loaded model
+    [data]                 # kind = "shapes" | "coco" | "odvg"
+    kind = "shapes"
+    image_size = 256
+    [optim]                # gdino.train.loop.OptimConfig: steps, batch_size, lr, lr_backbone, lr_text, ...
+    [loop]                 # gdino.train.loop.LoopConfig: out_dir, seed, checkpoint_every, eval_every, ...
+    [loss]                 # matcher_class/bbox/giou, loss_class/bbox/giou, focal_alpha, aux_loss, encoder_loss
+    [eval]                 # num_images, image_size, seed (shapes held-out evaluation during/after training)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tomllib
+from pathlib import Path
+
+import torch
+
+DATA_KEYS = {
+    "shapes": {"kind", "image_size", "seed", "split", "referring", "clutter", "max_objects", "num_negatives"},
+    "coco": {"kind", "annotations", "image_root", "image_size", "max_size", "seed", "max_phrases"},
+    "odvg": {"kind", "jsonl", "image_root", "label_map", "image_size", "max_size", "seed", "max_phrases"},
+}
+MODEL_KEYS = {"preset", "pretrained_text", "weights"}
+LOSS_KEYS = {"matcher_class", "matcher_bbox", "matcher_giou", "loss_class", "loss_bbox", "loss_giou",
+             "focal_alpha", "aux_loss", "encoder_loss"}
+EVAL_KEYS = {"num_images", "image_size", "seed", "referring_images"}
+TABLES = {"model", "data", "optim", "loop", "loss", "eval"}
+
+
+def read_config(path: str | Path) -> dict:
+    """Parse and check a training config; every problem is reported at once."""
+    with open(path, "rb") as f:
+        config = tomllib.load(f)
+    problems = []
+    for table in sorted(set(config) - TABLES):
+        problems.append(f"unknown table [{table}]")
+    kind = config.get("data", {}).get("kind", "shapes")
+    if kind not in DATA_KEYS:
+        problems.append(f"[data] kind {kind!r} is not one of {sorted(DATA_KEYS)}")
+    else:
+        for key in sorted(set(config.get("data", {})) - DATA_KEYS[kind]):
+            problems.append(f"[data] unknown key {key!r} for kind {kind!r}")
+    for table, keys in (("model", MODEL_KEYS), ("loss", LOSS_KEYS), ("eval", EVAL_KEYS)):
+        for key in sorted(set(config.get(table, {})) - keys):
+            problems.append(f"[{table}] unknown key {key!r}")
+    from gdino.train.loop import LoopConfig, OptimConfig
+    import dataclasses
+
+    for table, cls in (("optim", OptimConfig), ("loop", LoopConfig)):
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in sorted(set(config.get(table, {})) - known):
+            problems.append(f"[{table}] unknown key {key!r}")
+    if problems:
+        raise ValueError(f"{path}: " + "; ".join(problems))
+    return config
+
+
+def build_model(model_cfg: dict):
+    """A fresh model from a preset, or a loaded one (``weights``) to fine-tune."""
+    from gdino import config as configs
+    from gdino.model import GroundingDino
+
+    weights = model_cfg.get("weights")
+    if weights:
+        import gdino
+
+        model = gdino.load(weights)
+        return model
+    preset = model_cfg.get("preset", "tiny")
+    if preset not in configs.PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; known: {sorted(configs.PRESETS)}")
+    if preset == "tiny":
+        text = model_cfg.get("pretrained_text", "minilm") or None
+        config = configs.tiny(pretrained_text=text)
+    else:
+        config = configs.PRESETS[preset]()
+    return GroundingDino(config)
+
+
+def build_dataset(data_cfg: dict):
+    """The one place the config's [data] table is read."""
+    from gdino.train import data
+
+    cfg = dict(data_cfg)
+    kind = cfg.pop("kind", "shapes")
+    if kind == "shapes":
+        if "num_negatives" in cfg:
+            cfg["num_negatives"] = tuple(cfg["num_negatives"])
+        return data.ShapesDataset(**cfg)
+    if kind == "coco":
+        return data.CocoDataset(**cfg)
+    return data.OdvgDataset(**cfg)
+
+
+class _Cycle:
+    """A finite dataset seen as an endless one (step * batch + i wraps around)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __getitem__(self, index):
+        return self.dataset[index % len(self.dataset)]
+
+    def __getattr__(self, name):
+        return getattr(self.dataset, name)
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="groundwatch train", description="Train or fine-tune Grounding DINO.")
+    parser.add_argument("config", help="TOML training config")
+    parser.add_argument("--resume", nargs="?", const="latest", default=None,
+                        help="resume from the run's latest checkpoint (or a given checkpoint directory)")
+    parser.add_argument("--out-dir", help="override [loop] out_dir")
+    parser.add_argument("--steps", type=int, help="override [optim] steps")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to log.jsonl)")
+    args = parser.parse_args(argv)
+
+    from gdino.train.loop import LoopConfig, OptimConfig, Trainer, config_from_dict
+    from gdino.train.losses import build_criterion
+
+    config = read_config(args.config)
+    optim = config_from_dict(OptimConfig, config.get("optim", {}), "optim")
+    loop = config_from_dict(LoopConfig, config.get("loop", {}), "loop")
+    if args.out_dir:
+        loop.out_dir = args.out_dir
+    if args.steps:
+        optim.steps = args.steps
+    torch.manual_seed(loop.seed)
+    model = build_model(config.get("model", {}))
+    dataset = build_dataset(config.get("data", {}))
+    if not hasattr(dataset, "clutter"):
+        dataset = _Cycle(dataset)
+    evaluate = None
+    eval_cfg = config.get("eval")
+    if eval_cfg is not None and config.get("data", {}).get("kind", "shapes") == "shapes":
+        from gdino.evaluate import evaluate_shapes
+
+        image_size = int(eval_cfg.get("image_size", config.get("data", {}).get("image_size", 256)))
+
+        def evaluate(model, step):
+            return evaluate_shapes(model, num_images=int(eval_cfg.get("num_images", 100)),
+                                   seed=int(eval_cfg.get("seed", 0)), image_size=image_size,
+                                   referring_images=eval_cfg.get("referring_images"))
+
+    run_config = {"config_file": str(args.config), "config": config, "argv": list(argv or sys.argv[1:])}
+    trainer = Trainer(model, build_criterion(config.get("loss", {})), dataset, optim, loop, evaluate=evaluate,
+                      device=args.device, run_config=run_config, progress=not args.no_progress)
+    if args.resume:
+        resumed = trainer.resume(None if args.resume == "latest" else args.resume)
+        print(f"resumed at step {trainer.step}" if resumed else "nothing to resume: starting fresh", flush=True)
+    trainer.run()
+    final = Path(loop.out_dir) / (Path(loop.out_dir) / "latest").read_text().strip()
+    print(f"done: {trainer.step} steps; weights in {final / 'weights'}", flush=True)
+    return 0
+
+
+def load_for_eval(weights: str, device: str = "cpu"):
+    """``default``, a safetensors file, or a training checkpoint directory."""
+    path = Path(weights)
+    if path.is_dir() and (path / "model.safetensors").exists():
+        path = path / "model.safetensors"
+    if weights == "default" or not path.exists():
+        import gdino
+
+        return gdino.load(weights, device=device)
+    try:
+        import gdino
+
+        return gdino.load(str(path), device=device)
+    except Exception:  # noqa: BLE001 - fall back to our own layout (config in the safetensors metadata)
+        return load_training_weights(path, device)
+
+
+def load_training_weights(path: str | Path, device: str = "cpu"):
+    from safetensors import safe_open
+
+    from gdino.config import GroundingDinoConfig
+    from gdino.model import GroundingDino
+    from gdino.train.loop import load_weights
+
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata() or {}
+    config = GroundingDinoConfig.from_dict(json.loads(metadata["config"]))
+    config = type(config)(**{**config.__dict__, "text": type(config.text)(**{**config.text.__dict__,
+                                                                           "pretrained": None})})
+    model = GroundingDino(config)
+    load_weights(model, path)
+    return model.to(device).eval()
+
+
+def eval_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="groundwatch eval",
+                                     description="COCO AP/AP50, referring accuracy and tracking metrics on "
+                                                 "held-out shapes-world sets (seeds never used in training).")
+    parser.add_argument("--weights", default="default", help="'default', a .safetensors file or a checkpoint dir")
+    parser.add_argument("--num-images", type=int, default=200)
+    parser.add_argument("--referring-images", type=int)
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0, help="held-out set index (scene seeds are offset past "
+                                                            "every training seed)")
+    parser.add_argument("--tracking-videos", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", help="also write the report to this file")
+    args = parser.parse_args(argv)
+
+    from gdino.evaluate import evaluate_shapes
+
+    model = load_for_eval(args.weights, args.device)
+    report = evaluate_shapes(model, num_images=args.num_images, seed=args.seed, image_size=args.image_size,
+                             referring_images=args.referring_images, tracking_videos=args.tracking_videos,
+                             batch_size=args.batch_size)
+    print(format_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+def format_report(report: dict) -> str:
+    lines = []
+    for name in ("held_out", "compositional"):
+        if name in report:
+            r = report[name]
+            lines.append(f"{name:14s} AP {r['AP']:.3f}  AP50 {r['AP50']:.3f}  AP75 {r['AP75']:.3f}")
+    if "referring" in report:
+        lines.append(f"{'referring':14s} top-1 accuracy (IoU>=0.5) {report['referring']['accuracy']:.3f}")
+    if "tracking" in report:
+        t = report["tracking"]
+        lines.append(f"{'tracking':14s} MOTA {t['MOTA']:.3f}  IDF1 {t['IDF1']:.3f}  (FN {t['FN']}, FP {t['FP']}, "
+                     f"IDSW {t['IDSW']}, GT {t['GT']})")
+    if "meta" in report:
+        lines.append(f"({report['meta']})")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(train_main())

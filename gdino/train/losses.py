@@ -1,0 +1,128 @@
+"""Set losses: token-level sigmoid focal loss, L1 and GIoU on matched boxes, over every decoder layer and the
+encoder's query selection."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import box_convert, generalized_box_iou
+
+from gdino.train.matcher import HungarianMatcher
+
+
+def sigmoid_focal_loss(
+    logits: torch.Tensor,  # (..., T) raw
+    targets: torch.Tensor,  # (..., T) {0, 1}
+    valid: torch.Tensor | None = None,  # (..., T) bool; invalid entries contribute nothing
+    alpha: float = 0.25,
+    gamma: float = 2.0,
+) -> torch.Tensor:
+    """Element-wise focal loss (RetinaNet), summed. Masked entries (e.g. -inf padding logits) are zeroed
+    before the log so they give neither loss nor NaN gradients."""
+    if valid is not None:
+        logits = torch.where(valid, logits, torch.zeros_like(logits))
+    prob = logits.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    p_t = prob * targets + (1 - prob) * (1 - targets)
+    loss = ce * (1 - p_t) ** gamma
+    if alpha >= 0:
+        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
+    if valid is not None:
+        loss = loss * valid
+    return loss.sum()
+
+
+class SetCriterion(nn.Module):
+    """Matches each prediction set to the targets and sums class, L1 and GIoU losses.
+
+    ``forward(outputs, boxes, positive_maps, token_mask)`` takes the model output (``logits`` (B, Q, T),
+    ``boxes`` (B, Q, 4) cxcywh, ``aux_outputs`` list of {logits, boxes}, ``encoder_output`` {logits, boxes})
+    and returns a dict of weighted losses (``loss`` is their total) plus unweighted per-term logs.
+    Losses are normalised by the number of target boxes in the batch (at least 1).
+    """
+
+    def __init__(self, matcher: HungarianMatcher, weight_class: float = 2.0, weight_bbox: float = 5.0,
+                 weight_giou: float = 2.0, alpha: float = 0.25, gamma: float = 2.0, aux: bool = True,
+                 encoder: bool = True):
+        super().__init__()
+        self.matcher = matcher
+        self.weight_class = weight_class
+        self.weight_bbox = weight_bbox
+        self.weight_giou = weight_giou
+        self.alpha = alpha
+        self.gamma = gamma
+        self.aux = aux
+        self.encoder = encoder
+
+    def single(
+        self,
+        logits: torch.Tensor,  # (B, Q, T)
+        boxes_cxcywh: torch.Tensor,  # (B, Q, 4)
+        target_boxes: Sequence[torch.Tensor],  # per image (N_i, 4) cxcywh
+        target_maps: Sequence[torch.Tensor],  # per image (N_i, T)
+        token_mask: torch.Tensor,  # (B, T) bool
+        num_boxes: float,
+    ) -> dict[str, torch.Tensor]:
+        indices = self.matcher(logits, boxes_cxcywh, target_boxes, target_maps)
+        batch, num_queries, num_tokens = logits.shape
+        class_target = torch.zeros_like(logits, dtype=torch.float32)
+        for b, (q, t) in enumerate(indices):
+            if len(q):
+                class_target[b, q.to(logits.device)] = target_maps[b][t.to(target_maps[b].device)].float()
+        valid = token_mask[:, None, :].expand(batch, num_queries, num_tokens)
+        loss_class = sigmoid_focal_loss(logits.float(), class_target, valid, self.alpha, self.gamma) / num_boxes
+
+        batch_index = torch.cat([torch.full_like(q, b) for b, (q, _) in enumerate(indices)])
+        query_index = torch.cat([q for q, _ in indices])
+        if query_index.numel():
+            pred = boxes_cxcywh[batch_index.to(logits.device), query_index.to(logits.device)].float()
+            gt = torch.cat([target_boxes[b][t.to(target_boxes[b].device)] for b, (_, t) in enumerate(indices)])
+            gt = gt.to(pred)
+            loss_bbox = F.l1_loss(pred, gt, reduction="none").sum() / num_boxes
+            giou = torch.diag(generalized_box_iou(box_convert(pred, "cxcywh", "xyxy"), box_convert(gt, "cxcywh", "xyxy")))
+            loss_giou = (1 - giou).sum() / num_boxes
+        else:
+            loss_bbox = boxes_cxcywh.sum() * 0.0
+            loss_giou = boxes_cxcywh.sum() * 0.0
+        return {"class": loss_class, "bbox": loss_bbox, "giou": loss_giou}
+
+    def forward(self, outputs, target_boxes, target_maps, token_mask) -> dict[str, torch.Tensor]:
+        get = (lambda o, k: o[k]) if isinstance(outputs, dict) else (lambda o, k: getattr(o, k))
+        num_boxes = max(1.0, float(sum(int(t.shape[0]) for t in target_boxes)))
+        sets = [("", get(outputs, "logits"), get(outputs, "boxes"))]
+        if self.aux:
+            aux = get(outputs, "aux_outputs") or []
+            sets += [(f"aux{i}_", a["logits"], a["boxes"]) for i, a in enumerate(aux)]
+        if self.encoder:
+            enc = get(outputs, "encoder_output")
+            if enc is not None:
+                sets.append(("enc_", enc["logits"], enc["boxes"]))
+        logs: dict[str, torch.Tensor] = {}
+        total = None
+        for prefix, logits, boxes in sets:
+            terms = self.single(logits, boxes, target_boxes, target_maps, token_mask, num_boxes)
+            weighted = (self.weight_class * terms["class"] + self.weight_bbox * terms["bbox"]
+                        + self.weight_giou * terms["giou"])
+            total = weighted if total is None else total + weighted
+            for key, value in terms.items():
+                logs[f"{prefix}{key}"] = value.detach()
+        logs["loss"] = total
+        return logs
+
+
+def build_criterion(cfg: dict) -> SetCriterion:
+    """The one place the training config's loss weights are read."""
+    from gdino.train.matcher import build_matcher
+
+    return SetCriterion(
+        build_matcher(cfg),
+        weight_class=float(cfg.get("loss_class", 2.0)),
+        weight_bbox=float(cfg.get("loss_bbox", 5.0)),
+        weight_giou=float(cfg.get("loss_giou", 2.0)),
+        alpha=float(cfg.get("focal_alpha", 0.25)),
+        aux=bool(cfg.get("aux_loss", True)),
+        encoder=bool(cfg.get("encoder_loss", True)),
+    )

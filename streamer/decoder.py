@@ -187,7 +187,8 @@ class Decoder:
                 pts = frame.time if frame.time is not None else index / float(rate)
                 if pts < next_pts - 1e-6:
                     continue  # fps cap on media time: deterministic whatever the machine's speed
-                next_pts = max(next_pts + min_gap, pts) if min_gap else pts
+                # Keep a steady grid of media times; after a jump (seek, gap in the file) restart it at pts.
+                next_pts = (pts if next_pts < pts - min_gap else next_pts) + min_gap
                 rgb = frame.to_ndarray(format="rgb24", width=width, height=height)  # (H, W, 3) uint8
                 if not self.mailbox.put(rgb, frame_index=index, pts=pts, ts=pts, live=False, stop=self.stop):
                     break

@@ -581,7 +581,8 @@ def infer_config(state: Mapping[str, torch.Tensor], num_heads: int = 8) -> Groun
     tables = [_shape(state, f"backbone.0.layers.{i}.blocks.0.attn.relative_position_bias_table") for i in range(stages)]
     window = int(round((math.sqrt(tables[0][0]) + 1) / 2))
     mlp_hidden = _shape(state, "backbone.0.layers.0.blocks.0.mlp.fc1.weight")[0]
-    out_indices = tuple(sorted(int(m.group(1)) for k in keys if (m := re.match(r"^backbone\.0\.norm(\d+)\.weight$", k))))
+    norm_pattern = re.compile(r"^backbone\.0\.norm(\d+)\.weight$")
+    out_indices = tuple(sorted(int(m.group(1)) for k in keys if (m := norm_pattern.match(k))))
     vocab, text_hidden = _shape(state, "bert.embeddings.word_embeddings.weight")
     text_layers = _num_indexed(keys, r"^bert\.encoder\.layer\.(\d+)\.")
     hidden_dim = _shape(state, "feat_map.weight")[0]

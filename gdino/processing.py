@@ -1,8 +1,9 @@
 """Image preparation and detection post-processing, as the official Grounding DINO ``predict`` does them.
 
 Pre-processing: uint8 RGB (H, W, 3) arrays -> resize so the short side is 800 and the long side at most 1333
-(DETR's ``get_size_with_aspect_ratio``; bilinear with antialiasing on the 8-bit image, as PIL and torchvision do) -> [0, 1] -> ImageNet mean/std -> zero padding at the bottom/right to a common size, with a pixel
-mask (True = valid pixel).
+(DETR's ``get_size_with_aspect_ratio``; antialiased bilinear on the 8-bit image, as PIL and torchvision do)
+-> [0, 1] -> ImageNet mean/std -> zero padding at the bottom/right to a common size, with a pixel mask
+(True = valid pixel).
 
 Post-processing: sigmoid of the token logits; a query is kept when its best token probability exceeds
 ``box_threshold``; its phrase is made of the prompt tokens whose probability exceeds ``text_threshold``, with

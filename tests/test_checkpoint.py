@@ -173,8 +173,8 @@ def test_unsupported_hf_config_is_refused():
 def test_infer_config_from_official_shapes(official, tiny_config):
     inferred = ck.infer_config(official)
     # drop_path_rate only acts in training and leaves no trace in the weights.
-    expected = dataclasses.replace(
-        tiny_config, backbone=dataclasses.replace(tiny_config.backbone, drop_path_rate=inferred.backbone.drop_path_rate))
+    backbone = dataclasses.replace(tiny_config.backbone, drop_path_rate=inferred.backbone.drop_path_rate)
+    expected = dataclasses.replace(tiny_config, backbone=backbone)
     assert inferred == expected
 
 

@@ -31,7 +31,11 @@ class OptimConfig:
     weight_decay: float = 1e-4
     clip: float = 0.1
     warmup: int = 100
-    final_lr_fraction: float = 0.05  # cosine decay from lr to lr * this at the last step
+    final_lr_fraction: float = 0.05  # lr * this at the last step
+    # "cosine": decay from the end of warm-up; "wsd": constant, then a linear cool-down over the last
+    # ``cooldown_fraction`` of the steps (a run can be extended by resuming before its cool-down started).
+    schedule: str = "cosine"
+    cooldown_fraction: float = 0.2
     threads: int = 0  # torch.set_num_threads; 0 leaves the default
 
 
@@ -71,6 +75,14 @@ def parameter_groups(model: torch.nn.Module, optim: OptimConfig) -> list[dict]:
 def lr_factor(step: int, optim: OptimConfig) -> float:
     if optim.warmup and step < optim.warmup:
         return (step + 1) / optim.warmup
+    if optim.schedule == "wsd":
+        cooldown = max(1, int(optim.steps * optim.cooldown_fraction))
+        start = optim.steps - cooldown
+        if step < start:
+            return 1.0
+        return 1.0 - (1.0 - optim.final_lr_fraction) * min(1.0, (step - start) / cooldown)
+    if optim.schedule != "cosine":
+        raise ValueError(f"unknown lr schedule {optim.schedule!r}: 'cosine' or 'wsd'")
     progress = min(1.0, (step - optim.warmup) / max(1, optim.steps - optim.warmup))
     return optim.final_lr_fraction + (1 - optim.final_lr_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -195,9 +207,10 @@ class Trainer:
         optim, loop = self.optim_config, self.loop
         if optim.threads:
             torch.set_num_threads(optim.threads)
-        torch.manual_seed(loop.seed + self.step)
-        random.seed(loop.seed + self.step)
-        np.random.seed((loop.seed + self.step) % 2**32)
+        if self.step == 0:  # a resumed run keeps the random state its checkpoint restored
+            torch.manual_seed(loop.seed)
+            random.seed(loop.seed)
+            np.random.seed(loop.seed % 2**32)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.out_dir / "log.jsonl"
         bar = None

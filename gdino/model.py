@@ -151,6 +151,7 @@ class MSDeformAttn(nn.Module):
     def __init__(self, dim: int, num_heads: int, num_levels: int, num_points: int):
         super().__init__()
         self.num_heads, self.num_levels, self.num_points = num_heads, num_levels, num_points
+        self.backend = "auto"  # kernels.ms_deform_attn backend: "auto", "reference", "cpu" or "triton"
         self.sampling_offsets = nn.Linear(dim, num_heads * num_levels * num_points * 2)
         self.attention_weights = nn.Linear(dim, num_heads * num_levels * num_points)
         self.value_proj = nn.Linear(dim, dim)
@@ -195,7 +196,8 @@ class MSDeformAttn(nn.Module):
             locations = (reference_points[:, :, None, :, None, :2]
                          + offsets / points * reference_points[:, :, None, :, None, 2:] * 0.5)
         # (B, Q, M, L, P, 2) xy in [0, 1]; the kernel keeps locations in float32.
-        output = ms_deform_attn(value, spatial_shapes, level_start_index, locations.float(), weights)
+        output = ms_deform_attn(value, spatial_shapes, level_start_index, locations.float(), weights,
+                                backend=self.backend)
         return self.output_proj(output.to(query.dtype))
 
 
@@ -572,7 +574,7 @@ class GroundingDino(nn.Module):
             self.bbox_embed = nn.ModuleList(
                 [box_head] + [MLP(dim, dim, 4, 3) for _ in range(config.decoder_layers - 1)])
         self.transformer.decoder.bbox_embed = self.bbox_embed
-        self._text_cache: OrderedDict[str, TextEncoding] = OrderedDict()
+        self._text_cache: OrderedDict[str | tuple, TextEncoding] = OrderedDict()  # caption or token ids
         self.vocab_path: str | None = None
 
     # -- text ------------------------------------------------------------------------------------------------
@@ -584,19 +586,23 @@ class GroundingDino(nn.Module):
     def encode_text(self, captions: str | list[str]) -> TextEncoding:
         """Run BERT + ``feat_map`` on one caption (cached in eval mode) or a batch of captions."""
         if isinstance(captions, str):
-            caption = normalize_caption(captions)
+            caption = " ".join(normalize_caption(captions).split())
             if self.training:
                 return self._encode([caption])
             cached = self._text_cache.get(caption)
-            if cached is not None:
-                self._text_cache.move_to_end(caption)
-                return cached
-            with torch.no_grad():
-                encoding = self._encode([caption])
-            self._text_cache[caption] = encoding
-            while len(self._text_cache) > TEXT_CACHE_SIZE:
-                self._text_cache.popitem(last=False)
-            return encoding
+            if cached is None:
+                # Captions that differ only in spacing tokenise alike: key the cache by the token ids.
+                key = tuple(self.tokenizer(caption)["input_ids"])
+                cached = self._text_cache.get(key)
+                if cached is None:
+                    with torch.no_grad():
+                        cached = self._encode([caption])
+                    self._text_cache[key] = cached
+                self._text_cache[caption] = cached
+                while len(self._text_cache) > 2 * TEXT_CACHE_SIZE:
+                    self._text_cache.popitem(last=False)
+            self._text_cache.move_to_end(caption)
+            return cached
         if not captions:
             raise PromptError("no prompt given")
         return self._encode([normalize_caption(c) for c in captions])
@@ -620,6 +626,12 @@ class GroundingDino(nn.Module):
         features = self.feat_map(hidden.to(self.feat_map.weight.dtype))
         return TextEncoding(captions, input_ids, tokens.token_mask.to(device), position_ids, attention_mask,
                             features, tokens.offsets)
+
+    def set_attention_backend(self, backend: str) -> None:
+        """Route every deformable attention through one ``kernels.ms_deform_attn`` backend."""
+        for module in self.modules():
+            if isinstance(module, MSDeformAttn):
+                module.backend = backend
 
     def clear_text_cache(self) -> None:
         self._text_cache.clear()

@@ -40,7 +40,11 @@ def get_tokenizer(vocab_path: str | os.PathLike | None = None):
     from transformers import BertTokenizerFast
 
     path = Path(vocab_path) if vocab_path is not None else default_vocab_path()
-    return BertTokenizerFast(vocab_file=str(path), do_lower_case=True)
+    # transformers 5 ignores vocab_file= here: pass the file as vocab=.
+    tokenizer = BertTokenizerFast(vocab=str(path), do_lower_case=True)
+    if len(tokenizer) < 1000:
+        raise RuntimeError(f"the WordPiece vocabulary at {path} did not load ({len(tokenizer)} tokens)")
+    return tokenizer
 
 
 def normalize_caption(caption: str) -> str:

@@ -1,0 +1,160 @@
+"""Parity with an independent implementation: transformers' GroundingDinoForObjectDetection, random weights.
+
+Both checkpoint layouts are exercised: a Hugging Face folder written by ``save_pretrained`` and an official
+``.pth`` made from it with ``official_to_hf``'s reverse, ``hf_to_official``. Tolerance: 1e-4 absolute in float32 on
+logits (finite entries; the -inf of masked tokens must coincide) and boxes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gdino
+from gdino import config as configs
+from gdino.checkpoint import config_to_hf, hf_to_official
+from gdino.model import pad_images
+
+transformers = pytest.importorskip("transformers")
+
+ATOL = 1e-4  # float32, absolute, on logits and normalised boxes
+PROMPT = "red circle . blue square . a small green triangle ."
+
+
+def _random_hf_model(cfg, seed: int = 0):
+    torch.manual_seed(seed)
+    hf_config = transformers.GroundingDinoConfig(**config_to_hf(cfg))
+    model = transformers.GroundingDinoForObjectDetection(hf_config).eval()
+    with torch.no_grad():
+        # Fusion gammas start at 1e-4 and the box heads' last layers at zero, which would hide those paths.
+        for name, param in model.named_parameters():
+            if name.endswith(("vision_param", "text_param")):
+                param.normal_(0.0, 0.5)
+            if "bbox_embed" in name and ".layers.2." in name:
+                param.normal_(0.0, 0.05)
+    return model
+
+
+def _run_both(ours, hf, images: list[torch.Tensor], prompt: str):
+    batch, mask = pad_images(images)
+    text = ours.encode_text(prompt)
+    ids = text.input_ids.expand(len(images), -1)
+    with torch.no_grad():
+        mine = ours(batch, prompt, pixel_mask=mask)
+        ref = hf(pixel_values=batch, input_ids=ids, attention_mask=torch.ones_like(ids), pixel_mask=mask.long())
+    return mine, ref, ids.shape[1]
+
+
+def _assert_match(mine, ref, num_tokens: int) -> None:
+    ref_logits = ref.logits[..., :num_tokens]
+    finite = torch.isfinite(ref_logits)
+    assert torch.equal(torch.isfinite(mine.logits), finite), "masked token positions differ"
+    logit_err = (mine.logits[finite] - ref_logits[finite]).abs()
+    box_err = (mine.boxes - ref.pred_boxes).abs()
+    worst_logit = divmod(int(torch.where(finite, (mine.logits - ref_logits).abs(), 0).argmax()), num_tokens)
+    assert logit_err.max() <= ATOL, f"logits differ by {logit_err.max():.2e} at (flat query, token) {worst_logit}"
+    assert box_err.max() <= ATOL, f"boxes differ by {box_err.max():.2e}"
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory):
+    cfg = configs.tiny(pretrained_text=None)
+    hf = _random_hf_model(cfg)
+    folder = tmp_path_factory.mktemp("hf_tiny")
+    hf.save_pretrained(folder)
+    return cfg, hf, folder
+
+
+@pytest.mark.parametrize("sizes", [[(256, 320)], [(256, 320), (288, 256), (320, 352)]], ids=["batch1", "batch3-mixed"])
+def test_tiny_matches_transformers_from_hf_folder(tiny_pair, sizes):
+    cfg, hf, folder = tiny_pair
+    ours = gdino.load(folder)
+    torch.manual_seed(1)
+    images = [torch.randn(3, h, w) for h, w in sizes]
+    mine, ref, num_tokens = _run_both(ours, hf, images, PROMPT)
+    assert mine.logits.shape == (len(sizes), cfg.num_queries, num_tokens)
+    _assert_match(mine, ref, num_tokens)
+
+
+def test_tiny_matches_transformers_from_official_pth(tiny_pair, tmp_path):
+    """The official layout: a .pth with the weights under "model" and the DataParallel "module." prefix."""
+    cfg, hf, _ = tiny_pair
+    official = hf_to_official(hf.state_dict())
+    path = tmp_path / "groundingdino_tiny.pth"
+    torch.save({"model": {f"module.{k}": v for k, v in official.items()}}, path)
+    ours = gdino.load(path)
+    torch.manual_seed(2)
+    images = [torch.randn(3, 288, 320), torch.randn(3, 256, 256), torch.randn(3, 320, 288)]
+    mine, ref, num_tokens = _run_both(ours, hf, images, "person . white van . dog with a red leash .")
+    _assert_match(mine, ref, num_tokens)
+
+
+def test_batched_equals_single(tiny_pair):
+    """Images of one size batched together give what each gives alone (no cross-talk inside a batch).
+
+    Padding is not part of this check: like the reference, the backbone and GroupNorm see padded pixels.
+    """
+    _, _, folder = tiny_pair
+    ours = gdino.load(folder)
+    torch.manual_seed(3)
+    images = torch.randn(3, 3, 256, 288)
+    with torch.no_grad():
+        together = ours(images, PROMPT)
+        for index in range(3):
+            alone = ours(images[index:index + 1], PROMPT)
+            assert (together.boxes[index] - alone.boxes[0]).abs().max() < ATOL
+            finite = torch.isfinite(alone.logits[0])
+            assert (together.logits[index][finite] - alone.logits[0][finite]).abs().max() < ATOL
+
+
+@pytest.fixture(scope="module")
+def swint_pair(tmp_path_factory):
+    cfg = configs.swint_ogc()
+    hf = _random_hf_model(cfg)
+    path = tmp_path_factory.mktemp("official") / "groundingdino_swint_ogc.pth"
+    torch.save({"model": hf_to_official(hf.state_dict())}, path)
+    ours = gdino.load(path)
+    assert ours.config.backbone.embed_dim == 96 and ours.config.num_queries == 900
+    return hf, ours
+
+
+@pytest.mark.slow
+def test_swint_ogc_matches_transformers_float64(swint_pair):
+    """The full published architecture (Swin-T OGC, bert-base), random weights, one 480x640 image, float64.
+
+    In float64 the language-guided top-900 selection among 6,380 candidates is unambiguous, so every query can be
+    compared strictly; float32 is covered below and, strictly, by the tiny-config tests.
+    """
+    hf, ours = swint_pair
+    hf, ours = hf.double(), ours.double()
+    try:
+        torch.manual_seed(4)
+        mine, ref, num_tokens = _run_both(ours, hf, [torch.randn(3, 480, 640, dtype=torch.float64)], PROMPT)
+        _assert_match(mine, ref, num_tokens)
+    finally:
+        hf.float(), ours.float()
+
+
+@pytest.mark.slow
+def test_swint_ogc_matches_transformers_float32(swint_pair):
+    """Swin-T OGC in float32. Random weights put many query-selection candidates within float32 rounding of one
+    another (measured: ranks 538/539 of 6,380 differ by 1.7e-5 on values near 11.3), so an exact rank-for-rank
+    comparison of all 900 queries is ill-posed. Checked instead: the sorted selection scores agree to 1e-4,
+    at least 99% of the selected candidates are the same at the same rank, and those queries' boxes match to 1e-4
+    and logits to 1e-3 (a swapped pair nudges the rest through decoder self-attention)."""
+    hf, ours = swint_pair
+    torch.manual_seed(4)
+    mine, ref, num_tokens = _run_both(ours, hf, [torch.randn(3, 480, 640)], PROMPT)
+    ref_scores, ref_index = ref.enc_outputs_class.max(-1)[0].topk(ours.config.num_queries)
+    my_index = mine.encoder_output["indices"]
+    my_scores = mine.encoder_output["logits"].max(-1)[0]
+    assert (my_scores - ref_scores).abs().max() <= ATOL * ref_scores.abs().max()
+    same = my_index == ref_index
+    assert same.float().mean() >= 0.99, f"{int((~same).sum())} of {same.numel()} selected candidates differ"
+    ref_logits = ref.logits[..., :num_tokens]
+    finite = torch.isfinite(ref_logits)
+    assert torch.equal(torch.isfinite(mine.logits), finite)
+    logit_err = torch.where(finite, (mine.logits - ref_logits).abs(), 0).amax(-1)[same]
+    box_err = (mine.boxes - ref.pred_boxes).abs().amax(-1)[same]
+    assert box_err.max() <= ATOL, f"boxes differ by {box_err.max():.2e}"
+    assert logit_err.max() <= 10 * ATOL, f"logits differ by {logit_err.max():.2e}"

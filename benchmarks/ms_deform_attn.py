@@ -98,19 +98,23 @@ def run(function, inputs, backward: bool):
     return output
 
 
-def time_call(function, inputs, backward: bool, repeats: int, device: str) -> float:
-    """Median wall time in microseconds over ``repeats`` calls after one warm-up (compiles, autotunes)."""
-    run(function, inputs, backward)
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+def time_interleaved(entries, backward: bool, repeats: int, device: str) -> list[float]:
+    """Median wall time in microseconds per (function, inputs) entry. One warm-up call each (compiles, autotunes),
+    then ``repeats`` rounds that call every entry once: on a shared machine, load that comes and goes then hits
+    every competitor alike instead of whichever happened to be running."""
+    for function, inputs in entries:
         run(function, inputs, backward)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e6
+    times = [[] for _ in entries]
+    for _ in range(repeats):
+        for slot, (function, inputs) in enumerate(entries):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            run(function, inputs, backward)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times[slot].append(time.perf_counter() - start)
+    return [statistics.median(slot_times) * 1e6 for slot_times in times]
 
 
 def traffic_bytes(inputs, backward: bool) -> int:
@@ -148,8 +152,9 @@ def main(argv=None) -> None:
     device = args.device
     repeats = args.repeats or (50 if device == "cuda" else 5)
     names = args.shapes or [f"{call}-{resolution}" for resolution in LEVELS for call in ("encoder", "decoder")]
+    load = f" load={os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
     print(f"# device={device} torch={torch.__version__} threads={torch.get_num_threads()} "
-          f"cpus={os.cpu_count()} repeats={repeats} (median)")
+          f"cpus={os.cpu_count()} repeats={repeats} (median, interleaved){load}")
     print(f"{'shape':<17} {'pass':<8} {'implementation':<24} {'dtype':<9} {'us':>12} {'GB/s':>8} {'vs ref':>7} "
           f"{'max |diff|':>10}")
     for name in names:
@@ -157,21 +162,25 @@ def main(argv=None) -> None:
         base = problem(resolution, call, device)
         modes = [False] if args.forward_only else [False, True]
         for backward in modes:
-            reference_time = None
-            reference_output = None
-            for label, dtype, function in implementations(device, args.candidates):
-                inputs = [t.to(dtype) if t.is_floating_point() and i != 3 else t for i, t in enumerate(base)]
-                elapsed = time_call(function, inputs, backward, repeats, device)
+            competitors = implementations(device, args.candidates)
+            entries = []
+            for _, dtype, function in competitors:
+                # locations (index 3) stay float32; value and weights take the competitor's dtype
+                inputs = [t.to(dtype) if t.is_floating_point() and index != 3 else t
+                          for index, t in enumerate(base)]
+                entries.append((function, inputs))
+            elapsed = time_interleaved(entries, backward, repeats, device)
+            with torch.no_grad():
+                reference_output = entries[0][0](*entries[0][1]).float()
+            for (label, dtype, function), (_, inputs), microseconds in zip(competitors, entries, elapsed):
                 with torch.no_grad():
-                    output = function(*inputs).float()
-                if reference_time is None:
-                    reference_time, reference_output = elapsed, output
-                difference = (output - reference_output).abs().max().item()
-                gigabytes = traffic_bytes(inputs, backward) / elapsed / 1e3
+                    difference = (function(*inputs).float() - reference_output).abs().max().item()
+                gigabytes = traffic_bytes(inputs, backward) / microseconds / 1e3
                 print(f"{name:<17} {'fwd+bwd' if backward else 'fwd':<8} {label:<24} {str(dtype)[6:]:<9} "
-                      f"{elapsed:>12.0f} {gigabytes:>8.2f} {reference_time / elapsed:>6.1f}x {difference:>10.2e}",
-                      flush=True)
-
+                      f"{microseconds:>12.0f} {gigabytes:>8.2f} {elapsed[0] / microseconds:>6.1f}x "
+                      f"{difference:>10.2e}", flush=True)
+    if hasattr(os, "getloadavg"):
+        print(f"# load average at the end: {os.getloadavg()[0]:.1f} (1 min)")
 
 if __name__ == "__main__":
     main()

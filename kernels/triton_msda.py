@@ -12,8 +12,9 @@ Backward: the same walk; gradients of locations and weights are per sample and s
 is scattered with float32 atomic adds into a float32 buffer (cast to the value dtype at the end).
 
 Under ``TRITON_INTERPRET=1`` (no GPU) the kernels run on CPU tensors with one fixed configuration: autotuning needs
-a driver. On a GPU the block size and warp count are autotuned per (Lq, M, D) and the numbers of levels and
-points are compile-time constants, so their loops unroll.
+a driver. On a GPU the block size and warp count are autotuned per (Lq, M, D). The level and point loops are
+runtime loops on purpose: unrolling all 16 samples of the Swin-T shape (4 corner gathers each) made one sm_90
+compile take 40 s instead of 1.4 s on the dev VM (and autotuning compiles every configuration).
 """
 
 from __future__ import annotations
@@ -31,22 +32,23 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
-def _corner_offsets(n, m, start, row, column, height, width, inside, value_base_stride, heads, offs_d, d_mask,
+def _corner_offsets(n, m, start, row, column, height, width, inside, value_batch_stride, heads, offs_d, d_mask,
                     CHANNELS: tl.constexpr):
     # Offsets (BLOCK_Q, BLOCK_D) of one corner's channels in value (N, S, M, D), and the mask of the corners that
     # exist: in the map and belonging to a real, in-range sample.
     valid = inside & (row >= 0) & (row <= height - 1) & (column >= 0) & (column <= width - 1)
     token = start + row * width + column  # (BLOCK_Q,) index into S; garbage where not valid, never dereferenced
-    offsets = n.to(tl.int64) * value_base_stride + (token.to(tl.int64) * heads + m) * CHANNELS
+    offsets = n.to(tl.int64) * value_batch_stride + (token.to(tl.int64) * heads + m) * CHANNELS
     return offsets[:, None] + offs_d[None, :], valid[:, None] & d_mask[None, :]
 
 
 @triton.jit
 def _msda_forward_kernel(value_ptr, shapes_ptr, starts_ptr, locations_ptr, weights_ptr, output_ptr,
-                         tokens, queries, heads,
+                         value_batch_stride, queries, heads,
                          CHANNELS: tl.constexpr, LEVELS: tl.constexpr, POINTS: tl.constexpr,
                          BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
     # value (N, S, M, D); locations (N, Lq, M, L, P, 2) float32; weights (N, Lq, M, L, P); output (N, Lq, M, D).
+    # value_batch_stride = S * M * D comes from the host, where Python ints pick int32 or int64 as they need.
     # grid: (cdiv(Lq, BLOCK_Q), N * M)
     pid_q = tl.program_id(0)
     pid_nm = tl.program_id(1)
@@ -56,15 +58,14 @@ def _msda_forward_kernel(value_ptr, shapes_ptr, starts_ptr, locations_ptr, weigh
     q_mask = offs_q < queries
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < CHANNELS
-    value_base_stride = tokens.to(tl.int64) * heads * CHANNELS
     # first (level 0, point 0) sample of each (n, q, m)
     sample_base = ((n.to(tl.int64) * queries + offs_q) * heads + m) * (LEVELS * POINTS)
     accumulator = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
-    for level in tl.static_range(LEVELS):
+    for level in range(LEVELS):
         height = tl.load(shapes_ptr + 2 * level).to(tl.int32)
         width = tl.load(shapes_ptr + 2 * level + 1).to(tl.int32)
         start = tl.load(starts_ptr + level).to(tl.int32)
-        for point in tl.static_range(POINTS):
+        for point in range(POINTS):
             sample = sample_base + level * POINTS + point
             x = tl.load(locations_ptr + 2 * sample, mask=q_mask, other=-2.0)
             y = tl.load(locations_ptr + 2 * sample + 1, mask=q_mask, other=-2.0)
@@ -81,20 +82,20 @@ def _msda_forward_kernel(value_ptr, shapes_ptr, starts_ptr, locations_ptr, weigh
             # Clamp before the integer cast so a location far outside (or NaN) cannot overflow int32.
             row = tl.where(inside, h_low, -2.0).to(tl.int32)
             column = tl.where(inside, w_low, -2.0).to(tl.int32)
-            offsets, valid = _corner_offsets(n, m, start, row, column, height, width, inside, value_base_stride,
+            offsets, valid = _corner_offsets(n, m, start, row, column, height, width, inside, value_batch_stride,
                                              heads, offs_d, d_mask, CHANNELS)
             corner = tl.load(value_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
             accumulator += (attention * hh * hw)[:, None] * corner
             offsets, valid = _corner_offsets(n, m, start, row, column + 1, height, width, inside,
-                                             value_base_stride, heads, offs_d, d_mask, CHANNELS)
+                                             value_batch_stride, heads, offs_d, d_mask, CHANNELS)
             corner = tl.load(value_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
             accumulator += (attention * hh * lw)[:, None] * corner
             offsets, valid = _corner_offsets(n, m, start, row + 1, column, height, width, inside,
-                                             value_base_stride, heads, offs_d, d_mask, CHANNELS)
+                                             value_batch_stride, heads, offs_d, d_mask, CHANNELS)
             corner = tl.load(value_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
             accumulator += (attention * lh * hw)[:, None] * corner
             offsets, valid = _corner_offsets(n, m, start, row + 1, column + 1, height, width, inside,
-                                             value_base_stride, heads, offs_d, d_mask, CHANNELS)
+                                             value_batch_stride, heads, offs_d, d_mask, CHANNELS)
             corner = tl.load(value_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
             accumulator += (attention * lh * lw)[:, None] * corner
     out_offsets = ((n.to(tl.int64) * queries + offs_q) * heads + m) * CHANNELS
@@ -113,7 +114,7 @@ def _corner_backward(value_ptr, grad_value_ptr, offsets, valid, grad, scale):
 @triton.jit
 def _msda_backward_kernel(grad_output_ptr, value_ptr, shapes_ptr, starts_ptr, locations_ptr, weights_ptr,
                           grad_value_ptr, grad_locations_ptr, grad_weights_ptr,
-                          tokens, queries, heads,
+                          value_batch_stride, queries, heads,
                           CHANNELS: tl.constexpr, LEVELS: tl.constexpr, POINTS: tl.constexpr,
                           BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
     # grad_output (N, Lq, M, D); grad_value (N, S, M, D) float32, zero on entry; grad_locations
@@ -126,16 +127,15 @@ def _msda_backward_kernel(grad_output_ptr, value_ptr, shapes_ptr, starts_ptr, lo
     q_mask = offs_q < queries
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < CHANNELS
-    value_base_stride = tokens.to(tl.int64) * heads * CHANNELS
     row_offsets = ((n.to(tl.int64) * queries + offs_q) * heads + m) * CHANNELS
     grad = tl.load(grad_output_ptr + row_offsets[:, None] + offs_d[None, :],
                    mask=q_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)  # (BLOCK_Q, BLOCK_D)
     sample_base = ((n.to(tl.int64) * queries + offs_q) * heads + m) * (LEVELS * POINTS)
-    for level in tl.static_range(LEVELS):
+    for level in range(LEVELS):
         height = tl.load(shapes_ptr + 2 * level).to(tl.int32)
         width = tl.load(shapes_ptr + 2 * level + 1).to(tl.int32)
         start = tl.load(starts_ptr + level).to(tl.int32)
-        for point in tl.static_range(POINTS):
+        for point in range(POINTS):
             sample = sample_base + level * POINTS + point
             x = tl.load(locations_ptr + 2 * sample, mask=q_mask, other=-2.0)
             y = tl.load(locations_ptr + 2 * sample + 1, mask=q_mask, other=-2.0)
@@ -152,17 +152,17 @@ def _msda_backward_kernel(grad_output_ptr, value_ptr, shapes_ptr, starts_ptr, lo
             row = tl.where(inside, h_low, -2.0).to(tl.int32)
             column = tl.where(inside, w_low, -2.0).to(tl.int32)
 
-            offsets, valid = _corner_offsets(n, m, start, row, column, height, width, inside, value_base_stride,
+            offsets, valid = _corner_offsets(n, m, start, row, column, height, width, inside, value_batch_stride,
                                              heads, offs_d, d_mask, CHANNELS)
             dot_00 = _corner_backward(value_ptr, grad_value_ptr, offsets, valid, grad, attention * hh * hw)
             offsets, valid = _corner_offsets(n, m, start, row, column + 1, height, width, inside,
-                                             value_base_stride, heads, offs_d, d_mask, CHANNELS)
+                                             value_batch_stride, heads, offs_d, d_mask, CHANNELS)
             dot_01 = _corner_backward(value_ptr, grad_value_ptr, offsets, valid, grad, attention * hh * lw)
             offsets, valid = _corner_offsets(n, m, start, row + 1, column, height, width, inside,
-                                             value_base_stride, heads, offs_d, d_mask, CHANNELS)
+                                             value_batch_stride, heads, offs_d, d_mask, CHANNELS)
             dot_10 = _corner_backward(value_ptr, grad_value_ptr, offsets, valid, grad, attention * lh * hw)
             offsets, valid = _corner_offsets(n, m, start, row + 1, column + 1, height, width, inside,
-                                             value_base_stride, heads, offs_d, d_mask, CHANNELS)
+                                             value_batch_stride, heads, offs_d, d_mask, CHANNELS)
             dot_11 = _corner_backward(value_ptr, grad_value_ptr, offsets, valid, grad, attention * lh * lw)
 
             grad_attention = hh * hw * dot_00 + hh * lw * dot_01 + lh * hw * dot_10 + lh * lw * dot_11
@@ -262,7 +262,8 @@ def ms_deform_attn_forward_triton(value: torch.Tensor, spatial_shapes: torch.Ten
         return output.zero_()
     kernel, grid, settings = _launch_settings("forward", batch, queries, heads, channels)
     kernel[grid](value, spatial_shapes, level_start_index, sampling_locations, attention_weights, output,
-                 tokens, queries, heads, CHANNELS=channels, LEVELS=levels, POINTS=points, **settings)
+                 tokens * heads * channels, queries, heads,
+                 CHANNELS=channels, LEVELS=levels, POINTS=points, **settings)
     return output
 
 
@@ -282,6 +283,6 @@ def ms_deform_attn_backward_triton(grad_output: torch.Tensor, value: torch.Tenso
     if grad_output.numel() and levels * points:
         kernel, grid, settings = _launch_settings("backward", batch, queries, heads, channels)
         kernel[grid](grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
-                     grad_value, grad_locations, grad_weights, tokens, queries, heads,
+                     grad_value, grad_locations, grad_weights, tokens * heads * channels, queries, heads,
                      CHANNELS=channels, LEVELS=levels, POINTS=points, **settings)
     return grad_value.to(value.dtype), grad_locations, grad_weights

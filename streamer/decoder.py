@@ -25,6 +25,7 @@ from streamer.stats import STATE_CODES, StreamStats
 
 log = logging.getLogger("groundwatch.decoder")
 
+END_OF_FILE, END_ERROR, END_SHUTDOWN = 1, 2, 3  # keys of frames.END_REASONS
 EXIT_DONE = 0  # end of file reached, or asked to stop
 EXIT_FATAL = 3  # the source can never work (corrupt file): the supervisor does not restart us
 
@@ -159,8 +160,8 @@ class Decoder:
         try:
             return self._run_live() if self.live else self._run_file()
         finally:
-            if self.stop.is_set():
-                self.mailbox.finish()
+            if self.stop.is_set() and not self.mailbox.finished:
+                self.mailbox.finish(END_SHUTDOWN)
                 self._status("offline", reason="shutdown")
 
     def _run_file(self) -> int:
@@ -172,7 +173,7 @@ class Decoder:
         except (av.FFmpegError, OSError) as exc:
             self._error(f"cannot open {self.url}: {exc}", fatal=True, error_type="open_failed")
             self._status("offline", reason="error")
-            self.mailbox.finish()
+            self.mailbox.finish(END_ERROR)
             return EXIT_FATAL
         self._status("online")
         min_gap = 1.0 / self.fps if self.fps > 0 else 0.0
@@ -198,13 +199,15 @@ class Decoder:
         except (av.FFmpegError, OSError) as exc:
             self._error(f"decoding stopped at frame {frame_index}: {exc}", fatal=True, error_type="decode_failed")
             self._status("offline", reason="error", frames=frame_index)
-            self.mailbox.finish()
+            self.mailbox.finish(END_ERROR)
             container.close()
             return EXIT_FATAL
         container.close()
-        self.mailbox.finish()
-        if not self.stop.is_set():
-            self._status("offline", reason="end_of_file", frames=frame_index)
+        if self.stop.is_set():
+            return EXIT_DONE
+        # The worker publishes "offline, end_of_file" once it has processed the last frame: a subscriber
+        # that sees it knows every event of the file is out.
+        self.mailbox.finish(END_OF_FILE)
         return EXIT_DONE
 
     def _open_live(self):

@@ -43,9 +43,11 @@ CONTROL_DTYPE = np.dtype(
         ("next_seq", np.int64),
         ("finished", np.int64),  # 1: the decoder will write no more frames (end of file or fatal error)
         ("dropped", np.int64),  # stale live frames dropped, by either side
-        ("generation", np.int64),  # bumped when a live source reconnects: the worker resets its clock
+        ("generation", np.int64),  # bumped when a live source (re)connects
+        ("end_reason", np.int64),  # why the decoder finished: END_REASONS
     ]
 )
+END_REASONS = {0: "unknown", 1: "end_of_file", 2: "error", 3: "shutdown"}
 SHM_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path("/tmp")
 
 
@@ -118,6 +120,7 @@ class FrameMailbox:
             states = self.header["state"]
             states[(states == READY) | (states == WRITING)] = FREE
             self.control["finished"] = 0
+            self.control["end_reason"] = 0
 
     def put(self, pixels: np.ndarray, *, frame_index: int, pts: float, ts: float, live: bool,
             stop=None, poll_seconds: float = 0.005) -> bool:
@@ -167,9 +170,11 @@ class FrameMailbox:
             states = self.header["state"]
             states[states == READING] = FREE
 
-    def finish(self) -> None:
+    def finish(self, reason: int = 0) -> None:
+        """No more frames will come (reason: a key of END_REASONS)."""
         with self.lock:
             self.control["finished"] = 1
+            self.control["end_reason"] = reason
 
     def new_generation(self) -> None:
         with self.lock:
@@ -218,6 +223,10 @@ class FrameMailbox:
     @property
     def finished(self) -> bool:
         return bool(self.control["finished"])
+
+    @property
+    def end_reason(self) -> str:
+        return END_REASONS.get(int(self.control["end_reason"]), "unknown")
 
     @property
     def dropped(self) -> int:

@@ -1,7 +1,7 @@
 """The hub process: the one place events leave the daemon.
 
-Children PUSH `[topic, msgpack body]` to the hub's PULL socket. The hub numbers each stream's events (`seq`,
-one counter per stream over every kind), encodes the public JSON payload once, publishes it on the PUB socket
+Children PUSH `[topic, JSON body]` to the hub's PULL socket. The hub numbers each stream's events (`seq`,
+one counter per stream over every kind) by splicing `v` and `seq` into the body, publishes it on the PUB socket
 (topic in its own frame) and appends the same bytes to the stream's event log. It also publishes a heartbeat
 per stream. PUB never blocks: a subscriber that stops reading loses events once its high-water mark is full,
 and sees the loss as a gap in `seq`; the pipeline runs on at full speed.
@@ -14,7 +14,7 @@ import time
 
 import zmq
 
-from streamer.events import SCHEMA_VERSION, encode_payload, make_event, topic, unpack_internal
+from streamer.events import encode_payload, make_event, splice_header, topic
 from streamer.process import child_setup
 from streamer.recording import Recorder
 from streamer.stats import RateMeter, StreamStats, snapshot
@@ -24,10 +24,11 @@ log = logging.getLogger("groundwatch.hub")
 
 class Hub:
     def __init__(self, *, pull_endpoint: str, pub_endpoint: str, high_water_mark: int, heartbeat_seconds: float,
-                 stats: StreamStats | None, recorder: Recorder | None, context: zmq.Context | None = None) -> None:
+                 stats: StreamStats | None, recorder: Recorder | None, context: zmq.Context | None = None,
+                 pull_high_water_mark: int = 100_000) -> None:
         self.context = context or zmq.Context.instance()
         self.pull = self.context.socket(zmq.PULL)
-        self.pull.setsockopt(zmq.RCVHWM, 100_000)
+        self.pull.setsockopt(zmq.RCVHWM, pull_high_water_mark)
         self.pull.setsockopt(zmq.LINGER, 0)
         self.pull.bind(pull_endpoint)
         self.pub = self.context.socket(zmq.PUB)
@@ -43,13 +44,16 @@ class Hub:
         self.started = time.time()
 
     def publish(self, event: dict) -> None:
-        """Number, encode, publish and record one event body."""
-        stream = event["stream"]
+        """Number, encode, publish and record one event made here (heartbeats)."""
+        self.publish_body(topic(event["stream"], event["kind"]), encode_payload(event))
+
+    def publish_body(self, topic_frame: bytes, body: bytes) -> None:
+        """Number, publish and record one internal event (`[topic, JSON body without v/seq]`)."""
+        stream = topic_frame[: topic_frame.rfind(b"/")].decode()
         seq = self.seq.get(stream, 0) + 1
         self.seq[stream] = seq
-        event = {"v": SCHEMA_VERSION, "seq": seq, **event}
-        payload = encode_payload(event)
-        self.pub.send_multipart((topic(stream, event["kind"]), payload), flags=zmq.NOBLOCK)
+        payload = splice_header(body, seq)
+        self.pub.send_multipart((topic_frame, payload), flags=zmq.NOBLOCK)
         if self.recorder is not None:
             self.recorder.append(stream, payload)
         self.published += 1
@@ -65,11 +69,10 @@ class Hub:
             except zmq.Again:
                 break
             try:
-                event = unpack_internal(frames)
-            except Exception as exc:  # a malformed internal message is a bug; never let it stop publishing
+                self.publish_body(frames[0], frames[1])
+            except (ValueError, IndexError, UnicodeDecodeError) as exc:  # a bug in a child; never stop publishing
                 log.error("dropping a malformed internal event: %s", exc)
                 continue
-            self.publish(event)
             count += 1
         return count
 

@@ -19,7 +19,7 @@ import numpy as np
 from streamer.events import make_event, round_box
 from streamer.frames import Frame, FrameMailbox
 from streamer.process import EventSender, child_setup
-from streamer.stats import STATE_NAMES, StreamStats
+from streamer.stats import STATE_CODES, STATE_NAMES, StreamStats
 
 log = logging.getLogger("groundwatch.inference")
 
@@ -275,6 +275,10 @@ class InferenceWorker:
                 continue
             state.finished = True
             self._emit_track_events(state, state.tracker.finish(), ts=None, reason="end_of_stream")
+            if state.mailbox.end_reason == "end_of_file":
+                self._send(make_event(state.stream_id, "status", state="offline", reason="end_of_file",
+                                      source="file", frames=state.frames))
+                self.stats.set(state.stream_id, "state", STATE_CODES["offline"])
             self.stats.set(state.stream_id, "worker_finished", 1)
 
     def step(self) -> int:

@@ -31,8 +31,7 @@ class EventLog:
         self.lines = 0
 
     def append(self, payload: bytes) -> None:
-        self._file.write(payload)
-        self._file.write(b"\n")
+        self._file.write(payload + b"\n")
         self.lines += 1
 
     def maybe_flush(self, now: float | None = None) -> None:

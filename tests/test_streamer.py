@@ -279,7 +279,7 @@ def test_worker_batches_across_streams_and_tracks_each(mailbox_factory, stats_fa
     for stream_id, mailbox in mailboxes.items():
         for value in range(frames):
             mailbox.put(frame_with_value(value), frame_index=value, pts=value / 10, ts=value / 10, live=False)
-        mailbox.finish()
+        mailbox.finish(1)
     worker.encoding_for("thing .")
     while not all(s.finished for s in worker.streams.values()):
         worker.step()
@@ -293,6 +293,8 @@ def test_worker_batches_across_streams_and_tracks_each(mailbox_factory, stats_fa
         assert kinds.count("started") == 1 and kinds.count("ended") == 1
         assert kinds.count("updated") == frames - 2  # min_hits = 2: started on the 2nd frame
         assert tracks[-1]["reason"] == "end_of_stream"
+        offline = [e for e in sender.events if e["stream"] == stream and e["kind"] == "status"][-1]
+        assert offline["state"] == "offline" and offline["reason"] == "end_of_file" and offline["frames"] == frames
         assert detections[-1]["detections"][0]["track_id"] == tracks[0]["track_id"]
         assert stats.get(stream, "worker_finished") == 1 and stats.get(stream, "frames_processed") == frames
 
@@ -361,7 +363,8 @@ def test_decoder_reads_a_file_frame_by_frame(tmp_path, mailbox_factory, stats_fa
     thread.join()
     assert result["code"] == EXIT_DONE
     assert got == [(i, i / 10, (48, 64, 3)) for i in range(7)]
-    assert [e["state"] for e in sender.events if e["kind"] == "status"] == ["online", "offline"]
+    assert [e["state"] for e in sender.events if e["kind"] == "status"] == ["online"]
+    assert mailbox.finished and mailbox.end_reason == "end_of_file"  # the worker announces the end
 
 
 def test_decoder_fps_cap_on_files_uses_media_time(tmp_path, mailbox_factory, stats_factory):
@@ -477,12 +480,16 @@ def test_hub_stuck_subscriber(tmp_path):
     hub.close()
 
 
-def test_internal_events_are_msgpack_never_pickle():
-    from streamer.events import pack_internal
+def test_internal_events_are_json_never_pickle():
+    from streamer.events import pack_internal, splice_header
 
     frames = pack_internal({"stream": "s", "kind": "error", "ts": 1.0, "message": "x"})
-    assert frames[0] == b"s/error" and b"\x80" != frames[1][:1]  # pickle protocol marker
+    assert frames[0] == b"s/error" and frames[1][:1] == b"{"  # pickle would start with 0x80
     assert unpack_internal(frames)["message"] == "x"
+    assert decode_payload(splice_header(frames[1], 7)) == {"v": 1, "seq": 7, "stream": "s", "kind": "error",
+                                                           "ts": 1.0, "message": "x"}
+    with pytest.raises(ValueError):
+        splice_header(b"[]", 1)
 
 
 def test_subscription_prefix_filters():

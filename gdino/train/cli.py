@@ -164,37 +164,20 @@ def train_main(argv: list[str] | None = None) -> int:
 
 
 def load_for_eval(weights: str, device: str = "cpu"):
-    """``default``, a safetensors file, or a training checkpoint directory."""
-    path = Path(weights)
-    if path.is_dir() and (path / "model.safetensors").exists():
-        path = path / "model.safetensors"
-    if weights == "default" or not path.exists():
-        import gdino
+    """``default``, a checkpoint folder (``gdino.load`` layouts) or a training step directory."""
+    import gdino
+    from gdino.train.loop import load_model
 
-        return gdino.load(weights, device=device)
+    path = gdino.DEFAULT_WEIGHTS if weights == "default" else Path(weights)
+    if (path / "weights").is_dir():
+        path = path / "weights"
     try:
-        import gdino
-
         return gdino.load(str(path), device=device)
-    except Exception:  # noqa: BLE001 - fall back to our own layout (config in the safetensors metadata)
-        return load_training_weights(path, device)
-
-
-def load_training_weights(path: str | Path, device: str = "cpu"):
-    from safetensors import safe_open
-
-    from gdino.config import GroundingDinoConfig
-    from gdino.model import GroundingDino
-    from gdino.train.loop import load_weights
-
-    with safe_open(str(path), "pt") as f:
-        metadata = f.metadata() or {}
-    config = GroundingDinoConfig.from_dict(json.loads(metadata["config"]))
-    config = type(config)(**{**config.__dict__, "text": type(config.text)(**{**config.text.__dict__,
-                                                                           "pretrained": None})})
-    model = GroundingDino(config)
-    load_weights(model, path)
-    return model.to(device).eval()
+    except Exception as exc:  # noqa: BLE001 - a folder without the (frozen, packaged) text encoder's weights
+        try:
+            return load_model(path, device)
+        except Exception:
+            raise exc from None
 
 
 def eval_main(argv: list[str] | None = None) -> int:

@@ -129,6 +129,20 @@ def load_weights(model: torch.nn.Module, directory: str | Path) -> None:
         raise RuntimeError(f"{directory}: missing keys {missing[:10]}, unexpected {unexpected[:10]}")
 
 
+def load_model(directory: str | Path, device: str = "cpu"):
+    """A model from a folder written by ``save_weights``: built from the folder's config (the text encoder
+    from its package when the folder leaves it out), then every saved key loaded. Eval mode."""
+    from gdino import checkpoint
+    from gdino.model import GroundingDino
+
+    _, config, _ = checkpoint.read_checkpoint(directory)
+    if config is None:
+        raise ValueError(f"{directory}: no model config")
+    model = GroundingDino(config)
+    load_weights(model, directory)
+    return model.to(device).eval()
+
+
 class Trainer:
     """Runs ``optim.steps`` steps over ``dataset`` (indexable; sample ``i`` of step s is ``dataset[s * B + i]``,
     so a resumed run sees exactly the data it would have seen)."""

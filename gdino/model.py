@@ -735,6 +735,22 @@ class GroundingDino(nn.Module):
             results = found if results is None else [processing.merge(a, b) for a, b in zip(results, found)]
         return results[0] if single else results
 
+    @torch.no_grad()
+    def refer(self, images, expression: str, min_score: float = 0.0):
+        """Referring-expression mode: per image the single box that best matches the whole expression
+        ("the large green triangle"), as a ``Detections`` with at most one entry."""
+        from . import processing
+
+        single = not isinstance(images, (list, tuple))
+        image_list = [images] if single else list(images)
+        batch, pixel_mask, sizes = processing.preprocess(image_list)
+        batch = batch.to(device=self.feat_map.weight.device, dtype=self.feat_map.weight.dtype)
+        text = self.encode_text(expression)
+        out = self(batch, text, pixel_mask=pixel_mask.to(batch.device))
+        found = processing.referring_box(out.logits.float(), out.boxes.float(), text, sizes, self.tokenizer,
+                                         min_score=min_score)
+        return found[0] if single else found
+
     def prompt_passes(self, prompt) -> list:
         """The captions (or a ready TextEncoding) that together cover ``prompt``."""
         if isinstance(prompt, TextEncoding):

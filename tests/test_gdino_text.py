@@ -107,3 +107,16 @@ def test_detect_runs_long_prompts_in_passes(tiny_model):
     found = tiny_model.detect(image, prompt, box_threshold=0.0, text_threshold=0.0)
     per_pass = [tiny_model.detect(image, p, box_threshold=0.0, text_threshold=0.0) for p in passes]
     assert len(found.scores) == sum(len(d.scores) for d in per_pass)
+
+
+def test_refer_returns_one_box_per_image(tiny_model):
+    images = [(torch.rand(120, 160, 3) * 255).to(torch.uint8).numpy() for _ in range(2)]
+    found = tiny_model.refer(images, "the large green triangle")
+    assert len(found) == 2
+    for detections, image in zip(found, images):
+        assert len(detections.scores) == 1
+        x0, y0, x1, y1 = detections.boxes_xyxy[0]
+        # cxcywh in [0, 1] may reach past the border by half a side, as in the reference post-processing.
+        assert x0 <= x1 and y0 <= y1
+        assert -0.5 * image.shape[1] <= x0 and x1 <= 1.5 * image.shape[1]
+        assert detections.phrases == ["the large green triangle"]

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +25,12 @@ import zmq
 sys.path.insert(0, str(Path(__file__).parent))
 from rtsp_server import RtspServer, free_port, gstreamer_available  # noqa: E402
 
+from streamer import cli  # noqa: E402
 from streamer.client import set_prompt, status, wait_ready  # noqa: E402
 from streamer.events import decode_payload  # noqa: E402
 from streamer.media import write_video  # noqa: E402
 from streamer.recording import read_events  # noqa: E402
+from streamer.replay import replay  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 FILE_FRAMES = 8
@@ -209,6 +212,26 @@ def test_file_processed_frame_by_frame(daemon):
     assert np.allclose([e["ts"] for e in detections], np.arange(FILE_FRAMES) / 10, atol=1e-3)
     # The subscriber that was connected before start saw the same detections.
     assert [e["frame"] for e in collector.select("file", "detections")] == list(range(FILE_FRAMES))
+    # And the recording replays over the file, every frame matched to its event.
+    log = next((daemon["root"] / "recordings" / "file").glob("events-*.jsonl"))
+    summary = replay(daemon["root"] / "good.mp4", log, daemon["root"] / "replay.mp4", progress=False)
+    assert summary.frames == FILE_FRAMES and summary.frames_with_events == FILE_FRAMES
+
+
+def test_status_metrics_and_subscribe_commands(daemon, capsys):
+    """The operator's views: `groundwatch status`, the Prometheus endpoint and `groundwatch subscribe`."""
+    assert cli.main(["status", "--control", daemon["control"]]) == 0
+    table = capsys.readouterr().out
+    assert "file" in table and "cam" in table and "frames_dropped" in table
+    reply = status(daemon["control"])
+    metrics = urllib.request.urlopen(reply["metrics"], timeout=10).read().decode()
+    assert f'groundwatch_frames_processed_total{{stream="file"}} {float(FILE_FRAMES)}' in metrics
+    assert 'groundwatch_stream_state{state="online",stream="cam"} 1.0' in metrics
+    result = subprocess.run([sys.executable, "-m", "streamer.cli", "subscribe", daemon["publish"], "--stream", "cam",
+                             "--kind", "heartbeat", "--count", "2", "--timeout", "20"], capture_output=True, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=60)
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert result.returncode == 0 and [(e["stream"], e["kind"]) for e in lines] == [("cam", "heartbeat")] * 2
 
 
 def test_corrupt_files_report_an_error_and_others_continue(daemon):
@@ -307,6 +330,20 @@ def test_subscriber_that_never_reads(daemon):
         stuck.recv_multipart(flags=zmq.NOBLOCK)
         received += 1
     assert received > 0
+
+
+def test_crashed_decoder_is_restarted(daemon):
+    """A decoder that dies (here: SIGKILL) must be restarted by the supervisor with backoff, with an error
+    event saying so, and the stream's events must resume."""
+    collector = daemon["collector"]
+    pid = status(daemon["control"])["processes"]["decoder-cam"]["pid"]
+    since = collector.mark()
+    os.kill(pid, signal.SIGKILL)
+    [error] = collector.wait_for(20, "cam", "error", since=since, error_type="process_crashed")[:1]
+    assert "decoder-cam" in error["message"]
+    collector.wait_for(60, "cam", "detections", since=collector.mark(), count=2)
+    processes = status(daemon["control"])["processes"]
+    assert processes["decoder-cam"]["restarts"] == 1 and processes["decoder-cam"]["pid"] != pid
 
 
 def test_sigterm_during_work(daemon):

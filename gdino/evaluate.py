@@ -299,7 +299,8 @@ def evaluate_tracking(model, num_videos: int = 2, num_frames: int = 40, seed: in
         predictions = predict(model, list(frames), [prompt] * len(frames), top_k=100)
         for frame_index, (truth, (boxes, scores, phrase)) in enumerate(zip(truths, predictions)):
             keep = _nms_per_label(boxes, scores, phrase, score_threshold)
-            update = tracker.update(boxes[keep], scores[keep], phrase[keep].astype(np.int64), frame_index)
+            update = tracker.update(boxes[keep], scores[keep], [prompt.phrases[j] for j in phrase[keep]],
+                                    frame_index)
             tb, ti = _track_output(update)
             truth_boxes.append(truth.boxes_xyxy)
             truth_ids.append(truth.track_ids + v * 100_000)
@@ -318,6 +319,10 @@ def _new_tracker(make_tracker, package):
 
 def _track_output(update) -> tuple[np.ndarray, np.ndarray]:
     """Boxes and ids of the confirmed tracks of a tracker update (field names as the tracker package has them)."""
+    if hasattr(update, "detection_indices") and hasattr(update, "ids"):
+        matched = np.asarray(update.detection_indices) >= 0  # tracks seen on this frame, not coasting
+        return (np.asarray(update.boxes_xyxy, np.float32).reshape(-1, 4)[matched],
+                np.asarray(update.ids, np.int64).reshape(-1)[matched])
     for boxes_name, ids_name in (("boxes_xyxy", "track_ids"), ("boxes", "ids"), ("boxes_xyxy", "ids")):
         if hasattr(update, boxes_name) and hasattr(update, ids_name):
             return (np.asarray(getattr(update, boxes_name), np.float32).reshape(-1, 4),

@@ -70,10 +70,7 @@ def build_model(model_cfg: dict):
 
     weights = model_cfg.get("weights")
     if weights:
-        import gdino
-
-        model = gdino.load(weights)
-        return model
+        return load_for_eval(weights)  # fine-tuning: the loop puts it back in training mode
     preset = model_cfg.get("preset", "tiny")
     if preset not in configs.PRESETS:
         raise ValueError(f"unknown preset {preset!r}; known: {sorted(configs.PRESETS)}")

@@ -1,0 +1,55 @@
+"""gdino.load: bad requests get one clear error, never a traceback from deep inside torch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gdino
+from gdino import config as configs
+from gdino.checkpoint import CheckpointError, save
+
+
+@pytest.fixture(scope="module")
+def saved_tiny(tmp_path_factory):
+    torch.manual_seed(0)
+    model = gdino.build(configs.tiny(pretrained_text=None))
+    return save(model.state_dict(), model.config, tmp_path_factory.mktemp("tiny") / "weights"), model
+
+
+def test_round_trip_through_our_layout(saved_tiny):
+    path, model = saved_tiny
+    loaded = gdino.load(path)
+    assert not loaded.training
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("dtype, message", [("float8", "unknown dtype"), (torch.int64, "unsupported dtype"),
+                                            ("float16", "not supported on the CPU")])
+def test_bad_dtype_is_refused(saved_tiny, dtype, message):
+    with pytest.raises(ValueError, match=message):
+        gdino.load(saved_tiny[0], dtype=dtype)
+
+
+@pytest.mark.parametrize("device, message", [("tpu", "bad device|unsupported device"),
+                                             ("cuda", "CUDA is not available")])
+def test_bad_device_is_refused(saved_tiny, device, message):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ValueError, match=message):
+        gdino.load(saved_tiny[0], device=device)
+
+
+def test_missing_weights_name_the_path(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        gdino.load(tmp_path / "nope.pth")
+
+
+def test_bfloat16_load_runs(saved_tiny):
+    model = gdino.load(saved_tiny[0], dtype="bfloat16")
+    assert model.feat_map.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 128, 160, dtype=torch.bfloat16), "red circle .")
+    assert out.boxes.shape == (1, model.config.num_queries, 4)
+    assert torch.isfinite(out.boxes).all()

@@ -502,10 +502,12 @@ class Transformer(nn.Module):
         anchors, usable = self.proposals(flat_valid, spatial_shapes_list, memory.dtype)
         selected_memory = self.enc_output_norm(self.enc_output(memory.masked_fill(~usable, 0.0)))
         encoder_logits = contrastive_logits(selected_memory, memory_text, text.token_mask)  # (B, S, T)
-        encoder_boxes_unsig = self.enc_out_bbox_embed(selected_memory) + anchors  # (B, S, 4)
         num_queries = min(self.config.num_queries, encoder_logits.shape[1])
         top = torch.topk(encoder_logits.max(-1)[0], num_queries, dim=1)[1]  # (B, Q)
-        top_boxes_unsig = torch.gather(encoder_boxes_unsig, 1, top[..., None].expand(-1, -1, 4))
+        # The box head is per token: run it on the Q selected tokens only, not on all S.
+        top_memory = torch.gather(selected_memory, 1, top[..., None].expand(-1, -1, selected_memory.shape[-1]))
+        top_anchors = torch.gather(anchors, 1, top[..., None].expand(-1, -1, 4))
+        top_boxes_unsig = self.enc_out_bbox_embed(top_memory) + top_anchors  # (B, Q, 4)
         reference_points = top_boxes_unsig.detach().sigmoid()
         encoder_output = {
             "logits": torch.gather(encoder_logits, 1, top[..., None].expand(-1, -1, encoder_logits.shape[-1])),
@@ -574,6 +576,7 @@ class GroundingDino(nn.Module):
             self.bbox_embed = nn.ModuleList(
                 [box_head] + [MLP(dim, dim, 4, 3) for _ in range(config.decoder_layers - 1)])
         self.transformer.decoder.bbox_embed = self.bbox_embed
+        self._position_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._text_cache: OrderedDict[str | tuple, TextEncoding] = OrderedDict()  # caption or token ids
         self.vocab_path: str | None = None
 
@@ -642,6 +645,7 @@ class GroundingDino(nn.Module):
 
     def _apply(self, fn, recurse=True):
         self._text_cache = OrderedDict()
+        self._position_cache = {}
         return super()._apply(fn, recurse)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
@@ -661,7 +665,20 @@ class GroundingDino(nn.Module):
         for level in range(len(features), self.config.num_feature_levels):
             source = self.input_proj[level](last if level == len(features) else sources[-1])
             sources.append(source)
+        all_valid = not self.training and bool(pixel_mask.all())
         for source in sources:
+            if all_valid:  # unpadded frames: the masks and sine maps depend on the size only
+                key = (tuple(source.shape), source.device, source.dtype)
+                cached = self._position_cache.get(key)
+                if cached is None:
+                    mask = torch.ones((source.shape[0], *source.shape[-2:]), dtype=torch.bool, device=source.device)
+                    cached = (mask, sine_position_map(mask, num_feats, temperature).to(source.dtype))
+                    if len(self._position_cache) > 32:
+                        self._position_cache.clear()
+                    self._position_cache[key] = cached
+                masks.append(cached[0])
+                positions.append(cached[1])
+                continue
             mask = F.interpolate(pixel_mask[None].float(), size=source.shape[-2:])[0].bool()
             masks.append(mask)
             positions.append(sine_position_map(mask, num_feats, temperature).to(source.dtype))

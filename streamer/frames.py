@@ -128,10 +128,20 @@ class FrameMailbox:
 
         Returns False only when a file frame could not be written because `stop` was set.
         """
-        height, width = pixels.shape[:2]
+        def copy(destination: np.ndarray) -> None:
+            destination[...] = pixels
+
+        return self.put_with(copy, pixels.shape[0], pixels.shape[1], frame_index=frame_index, pts=pts, ts=ts,
+                             live=live, stop=stop, poll_seconds=poll_seconds)
+
+    def put_with(self, fill, height: int, width: int, *, frame_index: int, pts: float, ts: float, live: bool,
+                 stop=None, poll_seconds: float = 0.005) -> bool:
+        """Like `put`, but `fill(destination)` writes the (height, width, 3) RGB pixels straight into the slot
+        (the decoder converts YUV to RGB there: no intermediate array)."""
         nbytes = height * width * 3
         if nbytes > self.capacity:
             raise ValueError(f"frame {width}x{height} does not fit a {self.capacity}-byte slot")
+        wait = min(0.0002, poll_seconds)
         while True:
             with self.lock:
                 states = self.header["state"]
@@ -152,8 +162,11 @@ class FrameMailbox:
                     break
             if stop is not None and stop.is_set():
                 return False
-            time.sleep(poll_seconds)
-        self._data[slot, :nbytes] = pixels.reshape(-1)
+            # Short waits while the consumer keeps up (a fast reader must not be held back by our sleep),
+            # growing to `poll_seconds` when it is slow (a detector at a few frames/s).
+            time.sleep(wait)
+            wait = min(wait * 2, poll_seconds)
+        fill(self._data[slot, :nbytes].reshape(height, width, 3))
         with self.lock:
             record = self.header[slot]
             seq = int(self.control["next_seq"])

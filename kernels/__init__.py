@@ -18,16 +18,36 @@ dtypes.
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import torch
 
 from kernels.reference import ms_deform_attn_reference
 
-__all__ = ["ms_deform_attn", "ms_deform_attn_reference", "BACKENDS"]
+__all__ = ["ms_deform_attn", "ms_deform_attn_reference", "BACKENDS", "in_forked_child"]
 
 BACKENDS = ("auto", "reference", "cpu", "triton")
 _FLOATING = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+_process = {"forked": False}
+
+
+def _note_fork_in_child() -> None:
+    _process["forked"] = True
+
+
+# Registered here, not in kernels.cpu, because the parent imports this package (gdino does at import time) before
+# it forks, while kernels.cpu is often first imported in the child.
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_note_fork_in_child)
+
+
+def in_forked_child() -> bool:
+    """True in a process forked (not spawned) after this package was imported. OpenMP thread pools do not survive
+    fork, so the CPU path then runs single-threaded instead of hanging."""
+    return _process["forked"]
 
 
 class _MSDeformAttnFunction(torch.autograd.Function):

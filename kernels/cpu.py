@@ -13,6 +13,9 @@ Layout and threading:
   scatter-add needs no atomics and no per-thread copies; gradients for locations and weights are per sample and
   written once. With N*M below the thread count (one image, one head) the backward runs on one thread.
 
+Processes: in a forked child the kernels run single-threaded (GNU OpenMP does not survive fork); use the "spawn"
+start method to keep both cores.
+
 Arithmetic is in the value's dtype (float32 or float64); sample coordinates are computed in float64. Inputs must
 already be contiguous, on the CPU and of one dtype: ``kernels.ms_deform_attn`` prepares them.
 """
@@ -25,6 +28,8 @@ import numba
 import numpy as np
 import torch
 
+import kernels
+
 __all__ = ["ms_deform_attn_forward_cpu", "ms_deform_attn_backward_cpu", "SUPPORTED_DTYPES"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
@@ -34,7 +39,6 @@ SUPPORTED_DTYPES = (torch.float32, torch.float64)
 _REDUCTION_FASTMATH = {"reassoc", "contract"}
 
 
-@numba.njit(parallel=True, cache=True, fastmath=False)
 def _forward_kernel(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, output):
     # value (N, S, M, D); sampling_locations (N, Lq, M, L, P, 2); attention_weights (N, Lq, M, L, P);
     # output (N, Lq, M, D), fully written here.
@@ -109,7 +113,6 @@ def _axpy(alpha, x, y):
         y[d] += alpha * x[d]
 
 
-@numba.njit(parallel=True, cache=True, fastmath=_REDUCTION_FASTMATH)
 def _backward_kernel(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
                      grad_value, grad_locations, grad_weights):
     # grad_output (N, Lq, M, D); grad_value (N, S, M, D) zero on entry; grad_locations (N, Lq, M, L, P, 2) and
@@ -183,6 +186,23 @@ def _backward_kernel(grad_output, value, spatial_shapes, level_start_index, samp
                     grad_locations[n, q, m, level, p, 1] = attention * grad_h * height
 
 
+# Numba's parallel kernels run on GNU OpenMP, which does not survive fork(): in a forked child a parallel region
+# hangs (parent used torch's OpenMP, measured) or the child is killed ("Terminating: fork() called from a process
+# already using GNU OpenMP"). Torch drops to one thread in forked children for the same reason; so do these
+# kernels: a forked child (``kernels.in_forked_child``) gets single-threaded builds (compiled on first use and not cached, because Numba's cache
+# key would not tell the two builds apart). Start processes with "spawn" to keep both cores.
+_PARALLEL = {
+    "forward": numba.njit(parallel=True, cache=True, fastmath=False)(_forward_kernel),
+    "backward": numba.njit(parallel=True, cache=True, fastmath=_REDUCTION_FASTMATH)(_backward_kernel),
+}
+_SERIAL = {
+    "forward": numba.njit(parallel=False, cache=False, fastmath=False)(_forward_kernel),
+    "backward": numba.njit(parallel=False, cache=False, fastmath=_REDUCTION_FASTMATH)(_backward_kernel),
+}
+def _kernel(name: str):
+    return _SERIAL[name] if kernels.in_forked_child() else _PARALLEL[name]
+
+
 def _check(*tensors: torch.Tensor) -> None:
     dtype = tensors[0].dtype
     if dtype not in SUPPORTED_DTYPES:
@@ -205,7 +225,7 @@ def ms_deform_attn_forward_cpu(value: torch.Tensor, spatial_shapes: torch.Tensor
     queries = sampling_locations.shape[1]
     output = torch.empty((batch, queries, heads, channels), dtype=value.dtype)  # (N, Lq, M, D)
     if output.numel():
-        _forward_kernel(_numpy(value), _numpy(spatial_shapes), _numpy(level_start_index),
+        _kernel("forward")(_numpy(value), _numpy(spatial_shapes), _numpy(level_start_index),
                         _numpy(sampling_locations), _numpy(attention_weights), output.numpy())
     return output.view(batch, queries, heads * channels)  # (N, Lq, M*D)
 
@@ -222,7 +242,7 @@ def ms_deform_attn_backward_cpu(grad_output: torch.Tensor, value: torch.Tensor, 
     if grad_output.numel():
         batch, queries = grad_output.shape[:2]
         heads, channels = value.shape[2:]
-        _backward_kernel(_numpy(grad_output.view(batch, queries, heads, channels)), _numpy(value),
+        _kernel("backward")(_numpy(grad_output.view(batch, queries, heads, channels)), _numpy(value),
                          _numpy(spatial_shapes), _numpy(level_start_index), _numpy(sampling_locations),
                          _numpy(attention_weights), grad_value.numpy(), grad_locations.numpy(), grad_weights.numpy())
     return grad_value, grad_locations, grad_weights

@@ -259,6 +259,32 @@ def test_cpu_half_precision_values_are_computed_in_float32(dtype, tolerance):
     assert_close_by_index(output, reference_float64(*inputs), **tolerance, what="output")
 
 
+def _forked_child_runs_the_cpu_path(inputs, expected, results):
+    leaves = [t.clone().requires_grad_() for t in (inputs[0], inputs[3], inputs[4])]
+    output = ms_deform_attn(leaves[0], inputs[1], inputs[2], leaves[1], leaves[2], backend="cpu")
+    output.sum().backward()
+    results.put((kernels.in_forked_child(), (output.detach() - expected).abs().max().item()))
+
+
+def test_cpu_path_works_in_a_forked_child():
+    """A forked child used to hang in the first parallel region: GNU OpenMP's thread pool (torch's and Numba's)
+    does not survive fork. Forked children now get single-threaded kernels."""
+    import multiprocessing
+
+    inputs = make_inputs(FIVE_LEVELS, queries=30, heads=2, channels=8, points=2)
+    expected = ms_deform_attn(*inputs, backend="cpu")  # the parent has run the parallel kernels
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    child = context.Process(target=_forked_child_runs_the_cpu_path, args=(inputs, expected, results))
+    child.start()
+    child.join(120)
+    if child.exitcode is None:
+        child.kill()
+    assert child.exitcode == 0, f"forked child exit code {child.exitcode} (None: hung)"
+    forked, error = results.get(timeout=5)
+    assert forked and error <= 1e-6
+
+
 # --------------------------------------------------------------------------------------------------------------
 # dispatch and errors
 

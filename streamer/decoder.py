@@ -255,7 +255,6 @@ class Decoder:
                 reason = f"cannot connect: {exc}"
                 container = None
             if container is not None:
-                self.mailbox.new_generation()
                 last_sent = 0.0
                 on_packet = segments.write if segments is not None else None
                 try:

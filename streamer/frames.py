@@ -43,7 +43,6 @@ CONTROL_DTYPE = np.dtype(
         ("next_seq", np.int64),
         ("finished", np.int64),  # 1: the decoder will write no more frames (end of file or fatal error)
         ("dropped", np.int64),  # stale live frames dropped, by either side
-        ("generation", np.int64),  # bumped when a live source (re)connects
         ("end_reason", np.int64),  # why the decoder finished: END_REASONS
     ]
 )
@@ -188,10 +187,6 @@ class FrameMailbox:
         with self.lock:
             self.control["finished"] = 1
             self.control["end_reason"] = reason
-
-    def new_generation(self) -> None:
-        with self.lock:
-            self.control["generation"] += 1
 
     # -- worker side -------------------------------------------------------------------------------------
 

@@ -29,7 +29,7 @@ def _configure_logging() -> None:
 
 def _run(args) -> int:
     from streamer.config import ConfigError, load_config
-    from streamer.daemon import Supervisor
+    from streamer.daemon import EndpointError, Supervisor
 
     try:
         config = load_config(args.config)
@@ -48,7 +48,11 @@ def _run(args) -> int:
         for stream, path in s.record_paths.items():
             print(f"groundwatch: recording {stream} to {path}", flush=True)
 
-    code = supervisor.run(on_ready=announce)
+    try:
+        code = supervisor.run(on_ready=announce)
+    except EndpointError as exc:
+        print(f"groundwatch: {exc}", file=sys.stderr)
+        return 2
     print(f"groundwatch: stopped ({supervisor.stop_reason})", flush=True)
     return code
 

@@ -42,6 +42,10 @@ from streamer.stats import RateMeter, StreamStats, snapshot
 log = logging.getLogger("groundwatch")
 
 
+class EndpointError(RuntimeError):
+    """A ZeroMQ endpoint of the config cannot be bound."""
+
+
 @dataclass
 class Child:
     name: str
@@ -96,8 +100,24 @@ class Supervisor:
         return str(Path(self.config.record.directory) / stream.id / "video")
 
     def start(self) -> None:
-        remove_stale_mailboxes()
+        """Bind the sockets, create the shared memory, spawn the processes (hub first). Raises
+        `EndpointError` when an endpoint is taken, before anything is started."""
         config = self.config
+        self.control = zmq.Context.instance().socket(zmq.REP)
+        self.control.setsockopt(zmq.LINGER, 0)
+        try:
+            self.control.bind(config.publish.control_endpoint)
+            probe = zmq.Context.instance().socket(zmq.PUB)  # the hub binds it; fail here, not in a restart loop
+            probe.setsockopt(zmq.LINGER, 0)
+            try:
+                probe.bind(config.publish.endpoint)
+            finally:
+                probe.close()
+        except zmq.ZMQError as exc:
+            self.control.close()
+            raise EndpointError(f"cannot bind {config.publish.control_endpoint} / {config.publish.endpoint}: {exc} "
+                                "(is another groundwatch running? change [publish] endpoints)") from None
+        remove_stale_mailboxes()
         self.runtime_dir = tempfile.mkdtemp(prefix="groundwatch-")
         self.events_endpoint = f"ipc://{self.runtime_dir}/events"
         self.stats = StreamStats.create(self.stream_ids)
@@ -109,9 +129,6 @@ class Supervisor:
             self.mailboxes[stream.id] = FrameMailbox.create(
                 stream.id, slots, stream.max_width, stream.max_height, self.context.Lock()
             )
-        self.control = zmq.Context.instance().socket(zmq.REP)
-        self.control.setsockopt(zmq.LINGER, 0)
-        self.control.bind(config.publish.control_endpoint)
         self.sender = EventSender(self.events_endpoint)
         self._start_metrics()
 
@@ -218,7 +235,7 @@ class Supervisor:
 
     def run(self, on_ready: Callable[["Supervisor"], None] | None = None) -> int:
         """Start, supervise until asked to stop (or every file is done), shut down. Returns the exit code."""
-        self.start()
+        self.start()  # raises before starting anything when an endpoint is taken
         if on_ready is not None:
             on_ready(self)
         poller = zmq.Poller()

@@ -127,6 +127,8 @@ class InferenceWorker:
         }
         self.encodings: dict[str, Any] = {}
         self.encode_calls = 0
+        self.consecutive_failures = 0
+        self.max_consecutive_failures = 10
         self._rotation = 0
 
     # -- prompts -----------------------------------------------------------------------------------------
@@ -191,10 +193,22 @@ class InferenceWorker:
         for state, frame in batch:
             groups.setdefault(state.prompt, []).append((state, frame))
         for prompt, items in groups.items():
-            encoding = self.encoding_for(prompt)
             started = time.perf_counter()
             try:
+                encoding = self.encoding_for(prompt)
                 results = self.detector.detect([frame.pixels for _, frame in items], encoding)
+                self.consecutive_failures = 0
+            except Exception as exc:
+                # One bad batch costs its frames, not the worker; a detector that keeps failing (out of
+                # memory on every call) is restarted by the supervisor instead of spinning here.
+                self.consecutive_failures += 1
+                log.exception("detector failed on a batch of %d frames", len(items))
+                for stream_id in {state.stream_id for state, _ in items}:
+                    self._send(make_event(stream_id, "error", message=f"detector failed: {type(exc).__name__}: "
+                                          f"{exc}", error_type="inference_failed", fatal=False))
+                if self.consecutive_failures >= self.max_consecutive_failures:
+                    raise
+                continue
             finally:
                 for state, frame in items:
                     state.mailbox.release(frame)

@@ -558,3 +558,37 @@ def test_console_entry_point_runs():
     result = subprocess.run([sys.executable, "-m", "streamer.cli", "--help"], capture_output=True, text=True,
                             env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert result.returncode == 0 and "replay" in result.stdout and "subscribe" in result.stdout
+
+
+def test_failing_batch_costs_its_frames_not_the_worker(mailbox_factory, stats_factory):
+    """A detector exception used to kill the inference worker (every stream stalls until the restart); one bad
+    batch must give an error event and the next frames must be processed."""
+    streams = [{"id": "a", "live": False, "prompt": "thing ."}]
+    worker, mailboxes, detector, sender, _ = make_worker(mailbox_factory, stats_factory, streams)
+    working = detector.detect
+    detector.detect = lambda frames, encoding: (_ for _ in ()).throw(RuntimeError("out of memory"))
+    mailboxes["a"].put(frame_with_value(0), frame_index=0, pts=0, ts=0, live=False)
+    worker.step()
+    detector.detect = working
+    mailboxes["a"].put(frame_with_value(1), frame_index=1, pts=0.1, ts=0.1, live=False)
+    worker.step()
+    [error] = [e for e in sender.events if e["kind"] == "error"]
+    assert error["error_type"] == "inference_failed" and "out of memory" in error["message"]
+    assert [e["frame"] for e in sender.events if e["kind"] == "detections"] == [1]
+    assert mailboxes["a"].pending() == 0
+
+
+def test_endpoint_in_use_is_a_clear_error(tmp_path, capsys):
+    """A second daemon on the same ports used to crash its hub in a restart loop; it must refuse to start."""
+    taken = zmq.Context.instance().socket(zmq.REP)
+    port = taken.bind_to_random_port("tcp://127.0.0.1")
+    video = write_video(tmp_path / "v.mp4", np.zeros((2, 24, 32, 3), np.uint8))
+    config = tmp_path / "c.toml"
+    config.write_text(f'[[streams]]\nid = "a"\nurl = "{video}"\nprompt = "p"\n[publish]\n'
+                      f'control_endpoint = "tcp://127.0.0.1:{port}"\nendpoint = "tcp://127.0.0.1:1"\n'
+                      f'[metrics]\nenabled = false\n')
+    try:
+        assert cli.main(["run", str(config)]) == 2
+    finally:
+        taken.close(linger=0)
+    assert "cannot bind" in capsys.readouterr().err

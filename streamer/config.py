@@ -7,7 +7,6 @@ an operator fixes the whole file in one pass instead of one error per restart.
 
 from __future__ import annotations
 
-import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
@@ -218,7 +217,3 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     return parse_config(data, source=str(path), base_dir=path.resolve().parent)
 
-
-def endpoint_port(endpoint: str) -> int | None:
-    match = re.match(r"^tcp://[^:]+:(\d+)$", endpoint)
-    return int(match.group(1)) if match else None

@@ -126,7 +126,6 @@ class InferenceWorker:
             for s in streams
         }
         self.encodings: dict[str, Any] = {}
-        self.encode_calls = 0
         self.consecutive_failures = 0
         self.max_consecutive_failures = 10
         self._rotation = 0
@@ -135,7 +134,6 @@ class InferenceWorker:
 
     def encoding_for(self, prompt: str) -> Any:
         if prompt not in self.encodings:
-            self.encode_calls += 1
             self.encodings[prompt] = self.detector.encode(prompt)
         return self.encodings[prompt]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import re
+import zlib
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,8 @@ class ReplaySummary:
 
 def color_for(key) -> tuple[int, int, int]:
     """A stable, saturated RGB colour per track id (or phrase)."""
-    hue = (hash(str(key)) * 0.618033988749895) % 1.0 if not isinstance(key, int) else (key * 0.618033988749895) % 1
+    number = key if isinstance(key, int) else zlib.crc32(str(key).encode())  # stable across runs, unlike hash()
+    hue = (number * 0.618033988749895) % 1.0
     hsv = np.uint8([[[int(hue * 179), 220, 255]]])
     r, g, b = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0, 0].tolist()
     return int(r), int(g), int(b)

@@ -70,6 +70,9 @@ class GroundingDinoConfig:
     fusion_droppath: float = 0.1
     two_stage_bbox_embed_share: bool = False
     decoder_bbox_embed_share: bool = True
+    # The resize that ``detect`` applies: the official 800/1333, or the scale a small model was trained at.
+    input_short_side: int = 800
+    input_max_side: int = 1333
 
     # Derived widths, as the official code derives them.
     @property
@@ -133,6 +136,8 @@ def tiny(pretrained_text: str | None = "minilm") -> GroundingDinoConfig:
         encoder_layers=3,
         decoder_layers=3,
         num_queries=100,
+        input_short_side=192,  # the shapes-world training scale of the default model
+        input_max_side=320,
     )
 
 

@@ -729,8 +729,11 @@ class GroundingDino(nn.Module):
 
     @torch.no_grad()
     def detect(self, images, prompt, box_threshold: float = 0.35, text_threshold: float = 0.25,
-               remove_combined: bool = False):
+               remove_combined: bool = False, short_side: int | None = None, max_side: int | None = None):
         """uint8 RGB (H, W, 3) array(s) -> per image ``Detections`` (pixel xyxy boxes, scores, phrases).
+
+        Images are resized as the official predict does: short side ``config.input_short_side`` (800), long side
+        at most ``config.input_max_side`` (1333); the small default model uses the scale it was trained at.
 
         Prompts past ``max_text_len`` tokens run in several passes whose detections are merged.
         """
@@ -740,7 +743,9 @@ class GroundingDino(nn.Module):
         image_list = [images] if single else list(images)
         device = self.feat_map.weight.device
         dtype = self.feat_map.weight.dtype
-        batch, pixel_mask, sizes = processing.preprocess(image_list)
+        batch, pixel_mask, sizes = processing.preprocess(
+            image_list, short_side=short_side or self.config.input_short_side,
+            max_side=max_side or self.config.input_max_side)
         batch, pixel_mask = batch.to(device=device, dtype=dtype), pixel_mask.to(device)
         results = None
         for caption in self.prompt_passes(prompt):
@@ -760,7 +765,8 @@ class GroundingDino(nn.Module):
 
         single = not isinstance(images, (list, tuple))
         image_list = [images] if single else list(images)
-        batch, pixel_mask, sizes = processing.preprocess(image_list)
+        batch, pixel_mask, sizes = processing.preprocess(image_list, short_side=self.config.input_short_side,
+                                                         max_side=self.config.input_max_side)
         batch = batch.to(device=self.feat_map.weight.device, dtype=self.feat_map.weight.dtype)
         text = self.encode_text(expression)
         out = self(batch, text, pixel_mask=pixel_mask.to(batch.device))

@@ -67,11 +67,20 @@ def load(path: str | os.PathLike = "default", device: str | torch.device = "cpu"
     state, config, vocab = read_checkpoint(source)
     if config is None:
         config = infer_config(state)
-    # The checkpoint carries the text encoder's weights: do not initialise it from MiniLM first.
-    config = dataclasses.replace(config, text=dataclasses.replace(config.text, pretrained=None))
+    # A checkpoint normally carries the text encoder. One whose config names a packaged pretrained encoder
+    # ("minilm") may leave its frozen weights out (the default model does, to stay small): build them from the
+    # package instead. Otherwise do not initialise the text encoder before overwriting it.
+    text_from_package = config.text.pretrained is not None and not any(k.startswith("bert.") for k in state)
+    if not text_from_package:
+        config = dataclasses.replace(config, text=dataclasses.replace(config.text, pretrained=None))
     model = GroundingDino(config)
-    check_keys(model.state_dict(), state, what=str(source))
-    model.load_state_dict(state, strict=True)
+    expected = model.state_dict()
+    if text_from_package:
+        expected = {k: v for k, v in expected.items() if not k.startswith("bert.")}
+    check_keys(expected, state, what=str(source))
+    full = model.state_dict()
+    full.update(state)
+    model.load_state_dict(full, strict=True)
     if vocab is not None:
         model.vocab_path = str(vocab)
     return model.to(device=device, dtype=dtype).eval()

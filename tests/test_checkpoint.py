@@ -228,7 +228,7 @@ def test_read_official_pth_with_wrapper_and_module_prefix(tmp_path, official):
 def test_read_hf_folder(hf_folder, official, tiny_config, tmp_path):
     state, config, vocab = ck.read_checkpoint(hf_folder)
     _assert_same_state(state, official)
-    assert config == tiny_config and vocab is None
+    assert config == _official_input_size(tiny_config) and vocab is None
 
 
 def test_save_read_convert(tmp_path, hf_folder, official, tiny_config):
@@ -237,12 +237,12 @@ def test_save_read_convert(tmp_path, hf_folder, official, tiny_config):
         dst, cfg = ck.convert(hf_folder, tmp_path / "converted")
     finally:
         (hf_folder / "vocab.txt").unlink()
-    assert cfg == tiny_config
+    assert cfg == _official_input_size(tiny_config)
     meta = json.loads((dst / "groundwatch.json").read_text())
     assert meta["format"] == "groundwatch" and meta["format_version"] == 1
     state, config, vocab = ck.read_checkpoint(dst)
     _assert_same_state(state, official)
-    assert config == tiny_config and vocab == dst / "vocab.txt"
+    assert config == _official_input_size(tiny_config) and vocab == dst / "vocab.txt"
     # An official .pth converts too (its config inferred from the shapes); converting again overwrites in place.
     pth = tmp_path / "official.pth"
     torch.save({"model": official}, pth)

@@ -86,7 +86,10 @@ class GdinoDetector:
                 out = model(batch, text, pixel_mask=pixel_mask)
                 found = processing.postprocess(
                     out.logits.float(), out.boxes.float(), text, sizes, model.tokenizer,
-                    box_threshold=self.box_threshold, text_threshold=self.text_threshold)
+                    box_threshold=self.box_threshold, text_threshold=self.text_threshold,
+                    # One phrase per box, from its own sub-sentence: the tracker associates within a phrase,
+                    # and "red car" must not become "red car white van" when both are near the threshold.
+                    remove_combined=True)
                 results = found if results is None else [processing.merge(a, b) for a, b in zip(results, found)]
         return results
 

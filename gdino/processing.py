@@ -233,6 +233,19 @@ def _phrase_positions(probs_row: torch.Tensor, ids: list[int], special: set[int]
     return [i for i in posmap.nonzero().flatten().tolist() if ids[i] not in special]
 
 
+def _batched(logits: torch.Tensor, boxes_cxcywh: torch.Tensor, text, image_sizes: Sequence[tuple[int, int]]):
+    """One image's or a batch's outputs -> (logits (B, Q, T), boxes (B, Q, 4), input_ids (B, T), tokens to read)."""
+    if logits.ndim == 2:
+        logits, boxes_cxcywh = logits[None], boxes_cxcywh[None]
+    input_ids = _input_ids(text).cpu()
+    batch = logits.shape[0]
+    if input_ids.shape[0] == 1 and batch > 1:
+        input_ids = input_ids.expand(batch, -1)
+    if len(image_sizes) != batch or input_ids.shape[0] != batch:
+        raise ValueError(f"{batch} images of logits, {len(image_sizes)} sizes and {input_ids.shape[0]} prompts")
+    return logits, boxes_cxcywh, input_ids, min(input_ids.shape[1], logits.shape[2])
+
+
 def postprocess(logits: torch.Tensor, boxes_cxcywh: torch.Tensor, text, image_sizes: Sequence[tuple[int, int]],
                 tokenizer, box_threshold: float = 0.35, text_threshold: float = 0.25,
                 remove_combined: bool = False) -> list[Detections]:
@@ -242,15 +255,8 @@ def postprocess(logits: torch.Tensor, boxes_cxcywh: torch.Tensor, text, image_si
     used (or input ids (B, T)); image_sizes [(height, width)] of the original images. Detections keep the
     decoder's query order.
     """
-    if logits.ndim == 2:
-        logits, boxes_cxcywh = logits[None], boxes_cxcywh[None]
-    input_ids = _input_ids(text).cpu()
+    logits, boxes_cxcywh, input_ids, length = _batched(logits, boxes_cxcywh, text, image_sizes)
     batch = logits.shape[0]
-    if input_ids.shape[0] == 1 and batch > 1:
-        input_ids = input_ids.expand(batch, -1)
-    if len(image_sizes) != batch or input_ids.shape[0] != batch:
-        raise ValueError(f"{batch} images of logits, {len(image_sizes)} sizes and {input_ids.shape[0]} prompts")
-    length = min(input_ids.shape[1], logits.shape[2])
     probs = logits[..., :length].detach().float().sigmoid().cpu()  # (B, Q, T); -inf -> 0
     scores = probs.max(dim=-1).values  # (B, Q)
     special = _special_ids(tokenizer)
@@ -301,15 +307,8 @@ def referring_box(logits: torch.Tensor, boxes_cxcywh: torch.Tensor, text, image_
     so every word counts, not just the best one ("the red car on the left" is not "car"). Returns at most one
     detection per image (none when the best score is not above ``min_score``); its phrase is the expression.
     """
-    if logits.ndim == 2:
-        logits, boxes_cxcywh = logits[None], boxes_cxcywh[None]
-    input_ids = _input_ids(text).cpu()
+    logits, boxes_cxcywh, input_ids, length = _batched(logits, boxes_cxcywh, text, image_sizes)
     batch = logits.shape[0]
-    if input_ids.shape[0] == 1 and batch > 1:
-        input_ids = input_ids.expand(batch, -1)
-    if len(image_sizes) != batch or input_ids.shape[0] != batch:
-        raise ValueError(f"{batch} images of logits, {len(image_sizes)} sizes and {input_ids.shape[0]} prompts")
-    length = min(input_ids.shape[1], logits.shape[2])
     special = _special_ids(tokenizer) | {PERIOD_ID, QUESTION_ID}
     results = []
     for b in range(batch):

@@ -539,11 +539,15 @@ def category_prompt(
     num_negatives: int | tuple[int, int] = (1, 4),
     split: str = "train",
     shuffle: bool = True,
+    hard_negatives: float = 0.0,
 ) -> Prompt:
     """A category-list prompt: every category present plus absent categories of ``split`` as negatives.
 
     "red circle . blue square . green star ." with the categories in random order (or sorted if not
-    ``shuffle``). Negatives are drawn from the categories of ``split`` that no object has.
+    ``shuffle``). Negatives are drawn from the categories of ``split`` that no object has. With
+    ``hard_negatives`` > 0, each negative is, with that probability, a look-alike of a present object (same
+    shape in another colour, or same colour on another shape): the negatives that teach colour binding.
+    ``hard_negatives = 0`` draws exactly as before (held-out sets do not change).
     """
     rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
     present = sorted({o.category for o in objects})
@@ -553,7 +557,10 @@ def category_prompt(
     else:
         count = int(rng.integers(num_negatives[0], num_negatives[1] + 1))
     count = min(count, len(absent))
-    negatives = [absent[i] for i in rng.choice(len(absent), size=count, replace=False)] if count else []
+    if hard_negatives > 0 and count:
+        negatives = _mixed_negatives(present, absent, count, hard_negatives, rng)
+    else:
+        negatives = [absent[i] for i in rng.choice(len(absent), size=count, replace=False)] if count else []
     phrases = present + negatives
     if shuffle:
         phrases = [phrases[i] for i in rng.permutation(len(phrases))]
@@ -563,6 +570,21 @@ def category_prompt(
     index = {p: i for i, p in enumerate(phrases)}
     return Prompt(caption, phrases, spans, [index[o.category] for o in objects],
                   [p in present for p in phrases])
+
+
+def _mixed_negatives(present: Sequence[str], absent: Sequence[str], count: int, hard: float,
+                     rng: np.random.Generator) -> list[str]:
+    """``count`` distinct absent categories, each a look-alike of a present one with probability ``hard``."""
+    words = [p.split() for p in present]
+    colours = {w[0] for w in words}
+    kinds = {w[-1] for w in words}
+    lookalike = [a for a in absent if a.split()[0] in colours or a.split()[-1] in kinds]
+    chosen: list[str] = []
+    for _ in range(count):
+        pool = lookalike if (lookalike and rng.uniform() < hard) else absent
+        pool = [a for a in pool if a not in chosen] or [a for a in absent if a not in chosen]
+        chosen.append(pool[int(rng.integers(len(pool)))])
+    return chosen
 
 
 def fixed_category_prompt(names: Sequence[str], objects: Sequence[ShapeObject]) -> Prompt:

@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 DATA_KEYS = {
-    "shapes": {"kind", "image_size", "seed", "split", "referring", "clutter", "max_objects", "num_negatives"},
+    "shapes": {"kind", "image_size", "seed", "split", "referring", "clutter", "max_objects", "num_negatives",
+               "hard_negatives"},
     "coco": {"kind", "annotations", "image_root", "image_size", "max_size", "seed", "max_phrases"},
     "odvg": {"kind", "jsonl", "image_root", "label_map", "image_size", "max_size", "seed", "max_phrases"},
 }

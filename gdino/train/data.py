@@ -87,13 +87,13 @@ class ShapesDataset:
 
     A fraction ``referring`` of samples are referring-expression scenes ("the large green triangle", only the
     referent is a target); the rest are category-list scenes with every present category plus absent ones as
-    negatives. ``clutter`` and ``max_objects`` can be changed between steps (the curriculum).
+    negatives (``hard_negatives``: the fraction of those that are look-alikes of a present object). ``clutter`` and ``max_objects`` can be changed between steps (the curriculum).
     Training seeds stay below ``shapes.EVAL_SEED_OFFSET``; held-out sets pass ``held_out=True``.
     """
 
     def __init__(self, seed: int = 0, image_size: int = 256, split: str = "train", referring: float = 0.25,
                  clutter: float = 1.0, max_objects: int = 6, num_negatives: tuple[int, int] = (1, 5),
-                 held_out: bool = False, length: int = 10**9):
+                 held_out: bool = False, length: int = 10**9, hard_negatives: float = 0.0):
         self.seed = seed
         self.image_size = image_size
         self.split = split
@@ -101,6 +101,7 @@ class ShapesDataset:
         self.clutter = clutter
         self.max_objects = max_objects
         self.num_negatives = num_negatives
+        self.hard_negatives = hard_negatives
         self.held_out = held_out
         self.length = length
 
@@ -121,7 +122,8 @@ class ShapesDataset:
         else:
             image, objects = shapes.render_scene(seed, size, split=self.split, clutter=self.clutter,
                                                  num_objects=(1, self.max_objects))
-            prompt = shapes.category_prompt(objects, rng, num_negatives=self.num_negatives, split=self.split)
+            prompt = shapes.category_prompt(objects, rng, num_negatives=self.num_negatives, split=self.split,
+                                            hard_negatives=self.hard_negatives)
             kind = "category"
         return shapes_sample(image, objects, prompt, meta={"seed": seed, "kind": kind})
 

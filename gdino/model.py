@@ -210,17 +210,23 @@ class MSDeformAttn(nn.Module):
         if value_valid is not None:
             value = value.masked_fill(~value_valid[..., None], 0.0)
         value = value.view(batch, -1, heads, dim // heads)  # (B, S, M, D)
-        offsets = self.sampling_offsets(query).view(batch, num_queries, heads, levels, points, 2)
         weights = self.attention_weights(query).view(batch, num_queries, heads, levels * points)
         weights = weights.softmax(-1).view(batch, num_queries, heads, levels, points)
         if reference_points.shape[-1] == 2:
-            normalizer = torch.stack([spatial_shapes[:, 1], spatial_shapes[:, 0]], -1).to(offsets.dtype)  # (L, 2) wh
+            normalizer = torch.stack([spatial_shapes[:, 1], spatial_shapes[:, 0]], -1).to(query.dtype)  # (L, 2) wh
             if torch.is_grad_enabled():
+                offsets = self.sampling_offsets(query).view(batch, num_queries, heads, levels, points, 2)
                 locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
-            else:  # the same arithmetic in place on the fresh projection: no (B, Q, M, L, P, 2) temporaries
-                locations = offsets.div_(normalizer[None, None, None, :, None, :]).add_(
+            else:
+                # Inference: the division by each level's size folded into the projection's rows (a 256-row
+                # rescale instead of a pass over the (B, Q, M, L, P, 2) offsets), the reference added in place.
+                scale = normalizer.reciprocal()[None, :, None, :].expand(heads, levels, points, 2).reshape(-1)
+                offsets = F.linear(query, self.sampling_offsets.weight * scale[:, None],
+                                   self.sampling_offsets.bias * scale)
+                locations = offsets.view(batch, num_queries, heads, levels, points, 2).add_(
                     reference_points[:, :, None, :, None, :])
         else:
+            offsets = self.sampling_offsets(query).view(batch, num_queries, heads, levels, points, 2)
             locations = (reference_points[:, :, None, :, None, :2]
                          + offsets / points * reference_points[:, :, None, :, None, 2:] * 0.5)
         # (B, Q, M, L, P, 2) xy in [0, 1]; the kernel keeps locations in float32.

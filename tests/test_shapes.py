@@ -99,6 +99,32 @@ def test_compositional_split_never_shows_held_out_pairs_in_training():
         assert {o.category for o in objs} <= held
 
 
+def test_hard_negatives_are_look_alikes_of_present_objects():
+    held = {f"{c} {s}" for c, s in shapes.HELD_OUT_PAIRS}
+    lookalike_share = []
+    for seed in range(40):
+        _, objs = shapes.render_scene(seed, (96, 96), num_objects=(1, 2))
+        present = {o.category for o in objs}
+        colours = {c.split()[0] for c in present}
+        kinds = {c.split()[1] for c in present}
+        for hard in (0.0, 1.0):
+            prompt = shapes.category_prompt(objs, seed, num_negatives=4, hard_negatives=hard)
+            negatives = [p for p, positive in zip(prompt.phrases, prompt.positives) if not positive]
+            assert len(negatives) == len(set(negatives)) == 4
+            assert present.isdisjoint(negatives) and held.isdisjoint(negatives)
+            assert set(prompt.phrases) - set(negatives) == present
+            share = np.mean([n.split()[0] in colours or n.split()[1] in kinds for n in negatives])
+            if hard == 1.0:
+                assert share == 1.0, (present, negatives)
+            else:
+                lookalike_share.append(share)
+    # Random negatives are look-alikes far less often: the option changes what the prompts teach.
+    assert np.mean(lookalike_share) < 0.6
+    # Off by default: the held-out sets' prompts are unchanged.
+    _, objs = shapes.render_scene(7, (96, 96))
+    assert shapes.category_prompt(objs, 7) == shapes.category_prompt(objs, 7, hard_negatives=0.0)
+
+
 def test_video_ground_truth():
     frames, truths = shapes.render_video(4, 40, (120, 160), fps=10)
     again, _ = shapes.render_video(4, 40, (120, 160), fps=10)

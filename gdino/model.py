@@ -517,8 +517,12 @@ class Transformer(nn.Module):
         anchors = torch.log(anchors / (1 - anchors)).masked_fill(~usable, float("inf"))
         return anchors, usable
 
-    def forward(self, sources, masks, positions, text: TextEncoding):
-        """sources/masks/positions: per level (B, C, H, W), (B, H, W) valid, (B, C, H, W)."""
+    def forward(self, sources, masks, positions, text: TextEncoding, denoising=None):
+        """sources/masks/positions: per level (B, C, H, W), (B, H, W) valid, (B, C, H, W).
+
+        ``denoising`` (training only, ``gdino.train.denoising.DenoisingQueries``): extra decoder queries put
+        before the matching ones, with the self-attention mask that keeps them out of the matching queries' view.
+        """
         batch = sources[0].shape[0]
         spatial_shapes_list = [tuple(src.shape[-2:]) for src in sources]
         flat_sources = torch.cat([src.flatten(2).transpose(1, 2) for src in sources], 1)  # (B, S, C)
@@ -553,10 +557,15 @@ class Transformer(nn.Module):
             "indices": top,
         }
         queries = self.tgt_embed.weight[:num_queries][None].expand(batch, -1, -1)
+        self_allowed = None
+        if denoising is not None:
+            queries = torch.cat([denoising.content.to(queries.dtype), queries], 1)
+            reference_points = torch.cat([denoising.boxes.to(reference_points.dtype), reference_points], 1)
+            self_allowed = denoising.attention_mask(num_queries)
 
         hidden_states, references = self.decoder(
             queries, reference_points, memory, vision_valid, spatial_shapes, level_start_index, valid_ratios,
-            memory_text, text.token_mask,
+            memory_text, text.token_mask, self_allowed,
         )
         return hidden_states, references, memory_text, encoder_output
 
@@ -579,6 +588,7 @@ class GroundingDinoOutput:
     aux_outputs: list[dict] = field(default_factory=list)  # decoder layers 0..n-2: {"logits", "boxes"}
     encoder_output: dict = field(default_factory=dict)  # query selection: {"logits", "boxes", "indices"}
     text: TextEncoding | None = None
+    denoising: list[dict] = field(default_factory=list)  # training with denoising queries: per layer {logits, boxes}
 
 
 class GroundingDino(nn.Module):
@@ -735,10 +745,13 @@ class GroundingDino(nn.Module):
             return self.encode_text(list(text))
         raise PromptError(f"text must be a str, a list of str or a TextEncoding, got {type(text).__name__}")
 
-    def forward(self, images: torch.Tensor | list[torch.Tensor], text, pixel_mask: torch.Tensor | None = None
-                ) -> GroundingDinoOutput:
+    def forward(self, images: torch.Tensor | list[torch.Tensor], text, pixel_mask: torch.Tensor | None = None,
+                denoising=None) -> GroundingDinoOutput:
         """images (B, 3, H, W) normalised (or a list of (3, H_i, W_i), padded here); pixel_mask (B, H, W),
-        True for valid pixels. Returns logits (B, Q, T) and boxes (B, Q, 4) cxcywh in [0, 1]."""
+        True for valid pixels. Returns logits (B, Q, T) and boxes (B, Q, 4) cxcywh in [0, 1].
+
+        ``denoising``: contrastive denoising queries for training (``gdino.train.denoising``); their outputs come
+        back separately in ``output.denoising`` and leave the matching queries' outputs unchanged."""
         if isinstance(images, (list, tuple)):
             images, pixel_mask = pad_images(images)
         if images.ndim != 4 or images.shape[1] != 3:
@@ -750,17 +763,21 @@ class GroundingDino(nn.Module):
             pixel_mask = torch.ones((batch, height, width), dtype=torch.bool, device=images.device)
         text = self._as_text(text, batch)
         sources, masks, positions = self._image_levels(images, pixel_mask.bool())
-        hidden_states, references, memory_text, encoder_output = self.transformer(sources, masks, positions, text)
+        hidden_states, references, memory_text, encoder_output = self.transformer(sources, masks, positions, text,
+                                                                                  denoising)
 
-        outputs = []
+        outputs, denoised = [], []
+        num_dn = 0 if denoising is None else denoising.num_queries
         for index, (hidden, reference) in enumerate(zip(hidden_states, references)):
             logits = contrastive_logits(hidden, memory_text, text.token_mask)
             boxes = (self.bbox_embed[index](hidden) + inverse_sigmoid(reference)).sigmoid()
-            outputs.append({"logits": logits, "boxes": boxes})
+            outputs.append({"logits": logits[:, num_dn:], "boxes": boxes[:, num_dn:]})
+            if num_dn:
+                denoised.append({"logits": logits[:, :num_dn], "boxes": boxes[:, :num_dn]})
         encoder_output = dict(encoder_output)
         return GroundingDinoOutput(
             logits=outputs[-1]["logits"], boxes=outputs[-1]["boxes"], aux_outputs=outputs[:-1],
-            encoder_output=encoder_output, text=text,
+            encoder_output=encoder_output, text=text, denoising=denoised,
         )
 
     # -- detection -------------------------------------------------------------------------------------------

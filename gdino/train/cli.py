@@ -31,7 +31,7 @@ DATA_KEYS = {
 }
 MODEL_KEYS = {"preset", "pretrained_text", "weights"}
 LOSS_KEYS = {"matcher_class", "matcher_bbox", "matcher_giou", "loss_class", "loss_bbox", "loss_giou",
-             "focal_alpha", "aux_loss", "encoder_loss"}
+             "focal_alpha", "aux_loss", "encoder_loss", "denoising", "dn_queries", "dn_box_noise", "dn_label_noise"}
 EVAL_KEYS = {"num_images", "image_size", "seed", "referring_images"}
 TABLES = {"model", "data", "optim", "loop", "loss", "eval"}
 

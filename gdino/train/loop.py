@@ -90,11 +90,18 @@ def lr_factor(step: int, optim: OptimConfig) -> float:
 def loss_on_batch(model, criterion: SetCriterion, batch: Batch, device) -> dict[str, torch.Tensor]:
     images = batch.images.to(device)
     pixel_mask = batch.pixel_mask.to(device)
-    out = model(images, batch.captions, pixel_mask=pixel_mask if batch.padded else None)
-    text = out.text
-    maps = positive_maps(batch.targets, text.offsets, out.logits.shape[-1], device)
+    text = model.encode_text(list(batch.captions))
+    maps = positive_maps(batch.targets, text.offsets, text.num_tokens, device)
     boxes = [t.boxes_cxcywh.to(device) for t in batch.targets]
-    return criterion(out, boxes, maps, text.token_mask)
+    denoising = None
+    if criterion.denoising and model.training:
+        from gdino.train.denoising import build_denoising
+
+        settings = criterion.denoising
+        denoising = build_denoising(boxes, maps, text.features, total_queries=settings["queries"], box_noise=settings["box_noise"],
+                                    label_noise=settings["label_noise"])
+    out = model(images, text, pixel_mask=pixel_mask if batch.padded else None, denoising=denoising)
+    return criterion(out, boxes, maps, text.token_mask, denoising)
 
 
 def text_encoder_is_shipped_separately(model) -> bool:
@@ -253,7 +260,7 @@ class Trainer:
                                                optim.clip)
             self.optimizer.step()
             self.step += 1
-            for key in ("loss", "class", "bbox", "giou", "enc_class", "enc_bbox"):
+            for key in ("loss", "class", "bbox", "giou", "enc_class", "enc_bbox", "dn_class", "dn_bbox"):
                 if key in losses:
                     running[key] = running.get(key, 0.0) + float(losses[key].detach())
             running["n"] = running.get("n", 0) + 1

@@ -1,5 +1,5 @@
 """Set losses: token-level sigmoid focal loss, L1 and GIoU on matched boxes, over every decoder layer and the
-encoder's query selection."""
+encoder's query selection; optionally the same terms on contrastive denoising queries (no matching)."""
 
 from __future__ import annotations
 
@@ -46,8 +46,10 @@ class SetCriterion(nn.Module):
 
     def __init__(self, matcher: HungarianMatcher, weight_class: float = 2.0, weight_bbox: float = 5.0,
                  weight_giou: float = 2.0, alpha: float = 0.25, gamma: float = 2.0, aux: bool = True,
-                 encoder: bool = True):
+                 encoder: bool = True, denoising: dict | None = None):
         super().__init__()
+        # Contrastive denoising (gdino.train.denoising): None, or {"queries", "box_noise", "label_noise"}.
+        self.denoising = denoising
         self.matcher = matcher
         self.weight_class = weight_class
         self.weight_bbox = weight_bbox
@@ -89,7 +91,36 @@ class SetCriterion(nn.Module):
             loss_giou = boxes_cxcywh.sum() * 0.0
         return {"class": loss_class, "bbox": loss_bbox, "giou": loss_giou}
 
-    def forward(self, outputs, target_boxes, target_maps, token_mask) -> dict[str, torch.Tensor]:
+    def denoising_terms(self, logits, boxes_cxcywh, dn, target_boxes, target_maps, token_mask, num_boxes
+                        ) -> dict[str, torch.Tensor]:
+        """Losses of the denoising queries (no matching: each query knows its object). Positives must give
+        their object's tokens and box, negatives no token at all. Normalised per group, as the matched terms."""
+        batch, num_dn, num_tokens = logits.shape
+        device = logits.device
+        class_target = torch.zeros(batch, num_dn, num_tokens, device=device)
+        pred, gt = [], []
+        for b in range(batch):
+            slots = torch.nonzero(dn.valid[b] & dn.positive, as_tuple=False).flatten()
+            if not len(slots):
+                continue
+            objects = dn.object_index[slots]
+            class_target[b, slots] = target_maps[b].to(device)[objects].float()
+            pred.append(boxes_cxcywh[b, slots].float())
+            gt.append(target_boxes[b].to(device)[objects].float())
+        valid = token_mask[:, None, :] & dn.valid[:, :, None]
+        norm = num_boxes * dn.groups
+        loss_class = sigmoid_focal_loss(logits.float(), class_target, valid, self.alpha, self.gamma) / norm
+        if pred:
+            pred, gt = torch.cat(pred), torch.cat(gt)
+            loss_bbox = F.l1_loss(pred, gt, reduction="none").sum() / norm
+            giou = torch.diag(generalized_box_iou(box_convert(pred, "cxcywh", "xyxy"), box_convert(gt, "cxcywh", "xyxy")))
+            loss_giou = (1 - giou).sum() / norm
+        else:
+            loss_bbox = loss_giou = boxes_cxcywh.sum() * 0.0
+        return {"class": loss_class, "bbox": loss_bbox, "giou": loss_giou}
+
+    def forward(self, outputs, target_boxes, target_maps, token_mask, denoising=None) -> dict[str, torch.Tensor]:
+        """``denoising``: the ``DenoisingQueries`` the model was run with (their outputs in ``outputs.denoising``)."""
         get = (lambda o, k: o[k]) if isinstance(outputs, dict) else (lambda o, k: getattr(o, k))
         num_boxes = max(1.0, float(sum(int(t.shape[0]) for t in target_boxes)))
         sets = [("", get(outputs, "logits"), get(outputs, "boxes"))]
@@ -109,6 +140,17 @@ class SetCriterion(nn.Module):
             total = weighted if total is None else total + weighted
             for key, value in terms.items():
                 logs[f"{prefix}{key}"] = value.detach()
+        dn_outputs = get(outputs, "denoising") if denoising is not None else None
+        for index, layer in enumerate(dn_outputs or []):
+            if not self.aux and index < len(dn_outputs) - 1:
+                continue
+            prefix = "dn_" if index == len(dn_outputs) - 1 else f"dn_aux{index}_"
+            terms = self.denoising_terms(layer["logits"], layer["boxes"], denoising, target_boxes, target_maps,
+                                         token_mask, num_boxes)
+            total = total + (self.weight_class * terms["class"] + self.weight_bbox * terms["bbox"]
+                             + self.weight_giou * terms["giou"])
+            for key, value in terms.items():
+                logs[f"{prefix}{key}"] = value.detach()
         logs["loss"] = total
         return logs
 
@@ -125,4 +167,6 @@ def build_criterion(cfg: dict) -> SetCriterion:
         alpha=float(cfg.get("focal_alpha", 0.25)),
         aux=bool(cfg.get("aux_loss", True)),
         encoder=bool(cfg.get("encoder_loss", True)),
+        denoising={"queries": int(cfg.get("dn_queries", 100)), "box_noise": float(cfg.get("dn_box_noise", 0.4)),
+                   "label_noise": float(cfg.get("dn_label_noise", 0.5))} if cfg.get("denoising", False) else None,
     )

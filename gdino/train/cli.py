@@ -9,7 +9,8 @@ A training config is TOML with four tables (every key optional; unknown keys are
     image_size = 256
     [optim]                # gdino.train.loop.OptimConfig: steps, batch_size, lr, lr_backbone, lr_text, ...
     [loop]                 # gdino.train.loop.LoopConfig: out_dir, seed, checkpoint_every, eval_every, ...
-    [loss]                 # matcher_class/bbox/giou, loss_class/bbox/giou, focal_alpha, aux_loss, encoder_loss
+    [loss]                 # matcher_class/bbox/giou, loss_class/bbox/giou, focal_alpha, aux_loss, encoder_loss,
+                           # denoising (contrastive denoising queries), dn_queries, dn_box_noise, dn_label_noise
     [eval]                 # num_images, image_size, seed (shapes held-out evaluation during/after training)
 """
 

@@ -65,8 +65,8 @@ def test_detect_finds_shapes_in_pixels(model):
     for seed in range(10**12 + 50, 10**12 + 58):
         image, objects = render_scene(seed, (240, 320), num_objects=(1, 3), clutter=0.3)
         prompt = category_prompt(objects, seed, num_negatives=1)
-        # This model scores lower than the published ones: 0.2 is its working threshold (MODEL_CARD.md).
-        detections = model.detect(image, prompt.caption, box_threshold=0.2, remove_combined=True)
+        # The bundled config's threshold for this model (MODEL_CARD.md: recall 0.97, precision 0.98 there).
+        detections = model.detect(image, prompt.caption, box_threshold=0.3, remove_combined=True)
         for obj in objects:
             total += 1
             for box, phrase in zip(detections.boxes_xyxy, detections.phrases):
@@ -78,4 +78,4 @@ def test_detect_finds_shapes_in_pixels(model):
                 if inter / union >= 0.5 and phrase == obj.category:
                     found_right += 1
                     break
-    assert found_right / total >= 0.6, (found_right, total)
+    assert found_right / total >= 0.8, (found_right, total)

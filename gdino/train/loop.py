@@ -98,8 +98,8 @@ def loss_on_batch(model, criterion: SetCriterion, batch: Batch, device) -> dict[
         from gdino.train.denoising import build_denoising
 
         settings = criterion.denoising
-        denoising = build_denoising(boxes, maps, text.features, total_queries=settings["queries"], box_noise=settings["box_noise"],
-                                    label_noise=settings["label_noise"])
+        denoising = build_denoising(boxes, maps, text.features, total_queries=settings["queries"],
+                                    box_noise=settings["box_noise"], label_noise=settings["label_noise"])
     out = model(images, text, pixel_mask=pixel_mask if batch.padded else None, denoising=denoising)
     return criterion(out, boxes, maps, text.token_mask, denoising)
 

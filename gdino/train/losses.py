@@ -35,6 +35,18 @@ def sigmoid_focal_loss(
     return loss.sum()
 
 
+def box_terms(pred_cxcywh: torch.Tensor, gt_cxcywh: torch.Tensor, norm: float, like: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed L1 and (1 - GIoU) of paired boxes over ``norm``; zeros that keep ``like`` in the graph when none."""
+    if not pred_cxcywh.numel():
+        zero = like.sum() * 0.0
+        return zero, zero
+    pred, gt = pred_cxcywh.float(), gt_cxcywh.to(pred_cxcywh.device).float()
+    loss_bbox = F.l1_loss(pred, gt, reduction="none").sum() / norm
+    giou = torch.diag(generalized_box_iou(box_convert(pred, "cxcywh", "xyxy"), box_convert(gt, "cxcywh", "xyxy")))
+    return loss_bbox, (1 - giou).sum() / norm
+
+
 class SetCriterion(nn.Module):
     """Matches each prediction set to the targets and sums class, L1 and GIoU losses.
 
@@ -77,18 +89,11 @@ class SetCriterion(nn.Module):
         valid = token_mask[:, None, :].expand(batch, num_queries, num_tokens)
         loss_class = sigmoid_focal_loss(logits.float(), class_target, valid, self.alpha, self.gamma) / num_boxes
 
-        batch_index = torch.cat([torch.full_like(q, b) for b, (q, _) in enumerate(indices)])
-        query_index = torch.cat([q for q, _ in indices])
-        if query_index.numel():
-            pred = boxes_cxcywh[batch_index.to(logits.device), query_index.to(logits.device)].float()
-            gt = torch.cat([target_boxes[b][t.to(target_boxes[b].device)] for b, (_, t) in enumerate(indices)])
-            gt = gt.to(pred)
-            loss_bbox = F.l1_loss(pred, gt, reduction="none").sum() / num_boxes
-            giou = torch.diag(generalized_box_iou(box_convert(pred, "cxcywh", "xyxy"), box_convert(gt, "cxcywh", "xyxy")))
-            loss_giou = (1 - giou).sum() / num_boxes
-        else:
-            loss_bbox = boxes_cxcywh.sum() * 0.0
-            loss_giou = boxes_cxcywh.sum() * 0.0
+        batch_index = torch.cat([torch.full_like(q, b) for b, (q, _) in enumerate(indices)]).to(logits.device)
+        query_index = torch.cat([q for q, _ in indices]).to(logits.device)
+        gt = [target_boxes[b][t.to(target_boxes[b].device)] for b, (_, t) in enumerate(indices)]
+        loss_bbox, loss_giou = box_terms(boxes_cxcywh[batch_index, query_index],
+                                         torch.cat(gt).to(logits.device), num_boxes, boxes_cxcywh)
         return {"class": loss_class, "bbox": loss_bbox, "giou": loss_giou}
 
     def denoising_terms(self, logits, boxes_cxcywh, dn, target_boxes, target_maps, token_mask, num_boxes
@@ -105,18 +110,13 @@ class SetCriterion(nn.Module):
                 continue
             objects = dn.object_index[slots]
             class_target[b, slots] = target_maps[b].to(device)[objects].float()
-            pred.append(boxes_cxcywh[b, slots].float())
-            gt.append(target_boxes[b].to(device)[objects].float())
+            pred.append(boxes_cxcywh[b, slots])
+            gt.append(target_boxes[b].to(device)[objects])
         valid = token_mask[:, None, :] & dn.valid[:, :, None]
         norm = num_boxes * dn.groups
         loss_class = sigmoid_focal_loss(logits.float(), class_target, valid, self.alpha, self.gamma) / norm
-        if pred:
-            pred, gt = torch.cat(pred), torch.cat(gt)
-            loss_bbox = F.l1_loss(pred, gt, reduction="none").sum() / norm
-            giou = torch.diag(generalized_box_iou(box_convert(pred, "cxcywh", "xyxy"), box_convert(gt, "cxcywh", "xyxy")))
-            loss_giou = (1 - giou).sum() / norm
-        else:
-            loss_bbox = loss_giou = boxes_cxcywh.sum() * 0.0
+        loss_bbox, loss_giou = box_terms(torch.cat(pred) if pred else boxes_cxcywh.new_zeros(0, 4),
+                                         torch.cat(gt) if gt else boxes_cxcywh.new_zeros(0, 4), norm, boxes_cxcywh)
         return {"class": loss_class, "bbox": loss_bbox, "giou": loss_giou}
 
     def forward(self, outputs, target_boxes, target_maps, token_mask, denoising=None) -> dict[str, torch.Tensor]:
@@ -131,24 +131,20 @@ class SetCriterion(nn.Module):
             enc = get(outputs, "encoder_output")
             if enc is not None:
                 sets.append(("enc_", enc["logits"], enc["boxes"]))
+        named_terms = [(prefix, self.single(logits, boxes, target_boxes, target_maps, token_mask, num_boxes))
+                       for prefix, logits, boxes in sets]
+        dn_outputs = (get(outputs, "denoising") or []) if denoising is not None else []
+        for index, layer in enumerate(dn_outputs):
+            last = index == len(dn_outputs) - 1
+            if self.aux or last:
+                named_terms.append(("dn_" if last else f"dn_aux{index}_", self.denoising_terms(
+                    layer["logits"], layer["boxes"], denoising, target_boxes, target_maps, token_mask, num_boxes)))
         logs: dict[str, torch.Tensor] = {}
         total = None
-        for prefix, logits, boxes in sets:
-            terms = self.single(logits, boxes, target_boxes, target_maps, token_mask, num_boxes)
+        for prefix, terms in named_terms:
             weighted = (self.weight_class * terms["class"] + self.weight_bbox * terms["bbox"]
                         + self.weight_giou * terms["giou"])
             total = weighted if total is None else total + weighted
-            for key, value in terms.items():
-                logs[f"{prefix}{key}"] = value.detach()
-        dn_outputs = get(outputs, "denoising") if denoising is not None else None
-        for index, layer in enumerate(dn_outputs or []):
-            if not self.aux and index < len(dn_outputs) - 1:
-                continue
-            prefix = "dn_" if index == len(dn_outputs) - 1 else f"dn_aux{index}_"
-            terms = self.denoising_terms(layer["logits"], layer["boxes"], denoising, target_boxes, target_maps,
-                                         token_mask, num_boxes)
-            total = total + (self.weight_class * terms["class"] + self.weight_bbox * terms["bbox"]
-                             + self.weight_giou * terms["giou"])
             for key, value in terms.items():
                 logs[f"{prefix}{key}"] = value.detach()
         logs["loss"] = total

@@ -13,6 +13,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from streamer.zones import ANCHORS, DIRECTIONS, line_problem, normalize_phrase, polygon_problem
+
 LIVE_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "tcp://", "srt://")
 STREAM_ID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 
@@ -23,6 +25,82 @@ class ConfigError(ValueError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+Point = tuple[float, float]
+
+
+class ZoneConfig(_Section):
+    """`[[streams.zones]]`: an area of the picture. A track is in it when its anchor point is inside."""
+
+    name: Annotated[str, Field(pattern=NAME_PATTERN, description="Zone name; used in events and rules.")]
+    polygon: Annotated[list[Point], Field(min_length=3, max_length=64, description="[[x, y], ...] corners.")]
+    coordinates: Annotated[
+        Literal["normalized", "pixels"],
+        Field(description="normalized: fractions of the frame's width and height (0..1); pixels: of the "
+                          "processed frame."),
+    ] = "normalized"
+    phrases: Annotated[list[str], Field(description="Only tracks of these phrases count; empty = all.")] = []
+    inertia: Annotated[int, Field(ge=1, le=1000, description="Frames in (out) before a track enters (leaves).")] = 3
+    loitering_seconds: Annotated[float, Field(ge=0, le=86400, description="Present this long: loitering; 0 = off.")] = 0
+    anchor: Annotated[Literal[tuple(ANCHORS)], Field(description="Which point of the box must be inside.")] = (
+        "bottom_center"
+    )
+
+    @model_validator(mode="after")
+    def _valid_polygon(self) -> "ZoneConfig":
+        problem = polygon_problem(self.polygon)
+        if problem:
+            raise ValueError(f"zone {self.name!r}: {problem}")
+        check_inside_frame(f"zone {self.name!r}", self.polygon, self.coordinates)
+        return self
+
+
+class LineConfig(_Section):
+    """`[[streams.lines]]`: a counting line from `start` to `end`; crossing it towards `in_direction` is "in"."""
+
+    name: Annotated[str, Field(pattern=NAME_PATTERN, description="Line name; used in events and rules.")]
+    start: Annotated[Point, Field(description="[x, y] of one end.")]
+    end: Annotated[Point, Field(description="[x, y] of the other end.")]
+    in_direction: Annotated[
+        Literal[tuple(DIRECTIONS)] | Point,
+        Field(description="up, down, left, right, or an [dx, dy] vector: crossing this way counts as in."),
+    ] = "down"
+    coordinates: Annotated[Literal["normalized", "pixels"], Field(description="As for zones.")] = "normalized"
+    phrases: Annotated[list[str], Field(description="Only tracks of these phrases count; empty = all.")] = []
+    min_frames: Annotated[
+        int, Field(ge=1, le=1000, description="Frames on each side before a crossing counts (against jitter).")
+    ] = 2
+    anchor: Annotated[Literal[tuple(ANCHORS)], Field(description="Which point of the box crosses.")] = (
+        "bottom_center"
+    )
+
+    @model_validator(mode="after")
+    def _valid_line(self) -> "LineConfig":
+        problem = line_problem(self.start, self.end, self.in_direction)
+        if problem:
+            raise ValueError(f"line {self.name!r}: {problem}")
+        check_inside_frame(f"line {self.name!r}", [self.start, self.end], self.coordinates)
+        return self
+
+
+def check_inside_frame(what: str, points, coordinates: str) -> None:
+    if coordinates == "normalized":
+        if any(not (0 <= v <= 1) for point in points for v in point):
+            raise ValueError(f"{what} is outside the frame: normalized coordinates are between 0 and 1 "
+                             "(or set coordinates = \"pixels\")")
+    elif any(v < 0 for point in points for v in point):
+        raise ValueError(f"{what} is outside the frame: pixel coordinates cannot be negative")
+
+
+def _unique_names(items, what: str):
+    seen: set[str] = set()
+    for item in items:
+        if item.name in seen:
+            raise ValueError(f"{what} name {item.name!r} is used twice")
+        seen.add(item.name)
+    return items
 
 
 class StreamConfig(_Section):
@@ -37,6 +115,18 @@ class StreamConfig(_Section):
     record_video: Annotated[bool, Field(description="Copy a live source's video to disk in segments.")] = False
     max_width: Annotated[int, Field(ge=16, le=8192, description="Larger frames are scaled down to fit.")] = 1920
     max_height: Annotated[int, Field(ge=16, le=8192, description="Larger frames are scaled down to fit.")] = 1080
+    zones: Annotated[list[ZoneConfig], Field(description="Areas of the picture (see [[streams.zones]]).")] = []
+    lines: Annotated[list[LineConfig], Field(description="Counting lines (see [[streams.lines]]).")] = []
+
+    @field_validator("zones")
+    @classmethod
+    def _unique_zone_names(cls, zones: list[ZoneConfig]) -> list[ZoneConfig]:
+        return _unique_names(zones, "zone")
+
+    @field_validator("lines")
+    @classmethod
+    def _unique_line_names(cls, lines: list[LineConfig]) -> list[LineConfig]:
+        return _unique_names(lines, "line")
 
     @property
     def is_live(self) -> bool:
@@ -96,6 +186,59 @@ class PublishConfig(_Section):
     heartbeat_seconds: Annotated[float, Field(gt=0, le=3600, description="Heartbeat period per stream.")] = 1.0
 
 
+class RetainDays(_Section):
+    events: Annotated[float, Field(ge=0, le=36500, description="Days to keep event logs; 0 = forever.")] = 30
+    segments: Annotated[float, Field(ge=0, le=36500, description="Days to keep recorded video; 0 = forever.")] = 7
+    snapshots: Annotated[float, Field(ge=0, le=36500, description="Days to keep snapshots; 0 = forever.")] = 30
+    clips: Annotated[float, Field(ge=0, le=36500, description="Days to keep alert clips; 0 = forever.")] = 30
+
+
+class RetainConfig(_Section):
+    days: RetainDays = RetainDays()
+    max_gigabytes: Annotated[
+        float, Field(ge=0, description="Most the recordings may take; the oldest files go first. 0 = no limit.")
+    ] = 0
+    min_free_gigabytes: Annotated[
+        float, Field(ge=0, description="Below this much free disk, the oldest video goes (and an error event).")
+    ] = 1
+    expire_interval_seconds: Annotated[float, Field(gt=0, le=86400, description="Time between expiry passes.")] = 300
+
+
+class SnapshotsConfig(_Section):
+    enabled: Annotated[bool, Field(description="Write each track's best frame as JPEG (track end, alerts).")] = True
+    quality: Annotated[int, Field(ge=1, le=100, description="JPEG quality.")] = 85
+    crop: Annotated[bool, Field(description="Also write the box's crop (<name>-crop.jpg).")] = True
+    on_track_end: Annotated[bool, Field(description="Write one for every ended track, not only alerts.")] = True
+
+
+class ClipsConfig(_Section):
+    enabled: Annotated[bool, Field(description="Cut an MP4 clip for each alert (no re-encoding).")] = True
+    pre_capture: Annotated[float, Field(ge=0, le=600, description="Seconds before the alert.")] = 5
+    post_capture: Annotated[float, Field(ge=0, le=600, description="Seconds after the alert.")] = 5
+
+
+class RuleConfig(_Section):
+    """`[[rules]]`: when a track of a phrase (in a zone, across a line) is an alert."""
+
+    name: Annotated[str, Field(pattern=NAME_PATTERN, description="Rule name, in the alert events.")]
+    phrase: Annotated[str, Field(min_length=1, description="The detector's phrase, as in the prompt ('red car').")]
+    stream: Annotated[str, Field(description="A stream id, or '*' for every stream.")] = "*"
+    zone: Annotated[str | None, Field(description="Only while the track is in this zone.")] = None
+    line: Annotated[str | None, Field(description="When the track crosses this line.")] = None
+    direction: Annotated[Literal["in", "out"] | None, Field(description="Line rules: only this way.")] = None
+    min_seconds: Annotated[float, Field(ge=0, le=86400, description="Present (in the zone) at least this long.")] = 0
+    min_score: Annotated[float, Field(ge=0, le=1, description="The track's best score at least this.")] = 0
+    cooldown_seconds: Annotated[float, Field(ge=0, le=86400, description="Silence after firing, per stream.")] = 0
+
+    @model_validator(mode="after")
+    def _one_place(self) -> "RuleConfig":
+        if self.zone is not None and self.line is not None:
+            raise ValueError(f"rule {self.name!r}: a rule has a zone or a line, not both")
+        if self.direction is not None and self.line is None:
+            raise ValueError(f"rule {self.name!r}: direction is for line rules")
+        return self
+
+
 class RecordConfig(_Section):
     enabled: Annotated[bool, Field(description="Write an append-only event log per stream.")] = True
     directory: Annotated[str, Field(min_length=1, description="Where recordings go (relative to the config).")] = (
@@ -104,6 +247,7 @@ class RecordConfig(_Section):
     flush_seconds: Annotated[
         float, Field(gt=0, le=1.0, description="Flush period; a kill -9 loses at most this much.")
     ] = 0.5
+    retain: RetainConfig = RetainConfig()
 
 
 class MetricsConfig(_Section):
@@ -128,6 +272,21 @@ class Config(_Section):
     record: RecordConfig = RecordConfig()
     metrics: MetricsConfig = MetricsConfig()
     supervisor: SupervisorConfig = SupervisorConfig()
+    rules: Annotated[list[RuleConfig], Field(description="Alerts (see [[rules]]).")] = []
+    snapshots: SnapshotsConfig = SnapshotsConfig()
+    clips: ClipsConfig = ClipsConfig()
+
+    @field_validator("rules")
+    @classmethod
+    def _unique_rule_names(cls, rules: list[RuleConfig]) -> list[RuleConfig]:
+        return _unique_names(rules, "rule")
+
+    @model_validator(mode="after")
+    def _rules_refer_to_real_places(self) -> "Config":
+        problems = rule_problems(self.rules, {s.id: s for s in self.streams})
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
     @field_validator("streams")
     @classmethod
@@ -146,6 +305,41 @@ class Config(_Section):
         return self
 
 
+def rule_problems(rules: list[RuleConfig], streams: dict) -> list[str]:
+    """Rules naming a stream, zone or line that does not exist (`streams`: id -> StreamConfig or any object
+    with `zones` and `lines`)."""
+    problems = []
+    for rule in rules:
+        if rule.stream != "*" and rule.stream not in streams:
+            problems.append(f"rule {rule.name!r}: no stream {rule.stream!r} (streams: {', '.join(streams)})")
+            continue
+        scope = list(streams.values()) if rule.stream == "*" else [streams[rule.stream]]
+        for place, names in (("zone", [[z.name for z in s.zones] for s in scope]),
+                             ("line", [[l.name for l in s.lines] for s in scope])):
+            wanted = getattr(rule, place)
+            if wanted is not None and not any(wanted in n for n in names):
+                where = "any stream" if rule.stream == "*" else f"stream {rule.stream!r}"
+                problems.append(f"rule {rule.name!r}: no {place} {wanted!r} in {where}")
+    return problems
+
+
+def prompt_phrases(prompt: str) -> set[str]:
+    """The phrases of a prompt ('red circle . blue square .' -> {'red circle', 'blue square'})."""
+    return {normalize_phrase(p) for p in prompt.split(".") if normalize_phrase(p)}
+
+
+def rule_warnings(rules: list[RuleConfig], prompts: dict[str, str]) -> list[str]:
+    """Rules whose phrase is in no prompt of their streams: not an error, the prompt may change at run time."""
+    warnings = []
+    for rule in rules:
+        scope = list(prompts) if rule.stream == "*" else [rule.stream]
+        if not any(normalize_phrase(rule.phrase) in prompt_phrases(prompts.get(s, "")) for s in scope):
+            warnings.append(f"rule {rule.name!r}: phrase {rule.phrase!r} is not in the prompt of "
+                            f"{'any stream' if rule.stream == '*' else 'stream ' + repr(rule.stream)}; "
+                            "it fires once a prompt has it")
+    return warnings
+
+
 def _format_location(loc: tuple) -> str:
     text = ""
     for part in loc:
@@ -161,22 +355,77 @@ def _report(source: str, errors: list[str]) -> str:
     return f"{source}: {len(errors)} {noun}\n" + "\n".join(f"  - {e}" for e in errors)
 
 
+def _validation_errors(exc: ValidationError, prefix: tuple = ()) -> list[str]:
+    errors = []
+    for err in exc.errors():
+        where = _format_location(prefix + tuple(err["loc"]))
+        if err["type"] == "extra_forbidden":
+            errors.append(f"{where}: unknown key")
+        elif err["type"] == "missing":
+            errors.append(f"{where}: required but missing")
+        else:
+            message = err["msg"].removeprefix("Value error, ")
+            got = err.get("input")
+            # A whole table as "got" buries the message; the location already says which table.
+            errors.append(f"{where}: {message}" if isinstance(got, dict) else f"{where}: {message} (got {got!r})")
+    return errors
+
+
+class PlacesUpdate(_Section):
+    """A `set_zones` request: a stream's zones and lines, replacing the ones it has."""
+
+    zones: list[ZoneConfig] = []
+    lines: list[LineConfig] = []
+
+    @field_validator("zones")
+    @classmethod
+    def _unique_zone_names(cls, zones: list[ZoneConfig]) -> list[ZoneConfig]:
+        return _unique_names(zones, "zone")
+
+    @field_validator("lines")
+    @classmethod
+    def _unique_line_names(cls, lines: list[LineConfig]) -> list[LineConfig]:
+        return _unique_names(lines, "line")
+
+
+class RulesUpdate(_Section):
+    """A `set_rules` request: every rule, replacing the ones the daemon has."""
+
+    rules: list[RuleConfig] = []
+
+    @field_validator("rules")
+    @classmethod
+    def _unique_rule_names(cls, rules: list[RuleConfig]) -> list[RuleConfig]:
+        return _unique_names(rules, "rule")
+
+
+def parse_places(data: dict, source: str = "set_zones") -> PlacesUpdate:
+    """Validate zones and lines sent at run time, like the config's; raises ConfigError with every problem."""
+    try:
+        return PlacesUpdate.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_report(source, _validation_errors(exc))) from None
+
+
+def parse_rules(data: dict, streams: dict, source: str = "set_rules") -> RulesUpdate:
+    """Validate rules sent at run time against the streams' current zones and lines (`streams`: id -> object
+    with `zones` and `lines`)."""
+    try:
+        update = RulesUpdate.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_report(source, _validation_errors(exc))) from None
+    problems = rule_problems(update.rules, streams)
+    if problems:
+        raise ConfigError(_report(source, problems))
+    return update
+
+
 def parse_config(data: dict, source: str = "<config>", base_dir: Path | None = None) -> Config:
     """Validate a parsed TOML document; relative file paths resolve against `base_dir`."""
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
-        errors = []
-        for err in exc.errors():
-            where = _format_location(err["loc"])
-            if err["type"] == "extra_forbidden":
-                errors.append(f"{where}: unknown key")
-            elif err["type"] == "missing":
-                errors.append(f"{where}: required but missing")
-            else:
-                message = err["msg"].removeprefix("Value error, ")
-                errors.append(f"{where}: {message} (got {err.get('input')!r})")
-        raise ConfigError(_report(source, errors)) from None
+        raise ConfigError(_report(source, _validation_errors(exc))) from None
 
     base_dir = base_dir or Path.cwd()
     errors = []

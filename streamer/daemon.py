@@ -29,7 +29,8 @@ from typing import Callable
 
 import zmq
 
-from streamer.config import Config
+from streamer.alerts import stream_alert_args
+from streamer.config import Config, ConfigError, parse_places, parse_rules, rule_warnings
 from streamer.decoder import EXIT_FATAL, decoder_main
 from streamer.events import make_event
 from streamer.frames import FrameMailbox, remove_stale_mailboxes
@@ -37,6 +38,7 @@ from streamer.hub import hub_main
 from streamer.inference import worker_main
 from streamer.process import EventSender
 from streamer.recording import run_stamp
+from streamer.retention import build_retention
 from streamer.stats import RateMeter, StreamStats, snapshot
 
 log = logging.getLogger("groundwatch")
@@ -84,6 +86,12 @@ class Supervisor:
         self._rates = None
         self._latest_rates: dict[str, dict] = {}
         self._closed = False
+        self.places = {stream.id: stream for stream in config.streams}  # zones and lines, as set at run time
+        self.rules = list(config.rules)
+        self.retention = build_retention(config.record, self.run_stamp) if config.record.enabled else None
+        self._next_expiry = 0.0
+        for warning in rule_warnings(self.rules, self.prompts):
+            log.warning("%s", warning)
 
     # -- set-up --------------------------------------------------------------------------------------------
 
@@ -146,7 +154,9 @@ class Supervisor:
             events_endpoint=self.events_endpoint, model=config.model.model_dump(exclude={"batch_size"}),
             tracker=config.tracker.model_dump(), batch_size=config.model.batch_size, stop=self.stage_stops[1],
             control=self.worker_control, replies=self.worker_replies, ready=self.worker_ready,
-            parent_pid=pid), self.stage_stops[1]))
+            parent_pid=pid, alerts={s.id: stream_alert_args(config, s, self.run_stamp, self.video_directory(s),
+                                                            places=self.places[s.id], rules=self.rules)
+                                    for s in config.streams}), self.stage_stops[1]))
         for stream in config.streams:
             stream_dict = {"id": stream.id, "url": stream.url, "live": stream.is_live, "fps": stream.fps,
                            "max_width": stream.max_width, "max_height": stream.max_height}
@@ -249,6 +259,9 @@ class Supervisor:
                 if now >= next_rates:
                     next_rates = now + 1.0
                     self._latest_rates = {s: self._rates.rates(s, now) for s in self.stream_ids}
+                if self.retention is not None and now >= self._next_expiry:
+                    self._next_expiry = now + self.config.record.retain.expire_interval_seconds
+                    self.expire()
                 if now >= next_check:
                     next_check = now + 0.2
                     self._check_children()
@@ -295,6 +308,69 @@ class Supervisor:
                 return reply
         return {"ok": False, "error": "the inference worker did not answer in time"}
 
+    def expire(self) -> None:
+        """One retention pass (at start and every `expire_interval_seconds`); a full disk is an error event."""
+        try:
+            deleted, report = self.retention.run()
+        except OSError as exc:
+            log.error("retention pass failed: %s", exc)
+            return
+        if report.get("disk_low"):
+            streams = sorted({f.stream for f in deleted if f.stream in self.prompts}) or self.stream_ids
+            message = (f"disk almost full (under {self.config.record.retain.min_free_gigabytes} GB free): deleted "
+                       f"{report['low_disk']} oldest video files ({report['freed_bytes'] / 2**20:.1f} MB)")
+            log.error(message)
+            for stream in streams:
+                self.sender.send(make_event(stream, "error", message=message, error_type="disk_low", fatal=False,
+                                            deleted=report["low_disk"]))
+
+    def _ask_worker(self, command: str, args: dict, timeout: float = 60.0) -> dict:
+        self._request_id += 1
+        request_id = self._request_id
+        self.worker_control.put((request_id, command, args))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                reply_id, reply = self.worker_replies.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if reply_id == request_id:
+                return reply
+        return {"ok": False, "error": "the inference worker did not answer in time"}
+
+    def set_zones(self, request: dict) -> dict:
+        """Replace one stream's zones and lines, validated like the config; rules must still find theirs."""
+        stream = request.get("stream")
+        if stream not in self.prompts:
+            return {"ok": False, "error": f"no stream {stream!r} (streams: {', '.join(self.stream_ids)})"}
+        try:
+            places = parse_places({k: v for k, v in request.items() if k in ("zones", "lines")})
+            parse_rules({"rules": [r.model_dump() for r in self.rules]}, {**self.places, stream: places},
+                        source=f"the rules with these zones of {stream!r}")
+        except ConfigError as exc:
+            return {"ok": False, "error": str(exc)}
+        from streamer.zones import build_zones
+
+        zones, lines = build_zones(places.zones, places.lines)
+        reply = self._ask_worker("set_zones", {"stream": stream, "zones": zones, "lines": lines})
+        if reply.get("ok"):
+            self.places[stream] = places  # a restarted worker starts with these
+        return reply
+
+    def set_rules(self, request: dict) -> dict:
+        """Replace every rule, validated like the config; a phrase in no prompt is a warning in the reply."""
+        try:
+            update = parse_rules({k: v for k, v in request.items() if k == "rules"}, self.places)
+        except ConfigError as exc:
+            return {"ok": False, "error": str(exc)}
+        from streamer.rules import build_rules
+
+        reply = self._ask_worker("set_rules", {"rules": build_rules(update.rules)})
+        if reply.get("ok"):
+            self.rules = list(update.rules)
+            reply["warnings"] = rule_warnings(self.rules, self.prompts)
+        return reply
+
     def _serve_control(self) -> None:
         try:
             message = self.control.recv(flags=zmq.NOBLOCK)
@@ -309,11 +385,15 @@ class Supervisor:
                 reply = {"ok": True}
             elif command == "set_prompt":
                 reply = self.set_prompt(request.get("stream"), request.get("prompt"))
+            elif command == "set_zones":
+                reply = self.set_zones(request)
+            elif command == "set_rules":
+                reply = self.set_rules(request)
             elif command == "stop":
                 self.request_stop("stop requested on the control socket")
                 reply = {"ok": True}
             else:
-                reply = {"ok": False, "error": f"unknown command {command!r} (status, set_prompt, ping, stop)"}
+                reply = {"ok": False, "error": f"unknown command {command!r} (status, set_prompt, set_zones, set_rules, ping, stop)"}
         except (ValueError, AttributeError) as exc:
             reply = {"ok": False, "error": f"bad request: {exc}"}
         self.control.send(json.dumps(reply).encode())

@@ -16,7 +16,8 @@ import time
 from typing import Any
 
 SCHEMA_VERSION = 1
-KINDS = ("detections", "track", "status", "heartbeat", "error")
+KINDS = ("detections", "track", "status", "heartbeat", "error", "zone", "line", "alert")
+COUNTS_KIND = "zone_counts"  # worker -> hub only, never published: the live zone and line counts for heartbeats
 STATUS_STATES = ("online", "reconnecting", "offline")
 TRACK_EVENTS = ("started", "updated", "lost", "ended")
 

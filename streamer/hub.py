@@ -14,7 +14,9 @@ import time
 
 import zmq
 
-from streamer.events import encode_payload, make_event, splice_header, topic
+import json
+
+from streamer.events import COUNTS_KIND, encode_payload, make_event, splice_header, topic
 from streamer.process import child_setup
 from streamer.recording import Recorder
 from streamer.stats import RateMeter, StreamStats, snapshot
@@ -38,6 +40,7 @@ class Hub:
         self.stats, self.recorder = stats, recorder
         self.heartbeat_seconds = heartbeat_seconds
         self.seq: dict[str, int] = {}
+        self.zone_counts: dict[str, dict] = {}  # stream -> {"zones": ..., "lines": ...} from the worker
         self.published = 0
         self._rates = RateMeter(stats) if stats is not None else None
         self._next_heartbeat = time.monotonic() + heartbeat_seconds
@@ -69,6 +72,9 @@ class Hub:
             except zmq.Again:
                 break
             try:
+                if frames[0].endswith(b"/" + COUNTS_KIND.encode()):
+                    self._keep_counts(frames[1])
+                    continue
                 self.publish_body(frames[0], frames[1])
             except (ValueError, IndexError, UnicodeDecodeError) as exc:  # a bug in a child; never stop publishing
                 log.error("dropping a malformed internal event: %s", exc)
@@ -76,13 +82,19 @@ class Hub:
             count += 1
         return count
 
+    def _keep_counts(self, body: bytes) -> None:
+        counts = json.loads(body)
+        self.zone_counts[str(counts.get("stream"))] = {"zones": counts.get("zones", {}), "lines": counts.get("lines", {})}
+
     def heartbeat(self, now: float) -> None:
         if self.stats is None:
             return
         wall = time.time()
         for stream in self.stats.stream_ids:
             figures = snapshot(self.stats, stream, self._rates.rates(stream, now))
-            self.publish(make_event(stream, "heartbeat", ts=wall, uptime=round(wall - self.started, 3), **figures))
+            counts = self.zone_counts.get(stream, {})
+            self.publish(make_event(stream, "heartbeat", ts=wall, uptime=round(wall - self.started, 3), **figures,
+                                    **counts))
 
     def tick(self) -> None:
         now = time.monotonic()

@@ -16,10 +16,13 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
+from streamer.alerts import COUNTS_KIND, build_stream_alerts
+from streamer.config import prompt_phrases
 from streamer.events import make_event, round_box
 from streamer.frames import Frame, FrameMailbox
 from streamer.process import EventSender, child_setup
 from streamer.stats import STATE_CODES, STATE_NAMES, StreamStats
+from streamer.zones import normalize_phrase
 
 log = logging.getLogger("groundwatch.inference")
 
@@ -121,7 +124,7 @@ class InferenceWorker:
 
     def __init__(self, *, detector: Detector, streams: list[dict], mailboxes: dict[str, FrameMailbox],
                  stats: StreamStats, sender: EventSender, tracker_factory, batch_size: int = 4,
-                 idle_sleep: float = 0.003) -> None:
+                 idle_sleep: float = 0.003, alerts: dict | None = None) -> None:
         self.detector, self.stats, self.sender = detector, stats, sender
         self.tracker_factory, self.batch_size, self.idle_sleep = tracker_factory, batch_size, idle_sleep
         self.streams = {
@@ -129,6 +132,7 @@ class InferenceWorker:
             for s in streams
         }
         self.encodings: dict[str, Any] = {}
+        self.alerts = alerts or {}  # stream id -> alerts.StreamAlerts (zones, lines, rules, snapshots, clips)
         self.consecutive_failures = 0
         self.max_consecutive_failures = 10
         self._rotation = 0
@@ -146,10 +150,12 @@ class InferenceWorker:
         started = time.perf_counter()
         self.encoding_for(prompt)
         encode_ms = (time.perf_counter() - started) * 1000
-        self._emit_track_events(state, state.tracker.finish(), ts=time.time() if state.live else None,
+        # Tracks of phrases the new prompt keeps go on; only those of phrases that left it end.
+        kept = prompt_phrases(prompt)
+        gone = [label for label in state.tracker.labels if normalize_phrase(label) not in kept]
+        self._emit_track_events(state, state.tracker.finish(labels=gone), ts=time.time() if state.live else None,
                                 reason="prompt_changed")
         previous, state.prompt = state.prompt, prompt
-        state.tracker = self.tracker_factory()
         self.stats.add(stream_id, "prompt_changes")
         state_name = STATE_NAMES.get(self.stats.get(stream_id, "state"), "online")
         self._send(make_event(stream_id, "status", state=state_name, reason="prompt_changed", prompt=prompt,
@@ -202,6 +208,8 @@ class InferenceWorker:
             except Exception as exc:
                 # One bad batch costs its frames, not the worker; a detector that keeps failing (out of
                 # memory on every call) is restarted by the supervisor instead of spinning here.
+                for state, frame in items:
+                    state.mailbox.release(frame)
                 self.consecutive_failures += 1
                 log.exception("detector failed on a batch of %d frames", len(items))
                 for stream_id in {state.stream_id for state, _ in items}:
@@ -210,12 +218,13 @@ class InferenceWorker:
                 if self.consecutive_failures >= self.max_consecutive_failures:
                     raise
                 continue
+            inference_ms = (time.perf_counter() - started) * 1000 / len(items)
+            try:  # frames stay held until their events are out: snapshots copy pixels from them
+                for (state, frame), result in zip(items, results):
+                    self._emit_frame(state, frame, result, inference_ms)
             finally:
                 for state, frame in items:
                     state.mailbox.release(frame)
-            inference_ms = (time.perf_counter() - started) * 1000 / len(items)
-            for (state, frame), result in zip(items, results):
-                self._emit_frame(state, frame, result, inference_ms)
 
     def _emit_frame(self, state: StreamState, frame: Frame, result: FrameDetections, inference_ms: float) -> None:
         boxes_xyxy = np.asarray(result.boxes_xyxy, dtype=np.float32).reshape(-1, 4)  # (N, 4) pixels
@@ -242,7 +251,15 @@ class InferenceWorker:
                        pts=round(frame.pts, 6), width=width, height=height, prompt=state.prompt,
                        detections=detections, inference_ms=round(inference_ms, 2), latency_ms=round(latency_ms, 2))
         )
-        self._emit_track_events(state, update, ts=frame.ts, frame=frame)
+        track_fields = None
+        alerts = self.alerts.get(state.stream_id)
+        if alerts is not None:
+            alert_events, track_fields = alerts.on_frame(update, frame.pixels, frame.ts)
+            for kind, fields in alert_events:
+                self._send(make_event(state.stream_id, kind, ts=frame.ts, frame=frame.frame_index, **fields))
+        self._emit_track_events(state, update, ts=frame.ts, frame=frame, track_fields=track_fields)
+        if alerts is not None:
+            self._send_counts(state.stream_id, alerts)
         state.frames += 1
         self.stats.add(state.stream_id, "frames_processed")
         self.stats.add(state.stream_id, "detections", len(detections))
@@ -250,7 +267,7 @@ class InferenceWorker:
         self.stats.set(state.stream_id, "latency_ms", latency_ms)
 
     def _emit_track_events(self, state: StreamState, update, ts: float | None, frame: Frame | None = None,
-                           reason: str | None = None) -> None:
+                           reason: str | None = None, track_fields: dict | None = None) -> None:
         frame_index = frame.frame_index if frame is not None else int(update.frame_index)
         ts = ts if ts is not None else (frame.ts if frame is not None else state.extra.get("last_ts", 0.0))
         if frame is not None:
@@ -266,11 +283,18 @@ class InferenceWorker:
                     make_event(state.stream_id, "track", ts=ts, frame=frame_index, event=kind,
                                track_id=int(track_id), box=round_box(update.boxes_xyxy[row]),
                                score=round(float(update.scores[row]), 4), phrase=update.labels[row],
-                               age=int(update.ages[row]), hits=int(update.hits[row]))
+                               age=int(update.ages[row]), hits=int(update.hits[row]),
+                               **(track_fields.get(int(track_id), {}) if track_fields else {}))
                 )
                 count += 1
+        alerts = self.alerts.get(state.stream_id)
         for track in update.ended_tracks:
             fields = {"reason": reason} if reason else {}
+            if alerts is not None:
+                zone_events, extra = alerts.on_track_end(track.id, track.label, ts)
+                for kind, zone_fields in zone_events:
+                    self._send(make_event(state.stream_id, kind, ts=ts, frame=frame_index, **zone_fields))
+                fields.update(extra)
             self._send(
                 make_event(state.stream_id, "track", ts=ts, frame=frame_index, event="ended", track_id=track.id,
                            box=round_box(track.box_xyxy), score=round(track.score, 4), phrase=track.label,
@@ -290,6 +314,7 @@ class InferenceWorker:
                 continue
             state.finished = True
             self._emit_track_events(state, state.tracker.finish(), ts=None, reason="end_of_stream")
+            self._tick_alerts(state, finished=True)  # pending clips of a file are cut before it goes offline
             if state.mailbox.end_reason == "end_of_file":
                 self._send(make_event(state.stream_id, "status", state="offline", reason="end_of_file",
                                       source="file", frames=state.frames))
@@ -303,7 +328,23 @@ class InferenceWorker:
             self.process(batch)
         else:
             self.finish_streams()
+        for state in self.streams.values():
+            if not state.finished:
+                self._tick_alerts(state)
         return len(batch)
+
+    def _tick_alerts(self, state: StreamState, finished: bool = False) -> None:
+        alerts = self.alerts.get(state.stream_id)
+        if alerts is None or not alerts.pending:
+            return
+        for kind, fields in alerts.tick(state.extra.get("last_ts"), finished=finished):
+            self._send(make_event(state.stream_id, kind, ts=state.extra.get("last_ts"), **fields))
+
+    def _send_counts(self, stream_id: str, alerts) -> None:
+        """Zone and line counts for the hub's heartbeat, when they change (an internal kind, not published)."""
+        counts = alerts.counts()
+        if counts is not None:
+            self._send(make_event(stream_id, COUNTS_KIND, zones=counts[0], lines=counts[1]))
 
     def run(self, stop, control: "queue.Queue | None" = None, replies: "queue.Queue | None" = None) -> None:
         while not stop.is_set():
@@ -319,6 +360,15 @@ class InferenceWorker:
             if not state.finished:
                 self._emit_track_events(state, state.tracker.finish(), ts=None, reason="shutdown")
 
+    def set_alerting(self, command: str, args: dict) -> dict:
+        """Zones and lines of one stream (`set_zones`), or every rule (`set_rules`): effective on the next frame."""
+        if command == "set_zones":
+            self.alerts[args["stream"]].set_places(args["zones"], args["lines"])
+            return {"stream": args["stream"], "zones": len(args["zones"]), "lines": len(args["lines"])}
+        for alerts in self.alerts.values():
+            alerts.set_rules(args["rules"])
+        return {"rules": len(args["rules"])}
+
     def _serve_control(self, control, replies) -> None:
         while True:
             try:
@@ -329,6 +379,8 @@ class InferenceWorker:
             try:
                 if command == "set_prompt":
                     reply = {"ok": True, **self.set_prompt(args["stream"], args["prompt"])}
+                elif command in ("set_zones", "set_rules"):
+                    reply = {"ok": True, **self.set_alerting(command, args)}
                 else:
                     reply = {"ok": False, "error": f"unknown worker command {command!r}"}
             except Exception as exc:  # a bad request must not kill the worker
@@ -337,7 +389,8 @@ class InferenceWorker:
 
 
 def worker_main(*, streams: list[dict], mailbox_specs: dict[str, dict], stats_spec: dict, events_endpoint: str,
-                model: dict, tracker: dict, batch_size: int, stop, control, replies, ready, parent_pid: int) -> None:
+                model: dict, tracker: dict, batch_size: int, stop, control, replies, ready, parent_pid: int,
+                alerts: dict | None = None) -> None:
     """Entry point of the inference worker process (spawned by the supervisor)."""
     child_setup("worker", parent_pid)
     sender = EventSender(events_endpoint)
@@ -357,7 +410,8 @@ def worker_main(*, streams: list[dict], mailbox_specs: dict[str, dict], stats_sp
 
     tracker_package.warm_up()
     worker = InferenceWorker(detector=detector, streams=streams, mailboxes=mailboxes, stats=stats, sender=sender,
-                             tracker_factory=lambda: build_tracker(tracker), batch_size=batch_size)
+                             tracker_factory=lambda: build_tracker(tracker), batch_size=batch_size,
+                             alerts={s: build_stream_alerts(**a) for s, a in (alerts or {}).items()})
     for stream in streams:
         worker.encoding_for(stream["prompt"])
     log.info("model ready in %.1f s", time.perf_counter() - started)

@@ -657,18 +657,24 @@ class Tracker:
             frames_unseen=int(self._clock - self._last_frame[slot]),
         )
 
-    def finish(self, frame_index: int | None = None) -> TrackUpdate:
-        """End every track: `ended` for each confirmed one, tentative ones dropped silently.
+    def finish(self, frame_index: int | None = None, labels=None) -> TrackUpdate:
+        """End every track (or, with `labels`, only the tracks of those labels): `ended` for each confirmed
+        one, tentative ones dropped silently.
 
-        Call when the stream stops or its prompt changes. The tracker stays usable; ids keep counting up.
+        Call when the stream stops or its prompt changes (a prompt that keeps a phrase keeps that phrase's
+        tracks: pass the labels that left). The tracker stays usable; ids keep counting up.
         """
         if frame_index is None:
             frame_index = self._last_frame_index if self._last_frame_index is not None else 0
-        confirmed = np.flatnonzero((self._status == _TRACKED) | (self._status == _LOST))
+        chosen = np.ones(self._status.shape[0], dtype=bool)
+        if labels is not None:
+            codes = [self._code_of_label[label] for label in labels if label in self._code_of_label]
+            chosen = np.isin(self._label, np.array(codes, dtype=np.int64))
+        confirmed = np.flatnonzero(((self._status == _TRACKED) | (self._status == _LOST)) & chosen)
         ended_tracks = tuple(self._record(int(slot), TrackState.ENDED) for slot in confirmed)
         ended = self._id[confirmed]
-        self._status[:] = _FREE
-        self._detection[:] = -1
+        self._status[chosen] = _FREE
+        self._detection[chosen] = -1
         self._ended += int(ended.shape[0])
         empty_boxes = np.zeros((0, 4))
         return TrackUpdate(
@@ -705,6 +711,11 @@ class Tracker:
             tracks_started=self._started,
             tracks_ended=self._ended,
         )
+
+    @property
+    def labels(self) -> list:
+        """Every label the tracker has seen, in first-seen order."""
+        return list(self._label_of_code)
 
     @property
     def active_count(self) -> int:

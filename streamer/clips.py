@@ -42,6 +42,7 @@ def cut_clip(sources: list[tuple[Path, float]], output: str | Path, start: float
     partial = output.with_name(output.name + ".part")
     kept: list[tuple[float, float, av.Packet]] = []  # (presentation, decode time, packet), decode order
     template = None
+    reached = False  # a packet at or after `start` exists: a recording that ends before it has no clip
     opened = []
     try:
         for path, began in sources:
@@ -74,6 +75,7 @@ def cut_clip(sources: list[tuple[Path, float]], output: str | Path, start: float
                     elif kept:
                         kept.append((when, decoded, packet))
                     continue
+                reached = True
                 if decoded > end:
                     done = True
                     break
@@ -83,7 +85,7 @@ def cut_clip(sources: list[tuple[Path, float]], output: str | Path, start: float
                     kept.append((when, decoded, packet))
             if done:
                 break
-        if not kept:
+        if not kept or not reached:
             raise ValueError(f"no recorded video between {start:.3f} and {end:.3f}")
         with av.open(str(partial), "w", format="mp4") as out:
             out_stream = out.add_stream_from_template(template)

@@ -4,8 +4,8 @@ A rule names a phrase as the detector writes it ("white van"), optionally a zone
 fires once per *presence*: once per track without a zone; once per entry into the zone (leave and come back:
 a new presence); once per crossing of a line. `min_seconds` is how long the track must have been present (in
 the zone, or at all) and `min_score` the least score the track has reached. `cooldown_seconds` silences the
-rule on that stream after it fires; a presence that still qualifies when the cooldown is over fires then, so a
-cooldown delays an alert, it never loses one.
+rule on that stream after it fires; a presence that still qualifies when the cooldown is over fires then (one
+that ended inside the cooldown does not).
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ class RuleEngine:
         found = self._phrase_cache.get(phrase)
         if found is None:
             key = normalize_phrase(phrase)
-            found = np.array([r.phrase == key for r in self.rules], dtype=bool)
+            found = np.array([normalize_phrase(r.phrase) == key for r in self.rules], dtype=bool)
             self._phrase_cache[phrase] = found
         return found
 

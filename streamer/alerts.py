@@ -75,6 +75,7 @@ class StreamAlerts:
         self.alerts_fired = 0
         self.reported_outside: set[str] = set()
         self._counts_sent: tuple | None = None
+        self.changed = True  # zone or line counts may have changed since `counts` was last asked
 
     def _grow(self, capacity: int) -> None:
         self.start_time = _grown(self.start_time, capacity, 0.0)
@@ -93,6 +94,7 @@ class StreamAlerts:
 
     def set_places(self, zones: list[Zone], lines: list[Line]) -> None:
         self.zones.set_geometry(zones, lines)
+        self.changed = True
         self.reported_outside.clear()
         self.rules.set_rules(self.rules.rules)  # zone presences start afresh, and so do their firings
 
@@ -120,8 +122,13 @@ class StreamAlerts:
         height, width = pixels.shape[:2]
         zone_events, line_events = self.zones.update(ts, m_ids, m_rows, boxes_xyxy, phrases, width, height)
         self._report_outside(width, height, events)
-        for fields in zone_events:
-            events.append(("zone", self._zone_fields(fields, ts)))
+        if zone_events:
+            counts = self.zones.zone_counts(list(self.rows.row_of.values()))
+            for fields in zone_events:
+                fields = self._zone_fields(fields, ts)
+                fields["count"] = counts[fields["zone"]]
+                events.append(("zone", fields))
+        self.changed = bool(zone_events or line_events)
         for fields in line_events:
             fields = dict(fields)
             fields.pop("row")
@@ -137,8 +144,27 @@ class StreamAlerts:
         for firing in firings:
             events.append(("alert", self._fire(firing, ts, phrase_of_row[firing.row], box_of_row[firing.row],
                                                score_of_row[firing.row])))
-        fields = {track_id: self.track_fields(row, track_id) for track_id, row in zip(ids.tolist(), rows.tolist())}
-        return events, fields
+        return events, self._all_track_fields(ids, rows)
+
+    def _all_track_fields(self, ids: np.ndarray, rows: np.ndarray) -> dict[int, dict]:
+        """`track_fields` for every reported track at once (100 tracks: the per-frame common case)."""
+        current: dict[int, list[str]] = {}
+        if self.zones.zones:
+            names = self.zones.zone_names
+            for k, z in zip(*np.nonzero(self.zones.present[rows])):
+                current.setdefault(int(k), []).append(names[z])
+        starts = np.round(self.start_time[rows], 6).tolist()
+        tops = np.round(self.top_score[rows], 4).tolist()
+        entered, snapshots, clips = self.zones.entered_names, self.snapshot_path, self.clip_path
+        fields = {}
+        for k, (track_id, row) in enumerate(zip(ids.tolist(), rows.tolist())):
+            snapshot, clip = snapshots.get(row), clips.get(row)
+            fields[track_id] = {
+                "id": f"{self.stream_id}-{self.run}-{track_id}", "start_time": starts[k], "top_score": tops[k],
+                "current_zones": current.get(k, []), "entered_zones": list(entered.get(row, ())),
+                "has_snapshot": snapshot is not None, "snapshot": snapshot,
+                "has_clip": bool(clip and clip[1]), "clip": clip[0] if clip else None}
+        return fields
 
     def _report_outside(self, width: int, height: int, events: list) -> None:
         outside = [n for n in self.zones.geometry(width, height).outside if n not in self.reported_outside]
@@ -153,8 +179,6 @@ class StreamAlerts:
         fields["id"] = self.track_uid(fields["track_id"])
         if fields["event"] != "entered":
             fields["seconds_in_zone"] = round(max(0.0, ts - entered_ts), 3)
-        fields["count"] = int(self.zones.present[list(self.rows.row_of.values()),
-                                                 self.zones.zone_names.index(fields["zone"])].sum())
         del row
         return fields
 
@@ -218,6 +242,11 @@ class StreamAlerts:
                         "entered_zones": [],
                         "has_snapshot": False, "snapshot": None, "has_clip": False, "clip": None}
         events = [("zone", self._zone_fields(f, ts)) for f in self.zones.end_track(track_id, row, phrase)]
+        if events:
+            counts = self.zones.zone_counts([r for r in self.rows.row_of.values() if r != row])
+            for _, fields in events:
+                fields["count"] = counts[fields["zone"]]
+            self.changed = True
         if (self.snapshots is not None and self.settings.snapshot_on_track_end and self.snapshots.has(row)):
             self._write_snapshot(row, self.track_uid(track_id), phrase)
         fields = self.track_fields(row, track_id)
@@ -265,6 +294,9 @@ class StreamAlerts:
 
     def counts(self) -> tuple[dict, dict] | None:
         """(tracks in each zone, line counts) when they changed since the last call, else None."""
+        if not self.changed:
+            return None
+        self.changed = False
         zones = self.zones.zone_counts(list(self.rows.row_of.values()))
         lines = {name: {p: dict(c) for p, c in counts.items()} for name, counts in self.zones.line_counts.items()}
         key = (tuple(zones.items()), repr(lines))

@@ -5,6 +5,8 @@
     groundwatch subscribe ENDPOINT [--stream ID] [--kind KIND]    one JSON line per event
     groundwatch status [--control ENDPOINT]                       per-stream fps, latency, drops, reconnects
     groundwatch prompt STREAM PROMPT [--control ENDPOINT]         change a stream's prompt while it runs
+    groundwatch zones STREAM FILE.toml [--control ENDPOINT]       replace a stream's [[zones]] and [[lines]]
+    groundwatch rules FILE.toml [--control ENDPOINT]              replace every [[rules]] while it runs
     groundwatch replay VIDEO --events LOG -o out.mp4              overlays and trails drawn over the video
     groundwatch detect|convert|train|eval ...                     the model's own tools (gdino)
 """
@@ -107,6 +109,59 @@ def _prompt(args) -> int:
     return 0 if reply.get("ok") else 1
 
 
+def _read_toml(path: str, command: str) -> dict | None:
+    import tomllib
+
+    try:
+        return tomllib.loads(Path(path).read_text())
+    except OSError as exc:
+        print(f"groundwatch {command}: cannot read {path} ({exc.strerror})", file=sys.stderr)
+    except tomllib.TOMLDecodeError as exc:
+        print(f"groundwatch {command}: {path} is not valid TOML: {exc}", file=sys.stderr)
+    return None
+
+
+def _zones(args) -> int:
+    from streamer.client import set_zones
+
+    data = _read_toml(args.file, "zones")
+    if data is None:
+        return 2
+    unknown = set(data) - {"zones", "lines"}
+    if unknown:
+        print(f"groundwatch zones: {args.file}: unknown tables {sorted(unknown)} (only [[zones]] and [[lines]])",
+              file=sys.stderr)
+        return 2
+    try:
+        reply = set_zones(args.control, args.stream, data.get("zones", []), data.get("lines", []))
+    except TimeoutError as exc:
+        print(f"groundwatch zones: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(reply) if reply.get("ok") else reply.get("error"))
+    return 0 if reply.get("ok") else 1
+
+
+def _rules(args) -> int:
+    from streamer.client import set_rules
+
+    data = _read_toml(args.file, "rules")
+    if data is None:
+        return 2
+    unknown = set(data) - {"rules"}
+    if unknown:
+        print(f"groundwatch rules: {args.file}: unknown tables {sorted(unknown)} (only [[rules]])", file=sys.stderr)
+        return 2
+    try:
+        reply = set_rules(args.control, data.get("rules", []))
+    except TimeoutError as exc:
+        print(f"groundwatch rules: {exc}", file=sys.stderr)
+        return 1
+    for warning in reply.get("warnings", []):
+        print(f"groundwatch rules: warning: {warning}", file=sys.stderr)
+    print(json.dumps(reply) if reply.get("ok") else reply.get("error"))
+    return 0 if reply.get("ok") else 1
+
+
 def _replay(args) -> int:
     from streamer.replay import replay
 
@@ -149,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = commands.add_parser("subscribe", help="print events as JSON lines")
     sub.add_argument("endpoint", help="the daemon's PUB endpoint, e.g. tcp://127.0.0.1:5555")
     sub.add_argument("--stream", help="only this stream")
-    sub.add_argument("--kind", choices=("detections", "track", "status", "heartbeat", "error"), help="only this kind")
+    sub.add_argument("--kind", choices=("detections", "track", "status", "heartbeat", "error", "zone", "line", "alert"), help="only this kind")
     sub.add_argument("--count", type=int, help="exit after this many events")
     sub.add_argument("--timeout", type=float, help="exit after this many seconds without an event")
     sub.set_defaults(handler=_subscribe)
@@ -165,6 +220,17 @@ def build_parser() -> argparse.ArgumentParser:
     prompt.add_argument("prompt")
     prompt.add_argument("--control", default=DEFAULT_CONTROL)
     prompt.set_defaults(handler=_prompt)
+
+    zones = commands.add_parser("zones", help="replace a stream's zones and lines while the daemon runs")
+    zones.add_argument("stream")
+    zones.add_argument("file", help="TOML with [[zones]] and [[lines]] tables, as under [[streams]]")
+    zones.add_argument("--control", default=DEFAULT_CONTROL)
+    zones.set_defaults(handler=_zones)
+
+    rules = commands.add_parser("rules", help="replace every rule while the daemon runs")
+    rules.add_argument("file", help="TOML with [[rules]] tables, as in the config")
+    rules.add_argument("--control", default=DEFAULT_CONTROL)
+    rules.set_defaults(handler=_rules)
 
     rep = commands.add_parser("replay", help="draw recorded events over a video")
     rep.add_argument("video")

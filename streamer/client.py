@@ -115,6 +115,16 @@ def wait_ready(endpoint: str, timeout: float = 60.0) -> dict:
         time.sleep(0.2)
 
 
+def set_zones(endpoint: str, stream: str, zones: list[dict], lines: list[dict], timeout: float = 30.0) -> dict:
+    """Replace a stream's zones and lines; the reply says `ok` or every problem found."""
+    return request(endpoint, {"cmd": "set_zones", "stream": stream, "zones": zones, "lines": lines}, timeout=timeout)
+
+
+def set_rules(endpoint: str, rules: list[dict], timeout: float = 30.0) -> dict:
+    """Replace every rule; the reply says `ok` (with `warnings`) or every problem found."""
+    return request(endpoint, {"cmd": "set_rules", "rules": rules}, timeout=timeout)
+
+
 def format_status(reply: dict) -> str:
     columns = ("state", "fps", "decode_fps", "latency_ms", "frames_processed", "frames_dropped", "reconnects",
                "events_published")

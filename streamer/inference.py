@@ -362,11 +362,18 @@ class InferenceWorker:
 
     def set_alerting(self, command: str, args: dict) -> dict:
         """Zones and lines of one stream (`set_zones`), or every rule (`set_rules`): effective on the next frame."""
+        changed = [args["stream"]] if command == "set_zones" else list(self.alerts)
+        for stream_id in changed:
+            if command == "set_zones":
+                self.alerts[stream_id].set_places(args["zones"], args["lines"])
+            else:
+                self.alerts[stream_id].set_rules(args["rules"])
+            # In the event log, the frames after this event are the ones the change applies to.
+            state_name = STATE_NAMES.get(self.stats.get(stream_id, "state"), "online")
+            self._send(make_event(stream_id, "status", ts=self.streams[stream_id].extra.get("last_ts"),
+                                  state=state_name, reason=command.replace("set_", "") + "_changed"))
         if command == "set_zones":
-            self.alerts[args["stream"]].set_places(args["zones"], args["lines"])
             return {"stream": args["stream"], "zones": len(args["zones"]), "lines": len(args["lines"])}
-        for alerts in self.alerts.values():
-            alerts.set_rules(args["rules"])
         return {"rules": len(args["rules"])}
 
     def _serve_control(self, control, replies) -> None:

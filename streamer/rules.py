@@ -65,19 +65,21 @@ class RuleEngine:
         self.rules = mine
         self._fired = {f for f in self._fired if f[0] in kept}
         self._last_fired = {name: ts for name, ts in self._last_fired.items() if name in kept}
-        self._phrase_cache: dict[str, np.ndarray] = {}
+        self._phrase_code: dict[str, int] = {}
+        self._table = np.zeros((0, len(self.rules)), dtype=bool)  # (P, R): rule r is about phrase p
 
     def forget_row(self, row: int) -> None:
         self._fired = {f for f in self._fired if f[1] != row}
 
-    def _phrase_matches(self, phrase: str) -> np.ndarray:
-        """(R,) bool: the rules whose phrase is this detector phrase."""
-        found = self._phrase_cache.get(phrase)
-        if found is None:
+    def _matches(self, phrases: list[str]) -> np.ndarray:
+        """(T, R) bool: the rules whose phrase is each detector phrase."""
+        code_of = self._phrase_code
+        for phrase in set(phrases) - code_of.keys():
             key = normalize_phrase(phrase)
-            found = np.array([normalize_phrase(r.phrase) == key for r in self.rules], dtype=bool)
-            self._phrase_cache[phrase] = found
-        return found
+            code_of[phrase] = len(code_of)
+            row = [[normalize_phrase(r.phrase) == key for r in self.rules]]
+            self._table = np.vstack([self._table, row]).astype(bool)
+        return self._table[np.fromiter((code_of[p] for p in phrases), dtype=np.int64, count=len(phrases))]
 
     def evaluate(self, ts: float, ids: np.ndarray, rows: np.ndarray, phrases: list[str], top_scores: np.ndarray,
                  start_times: np.ndarray, zones, line_events: list[dict]) -> list[Firing]:
@@ -85,9 +87,12 @@ class RuleEngine:
         this frame; `zones` the stream's ZoneTracker; line_events this frame's crossings."""
         if not self.rules or not len(rows):
             return []
-        matches = np.array([self._phrase_matches(p) for p in phrases]).reshape(len(rows), len(self.rules))  # (T, R)
+        matches = self._matches(phrases)  # (T, R)
+        wanted = matches.any(axis=0)
         firings: list[Firing] = []
         for index, rule in enumerate(self.rules):
+            if not wanted[index]:
+                continue
             candidates = matches[:, index] & (top_scores >= rule.min_score)
             if not candidates.any():
                 continue

@@ -21,8 +21,10 @@ class SnapshotKeeper:
     """Best frames of one stream's tracks, by row (see `zones.TrackRows`)."""
 
     def __init__(self, directory: Path, *, quality: int = 85, crop: bool = True, edge_margin: float = 2.0,
-                 capacity: int = 64) -> None:
+                 min_improvement: float = 0.02, capacity: int = 64) -> None:
         self.directory, self.quality, self.crop, self.edge_margin = Path(directory), quality, crop, edge_margin
+        # A best frame is replaced only by a clearly better one: score noise alone would copy a frame each time.
+        self.min_improvement = min_improvement
         self.best_rank = np.full(capacity, -np.inf)  # score, +1 when the box is whole: a whole box always wins
         self.best_frame = np.full(capacity, -1, dtype=np.int64)
         self.best_box = np.zeros((capacity, 4))
@@ -45,7 +47,7 @@ class SnapshotKeeper:
         whole = ((boxes_xyxy[:, 0] > m) & (boxes_xyxy[:, 1] > m) & (boxes_xyxy[:, 2] < width - m)
                  & (boxes_xyxy[:, 3] < height - m))
         rank = scores + whole
-        better = rank > self.best_rank[rows]
+        better = rank > self.best_rank[rows] + self.min_improvement
         if not better.any():
             return
         key = self._next_key

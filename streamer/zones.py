@@ -261,7 +261,9 @@ class ZoneTracker:
         previous = getattr(self, "line_counts", {})
         self.line_counts: dict[str, dict[str, dict[str, int]]] = {l.name: previous.get(l.name, {}) for l in lines}
         self._geometry: dict[tuple[int, int], _Geometry] = {}
-        self._phrase_masks: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._phrase_code: dict[str, int] = {}
+        self._zone_table = np.zeros((0, Z), dtype=bool)  # (P, Z): a track of phrase p counts in zone z
+        self._line_table = np.zeros((0, L), dtype=bool)
         self._anchor_of_zone = [z.anchor for z in zones]
         self._anchor_of_line = [l.anchor for l in lines]
         self._anchors = sorted(set(self._anchor_of_zone) | set(self._anchor_of_line))
@@ -310,15 +312,17 @@ class ZoneTracker:
         self._geometry[key] = found
         return found
 
-    def _masks(self, phrase: str) -> tuple[np.ndarray, np.ndarray]:
-        """(Z,), (L,) bool: the zones and lines where a track of this phrase counts."""
-        found = self._phrase_masks.get(phrase)
-        if found is None:
+    def _codes(self, phrases: list[str]) -> np.ndarray:
+        """(T,) row of each phrase in the zone and line tables (rows added for phrases not seen before)."""
+        code_of = self._phrase_code
+        for phrase in set(phrases) - code_of.keys():
             key = normalize_phrase(phrase)
-            found = (np.array([z.phrases is None or key in z.phrases for z in self.zones], dtype=bool),
-                     np.array([l.phrases is None or key in l.phrases for l in self.lines], dtype=bool))
-            self._phrase_masks[phrase] = found
-        return found
+            code_of[phrase] = len(code_of)
+            self._zone_table = np.vstack([self._zone_table, [[z.phrases is None or key in z.phrases
+                                                             for z in self.zones]]]).astype(bool)
+            self._line_table = np.vstack([self._line_table, [[l.phrases is None or key in l.phrases
+                                                             for l in self.lines]]]).astype(bool)
+        return np.fromiter((code_of[p] for p in phrases), dtype=np.int64, count=len(phrases))
 
     def update(self, ts: float, ids: np.ndarray, rows: np.ndarray, boxes_xyxy: np.ndarray, phrases: list[str],
                width: int, height: int) -> tuple[list[dict], list[dict]]:
@@ -332,14 +336,8 @@ class ZoneTracker:
             return zone_events, line_events
         geometry = self.geometry(width, height)
         anchors = np.stack([anchor_points(boxes_xyxy, a) for a in self._anchors], axis=1)  # (T, A, 2)
-        if len(phrases) == 1 or len(set(phrases)) == 1:
-            zone_mask, line_mask = self._masks(phrases[0])
-            zone_mask, line_mask = np.broadcast_to(zone_mask, (len(rows), len(self.zones))), \
-                np.broadcast_to(line_mask, (len(rows), len(self.lines)))
-        else:
-            masks = [self._masks(p) for p in phrases]
-            zone_mask = np.array([m[0] for m in masks]).reshape(len(rows), len(self.zones))
-            line_mask = np.array([m[1] for m in masks]).reshape(len(rows), len(self.lines))
+        codes = self._codes(phrases)
+        zone_mask, line_mask = self._zone_table[codes], self._line_table[codes]  # (T, Z), (T, L)
         if self.zones:
             zone_events = self._update_zones(ts, ids, rows, anchors[:, self._zone_anchor_index], zone_mask,
                                              geometry, phrases)

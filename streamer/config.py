@@ -1,6 +1,9 @@
 """The daemon's configuration: a TOML file validated once at start-up.
 
-Every section is a pydantic model with unknown keys forbidden, bounds and a description per field. `load_config`
+Every section is a pydantic model with unknown keys forbidden, bounds and a description per field; the
+`[tracker]` section is built straight into the tracker's own frozen `tracker.TrackerConfig` (pydantic checks its
+types and unknown keys, the dataclass its bounds), so there is one definition of it and one set of defaults.
+Child processes receive these frozen objects, never dicts. `load_config`
 is the one place a file is read; a bad file raises `ConfigError` whose message lists every bad field at once, so
 an operator fixes the whole file in one pass instead of one error per restart.
 """
@@ -12,6 +15,8 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tracker.config import TrackerConfig, TrackerConfigError
 
 LIVE_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "tcp://", "srt://")
 STREAM_ID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
@@ -57,22 +62,6 @@ class ModelConfig(_Section):
     threads: Annotated[int, Field(ge=0, le=256, description="CPU threads for inference; 0 = torch's default.")] = 0
     short_side: Annotated[int, Field(ge=32, le=4096, description="Frames are resized to this short side.")] = 800
     max_side: Annotated[int, Field(ge=32, le=8192, description="...and at most this long side.")] = 1333
-
-
-class TrackerConfig(_Section):
-    """Mirrors `tracker.TrackerConfig` (same names and meaning); its own checks run at load time too."""
-
-    high_score: Annotated[float, Field(ge=0, le=1, description="High-confidence detections (first stage).")] = 0.5
-    low_score: Annotated[float, Field(ge=0, le=1, description="Below this a detection is ignored.")] = 0.1
-    new_track_score: Annotated[float, Field(ge=0, le=1, description="Least score to start a track.")] = 0.6
-    match_iou: Annotated[float, Field(gt=0, le=1, description="Least IoU to match a track (first stage).")] = 0.2
-    low_match_iou: Annotated[float, Field(gt=0, le=1, description="Least IoU in the low-score stage.")] = 0.5
-    tentative_match_iou: Annotated[float, Field(gt=0, le=1, description="Least IoU for a tentative track.")] = 0.3
-    min_hits: Annotated[int, Field(ge=1, le=1000, description="Matched frames before a track starts.")] = 2
-    max_age: Annotated[int, Field(ge=0, le=100_000, description="Unseen frames before a track ends.")] = 30
-    velocity_smoothing: Annotated[float, Field(ge=0, le=1, description="Weight of the newest motion.")] = 0.4
-    max_predict_frames: Annotated[int, Field(ge=0, le=10_000, description="Stop extrapolating after.")] = 10
-    class_agnostic: Annotated[bool, Field(description="Match boxes whatever their phrase.")] = False
 
 
 class LiveConfig(_Section):
@@ -122,7 +111,7 @@ class SupervisorConfig(_Section):
 class Config(_Section):
     streams: Annotated[list[StreamConfig], Field(min_length=1, description="Video sources to watch.")]
     model: ModelConfig = ModelConfig()
-    tracker: TrackerConfig = TrackerConfig()
+    tracker: TrackerConfig = TrackerConfig()  # the tracker's own frozen dataclass, validated by pydantic
     live: LiveConfig = LiveConfig()
     publish: PublishConfig = PublishConfig()
     record: RecordConfig = RecordConfig()
@@ -161,39 +150,53 @@ def _report(source: str, errors: list[str]) -> str:
     return f"{source}: {len(errors)} {noun}\n" + "\n".join(f"  - {e}" for e in errors)
 
 
+def _schema_errors(exc: ValidationError) -> list[str]:
+    errors = []
+    for err in exc.errors():
+        where = _format_location(err["loc"])
+        cause = err.get("ctx", {}).get("error")
+        if isinstance(cause, TrackerConfigError):  # the dataclass's own checks: one line per bad field
+            errors.extend(f"{where}.{name}: {message}" for name, message in cause.problems)
+        elif err["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+            errors.append(f"{where}: unknown key")
+        elif err["type"] == "missing":
+            errors.append(f"{where}: required but missing")
+        else:
+            message = err["msg"].removeprefix("Value error, ")
+            errors.append(f"{where}: {message} (got {err.get('input')!r})")
+    return errors
+
+
+def _resolve_file(stream: StreamConfig, index: int, base_dir: Path, errors: list[str]) -> StreamConfig:
+    """A file stream with its path made absolute; a missing file is added to `errors`."""
+    if stream.is_live:
+        return stream
+    path = Path(stream.url.removeprefix("file://")).expanduser()
+    if not path.is_absolute():
+        path = (base_dir / path).resolve()
+    if not path.is_file():
+        errors.append(f"streams[{index}].url: no such file {str(path)!r}")
+    return stream.model_copy(update={"url": str(path)})
+
+
 def parse_config(data: dict, source: str = "<config>", base_dir: Path | None = None) -> Config:
     """Validate a parsed TOML document; relative file paths resolve against `base_dir`."""
+    base_dir = base_dir or Path.cwd()
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
-        errors = []
-        for err in exc.errors():
-            where = _format_location(err["loc"])
-            if err["type"] == "extra_forbidden":
-                errors.append(f"{where}: unknown key")
-            elif err["type"] == "missing":
-                errors.append(f"{where}: required but missing")
-            else:
-                message = err["msg"].removeprefix("Value error, ")
-                errors.append(f"{where}: {message} (got {err.get('input')!r})")
+        errors = _schema_errors(exc)
+        # Missing files too, for every stream that is otherwise valid: the whole report in one pass.
+        raw_streams = data.get("streams") if isinstance(data, dict) else None
+        for index, raw in enumerate(raw_streams if isinstance(raw_streams, list) else []):
+            try:
+                _resolve_file(StreamConfig.model_validate(raw), index, base_dir, errors)
+            except ValidationError:
+                pass  # already in the report
         raise ConfigError(_report(source, errors)) from None
 
-    base_dir = base_dir or Path.cwd()
     errors = []
-    if config.tracker.low_score > config.tracker.high_score:
-        errors.append(
-            f"tracker.low_score: {config.tracker.low_score} is above tracker.high_score {config.tracker.high_score}"
-        )
-    streams = []
-    for index, stream in enumerate(config.streams):
-        if not stream.is_live:
-            path = Path(stream.url.removeprefix("file://")).expanduser()
-            if not path.is_absolute():
-                path = (base_dir / path).resolve()
-            if not path.is_file():
-                errors.append(f"streams[{index}].url: no such file {str(path)!r}")
-            stream = stream.model_copy(update={"url": str(path)})
-        streams.append(stream)
+    streams = [_resolve_file(stream, index, base_dir, errors) for index, stream in enumerate(config.streams)]
     record_dir = Path(config.record.directory).expanduser()
     if not record_dir.is_absolute():
         record_dir = base_dir / record_dir

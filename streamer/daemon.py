@@ -30,12 +30,12 @@ from typing import Callable
 import zmq
 
 from streamer.config import Config
-from streamer.decoder import EXIT_FATAL, decoder_main
+from streamer.decoder import decoder_main
 from streamer.events import make_event
 from streamer.frames import FrameMailbox, remove_stale_mailboxes
 from streamer.hub import hub_main
 from streamer.inference import worker_main
-from streamer.process import EventSender
+from streamer.process import EXIT_DONE, EXIT_FATAL, EventSender
 from streamer.recording import run_stamp
 from streamer.stats import RateMeter, StreamStats, snapshot
 
@@ -141,18 +141,16 @@ class Supervisor:
             flush_seconds=config.record.flush_seconds, run_stamp=self.run_stamp, stop=self.stage_stops[2],
             parent_pid=pid), self.stage_stops[2]))
         self.children.append(Child("worker", 1, worker_main, lambda: dict(
-            streams=[{"id": s.id, "live": s.is_live, "prompt": self.prompts[s.id]} for s in config.streams],
+            streams=[s.model_copy(update={"prompt": self.prompts[s.id]}) for s in config.streams],
             mailbox_specs={s: m.spec() for s, m in self.mailboxes.items()}, stats_spec=stats_spec,
-            events_endpoint=self.events_endpoint, model=config.model.model_dump(exclude={"batch_size"}),
-            tracker=config.tracker.model_dump(), batch_size=config.model.batch_size, stop=self.stage_stops[1],
+            events_endpoint=self.events_endpoint, model=config.model,
+            tracker=config.tracker, batch_size=config.model.batch_size, stop=self.stage_stops[1],
             control=self.worker_control, replies=self.worker_replies, ready=self.worker_ready,
             parent_pid=pid), self.stage_stops[1]))
         for stream in config.streams:
-            stream_dict = {"id": stream.id, "url": stream.url, "live": stream.is_live, "fps": stream.fps,
-                           "max_width": stream.max_width, "max_height": stream.max_height}
-            self.children.append(Child(f"decoder-{stream.id}", 0, decoder_main, lambda s=stream, d=stream_dict: dict(
-                stream=d, mailbox_spec=self.mailboxes[s.id].spec(), stats_spec=stats_spec,
-                events_endpoint=self.events_endpoint, live=config.live.model_dump(),
+            self.children.append(Child(f"decoder-{stream.id}", 0, decoder_main, lambda s=stream: dict(
+                stream=s, mailbox_spec=self.mailboxes[s.id].spec(), stats_spec=stats_spec,
+                events_endpoint=self.events_endpoint, live=config.live,
                 video_directory=self.video_directory(s), stop=self.stage_stops[0], parent_pid=pid),
                 self.stage_stops[0], stream=stream.id))
         for child in sorted(self.children, key=lambda c: -c.stage):  # hub first: its sockets must be bound
@@ -196,7 +194,7 @@ class Supervisor:
             code = process.exitcode
             process.join()
             child.exit_codes.append(code)
-            if child.stream is not None and code in (0, EXIT_FATAL):
+            if child.stream is not None and code in (EXIT_DONE, EXIT_FATAL):
                 child.done = True  # file finished, or a source that can never work (its error event is out)
                 continue
             if child.name == "worker" and code == EXIT_FATAL:

@@ -22,14 +22,13 @@ import numpy as np
 
 from streamer.events import make_event
 from streamer.frames import FrameMailbox
-from streamer.process import EventSender, child_setup
+from streamer.config import LiveConfig, StreamConfig
+from streamer.process import EXIT_DONE, EXIT_FATAL, EventSender, child_setup
 from streamer.stats import STATE_CODES, StreamStats
 
 log = logging.getLogger("groundwatch.decoder")
 
 END_OF_FILE, END_ERROR, END_SHUTDOWN = 1, 2, 3  # keys of frames.END_REASONS
-EXIT_DONE = 0  # end of file reached, or asked to stop
-EXIT_FATAL = 3  # the source can never work (corrupt file): the supervisor does not restart us
 
 
 def fit_size(width: int, height: int, max_width: int, max_height: int) -> tuple[int, int]:
@@ -299,21 +298,21 @@ class Decoder:
         return EXIT_DONE
 
 
-def decoder_main(*, stream: dict, mailbox_spec: dict, stats_spec: dict, events_endpoint: str, live: dict,
-                 video_directory: str | None, stop, parent_pid: int) -> None:
+def decoder_main(*, stream: StreamConfig, mailbox_spec: dict, stats_spec: dict, events_endpoint: str,
+                 live: LiveConfig, video_directory: str | None, stop, parent_pid: int) -> None:
     """Entry point of the decoder process (spawned by the supervisor)."""
-    child_setup(f"decoder-{stream['id']}", parent_pid)
+    child_setup(f"decoder-{stream.id}", parent_pid)
     sender = EventSender(events_endpoint)
     mailbox = FrameMailbox.attach(mailbox_spec)
     stats = StreamStats.attach(stats_spec)
     decoder = Decoder(
-        stream_id=stream["id"], url=stream["url"], live=stream["live"], fps=stream["fps"],
-        max_width=stream["max_width"], max_height=stream["max_height"], mailbox=mailbox, stats=stats,
-        sender=sender, stop=stop, open_timeout=live["open_timeout_seconds"],
-        read_timeout=live["read_timeout_seconds"], reconnect_initial=live["reconnect_initial_seconds"],
-        reconnect_max=live["reconnect_max_seconds"],
+        stream_id=stream.id, url=stream.url, live=stream.is_live, fps=stream.fps,
+        max_width=stream.max_width, max_height=stream.max_height, mailbox=mailbox, stats=stats,
+        sender=sender, stop=stop, open_timeout=live.open_timeout_seconds,
+        read_timeout=live.read_timeout_seconds, reconnect_initial=live.reconnect_initial_seconds,
+        reconnect_max=live.reconnect_max_seconds,
         video_directory=Path(video_directory) if video_directory else None,
-        segment_seconds=live["segment_seconds"],
+        segment_seconds=live.segment_seconds,
     )
     code = decoder.run()
     sender.close()

@@ -108,13 +108,20 @@ def _prompt(args) -> int:
 
 
 def _replay(args) -> int:
-    from streamer.replay import replay
+    from streamer.replay import ReplayError, replay
 
     for path in (args.video, args.events):
         if not Path(path).is_file():
             print(f"groundwatch replay: no such file {path}", file=sys.stderr)
             return 2
-    summary = replay(args.video, args.events, args.output, trail_length=args.trail, progress=not args.quiet)
+    try:
+        summary = replay(args.video, args.events, args.output, trail_length=args.trail, progress=not args.quiet,
+                         force=args.force)
+    except ReplayError as exc:
+        print(f"groundwatch replay: {exc}", file=sys.stderr)
+        return 2
+    for warning in summary.warnings:
+        print(f"groundwatch replay: warning: {warning}", file=sys.stderr)
     print(f"groundwatch replay: {summary.frames} frames, {summary.frames_with_events} with events, "
           f"{summary.boxes_drawn} boxes drawn -> {summary.output}")
     return 0
@@ -172,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("-o", "--output", required=True, help="output video (.mp4)")
     rep.add_argument("--trail", type=int, default=20, help="trail length in frames")
     rep.add_argument("--quiet", action="store_true", help="no progress bar")
+    rep.add_argument("--force", action="store_true",
+                     help="draw a log that does not match the video (another frame shape, more frames)")
     rep.set_defaults(handler=_replay)
 
     for name, help_text in (("detect", "detect objects in images (gdino)"), ("convert", "convert checkpoints"),

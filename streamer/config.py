@@ -39,6 +39,9 @@ class StreamConfig(_Section):
     record_video: Annotated[bool, Field(description="Copy a live source's video to disk in segments.")] = False
     max_width: Annotated[int, Field(ge=16, le=8192, description="Larger frames are scaled down to fit.")] = 1920
     max_height: Annotated[int, Field(ge=16, le=8192, description="Larger frames are scaled down to fit.")] = 1080
+    loop: Annotated[bool, Field(description="Files only: start again at the end (demos, soak tests).")] = False
+    realtime: Annotated[bool, Field(description="Files only: deliver frames at the file's frame rate, as a "
+                                                "camera would, instead of as fast as they are processed.")] = False
 
     @field_validator("prompt")
     @classmethod
@@ -57,6 +60,12 @@ def _is_live(url: str, mode: str) -> bool:
     if mode != "auto":
         return mode == "live"
     return url.lower().startswith(LIVE_SCHEMES)
+
+    @model_validator(mode="after")
+    def _file_options_on_files(self) -> "StreamConfig":
+        if self.is_live and (self.loop or self.realtime):
+            raise ValueError("loop and realtime are for files; a live source is already paced by its camera")
+        return self
 
 
 class ModelConfig(_Section):

@@ -153,7 +153,8 @@ class Supervisor:
             parent_pid=pid), self.stage_stops[1]))
         for stream in config.streams:
             stream_dict = {"id": stream.id, "url": stream.url, "live": stream.is_live, "fps": stream.fps,
-                           "max_width": stream.max_width, "max_height": stream.max_height}
+                           "max_width": stream.max_width, "max_height": stream.max_height,
+                           "loop": stream.loop, "realtime": stream.realtime}
             self.children.append(Child(f"decoder-{stream.id}", 0, decoder_main, lambda s=stream, d=stream_dict: dict(
                 stream=d, mailbox_spec=self.mailboxes[s.id].spec(), stats_spec=stats_spec,
                 events_endpoint=self.events_endpoint, live=config.live.model_dump(),

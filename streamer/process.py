@@ -19,7 +19,7 @@ _PR_SET_PDEATHSIG = 1
 # Exit codes of the child processes, read by the supervisor (streamer.daemon) to decide on a restart.
 EXIT_DONE = 0  # finished (end of file reached) or asked to stop: never restarted
 EXIT_ORPHANED = 1  # the supervisor was already gone when the child started
-EXIT_FATAL = 3  # can never work (a corrupt file, a model that cannot load): not restarted, its error is published
+EXIT_FATAL = 3  # can never work (a corrupt file, a model that cannot load): not restarted; its error is out
 
 
 def child_setup(name: str, parent_pid: int) -> None:

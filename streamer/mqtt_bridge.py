@@ -27,6 +27,7 @@ from typing import Iterable
 
 import zmq
 
+from streamer.auth import client_curve, connectable
 from streamer.config import MqttConfig
 from streamer.events import make_event
 from streamer.process import EventSender, child_setup
@@ -401,11 +402,12 @@ class MqttBridge:
 
     def __init__(self, *, config: MqttConfig, prompts: dict[str, str], events_endpoint: str,
                  control_endpoint: str, stats: StreamStats | None = None, sender: EventSender | None = None,
-                 max_inflight: int = 1000) -> None:
+                 max_inflight: int = 1000, server_key: bytes | None = None) -> None:
         import paho.mqtt.client as mqtt
 
         self.config, self.stats, self.sender = config, stats, sender
-        self.control_endpoint = control_endpoint
+        self.control_endpoint = connectable(control_endpoint)
+        self.server_key = server_key  # the daemon's CURVE public key when its endpoints need one
         self.max_inflight = max_inflight
         self.stream_ids = list(prompts)
         self.state = BridgeState(prefix=config.topic_prefix, streams=dict(prompts), qos=config.qos,
@@ -429,7 +431,8 @@ class MqttBridge:
         for stream in self.stream_ids:
             for kind in BRIDGED_KINDS:
                 self.sub.setsockopt(zmq.SUBSCRIBE, f"{stream}/{kind}".encode())
-        self.sub.connect(events_endpoint)
+        client_curve(self.sub, server_key)
+        self.sub.connect(connectable(events_endpoint))
 
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=config.client_id,
                              reconnect_on_failure=True)
@@ -576,7 +579,7 @@ class MqttBridge:
         # ask the daemon once for every stream's state so that <prefix>/<stream>/status exists from the start.
         for _attempt in range(30):
             try:
-                reply = request(self.control_endpoint, {"cmd": "status"}, timeout=2.0)
+                reply = request(self.control_endpoint, {"cmd": "status"}, timeout=2.0, server_key=self.server_key)
             except (TimeoutError, zmq.ZMQError, ValueError):
                 continue
             if reply.get("ok"):
@@ -589,7 +592,7 @@ class MqttBridge:
             stream, prompt = item
             try:
                 reply = request(self.control_endpoint, {"cmd": "set_prompt", "stream": stream, "prompt": prompt},
-                                timeout=60.0)
+                                timeout=60.0, server_key=self.server_key)
             except (TimeoutError, zmq.ZMQError, ValueError) as exc:
                 reply = {"ok": False, "error": str(exc)}
             self._notices.put(("prompt_result", stream, prompt, reply))
@@ -687,13 +690,13 @@ class MqttBridge:
 
 
 def mqtt_main(*, config: MqttConfig, prompts: dict[str, str], events_endpoint: str, control_endpoint: str,
-              internal_endpoint: str, stats_spec: dict, stop, parent_pid: int) -> None:
+              internal_endpoint: str, stats_spec: dict, stop, parent_pid: int, server_key: bytes | None = None) -> None:
     """Entry point of the MQTT bridge process (spawned by the supervisor)."""
     child_setup("mqtt", parent_pid)
     stats = StreamStats.attach(stats_spec)
     sender = EventSender(internal_endpoint)
     bridge = MqttBridge(config=config, prompts=prompts, events_endpoint=events_endpoint,
-                        control_endpoint=control_endpoint, stats=stats, sender=sender)
+                        control_endpoint=control_endpoint, stats=stats, sender=sender, server_key=server_key)
     try:
         bridge.run(stop)
     finally:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import zmq
 
+from streamer.auth import client_curve, connectable
 from streamer.config import WebhookConfig
 from streamer.events import make_event
 from streamer.process import EventSender, child_setup
@@ -201,7 +202,8 @@ class WebhookDispatcher:
     """Subscribes to the bus and offers each event to every endpoint whose filter it matches."""
 
     def __init__(self, *, webhooks: list[WebhookConfig], stream_ids: list[str], events_endpoint: str,
-                 stats: StreamStats | None = None, sender: EventSender | None = None, transport=None) -> None:
+                 stats: StreamStats | None = None, sender: EventSender | None = None, transport=None,
+                 server_key: bytes | None = None) -> None:
         self.counters = Counters(stats, sender)
         self.endpoints = [Endpoint(index, config, self.counters, transport=transport)
                           for index, config in enumerate(webhooks)]
@@ -212,7 +214,8 @@ class WebhookDispatcher:
         for stream in stream_ids:
             for kind in kinds:  # filtered at the publisher: no detections event per frame unless asked for
                 self.sub.setsockopt(zmq.SUBSCRIBE, f"{stream}/{kind}".encode())
-        self.sub.connect(events_endpoint)
+        client_curve(self.sub, server_key)  # the daemon's CURVE public key when its endpoints need one
+        self.sub.connect(connectable(events_endpoint))
 
     def receive(self, limit: int = 10_000) -> int:
         count = 0
@@ -253,13 +256,14 @@ class WebhookDispatcher:
 
 
 def webhooks_main(*, webhooks: list[WebhookConfig], stream_ids: list[str], events_endpoint: str,
-                  internal_endpoint: str, stats_spec: dict, stop, parent_pid: int) -> None:
+                  internal_endpoint: str, stats_spec: dict, stop, parent_pid: int,
+                  server_key: bytes | None = None) -> None:
     """Entry point of the webhooks process (spawned by the supervisor)."""
     child_setup("webhooks", parent_pid)
     stats = StreamStats.attach(stats_spec)
     sender = EventSender(internal_endpoint)
     dispatcher = WebhookDispatcher(webhooks=webhooks, stream_ids=stream_ids, events_endpoint=events_endpoint,
-                                   stats=stats, sender=sender)
+                                   stats=stats, sender=sender, server_key=server_key)
     try:
         dispatcher.run(stop)
     finally:

@@ -5,10 +5,13 @@ Processes (all spawned, never forked: torch and ZeroMQ do not survive a fork):
     hub      PULL events from children -> PUB socket + event logs + heartbeats
     worker   mailboxes -> detector (batched across streams) -> tracker per stream -> events
     decoder  one per stream: PyAV -> RGB frames -> the stream's shared-memory mailbox
+    mqtt     with [mqtt]: event bus -> MQTT broker (Frigate topics, Home Assistant discovery); prompts from MQTT
+    webhooks with [[webhooks]]: event bus -> signed JSON POSTs
 
 Shutdown (SIGINT, SIGTERM, or every file done): decoders stop first, then the worker drains what they decoded
 and ends open tracks, then the hub publishes and records what is in flight and closes the logs. Each stage has
-its own stop event so the order is explicit; a stage that overruns its timeout is killed. Children also get
+its own stop event so the order is explicit; a stage that overruns its timeout is killed. The bridges (mqtt,
+webhooks) stop last, after the hub, so that they still carry its final events. Children also get
 PR_SET_PDEATHSIG, so even a SIGKILL of the supervisor leaves no orphan.
 """
 
@@ -71,7 +74,7 @@ class Supervisor:
         self.context = multiprocessing.get_context("spawn")
         self.stream_ids = [stream.id for stream in config.streams]
         self.prompts = {stream.id: stream.prompt for stream in config.streams}
-        self.stage_stops = {stage: self.context.Event() for stage in (0, 1, 2)}
+        self.stage_stops = {stage: self.context.Event() for stage in (0, 1, 2, 3)}  # 3: bridges, after the hub
         self.worker_ready = self.context.Event()
         self.worker_control = self.context.Queue()
         self.worker_replies = self.context.Queue()
@@ -159,6 +162,29 @@ class Supervisor:
                 self.stage_stops[0], stream=stream.id))
         for child in sorted(self.children, key=lambda c: -c.stage):  # hub first: its sockets must be bound
             self._spawn(child)
+        for child in self._bridge_children(stats_spec, pid):
+            self.children.append(child)
+            self._spawn(child)
+
+    def _bridge_children(self, stats_spec: dict, pid: int) -> list[Child]:
+        """The MQTT bridge and the webhooks: clients of the event bus and the control socket, stopped after the
+        hub so that they still carry its last events."""
+        config, children = self.config, []
+        if config.mqtt is not None and config.mqtt.enabled:
+            from streamer.mqtt_bridge import mqtt_main
+
+            children.append(Child("mqtt", 3, mqtt_main, lambda: dict(
+                config=config.mqtt, prompts=dict(self.prompts), events_endpoint=config.publish.endpoint,
+                control_endpoint=config.publish.control_endpoint, internal_endpoint=self.events_endpoint,
+                stats_spec=stats_spec, stop=self.stage_stops[3], parent_pid=pid), self.stage_stops[3]))
+        if config.webhooks:
+            from streamer.webhooks import webhooks_main
+
+            children.append(Child("webhooks", 3, webhooks_main, lambda: dict(
+                webhooks=list(config.webhooks), stream_ids=list(self.stream_ids),
+                events_endpoint=config.publish.endpoint, internal_endpoint=self.events_endpoint,
+                stats_spec=stats_spec, stop=self.stage_stops[3], parent_pid=pid), self.stage_stops[3]))
+        return children
 
     def _start_metrics(self) -> None:
         if not self.config.metrics.enabled:
@@ -334,7 +360,7 @@ class Supervisor:
             return
         self._closed = True
         timeout = self.config.supervisor.shutdown_timeout_seconds
-        for stage in (0, 1, 2):
+        for stage in (0, 1, 2, 3):
             self.stage_stops[stage].set()
             members = [c for c in self.children if c.stage == stage and c.process is not None]
             deadline = time.monotonic() + timeout

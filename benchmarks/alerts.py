@@ -28,11 +28,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from streamer.alerts import AlertSettings, StreamAlerts  # noqa: E402
+from streamer.config import StreamConfig  # noqa: E402
 from streamer.events import pack_internal  # noqa: E402
 from streamer.frames import Frame  # noqa: E402
 from streamer.inference import InferenceWorker, build_tracker  # noqa: E402
 from streamer.rules import Rule  # noqa: E402
 from streamer.zones import Line, Zone  # noqa: E402
+from tracker import TrackerConfig  # noqa: E402
 
 WIDTH, HEIGHT = 1920, 1080
 PHRASES = ("person", "white van", "red car", "dog")
@@ -112,10 +114,10 @@ RULES = [Rule("van_in_zone1", "white van", zone="zone1", min_seconds=2.0),
 
 def run_worker(detections: list[Boxes], warmup: int, alerts: StreamAlerts | None) -> tuple[list[float], dict]:
     """Per-frame seconds of the worker's path after the detector."""
-    stream = {"id": "cam", "live": False, "prompt": " . ".join(PHRASES) + " ."}
+    stream = StreamConfig(id="cam", url="cam.mp4", mode="file", prompt=" . ".join(PHRASES) + " .")
     sender = EncodingSender()
     worker = InferenceWorker(detector=None, streams=[stream], mailboxes={"cam": None}, stats=NullStats(),
-                             sender=sender, tracker_factory=lambda: build_tracker({"min_hits": 2, "max_age": 30}),
+                             sender=sender, tracker_factory=lambda: build_tracker(TrackerConfig(min_hits=2, max_age=30)),
                              alerts={"cam": alerts} if alerts is not None else {})
     state = worker.streams["cam"]
     pixels = np.full((HEIGHT, WIDTH, 3), 100, np.uint8)

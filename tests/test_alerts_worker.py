@@ -9,12 +9,14 @@ import numpy as np
 import zmq
 
 from streamer.alerts import AlertSettings, StreamAlerts
+from tracker import TrackerConfig
 from streamer.events import COUNTS_KIND, decode_payload, pack_internal, make_event
 from streamer.hub import Hub
 from streamer.inference import InferenceWorker, build_tracker
 from streamer.rules import Rule
 from streamer.zones import Line, Zone
-from test_streamer import FakeDetections, ListSender, frame_with_value, mailbox_factory, stats_factory  # noqa: F401
+from test_streamer import (FakeDetections, ListSender, frame_with_value, mailbox_factory,  # noqa: F401
+                           stats_factory, stream_config)
 
 
 class TwoPhraseDetector:
@@ -37,14 +39,14 @@ class TwoPhraseDetector:
 
 
 def make(mailbox_factory, stats_factory, prompt, zones=(), lines=(), rules=()):
-    streams = [{"id": "cam", "live": False, "prompt": prompt}]
+    streams = [stream_config("cam", False, prompt)]
     mailboxes = {"cam": mailbox_factory("cam", slots=8, width=160, height=120)}
     stats = stats_factory(["cam"])
     sender = ListSender()
     alerts = {"cam": StreamAlerts("cam", "run7", list(zones), list(lines), list(rules),
                                   AlertSettings(directory=None), live=False)}
     worker = InferenceWorker(detector=TwoPhraseDetector(), streams=streams, mailboxes=mailboxes, stats=stats,
-                             sender=sender, tracker_factory=lambda: build_tracker({"min_hits": 2, "max_age": 3}),
+                             sender=sender, tracker_factory=lambda: build_tracker(TrackerConfig(min_hits=2, max_age=3)),
                              alerts=alerts)
     return worker, mailboxes["cam"], sender
 

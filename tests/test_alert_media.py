@@ -97,13 +97,12 @@ def test_file_clip_starts_on_the_keyframe_before_and_lasts_as_asked(tmp_path, st
     assert frames[0][0] == pytest.approx(0.0, abs=0.05)
 
 
-def test_clip_from_live_segments_spans_segments(tmp_path):
-    """Recorded segments named by the wall-clock ms of their first packet, cut across a segment boundary."""
+def write_segments(tmp_path: Path, origin: float, count: int = 3) -> Path:
+    """`count` MPEG-TS segments of 2 s (20 frames each, numbered 0..), named like decoder.SegmentWriter's."""
     video = tmp_path / "video"
     video.mkdir()
-    origin = 1_700_000_000.0
-    frames = numbered_frames(60)
-    for index in range(3):  # three 2 s segments of 20 frames
+    frames = numbered_frames(20 * count)
+    for index in range(count):
         mp4 = write_video(tmp_path / f"seg{index}.mp4", frames[index * 20:(index + 1) * 20], fps=10, gop=10,
                           options={"bf": "0", "sc_threshold": "0"})
         target = video / f"{int((origin + index * 2) * 1000)}.ts"
@@ -114,6 +113,13 @@ def test_clip_from_live_segments_spans_segments(tmp_path):
                     continue
                 packet.stream = out
                 dst.mux(packet)
+    return video
+
+
+def test_clip_from_live_segments_spans_segments(tmp_path):
+    """Recorded segments named by the wall-clock ms of their first packet, cut across a segment boundary."""
+    origin = 1_700_000_000.0
+    video = write_segments(tmp_path, origin)
     start, end = origin + 1.55, origin + 4.3
     sources = segment_sources(video, start, end)
     assert [p.name for p, _ in sources] == sorted(p.name for p in video.glob("*.ts"))
@@ -204,3 +210,35 @@ def test_retention_with_the_real_clock_leaves_fresh_files(tmp_path):
     os.utime(tmp_path / "cam" / "clips" / "x.mp4", (time.time(), time.time()))
     policy = RetainPolicy(days={"clips": 1})
     assert Retention(tmp_path, policy).run()[0] == []
+
+
+def test_live_alert_clip_is_cut_from_segments_once_post_capture_has_passed(tmp_path, monkeypatch):
+    """A live stream's alert plans its clip at once (path in the alert) and cuts it from the recorded segments
+    only after post_capture (plus the writer's flush margin) has passed on the wall clock."""
+    import tracker
+    from streamer import alerts as alerts_module
+    from streamer.alerts import AlertSettings, StreamAlerts
+    from streamer.rules import Rule
+
+    origin = 1_700_000_000.0
+    video = write_segments(tmp_path, origin)
+    settings = AlertSettings(directory=str(tmp_path / "cam"), video_directory=str(video), pre_capture=1.5,
+                             post_capture=1.0, snapshots=False)
+    stream = StreamAlerts("cam", "run", [], [], [Rule("any", "person")], settings, live=True)
+    track = tracker.Tracker(tracker.TrackerConfig(min_hits=1))
+    clock = {"now": origin + 3.0}
+    monkeypatch.setattr(alerts_module.time, "time", lambda: clock["now"])
+    update = track.update(np.array([[10.0, 10.0, 30.0, 40.0]]), np.array([0.9]), ["person"], 0)
+    events, fields = stream.on_frame(update, np.zeros((64, 64, 3), np.uint8), origin + 3.0)
+    [(kind, fired)] = events
+    assert kind == "alert" and fired["clip"].endswith(".mp4") and fired["has_clip"] is False
+    assert fields[1]["clip"] == fired["clip"] and fields[1]["has_clip"] is False
+    clock["now"] = origin + 4.5  # post_capture passed, but not the flush margin
+    assert stream.tick(None) == []
+    clock["now"] = origin + 6.5
+    [(kind, ready)] = stream.tick(None)
+    assert ready["event"] == "clip_ready" and ready["clip"] == fired["clip"]
+    numbers = [n for _, n in decode(ready["clip"])]
+    assert numbers == list(range(10, 41))  # keyframe at 1.0 s (<= 3.0 - 1.5) through 4.0 s
+    assert ready["clip_start"] == pytest.approx(origin + 1.0) and ready["clip_end"] == pytest.approx(origin + 4.0)
+    assert stream._all_track_fields(np.array([1]), np.array([stream.rows.row_of[1]]))[1]["has_clip"] is True

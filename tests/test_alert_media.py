@@ -242,3 +242,32 @@ def test_live_alert_clip_is_cut_from_segments_once_post_capture_has_passed(tmp_p
     assert numbers == list(range(10, 41))  # keyframe at 1.0 s (<= 3.0 - 1.5) through 4.0 s
     assert ready["clip_start"] == pytest.approx(origin + 1.0) and ready["clip_end"] == pytest.approx(origin + 4.0)
     assert stream._all_track_fields(np.array([1]), np.array([stream.rows.row_of[1]]))[1]["has_clip"] is True
+
+
+def test_supervisor_low_disk_pass_deletes_oldest_video_and_says_so(tmp_path):
+    """With less free disk than `min_free_gigabytes`, the supervisor's expiry pass deletes the oldest video and
+    publishes an `error` event `disk_low` on the stream whose files went."""
+    from streamer.config import parse_config
+    from streamer.daemon import Supervisor
+
+    config = parse_config({"streams": [{"id": "cam", "url": "rtsp://127.0.0.1/cam", "prompt": "a person ."}],
+                           "record": {"directory": str(tmp_path / "rec"), "retain": {"min_free_gigabytes": 1}}})
+    supervisor = Supervisor(config)
+    old = make_file(tmp_path / "rec" / "cam" / "video" / "1000.ts", 2, size=4000)
+    newest = make_file(tmp_path / "rec" / "cam" / "video" / "2000.ts", 1, size=4000)
+    supervisor.retention.free_bytes = lambda _: GIB - 2000
+    supervisor.retention.clock = lambda: NOW
+
+    class Sender:
+        events: list = []
+
+        def send(self, event):
+            self.events.append(event)
+            return True
+
+    supervisor.sender = Sender()
+    supervisor.expire()
+    assert not old.exists() and newest.exists()
+    [event] = supervisor.sender.events
+    assert event["kind"] == "error" and event["error_type"] == "disk_low" and event["stream"] == "cam"
+    assert event["deleted"] == 1 and event["fatal"] is False

@@ -17,7 +17,6 @@ import av
 import numpy as np
 
 from streamer.clips import cut_clip, segment_sources
-from streamer.events import COUNTS_KIND  # noqa: F401  (re-exported for the worker)
 from streamer.rules import Firing, Rule, RuleEngine
 from streamer.snapshots import SnapshotKeeper
 from streamer.zones import Line, TrackRows, Zone, ZoneTracker, _grown
@@ -174,12 +173,11 @@ class StreamAlerts:
                                      "no track can be in it", "error_type": "zone_outside_frame", "fatal": False}))
 
     def _zone_fields(self, fields: dict, ts: float) -> dict:
-        row = fields.pop("row")
+        del fields["row"]
         entered_ts = fields.pop("entered_ts")
         fields["id"] = self.track_uid(fields["track_id"])
         if fields["event"] != "entered":
             fields["seconds_in_zone"] = round(max(0.0, ts - entered_ts), 3)
-        del row
         return fields
 
     def track_fields(self, row: int, track_id: int) -> dict:

@@ -17,9 +17,9 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-from streamer.alerts import COUNTS_KIND, build_stream_alerts
+from streamer.alerts import build_stream_alerts
 from streamer.config import ModelConfig, StreamConfig, prompt_phrases
-from streamer.events import make_event, round_box
+from streamer.events import COUNTS_KIND, make_event, round_box
 from streamer.frames import Frame, FrameMailbox
 from streamer.process import EXIT_FATAL, EventSender, child_setup
 from streamer.prompts import DEFAULT_MAX_PROMPT_TOKENS, check_prompt
@@ -397,6 +397,7 @@ class InferenceWorker:
         for state in self.streams.values():
             if not state.finished:
                 self._emit_track_events(state, state.tracker.finish(), ts=None, reason="shutdown")
+                self._tick_alerts(state, finished=True)  # clips of what was recorded so far
         self._encoder.shutdown(wait=False, cancel_futures=True)
 
     def set_alerting(self, command: str, args: dict) -> dict:

@@ -204,17 +204,28 @@ def anchor_points(boxes_xyxy: np.ndarray, anchor: str) -> np.ndarray:
     return np.stack([x, y], axis=1)
 
 
-def points_in_polygons(points: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+def points_in_polygons(points: np.ndarray, starts: np.ndarray, ends: np.ndarray,
+                       bounds: np.ndarray | None = None) -> np.ndarray:
     """Even-odd rule. points (T, Z, 2); polygon edges starts/ends (Z, K, 2), padded by repeating the last
-    vertex (a zero-length edge never straddles). Returns (T, Z) bool."""
-    px, py = points[:, :, None, 0], points[:, :, None, 1]  # (T, Z, 1)
-    x1, y1 = starts[None, :, :, 0], starts[None, :, :, 1]  # (1, Z, K)
-    x2, y2 = ends[None, :, :, 0], ends[None, :, :, 1]
-    straddles = (y1 > py) != (y2 > py)
+    vertex (a zero-length edge never straddles); bounds (Z, 4) x1, y1, x2, y2 of each polygon, optional.
+    Returns (T, Z) bool. Only the (track, zone) pairs inside a zone's bounding box run the edge test: most
+    tracks are far from most zones."""
+    if bounds is None:
+        bounds = np.concatenate([starts.min(axis=1), starts.max(axis=1)], axis=1)
+    px, py = points[..., 0], points[..., 1]  # (T, Z)
+    near = (px >= bounds[:, 0]) & (px <= bounds[:, 2]) & (py >= bounds[:, 1]) & (py <= bounds[:, 3])
+    inside = np.zeros(near.shape, dtype=bool)
+    t, z = np.nonzero(near)
+    if not t.size:
+        return inside
+    qx, qy = px[t, z][:, None], py[t, z][:, None]  # (N, 1)
+    x1, y1, x2, y2 = starts[z, :, 0], starts[z, :, 1], ends[z, :, 0], ends[z, :, 1]  # (N, K)
+    straddles = (y1 > qy) != (y2 > qy)
     dy = y2 - y1
     slope = np.divide(x2 - x1, dy, out=np.zeros_like(dy), where=dy != 0)
-    crossings = straddles & (px < x1 + (py - y1) * slope)
-    return (np.count_nonzero(crossings, axis=2) & 1).astype(bool)
+    crossings = straddles & (qx < x1 + (qy - y1) * slope)
+    inside[t, z] = (np.count_nonzero(crossings, axis=1) & 1).astype(bool)
+    return inside
 
 
 @dataclass
@@ -223,6 +234,7 @@ class _Geometry:
 
     edge_starts: np.ndarray  # (Z, K, 2)
     edge_ends: np.ndarray  # (Z, K, 2)
+    bounds: np.ndarray  # (Z, 4) x1, y1, x2, y2 pixels
     line_starts: np.ndarray  # (L, 2)
     line_vectors: np.ndarray  # (L, 2) end - start
     line_in_sides: np.ndarray  # (L,) +1 / -1: the side a track reaches when it crosses "in"
@@ -308,7 +320,8 @@ class ZoneTracker:
             in_sides[index] = 1 if d[0] * v[1] - d[1] * v[0] > 0 else -1
             if max(a[0], b[0]) < 0 or min(a[0], b[0]) > width or max(a[1], b[1]) < 0 or min(a[1], b[1]) > height:
                 outside.append(line.name)
-        found = _Geometry(starts, ends, line_starts, line_vectors, in_sides, outside)
+        bounds = np.concatenate([starts.min(axis=1), starts.max(axis=1)], axis=1)
+        found = _Geometry(starts, ends, bounds, line_starts, line_vectors, in_sides, outside)
         self._geometry[key] = found
         return found
 
@@ -347,7 +360,7 @@ class ZoneTracker:
         return zone_events, line_events
 
     def _update_zones(self, ts, ids, rows, points, allowed, geometry, phrases) -> list[dict]:
-        inside = points_in_polygons(points, geometry.edge_starts, geometry.edge_ends) & allowed  # (T, Z)
+        inside = points_in_polygons(points, geometry.edge_starts, geometry.edge_ends, geometry.bounds) & allowed
         in_streak = np.where(inside, self.in_streak[rows] + 1, 0)
         out_streak = np.where(inside, 0, self.out_streak[rows] + 1)
         was = self.present[rows]

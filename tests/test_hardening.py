@@ -253,3 +253,95 @@ def test_a_bad_prompt_at_start_costs_only_its_stream(mailbox_factory, stats_fact
     assert error["stream"] == "a" and error["error_type"] == "bad_prompt" and "cannot be encoded" in error["message"]
     assert stats.get("b", "frames_processed") == 5 and stats.get("a", "frames_processed") == 0
     assert worker.streams["a"].finished and worker.streams["b"].finished  # the file ran to its end, skipped
+
+
+# -- defect 2: SIGTERM could hang forever -----------------------------------------------------------------------
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def _wait_state(daemon: Daemon, stream: str, state: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while daemon.request({"cmd": "status"})["streams"][stream]["state"] != state:
+        assert time.monotonic() < deadline, f"{stream} never {state}; log:\n{daemon.log()}"
+        time.sleep(0.1)
+
+
+def test_sigterm_to_the_process_group_after_a_child_died_mid_wait(tmp_path):
+    """kill -9 of a decoder waiting to reconnect left the lock of the shared stop Event held by a dead process:
+    the staged shutdown blocked in `.set()` forever, and a second signal was ignored. The same SIGTERM sent to
+    the whole process group (what systemd does) must end the run in order, within its bound."""
+    daemon = Daemon(tmp_path, f"""
+[[streams]]
+id = "cam"
+url = "{dead_rtsp_url()}"
+prompt = "a person ."
+
+[[streams]]
+id = "door"
+url = "{dead_rtsp_url()}"
+prompt = "a person ."
+""", """
+[live]
+reconnect_initial_seconds = 8
+reconnect_max_seconds = 8
+[supervisor]
+restart_initial_seconds = 120
+shutdown_timeout_seconds = 5
+""")
+    daemon.start()
+    try:
+        daemon.wait_ready()
+        _wait_state(daemon, "cam", "reconnecting")
+        pids = daemon.child_pids()
+        time.sleep(0.5)  # the decoders are now inside their 8 s reconnect wait
+        os.kill(pids["decoder-cam"], signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while daemon.request({"cmd": "status"})["processes"]["decoder-cam"]["alive"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        os.killpg(daemon.process.pid, signal.SIGTERM)
+        code = daemon.wait_exit(30)  # 3 stages x 5 s at the very most, and nothing should overrun
+        assert code == 0, f"exit {code}; log:\n{daemon.log()}"
+        assert not [name for name, pid in pids.items() if _alive(pid)]
+        assert not list(Path("/dev/shm").glob(f"groundwatch-{daemon.process.pid}-*"))
+        door = [json.loads(line) for line in next((tmp_path / "recordings" / "door").glob("*.jsonl")).open()]
+        last = [e for e in door if e["kind"] == "status"][-1]
+        assert last["state"] == "offline" and last["reason"] == "shutdown"  # stopped in order, not killed
+    finally:
+        daemon.kill()
+
+
+def test_a_second_signal_forces_the_exit(tmp_path):
+    """While the ordered shutdown waits for a child that does not stop (here: SIGSTOP), a second SIGTERM or
+    SIGINT must end the run at once, killing every child and removing the shared memory."""
+    daemon = Daemon(tmp_path, f"""
+[[streams]]
+id = "cam"
+url = "{dead_rtsp_url()}"
+prompt = "a person ."
+""", """
+[supervisor]
+shutdown_timeout_seconds = 120
+""")
+    daemon.start()
+    try:
+        daemon.wait_ready()
+        pids = daemon.child_pids()
+        os.kill(pids["decoder-cam"], signal.SIGSTOP)
+        daemon.process.send_signal(signal.SIGTERM)
+        assert daemon.wait_exit(2) is None  # waiting for the stopped decoder, as it should
+        daemon.process.send_signal(signal.SIGINT)
+        code = daemon.wait_exit(10)
+        assert code is not None and code != 0, daemon.log()
+        time.sleep(0.5)
+        assert not [name for name, pid in pids.items() if _alive(pid)]
+        assert not list(Path("/dev/shm").glob(f"groundwatch-{daemon.process.pid}-*"))
+        assert "forcing" in daemon.log()
+    finally:
+        daemon.kill()

@@ -44,7 +44,14 @@ from streamer.stats import RateMeter, StreamStats, snapshot
 log = logging.getLogger("groundwatch")
 
 
-class EndpointError(RuntimeError):
+EXIT_DEGRADED = 3  # the run ended normally but lost part of its recording (see docs/events.md, "Exit status")
+
+
+class StartupError(RuntimeError):
+    """The daemon cannot start (nothing has been created yet); the message says why."""
+
+
+class EndpointError(StartupError):
     """A ZeroMQ endpoint of the config cannot be bound."""
 
 
@@ -122,6 +129,7 @@ class Supervisor:
             raise EndpointError(f"cannot bind {config.publish.control_endpoint} / {config.publish.endpoint}: {exc} "
                                 "(is another groundwatch running? change [publish] endpoints)") from None
         self._register_commands()
+        self._check_record_directory()
         remove_stale_mailboxes()
         self.runtime_dir = tempfile.mkdtemp(prefix="groundwatch-")
         self.events_endpoint = f"ipc://{self.runtime_dir}/events"
@@ -162,6 +170,30 @@ class Supervisor:
                 self.stage_stops[0], stream=stream.id))
         for child in sorted(self.children, key=lambda c: -c.stage):  # hub first: its sockets must be bound
             self._spawn(child)
+
+    def _check_record_directory(self) -> None:
+        """Refuse to start when recordings cannot be written at all (a full disk later is survived and reported,
+        see `Hub`); checked by writing a probe file in every stream's folder."""
+        if not self.config.record.enabled:
+            return
+        for stream in self.stream_ids:
+            folder = Path(self.config.record.directory) / stream
+            probe = folder / f".groundwatch-probe-{os.getpid()}"
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                with open(probe, "wb") as file:
+                    file.write(b"probe\n")
+                    file.flush()
+                    os.fsync(file.fileno())
+            except OSError as exc:
+                self.control.close()
+                raise StartupError(f"record.directory {str(folder)!r} is not writable: {exc.strerror or exc} "
+                                   "(fix the folder or set [record] enabled = false)") from None
+            finally:
+                try:
+                    probe.unlink()
+                except OSError:
+                    pass
 
     def _start_metrics(self) -> None:
         if not self.config.metrics.enabled:
@@ -280,7 +312,13 @@ class Supervisor:
                         self.request_stop("every stream finished")
         finally:
             self.shutdown()
+        if self.exit_code == 0 and self._recording_degraded():
+            self.exit_code = EXIT_DEGRADED
         return self.exit_code
+
+    def _recording_degraded(self) -> bool:
+        return bool(getattr(self, "_record_health", None)) and any(
+            errors or lost for errors, lost in self._record_health.values())
 
     # -- control socket ----------------------------------------------------------------------------------------
 
@@ -397,6 +435,12 @@ class Supervisor:
             self._metrics_server.shutdown()
         for mailbox in self.mailboxes.values():
             mailbox.close()
+        self._record_health = {s: (self.stats.get(s, "record_errors"), self.stats.get(s, "record_lost"))
+                               for s in self.stream_ids}
+        degraded = {s: figures for s, figures in self._record_health.items() if any(figures)}
+        if degraded:
+            log.warning("run degraded: event logs could not be written (failed writes, events lost): %s",
+                        ", ".join(f"{s} {int(e)}/{int(n)}" for s, (e, n) in degraded.items()))
         self.stats.close()
         self._remove_created()
         self.worker_control.close()

@@ -33,6 +33,9 @@ COLUMNS = (
     "worker_finished",  # 1 once the worker has processed every frame of a finished stream
     # hub
     "events_published",
+    "record_errors",  # event-log writes that failed (disk full, read-only...); retried
+    "record_lost",  # events that never reached the log (backlog overflow while failing, or still failing at exit)
+    "record_failing",  # 1 while the stream's event log cannot be written
 )
 STATE_CODES = {"starting": 0.0, "online": 1.0, "reconnecting": 2.0, "offline": 3.0}
 STATE_NAMES = {code: name for name, code in STATE_CODES.items()}
@@ -119,4 +122,7 @@ def snapshot(stats: StreamStats, stream: str, rates: dict[str, float] | None = N
                    "reconnects", "decode_errors", "events_published", "prompt_changes"):
         figures[column] = int(row[column])
     figures["events_dropped"] = int(row["decoder_events_dropped"] + row["worker_events_dropped"])
+    figures["record_errors"] = int(row["record_errors"])
+    figures["events_not_recorded"] = int(row["record_lost"])
+    figures["recording"] = "failing" if row["record_failing"] else "ok"
     return figures

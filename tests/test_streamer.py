@@ -510,6 +510,9 @@ def test_recording_survives_kill_9(tmp_path):
     path = tmp_path / "events.jsonl"
     process = multiprocessing.get_context("spawn").Process(target=_write_forever, args=(str(path),))
     process.start()
+    deadline = time.monotonic() + 60  # a spawned child can take seconds to start on a loaded machine
+    while not (path.exists() and path.stat().st_size) and time.monotonic() < deadline:
+        time.sleep(0.05)
     time.sleep(2.5)
     os.kill(process.pid, signal.SIGKILL)
     killed_at = time.time()

@@ -5,10 +5,13 @@ Processes (all spawned, never forked: torch and ZeroMQ do not survive a fork):
     hub      PULL events from children -> PUB socket + event logs + heartbeats
     worker   mailboxes -> detector (batched across streams) -> tracker per stream -> events
     decoder  one per stream: PyAV -> RGB frames -> the stream's shared-memory mailbox
+    mqtt     with [mqtt]: event bus -> MQTT broker (Frigate topics, Home Assistant discovery); prompts from MQTT
+    webhooks with [[webhooks]]: event bus -> signed JSON POSTs
 
 Shutdown (SIGINT, SIGTERM, or every file done): decoders stop first, then the worker drains what they decoded
 and ends open tracks, then the hub publishes and records what is in flight and closes the logs. Each stage has
-its own stop event so the order is explicit; a stage that overruns its timeout is killed. Children also get
+its own stop event so the order is explicit; a stage that overruns its timeout is killed. The bridges (mqtt,
+webhooks) stop last, after the hub, so that they still carry its final events. Children also get
 PR_SET_PDEATHSIG, so even a SIGKILL of the supervisor leaves no orphan.
 """
 
@@ -32,12 +35,12 @@ import zmq
 from streamer.config import Config
 from streamer.control import (DEFERRED, ControlServer, PingRequest, Reply, SetPromptRequest, StatusRequest,
                               StopRequest)
-from streamer.decoder import EXIT_FATAL, decoder_main
+from streamer.decoder import decoder_main
 from streamer.events import make_event
 from streamer.frames import FrameMailbox, remove_stale_mailboxes
 from streamer.hub import hub_main
 from streamer.inference import worker_main
-from streamer.process import EventSender, SharedFlag
+from streamer.process import EXIT_DONE, EXIT_FATAL, EventSender, SharedFlag
 from streamer.recording import run_stamp
 from streamer.stats import RateMeter, StreamStats, snapshot
 
@@ -79,7 +82,7 @@ class Supervisor:
         self.stream_ids = [stream.id for stream in config.streams]
         self.prompts = {stream.id: stream.prompt for stream in config.streams}
         # Lock-free flags (see SharedFlag): a child killed at any point can never block the shutdown.
-        self.stage_stops = {stage: SharedFlag(self.context) for stage in (0, 1, 2)}
+        self.stage_stops = {stage: SharedFlag(self.context) for stage in (0, 1, 2, 3)}  # 3: bridges, after the hub
         self.worker_ready = SharedFlag(self.context)
         self.worker_control = self.worker_replies = None
         self._new_worker_queues()
@@ -154,22 +157,43 @@ class Supervisor:
             flush_seconds=config.record.flush_seconds, run_stamp=self.run_stamp, stop=self.stage_stops[2],
             parent_pid=pid), self.stage_stops[2]))
         self.children.append(Child("worker", 1, worker_main, lambda: dict(
-            streams=[{"id": s.id, "live": s.is_live, "prompt": self.prompts[s.id]} for s in config.streams],
+            streams=[s.model_copy(update={"prompt": self.prompts[s.id]}) for s in config.streams],
             mailbox_specs={s: m.spec() for s, m in self.mailboxes.items()}, stats_spec=stats_spec,
-            events_endpoint=self.events_endpoint, model=config.model.model_dump(exclude={"batch_size"}),
-            tracker=config.tracker.model_dump(), batch_size=config.model.batch_size, stop=self.stage_stops[1],
+            events_endpoint=self.events_endpoint, model=config.model,
+            tracker=config.tracker, batch_size=config.model.batch_size, stop=self.stage_stops[1],
             control=self.worker_control, replies=self.worker_replies, ready=self.worker_ready,
             parent_pid=pid), self.stage_stops[1]))
         for stream in config.streams:
-            stream_dict = {"id": stream.id, "url": stream.url, "live": stream.is_live, "fps": stream.fps,
-                           "max_width": stream.max_width, "max_height": stream.max_height}
-            self.children.append(Child(f"decoder-{stream.id}", 0, decoder_main, lambda s=stream, d=stream_dict: dict(
-                stream=d, mailbox_spec=self.mailboxes[s.id].spec(), stats_spec=stats_spec,
-                events_endpoint=self.events_endpoint, live=config.live.model_dump(),
+            self.children.append(Child(f"decoder-{stream.id}", 0, decoder_main, lambda s=stream: dict(
+                stream=s, mailbox_spec=self.mailboxes[s.id].spec(), stats_spec=stats_spec,
+                events_endpoint=self.events_endpoint, live=config.live,
                 video_directory=self.video_directory(s), stop=self.stage_stops[0], parent_pid=pid),
                 self.stage_stops[0], stream=stream.id))
         for child in sorted(self.children, key=lambda c: -c.stage):  # hub first: its sockets must be bound
             self._spawn(child)
+        for child in self._bridge_children(stats_spec, pid):
+            self.children.append(child)
+            self._spawn(child)
+
+    def _bridge_children(self, stats_spec: dict, pid: int) -> list[Child]:
+        """The MQTT bridge and the webhooks: clients of the event bus and the control socket, stopped after the
+        hub so that they still carry its last events."""
+        config, children = self.config, []
+        if config.mqtt is not None and config.mqtt.enabled:
+            from streamer.mqtt_bridge import mqtt_main
+
+            children.append(Child("mqtt", 3, mqtt_main, lambda: dict(
+                config=config.mqtt, prompts=dict(self.prompts), events_endpoint=config.publish.endpoint,
+                control_endpoint=config.publish.control_endpoint, internal_endpoint=self.events_endpoint,
+                stats_spec=stats_spec, stop=self.stage_stops[3], parent_pid=pid), self.stage_stops[3]))
+        if config.webhooks:
+            from streamer.webhooks import webhooks_main
+
+            children.append(Child("webhooks", 3, webhooks_main, lambda: dict(
+                webhooks=list(config.webhooks), stream_ids=list(self.stream_ids),
+                events_endpoint=config.publish.endpoint, internal_endpoint=self.events_endpoint,
+                stats_spec=stats_spec, stop=self.stage_stops[3], parent_pid=pid), self.stage_stops[3]))
+        return children
 
     def _check_record_directory(self) -> None:
         """Refuse to start when recordings cannot be written at all (a full disk later is survived and reported,
@@ -249,7 +273,7 @@ class Supervisor:
             code = process.exitcode
             process.join()
             child.exit_codes.append(code)
-            if child.stream is not None and code in (0, EXIT_FATAL):
+            if child.stream is not None and code in (EXIT_DONE, EXIT_FATAL):
                 child.done = True  # file finished, or a source that can never work (its error event is out)
                 continue
             if child.name == "worker" and code == EXIT_FATAL:
@@ -418,7 +442,7 @@ class Supervisor:
             return
         self._closed = True
         timeout = self.config.supervisor.shutdown_timeout_seconds
-        for stage in (0, 1, 2):
+        for stage in (0, 1, 2, 3):
             self.stage_stops[stage].set()
             members = [c for c in self.children if c.stage == stage and c.process is not None]
             deadline = time.monotonic() + timeout

@@ -364,8 +364,8 @@ class InferenceWorker:
         batch = self.gather()
         if batch:
             self.process(batch)
-        else:
-            self.finish_streams()
+        # Every round, not only idle ones: a file's end must not wait for a busy camera to pause.
+        self.finish_streams()
         for state in self.streams.values():
             if not state.finished:
                 self._tick_alerts(state)

@@ -285,3 +285,22 @@ def test_bad_run_time_input_is_refused_and_the_daemon_goes_on(run):
     assert not reply["ok"] and "rules" in reply["error"]
     assert run["process"].poll() is None
     assert status(control)["processes"]["worker"]["alive"]
+
+
+def test_cli_changes_zones_and_rules_and_reports_problems(run, tmp_path, capsys):
+    from streamer import cli
+
+    control = run["control"]
+    zones = tmp_path / "zones.toml"
+    zones.write_text('[[zones]]\nname = "left"\npolygon = [[0, 0], [0.5, 0], [0.5, 1], [0, 1]]\n')
+    assert cli.main(["zones", "short", str(zones), "--control", control]) == 0
+    rules = tmp_path / "rules.toml"
+    rules.write_text('[[rules]]\nname = "r"\nphrase = "red circle"\nstream = "short"\nzone = "nowhere"\n')
+    assert cli.main(["rules", str(rules), "--control", control]) == 1
+    assert "no zone 'nowhere' in stream 'short'" in capsys.readouterr().out
+    rules.write_text('[[rules]]\nname = "r"\nphrase = "red circle"\nstream = "short"\nzone = "left"\n')
+    assert cli.main(["rules", str(rules), "--control", control]) == 0
+    rules.write_text('[[rulez]]\nname = "r"\n')
+    assert cli.main(["rules", str(rules), "--control", control]) == 2
+    assert "unknown tables ['rulez']" in capsys.readouterr().err
+    assert run["process"].poll() is None

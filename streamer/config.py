@@ -33,6 +33,7 @@ class _Section(BaseModel):
 
 
 NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+MAX_ZONES, MAX_LINES, MAX_RULES = 256, 256, 1024  # bounds what one request can make the supervisor check
 Point = tuple[float, float]
 
 
@@ -131,8 +132,10 @@ class StreamConfig(_Section):
         if problem:
             raise ValueError(problem)
         return prompt
-    zones: Annotated[list[ZoneConfig], Field(description="Areas of the picture (see [[streams.zones]]).")] = []
-    lines: Annotated[list[LineConfig], Field(description="Counting lines (see [[streams.lines]]).")] = []
+    zones: Annotated[list[ZoneConfig], Field(max_length=MAX_ZONES,
+                                             description="Areas of the picture (see [[streams.zones]]).")] = []
+    lines: Annotated[list[LineConfig], Field(max_length=MAX_LINES,
+                                             description="Counting lines (see [[streams.lines]]).")] = []
 
     @field_validator("zones")
     @classmethod
@@ -370,7 +373,7 @@ class Config(_Section):
     supervisor: SupervisorConfig = SupervisorConfig()
     mqtt: MqttConfig | None = None
     webhooks: list[WebhookConfig] = []
-    rules: Annotated[list[RuleConfig], Field(description="Alerts (see [[rules]]).")] = []
+    rules: Annotated[list[RuleConfig], Field(max_length=MAX_RULES, description="Alerts (see [[rules]]).")] = []
     snapshots: SnapshotsConfig = SnapshotsConfig()
     clips: ClipsConfig = ClipsConfig()
 
@@ -523,8 +526,8 @@ def _validation_errors(exc: ValidationError) -> list[str]:
 class PlacesUpdate(_Section):
     """A `set_zones` request: a stream's zones and lines, replacing the ones it has."""
 
-    zones: list[ZoneConfig] = []
-    lines: list[LineConfig] = []
+    zones: Annotated[list[ZoneConfig], Field(max_length=MAX_ZONES)] = []
+    lines: Annotated[list[LineConfig], Field(max_length=MAX_LINES)] = []
 
     @field_validator("zones")
     @classmethod
@@ -540,7 +543,7 @@ class PlacesUpdate(_Section):
 class RulesUpdate(_Section):
     """A `set_rules` request: every rule, replacing the ones the daemon has."""
 
-    rules: list[RuleConfig] = []
+    rules: Annotated[list[RuleConfig], Field(max_length=MAX_RULES)] = []
 
     @field_validator("rules")
     @classmethod

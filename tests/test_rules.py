@@ -198,3 +198,13 @@ def test_run_time_updates_are_validated_like_the_config():
     with pytest.raises(ConfigError, match="no zone 'y'"):
         parse_rules({"rules": [{"name": "r", "phrase": "x", "zone": "y"}]}, {"door": places})
     assert parse_rules({"rules": [{"name": "r", "phrase": "x", "zone": "z"}]}, {"door": places}).rules[0].zone == "z"
+
+
+def test_run_time_updates_are_bounded():
+    """One set_zones request with thousands of zones (each checked for self-intersection) could hold the
+    supervisor for seconds; the lists are bounded like the config's."""
+    many = [{"name": f"z{k}", "polygon": [[0, 0], [1, 0], [1, 1]]} for k in range(300)]
+    with pytest.raises(ConfigError, match="at most 256"):
+        parse_places({"zones": many})
+    with pytest.raises(ConfigError, match="at most 64"):
+        parse_places({"zones": [{"name": "z", "polygon": [[k / 100, (k % 2) / 100] for k in range(65)]}]})

@@ -279,8 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     stat.set_defaults(handler=_status)
 
     prompt = commands.add_parser("prompt", help="change a stream's prompt while the daemon runs",
-                                 description="Change what a stream looks for while the daemon runs; its tracks "
-                                             "end (reason prompt_changed) and tracking starts afresh.")
+                                 description="Change what a stream looks for while the daemon runs; tracks of "
+                                             "phrases the new prompt keeps go on, those of phrases that left it end "
+                                             "(reason prompt_changed).")
     prompt.add_argument("stream", help="the stream id from the config")
     prompt.add_argument("prompt", help="what to look for, phrases separated by ' . ', e.g. 'a person . a car .'")
     prompt.add_argument("--control", default=DEFAULT_CONTROL, help=f"control endpoint (default {DEFAULT_CONTROL})")
@@ -291,15 +292,21 @@ def build_parser() -> argparse.ArgumentParser:
     prompt.add_argument("--server-key", help="the daemon's public CURVE key (a .key file or its 40 characters)")
     prompt.set_defaults(handler=_prompt)
 
-    zones = commands.add_parser("zones", help="replace a stream's zones and lines while the daemon runs")
-    zones.add_argument("stream")
-    zones.add_argument("file", help="TOML with [[zones]] and [[lines]] tables, as under [[streams]]")
-    zones.add_argument("--control", default=DEFAULT_CONTROL)
+    zones = commands.add_parser("zones", help="replace a stream's zones and lines while the daemon runs",
+                                description="Replace one stream's zones and counting lines while the daemon runs, "
+                                            "validated like the config (every problem is listed); the next frame "
+                                            "uses them.")
+    zones.add_argument("stream", help="the stream id from the config")
+    zones.add_argument("file", help="TOML with [[zones]] and [[lines]] tables, as under [[streams]] in the config")
+    zones.add_argument("--control", default=DEFAULT_CONTROL, help=f"control endpoint (default {DEFAULT_CONTROL})")
     zones.set_defaults(handler=_zones)
 
-    rules = commands.add_parser("rules", help="replace every rule while the daemon runs")
+    rules = commands.add_parser("rules", help="replace every rule while the daemon runs",
+                                description="Replace every alert rule while the daemon runs, validated like the "
+                                            "config; a rule whose phrase is in no prompt is a warning, not an "
+                                            "error. The next frame uses them.")
     rules.add_argument("file", help="TOML with [[rules]] tables, as in the config")
-    rules.add_argument("--control", default=DEFAULT_CONTROL)
+    rules.add_argument("--control", default=DEFAULT_CONTROL, help=f"control endpoint (default {DEFAULT_CONTROL})")
     rules.set_defaults(handler=_rules)
 
     rep = commands.add_parser("replay", help="draw recorded events over a video",

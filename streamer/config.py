@@ -66,6 +66,10 @@ class ModelConfig(_Section):
     threads: Annotated[int, Field(ge=0, le=256, description="CPU threads for inference; 0 = torch's default.")] = 0
     short_side: Annotated[int, Field(ge=32, le=4096, description="Frames are resized to this short side.")] = 800
     max_side: Annotated[int, Field(ge=32, le=8192, description="...and at most this long side.")] = 1333
+    watchdog_seconds: Annotated[float, Field(ge=0, le=3600, description="A detector call running longer gets the "
+                                             "inference worker restarted (a hung GPU); 0 = never.")] = 120
+    oom_recover_seconds: Annotated[float, Field(gt=0, le=86400, description="After an out-of-memory halved the "
+                                                "batch size, double it again after this long without one.")] = 60
 
 
 class TrackerConfig(_Section):
@@ -103,6 +107,10 @@ class PublishConfig(_Section):
         int, Field(ge=1, le=10_000_000, description="Events queued per subscriber before it loses events.")
     ] = 10_000
     heartbeat_seconds: Annotated[float, Field(gt=0, le=3600, description="Heartbeat period per stream.")] = 1.0
+    curve_secret_key_file: Annotated[
+        str | None, Field(min_length=1, description="The daemon's CURVE key pair (`groundwatch keys`); required "
+                                                    "when an endpoint binds beyond loopback.")
+    ] = None
 
 
 class RecordConfig(_Section):
@@ -203,13 +211,34 @@ def parse_config(data: dict, source: str = "<config>", base_dir: Path | None = N
                 errors.append(f"streams[{index}].url: no such file {str(path)!r}")
             stream = stream.model_copy(update={"url": str(path)})
         streams.append(stream)
+    publish = config.publish
+    if publish.curve_secret_key_file is not None:
+        from streamer.auth import KeyFileError, load_secret
+
+        key_path = Path(publish.curve_secret_key_file).expanduser()
+        key_path = key_path if key_path.is_absolute() else (base_dir / key_path).resolve()
+        try:
+            load_secret(key_path)
+        except KeyFileError as exc:
+            errors.append(f"publish.curve_secret_key_file: {exc}")
+        publish = publish.model_copy(update={"curve_secret_key_file": str(key_path)})
+    else:
+        from streamer.auth import is_loopback
+
+        for name in ("endpoint", "control_endpoint"):
+            endpoint = getattr(publish, name)
+            if not is_loopback(endpoint):
+                errors.append(f"publish.{name}: {endpoint} is reachable beyond this machine; that needs "
+                              "publish.curve_secret_key_file (write a pair with `groundwatch keys DIRECTORY`), "
+                              "or bind to tcp://127.0.0.1")
     record_dir = Path(config.record.directory).expanduser()
     if not record_dir.is_absolute():
         record_dir = base_dir / record_dir
     if errors:
         raise ConfigError(_report(source, errors))
     return config.model_copy(
-        update={"streams": streams, "record": config.record.model_copy(update={"directory": str(record_dir)})}
+        update={"streams": streams, "record": config.record.model_copy(update={"directory": str(record_dir)}),
+                "publish": publish}
     )
 
 

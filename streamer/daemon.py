@@ -29,12 +29,14 @@ from typing import Callable
 
 import zmq
 
+from streamer.auth import load_secret, serve_curve
 from streamer.config import Config
 from streamer.decoder import EXIT_FATAL, decoder_main
 from streamer.events import make_event
 from streamer.frames import FrameMailbox, remove_stale_mailboxes
 from streamer.hub import hub_main
 from streamer.inference import worker_main
+from streamer.lastvalue import StateWatch
 from streamer.process import EventSender
 from streamer.recording import run_stamp
 from streamer.stats import RateMeter, StreamStats, snapshot
@@ -71,6 +73,7 @@ class Supervisor:
         self.prompts = {stream.id: stream.prompt for stream in config.streams}
         self.stage_stops = {stage: self.context.Event() for stage in (0, 1, 2)}
         self.worker_ready = self.context.Event()
+        self.detect_stamp = self.context.Value("d", 0.0, lock=False)  # see streamer.watchdog
         self.worker_control = self.context.Queue()
         self.worker_replies = self.context.Queue()
         self.children: list[Child] = []
@@ -84,6 +87,9 @@ class Supervisor:
         self._rates = None
         self._latest_rates: dict[str, dict] = {}
         self._closed = False
+        self._state_watch: StateWatch | None = None
+        key_file = config.publish.curve_secret_key_file
+        self.curve_keys = load_secret(key_file) if key_file else None  # checked by the config already
 
     # -- set-up --------------------------------------------------------------------------------------------
 
@@ -105,6 +111,7 @@ class Supervisor:
         config = self.config
         self.control = zmq.Context.instance().socket(zmq.REP)
         self.control.setsockopt(zmq.LINGER, 0)
+        serve_curve(self.control, self.curve_keys)
         try:
             self.control.bind(config.publish.control_endpoint)
             probe = zmq.Context.instance().socket(zmq.PUB)  # the hub binds it; fail here, not in a restart loop
@@ -139,14 +146,16 @@ class Supervisor:
             high_water_mark=config.publish.high_water_mark, heartbeat_seconds=config.publish.heartbeat_seconds,
             stats_spec=stats_spec, record_directory=config.record.directory if config.record.enabled else None,
             flush_seconds=config.record.flush_seconds, run_stamp=self.run_stamp, stop=self.stage_stops[2],
-            parent_pid=pid), self.stage_stops[2]))
+            parent_pid=pid, curve_secret_key_file=config.publish.curve_secret_key_file), self.stage_stops[2]))
         self.children.append(Child("worker", 1, worker_main, lambda: dict(
             streams=[{"id": s.id, "live": s.is_live, "prompt": self.prompts[s.id]} for s in config.streams],
             mailbox_specs={s: m.spec() for s, m in self.mailboxes.items()}, stats_spec=stats_spec,
-            events_endpoint=self.events_endpoint, model=config.model.model_dump(exclude={"batch_size"}),
+            events_endpoint=self.events_endpoint,
+            model=config.model.model_dump(exclude={"batch_size", "watchdog_seconds", "oom_recover_seconds"}),
             tracker=config.tracker.model_dump(), batch_size=config.model.batch_size, stop=self.stage_stops[1],
             control=self.worker_control, replies=self.worker_replies, ready=self.worker_ready,
-            parent_pid=pid), self.stage_stops[1]))
+            parent_pid=pid, oom_recover_seconds=config.model.oom_recover_seconds, detect_stamp=self.detect_stamp),
+            self.stage_stops[1]))
         for stream in config.streams:
             stream_dict = {"id": stream.id, "url": stream.url, "live": stream.is_live, "fps": stream.fps,
                            "max_width": stream.max_width, "max_height": stream.max_height,
@@ -158,6 +167,8 @@ class Supervisor:
                 self.stage_stops[0], stream=stream.id))
         for child in sorted(self.children, key=lambda c: -c.stage):  # hub first: its sockets must be bound
             self._spawn(child)
+        self._state_watch = StateWatch(config.publish.endpoint, self.stream_ids,
+                                       self.curve_keys[0] if self.curve_keys else None)
 
     def _start_metrics(self) -> None:
         if not self.config.metrics.enabled:
@@ -172,6 +183,7 @@ class Supervisor:
             for mailbox in self.mailboxes.values():
                 mailbox.recover_reading()
             self.worker_ready.clear()
+            self.detect_stamp.value = 0.0
         child.process = self.context.Process(target=child.target, kwargs=child.kwargs(), name=f"gw-{child.name}",
                                              daemon=True)
         child.process.start()
@@ -192,6 +204,8 @@ class Supervisor:
                     self._spawn(child)
                 continue
             process = child.process
+            if child.name == "worker" and process is not None and process.is_alive():
+                self._watch_detector(process)
             if process is None or process.is_alive():
                 continue
             code = process.exitcode
@@ -216,6 +230,23 @@ class Supervisor:
             for stream in [child.stream] if child.stream else self.stream_ids:
                 self.sender.send(make_event(stream, "error", message=message, error_type="process_crashed",
                                             fatal=False, process=child.name))
+
+    def _watch_detector(self, process) -> None:
+        """Kill a worker whose detector call overran `model.watchdog_seconds`; it is restarted like a crash."""
+        from streamer.watchdog import DetectorWatchdog
+
+        limit = self.config.model.watchdog_seconds
+        elapsed = DetectorWatchdog.overrun(self.detect_stamp, limit)
+        if elapsed is None:
+            return
+        message = f"a detector call has run {elapsed:.1f} s (model.watchdog_seconds = {limit:g}); killing the worker"
+        log.error(message)
+        for stream in self.stream_ids:
+            self.sender.send(make_event(stream, "error", message=message, error_type="detector_hung", fatal=False,
+                                        process="worker"))
+        self.detect_stamp.value = 0.0
+        process.kill()
+        process.join(5)
 
     def _all_done(self) -> bool:
         if not self.config.supervisor.exit_when_done:
@@ -250,6 +281,8 @@ class Supervisor:
                 if now >= next_rates:
                     next_rates = now + 1.0
                     self._latest_rates = {s: self._rates.rates(s, now) for s in self.stream_ids}
+                    if self._state_watch is not None:
+                        self._state_watch.drain()
                 if now >= next_check:
                     next_check = now + 0.2
                     self._check_children()
@@ -266,6 +299,8 @@ class Supervisor:
         for stream in self.config.streams:
             figures = snapshot(self.stats, stream.id, self._latest_rates.get(stream.id))
             figures.update(prompt=self.prompts[stream.id], source="live" if stream.is_live else "file")
+            if self._state_watch is not None:
+                figures.update(self._state_watch.state(stream.id))
             streams[stream.id] = figures
         processes = {
             child.name: {"pid": child.process.pid if child.process else None,
@@ -340,6 +375,8 @@ class Supervisor:
                     child.process.join(5)
         self.sender.close()
         self.control.close()
+        if self._state_watch is not None:
+            self._state_watch.close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
         for mailbox in self.mailboxes.values():

@@ -82,14 +82,20 @@ def feed_forward(x: torch.Tensor, linear1: nn.Linear, linear2: nn.Linear, dropou
     if training or torch.is_grad_enabled():
         return linear2(F.dropout(F.relu(linear1(x)), dropout, training))
     flat = x.reshape(-1, x.shape[-1])
-    key = (flat.shape[0], linear1.out_features, x.dtype, x.device)
+    weight, bias = linear1.weight, linear1.bias
+    if torch.is_autocast_enabled(x.device.type):
+        # Autocast does not cover ``out=`` calls: cast by hand to the dtype it would pick, so the shared buffer
+        # is kept in (and keyed by) the dtype the matmul really produces.
+        dtype = torch.get_autocast_dtype(x.device.type)
+        flat, weight, bias = flat.to(dtype), weight.to(dtype), bias.to(dtype)
+    key = (flat.shape[0], linear1.out_features, flat.dtype, x.device)
     buffer = workspace.get(key) if workspace is not None else None
     if buffer is None:
-        hidden = torch.addmm(linear1.bias, flat, linear1.weight.t())
+        hidden = torch.addmm(bias, flat, weight.t())
         if workspace is not None:
             workspace[key] = hidden
     else:
-        hidden = torch.addmm(linear1.bias, flat, linear1.weight.t(), out=buffer)
+        hidden = torch.addmm(bias, flat, weight.t(), out=buffer)
     hidden.relu_()
     return torch.addmm(linear2.bias, hidden, linear2.weight.t()).view(*x.shape[:-1], linear2.out_features)
 

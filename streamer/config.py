@@ -13,6 +13,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from streamer.prompts import DEFAULT_MAX_PROMPT_TOKENS, PromptProblem, check_prompt, prompt_problem
+
 LIVE_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "tcp://", "srt://")
 STREAM_ID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 
@@ -41,17 +43,29 @@ class StreamConfig(_Section):
     realtime: Annotated[bool, Field(description="Files only: deliver frames at the file's frame rate, as a "
                                                 "camera would, instead of as fast as they are processed.")] = False
 
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_has_words(cls, prompt: str) -> str:
+        problem = prompt_problem(prompt)  # the same words set_prompt answers with; tokens are counted later
+        if problem:
+            raise ValueError(problem)
+        return prompt
+
     @property
     def is_live(self) -> bool:
-        if self.mode != "auto":
-            return self.mode == "live"
-        return self.url.lower().startswith(LIVE_SCHEMES)
+        return _is_live(self.url, self.mode)
 
     @model_validator(mode="after")
     def _file_options_on_files(self) -> "StreamConfig":
         if self.is_live and (self.loop or self.realtime):
             raise ValueError("loop and realtime are for files; a live source is already paced by its camera")
         return self
+
+
+def _is_live(url: str, mode: str) -> bool:
+    if mode != "auto":
+        return mode == "live"
+    return url.lower().startswith(LIVE_SCHEMES)
 
 
 class ModelConfig(_Section):
@@ -66,6 +80,9 @@ class ModelConfig(_Section):
     threads: Annotated[int, Field(ge=0, le=256, description="CPU threads for inference; 0 = torch's default.")] = 0
     short_side: Annotated[int, Field(ge=32, le=4096, description="Frames are resized to this short side.")] = 800
     max_side: Annotated[int, Field(ge=32, le=8192, description="...and at most this long side.")] = 1333
+    max_prompt_tokens: Annotated[int, Field(ge=8, le=16_384, description=(
+        "Longest prompt in tokens (the text encoder reads 256 per pass; each pass costs a detector run)."))] = (
+        DEFAULT_MAX_PROMPT_TOKENS)
     watchdog_seconds: Annotated[float, Field(ge=0, le=3600, description="A detector call running longer gets the "
                                              "inference worker restarted (a hung GPU); 0 = never.")] = 120
     oom_recover_seconds: Annotated[float, Field(gt=0, le=86400, description="After an out-of-memory halved the "
@@ -106,11 +123,20 @@ class PublishConfig(_Section):
     high_water_mark: Annotated[
         int, Field(ge=1, le=10_000_000, description="Events queued per subscriber before it loses events.")
     ] = 10_000
-    heartbeat_seconds: Annotated[float, Field(gt=0, le=3600, description="Heartbeat period per stream.")] = 1.0
+    heartbeat_seconds: Annotated[float, Field(ge=0.05, le=3600, description="Heartbeat period per stream.")] = 1.0
     curve_secret_key_file: Annotated[
         str | None, Field(min_length=1, description="The daemon's CURVE key pair (`groundwatch keys`); required "
                                                     "when an endpoint binds beyond loopback.")
     ] = None
+
+    @field_validator("endpoint", "control_endpoint")
+    @classmethod
+    def _valid_port(cls, endpoint: str) -> str:
+        if endpoint.startswith("tcp://"):
+            port = endpoint.rpartition(":")[2]
+            if port != "*" and not (port.isdigit() and 1 <= int(port) <= 65535):
+                raise ValueError(f"the port must be 1-65535 or * (got {port!r})")
+        return endpoint
 
 
 class RecordConfig(_Section):
@@ -178,12 +204,89 @@ def _report(source: str, errors: list[str]) -> str:
     return f"{source}: {len(errors)} {noun}\n" + "\n".join(f"  - {e}" for e in errors)
 
 
+def _shown(value) -> str:
+    """An offending value as the report shows it: short, and never a whole section."""
+    if isinstance(value, (dict, list)):
+        return ""
+    text = repr(value)
+    return f" (got {text[:80]}{'...' if len(text) > 80 else ''})"
+
+
+def _file_path(url: str, base_dir: Path) -> Path:
+    path = Path(url.removeprefix("file://")).expanduser()
+    return path if path.is_absolute() else (base_dir / path).resolve()
+
+
+def _document_errors(data: dict, base_dir: Path) -> list[str]:
+    """The checks pydantic cannot make (files exist, prompts fit the tokenizer, cross-field bounds), run on the
+    raw document so that they are reported together with the field errors, in one pass."""
+    errors: list[str] = []
+    if not isinstance(data, dict):
+        return errors
+    tracker = data.get("tracker") if isinstance(data.get("tracker"), dict) else {}
+    low, high = tracker.get("low_score", 0.1), tracker.get("high_score", 0.5)
+    if isinstance(low, (int, float)) and isinstance(high, (int, float)) and low > high:
+        errors.append(f"tracker.low_score: {low} is above tracker.high_score {high}")
+    model = data.get("model") if isinstance(data.get("model"), dict) else {}
+    max_tokens = model.get("max_prompt_tokens", DEFAULT_MAX_PROMPT_TOKENS)
+    if not isinstance(max_tokens, int) or max_tokens < 8:
+        max_tokens = DEFAULT_MAX_PROMPT_TOKENS  # its own error is reported by the field check
+    streams = data.get("streams") if isinstance(data.get("streams"), list) else []
+    for index, stream in enumerate(streams):
+        if not isinstance(stream, dict):
+            continue
+        url, mode = stream.get("url"), stream.get("mode", "auto")
+        if isinstance(url, str) and url and isinstance(mode, str) and not _is_live(url, mode):
+            path = _file_path(url, base_dir)
+            if not path.is_file():
+                errors.append(f"streams[{index}].url: no such file {str(path)!r}")
+        prompt = stream.get("prompt")
+        if isinstance(prompt, str) and prompt and prompt_problem(prompt) is None:
+            try:
+                check_prompt(prompt, max_tokens)
+            except PromptProblem as exc:
+                errors.append(f"streams[{index}].prompt: {exc}")
+    errors += _access_errors(data, base_dir)
+    return errors
+
+
+def _key_path(path: str, base_dir: Path) -> Path:
+    key = Path(path).expanduser()
+    return key if key.is_absolute() else (base_dir / key).resolve()
+
+
+def _access_errors(data: dict, base_dir: Path) -> list[str]:
+    """Endpoints beyond loopback need the CURVE key pair, and the pair must load (see `streamer.auth`)."""
+    from streamer.auth import KeyFileError, is_loopback, load_secret
+
+    publish = data.get("publish") if isinstance(data.get("publish"), dict) else {}
+    key_file = publish.get("curve_secret_key_file")
+    if isinstance(key_file, str) and key_file:
+        try:
+            load_secret(_key_path(key_file, base_dir))
+        except KeyFileError as exc:
+            return [f"publish.curve_secret_key_file: {exc}"]
+        return []
+    errors = []
+    defaults = PublishConfig()
+    for name in ("endpoint", "control_endpoint"):
+        endpoint = publish.get(name, getattr(defaults, name))
+        if isinstance(endpoint, str) and not is_loopback(endpoint):
+            errors.append(f"publish.{name}: {endpoint} is reachable beyond this machine; that needs "
+                          "publish.curve_secret_key_file (write a pair with `groundwatch keys DIRECTORY`), "
+                          "or bind to tcp://127.0.0.1")
+    return errors
+
+
 def parse_config(data: dict, source: str = "<config>", base_dir: Path | None = None) -> Config:
-    """Validate a parsed TOML document; relative file paths resolve against `base_dir`."""
+    """Validate a parsed TOML document; relative file paths resolve against `base_dir`. Every problem of the
+    document is reported at once."""
+    base_dir = base_dir or Path.cwd()
+    errors = []
+    config = None
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
-        errors = []
         for err in exc.errors():
             where = _format_location(err["loc"])
             if err["type"] == "extra_forbidden":
@@ -192,50 +295,19 @@ def parse_config(data: dict, source: str = "<config>", base_dir: Path | None = N
                 errors.append(f"{where}: required but missing")
             else:
                 message = err["msg"].removeprefix("Value error, ")
-                errors.append(f"{where}: {message} (got {err.get('input')!r})")
-        raise ConfigError(_report(source, errors)) from None
-
-    base_dir = base_dir or Path.cwd()
-    errors = []
-    if config.tracker.low_score > config.tracker.high_score:
-        errors.append(
-            f"tracker.low_score: {config.tracker.low_score} is above tracker.high_score {config.tracker.high_score}"
-        )
-    streams = []
-    for index, stream in enumerate(config.streams):
-        if not stream.is_live:
-            path = Path(stream.url.removeprefix("file://")).expanduser()
-            if not path.is_absolute():
-                path = (base_dir / path).resolve()
-            if not path.is_file():
-                errors.append(f"streams[{index}].url: no such file {str(path)!r}")
-            stream = stream.model_copy(update={"url": str(path)})
-        streams.append(stream)
-    publish = config.publish
-    if publish.curve_secret_key_file is not None:
-        from streamer.auth import KeyFileError, load_secret
-
-        key_path = Path(publish.curve_secret_key_file).expanduser()
-        key_path = key_path if key_path.is_absolute() else (base_dir / key_path).resolve()
-        try:
-            load_secret(key_path)
-        except KeyFileError as exc:
-            errors.append(f"publish.curve_secret_key_file: {exc}")
-        publish = publish.model_copy(update={"curve_secret_key_file": str(key_path)})
-    else:
-        from streamer.auth import is_loopback
-
-        for name in ("endpoint", "control_endpoint"):
-            endpoint = getattr(publish, name)
-            if not is_loopback(endpoint):
-                errors.append(f"publish.{name}: {endpoint} is reachable beyond this machine; that needs "
-                              "publish.curve_secret_key_file (write a pair with `groundwatch keys DIRECTORY`), "
-                              "or bind to tcp://127.0.0.1")
+                errors.append(f"{where}: {message}{_shown(err.get('input'))}")
+    errors += _document_errors(data, base_dir)
+    if errors:
+        raise ConfigError(_report(source, errors))
+    streams = [stream if stream.is_live else stream.model_copy(update={"url": str(_file_path(stream.url, base_dir))})
+               for stream in config.streams]
     record_dir = Path(config.record.directory).expanduser()
     if not record_dir.is_absolute():
         record_dir = base_dir / record_dir
-    if errors:
-        raise ConfigError(_report(source, errors))
+    publish = config.publish
+    if publish.curve_secret_key_file is not None:
+        publish = publish.model_copy(
+            update={"curve_secret_key_file": str(_key_path(publish.curve_secret_key_file, base_dir))})
     return config.model_copy(
         update={"streams": streams, "record": config.record.model_copy(update={"directory": str(record_dir)}),
                 "publish": publish}

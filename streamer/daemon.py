@@ -29,8 +29,10 @@ from typing import Callable
 
 import zmq
 
-from streamer.auth import load_secret, serve_curve
+from streamer.auth import load_secret
 from streamer.config import Config
+from streamer.control import (DEFERRED, ControlServer, PingRequest, Reply, SetPromptRequest, StatusRequest,
+                              StopRequest)
 from streamer.decoder import EXIT_FATAL, decoder_main
 from streamer.events import make_event
 from streamer.frames import FrameMailbox, remove_stale_mailboxes
@@ -90,6 +92,8 @@ class Supervisor:
         self._state_watch: StateWatch | None = None
         key_file = config.publish.curve_secret_key_file
         self.curve_keys = load_secret(key_file) if key_file else None  # checked by the config already
+        self.control: ControlServer | None = None
+        self._pending: dict[int, tuple[float, Callable[[dict], None]]] = {}  # worker requests awaiting a reply
 
     # -- set-up --------------------------------------------------------------------------------------------
 
@@ -109,11 +113,8 @@ class Supervisor:
         """Bind the sockets, create the shared memory, spawn the processes (hub first). Raises
         `EndpointError` when an endpoint is taken, before anything is started."""
         config = self.config
-        self.control = zmq.Context.instance().socket(zmq.REP)
-        self.control.setsockopt(zmq.LINGER, 0)
-        serve_curve(self.control, self.curve_keys)
         try:
-            self.control.bind(config.publish.control_endpoint)
+            self.control = ControlServer(config.publish.control_endpoint, curve_keys=self.curve_keys)
             probe = zmq.Context.instance().socket(zmq.PUB)  # the hub binds it; fail here, not in a restart loop
             probe.setsockopt(zmq.LINGER, 0)
             try:
@@ -121,9 +122,11 @@ class Supervisor:
             finally:
                 probe.close()
         except zmq.ZMQError as exc:
-            self.control.close()
+            if self.control is not None:
+                self.control.close()
             raise EndpointError(f"cannot bind {config.publish.control_endpoint} / {config.publish.endpoint}: {exc} "
                                 "(is another groundwatch running? change [publish] endpoints)") from None
+        self._register_commands()
         remove_stale_mailboxes()
         self.runtime_dir = tempfile.mkdtemp(prefix="groundwatch-")
         self.events_endpoint = f"ipc://{self.runtime_dir}/events"
@@ -271,12 +274,13 @@ class Supervisor:
         if on_ready is not None:
             on_ready(self)
         poller = zmq.Poller()
-        poller.register(self.control, zmq.POLLIN)
+        poller.register(self.control.socket, zmq.POLLIN)
         next_check = next_rates = 0.0
         try:
             while self.stop_reason is None:
-                if poller.poll(100):
-                    self._serve_control()
+                if poller.poll(20 if self._pending else 100):
+                    self.control.serve()
+                self._collect_worker_replies()
                 now = time.monotonic()
                 if now >= next_rates:
                     next_rates = now + 1.0
@@ -311,48 +315,53 @@ class Supervisor:
                 "worker_ready": self.worker_ready.is_set(), "streams": streams, "processes": processes,
                 "publish": self.config.publish.endpoint, "metrics": self.metrics_url, "recordings": self.record_paths}
 
-    def set_prompt(self, stream: str, prompt: str, timeout: float = 60.0) -> dict:
+    def _register_commands(self) -> None:
+        """The control socket's commands (docs/events.md). Others register theirs on `self.control` too."""
+        self.control.register(StatusRequest, lambda request, reply: self.status())
+        self.control.register(PingRequest, lambda request, reply: {"ok": True})
+        self.control.register(StopRequest, self._stop_command)
+        self.control.register(SetPromptRequest, self._set_prompt_command)
+
+    def _stop_command(self, request: StopRequest, reply: Reply) -> dict:
+        self.request_stop("stop requested on the control socket")
+        return {"ok": True}
+
+    def _set_prompt_command(self, request: SetPromptRequest, reply: Reply):
+        """Answered when the worker has encoded the prompt (or refused it); `status` is served meanwhile."""
+        stream, prompt = request.stream, request.prompt
         if stream not in self.prompts:
             return {"ok": False, "error": f"no stream {stream!r} (streams: {', '.join(self.stream_ids)})"}
-        if not isinstance(prompt, str) or not prompt.strip():
-            return {"ok": False, "error": "the prompt must be a non-empty string"}
-        self._request_id += 1
-        request_id = self._request_id
-        self.worker_control.put((request_id, "set_prompt", {"stream": stream, "prompt": prompt}))
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                reply_id, reply = self.worker_replies.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            if reply_id == request_id:
-                if reply.get("ok"):
-                    self.prompts[stream] = prompt  # a restarted worker starts with the new prompt
-                return reply
-        return {"ok": False, "error": "the inference worker did not answer in time"}
 
-    def _serve_control(self) -> None:
-        try:
-            message = self.control.recv(flags=zmq.NOBLOCK)
-        except zmq.Again:
-            return
-        try:
-            request = json.loads(message)
-            command = request.get("cmd")
-            if command == "status":
-                reply = self.status()
-            elif command == "ping":
-                reply = {"ok": True}
-            elif command == "set_prompt":
-                reply = self.set_prompt(request.get("stream"), request.get("prompt"))
-            elif command == "stop":
-                self.request_stop("stop requested on the control socket")
-                reply = {"ok": True}
-            else:
-                reply = {"ok": False, "error": f"unknown command {command!r} (status, set_prompt, ping, stop)"}
-        except (ValueError, AttributeError) as exc:
-            reply = {"ok": False, "error": f"bad request: {exc}"}
-        self.control.send(json.dumps(reply).encode())
+        def done(answer: dict) -> None:
+            if answer.get("ok"):
+                self.prompts[stream] = prompt  # a restarted worker starts with the new prompt
+            reply.send(answer)
+
+        self.worker_request("set_prompt", {"stream": stream, "prompt": prompt}, done)
+        return DEFERRED
+
+    def worker_request(self, command: str, args: dict, on_reply: Callable[[dict], None],
+                       timeout: float = 60.0) -> None:
+        """Send the inference worker a command; `on_reply(answer)` runs in the supervisor's loop when it answers
+        (or with an error after `timeout` seconds). Never blocks."""
+        self._request_id += 1
+        self._pending[self._request_id] = (time.monotonic() + timeout, on_reply)
+        self.worker_control.put((self._request_id, command, args))
+
+    def _collect_worker_replies(self) -> None:
+        while self._pending:
+            try:
+                request_id, answer = self.worker_replies.get_nowait()
+            except (queue.Empty, OSError, EOFError, ValueError):
+                break
+            entry = self._pending.pop(request_id, None)
+            if entry is not None:
+                entry[1](answer)
+        now = time.monotonic()
+        for request_id, (deadline, on_reply) in list(self._pending.items()):
+            if now >= deadline:
+                del self._pending[request_id]
+                on_reply({"ok": False, "error": "the inference worker did not answer in time"})
 
     # -- shutdown ------------------------------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ import logging
 import queue
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
 
@@ -19,6 +20,7 @@ import numpy as np
 from streamer.events import make_event, round_box
 from streamer.frames import Frame, FrameMailbox
 from streamer.process import EventSender, child_setup
+from streamer.prompts import DEFAULT_MAX_PROMPT_TOKENS, check_prompt
 from streamer.stats import STATE_CODES, STATE_NAMES, StreamStats
 from streamer.watchdog import BatchSizer, DetectorWatchdog, is_out_of_memory, with_injected_faults
 
@@ -48,7 +50,8 @@ class GdinoDetector:
 
     def __init__(self, *, weights: str = "default", device: str = "cpu", dtype: str = "float32",
                  box_threshold: float = 0.35, text_threshold: float = 0.25, threads: int = 0,
-                 short_side: int = 800, max_side: int = 1333) -> None:
+                 short_side: int = 800, max_side: int = 1333,
+                 max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS) -> None:
         import torch
 
         import gdino
@@ -69,6 +72,7 @@ class GdinoDetector:
         self.model, self.processing, self.device = model, processing, device
         self.box_threshold, self.text_threshold = box_threshold, text_threshold
         self.short_side, self.max_side = short_side, max_side
+        self.max_prompt_tokens = max_prompt_tokens
         self._torch = torch
 
     def release_memory(self) -> None:
@@ -77,7 +81,9 @@ class GdinoDetector:
             self._torch.cuda.empty_cache()
 
     def encode(self, prompt: str) -> list:
-        """A prompt longer than the text encoder's window becomes several passes, each encoded once."""
+        """A prompt longer than the text encoder's window becomes several passes, each encoded once. A prompt
+        past `max_prompt_tokens` raises `PromptProblem` before any encoding."""
+        check_prompt(prompt, self.max_prompt_tokens, self.model.tokenizer)
         with self._torch.inference_mode():
             return [self.model.encode_text(p) if isinstance(p, str) else p for p in self.model.prompt_passes(prompt)]
 
@@ -119,6 +125,7 @@ class StreamState:
     tracker: Any
     finished: bool = False
     frames: int = 0
+    prompt_error: str | None = None  # the prompt could not be encoded: frames are skipped until a new prompt
     extra: dict = field(default_factory=dict)
 
 
@@ -141,6 +148,9 @@ class InferenceWorker:
         self.consecutive_failures = 0
         self.max_consecutive_failures = 10
         self._rotation = 0
+        # Prompt changes are encoded here, off the frame loop: a long prompt never stalls the streams.
+        self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prompt-encoder")
+        self._encoding_jobs: list[tuple[Future, int, str, str, float]] = []
 
     # -- prompts -----------------------------------------------------------------------------------------
 
@@ -148,6 +158,25 @@ class InferenceWorker:
         if prompt not in self.encodings:
             self.encodings[prompt] = self.detector.encode(prompt)
         return self.encodings[prompt]
+
+    def prepare_prompts(self) -> None:
+        """Encode every stream's prompt at start. A prompt that cannot be encoded costs its own stream (an
+        `error` event, frames skipped until a good prompt is set), never the worker and the other streams."""
+        for state in self.streams.values():
+            try:
+                self.encoding_for(state.prompt)
+                state.prompt_error = None
+            except Exception as exc:
+                self._prompt_failed(state, f"{type(exc).__name__}: {exc}" if not isinstance(exc, ValueError)
+                                    else str(exc))
+
+    def _prompt_failed(self, state: "StreamState", reason: str) -> None:
+        if state.prompt_error == reason:
+            return
+        state.prompt_error = reason
+        log.error("%s: cannot use the prompt %r: %s", state.stream_id, state.prompt[:80], reason)
+        self._send(make_event(state.stream_id, "error", message=f"cannot use the prompt: {reason}",
+                              error_type="bad_prompt", fatal=False, prompt=state.prompt[:200]))
 
     def set_prompt(self, stream_id: str, prompt: str) -> dict:
         """Switch a stream's prompt: encode it once, end the stream's tracks, start a fresh tracker."""
@@ -158,6 +187,7 @@ class InferenceWorker:
         self._emit_track_events(state, state.tracker.finish(), ts=time.time() if state.live else None,
                                 reason="prompt_changed")
         previous, state.prompt = state.prompt, prompt
+        state.prompt_error = None
         state.tracker = self.tracker_factory()
         self.stats.add(stream_id, "prompt_changes")
         state_name = STATE_NAMES.get(self.stats.get(stream_id, "state"), "online")
@@ -188,6 +218,9 @@ class InferenceWorker:
             if room <= 0:
                 break
             for frame in state.mailbox.take(state.live, limit=room):
+                if state.prompt_error is not None:
+                    state.mailbox.release(frame)  # nothing to look for: the frame is skipped, the file goes on
+                    continue
                 batch.append((state, frame))
         if len(batch) < self.batch_size:  # leftover room goes to whoever has more frames waiting
             for state in order:
@@ -195,6 +228,9 @@ class InferenceWorker:
                 if room <= 0 or state.live:
                     continue
                 for frame in state.mailbox.take(False, limit=room):
+                    if state.prompt_error is not None:
+                        state.mailbox.release(frame)
+                        continue
                     batch.append((state, frame))
         return batch
 
@@ -203,9 +239,16 @@ class InferenceWorker:
         for state, frame in batch:
             groups.setdefault(state.prompt, []).append((state, frame))
         for prompt, items in groups.items():
-            started = time.perf_counter()
             try:
                 encoding = self.encoding_for(prompt)
+            except Exception as exc:  # the prompt, not the detector: only these streams lose these frames
+                for state, frame in items:
+                    state.mailbox.release(frame)
+                for state in {state.stream_id: state for state, _ in items}.values():
+                    self._prompt_failed(state, str(exc))
+                continue
+            started = time.perf_counter()
+            try:
                 results = self._detect(items, encoding)
                 self.consecutive_failures = 0
             except Exception as exc:
@@ -371,22 +414,55 @@ class InferenceWorker:
         for state in self.streams.values():
             if not state.finished:
                 self._emit_track_events(state, state.tracker.finish(), ts=None, reason="shutdown")
+        self._encoder.shutdown(wait=False, cancel_futures=True)
 
     def _serve_control(self, control, replies) -> None:
+        self._finish_encodings(replies)
         while True:
             try:
                 request = control.get_nowait()
             except queue.Empty:
                 return
-            request_id, command, args = request
+            except (OSError, EOFError, ValueError):  # the supervisor's end of the queue is gone
+                return
             try:
+                request_id, command, args = request
                 if command == "set_prompt":
-                    reply = {"ok": True, **self.set_prompt(args["stream"], args["prompt"])}
+                    stream_id, prompt = args["stream"], args["prompt"]
+                    if stream_id not in self.streams:
+                        raise KeyError(f"no stream {stream_id!r}")
+                    if prompt in self.encodings:
+                        reply = {"ok": True, **self.set_prompt(stream_id, prompt)}
+                    else:
+                        job = self._encoder.submit(self.detector.encode, prompt)
+                        self._encoding_jobs.append((job, request_id, stream_id, prompt, time.perf_counter()))
+                        continue
                 else:
                     reply = {"ok": False, "error": f"unknown worker command {command!r}"}
             except Exception as exc:  # a bad request must not kill the worker
                 reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+                request_id = request[0] if isinstance(request, tuple) and request else None
             replies.put((request_id, reply))
+
+    def _finish_encodings(self, replies) -> None:
+        """Switch the streams whose new prompt the encoder thread has finished; answer their requests."""
+        waiting = []
+        for job in self._encoding_jobs:
+            future, request_id, stream_id, prompt, started = job
+            if not future.done():
+                waiting.append(job)
+                continue
+            try:
+                encoding = future.result()
+            except Exception as exc:
+                reason = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+                replies.put((request_id, {"ok": False, "error": f"cannot use the prompt: {reason}"}))
+                continue
+            self.encodings[prompt] = encoding
+            reply = {"ok": True, **self.set_prompt(stream_id, prompt)}
+            reply["encode_ms"] = round((time.perf_counter() - started) * 1000, 2)
+            replies.put((request_id, reply))
+        self._encoding_jobs = waiting
 
 
 def worker_main(*, streams: list[dict], mailbox_specs: dict[str, dict], stats_spec: dict, events_endpoint: str,
@@ -414,8 +490,7 @@ def worker_main(*, streams: list[dict], mailbox_specs: dict[str, dict], stats_sp
                              tracker_factory=lambda: build_tracker(tracker), batch_size=batch_size,
                              oom_recover_seconds=oom_recover_seconds,
                              watchdog=DetectorWatchdog(detect_stamp) if detect_stamp is not None else None)
-    for stream in streams:
-        worker.encoding_for(stream["prompt"])
+    worker.prepare_prompts()
     log.info("model ready in %.1f s", time.perf_counter() - started)
     ready.set()
     worker.run(stop, control, replies)

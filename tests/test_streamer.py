@@ -164,9 +164,9 @@ fps = -1
         load_config(path)
     report = str(info.value)
     for field in ("publsh: unknown key", "model.box_threshold", "model.device", "streams[0].id",
-                  "streams[0].prompt: required", "streams[1].fps"):
+                  "streams[0].prompt: required", "streams[1].fps", "tracker.low_score", "missing.mp4"):
         assert field in report, report
-    assert report.startswith(f"{path}: 6 problems")
+    assert report.startswith(f"{path}: 8 problems")
 
 
 def test_semantic_config_errors_are_reported_together(tmp_path):

@@ -144,6 +144,7 @@ class InferenceWorker:
         }
         self.encodings: dict[str, Any] = {}
         self.sizer = BatchSizer(batch_size, oom_recover_seconds)  # self.batch_size follows it
+        self.skipped_in_a_row = 0  # frames skipped for out of memory since the last success
         self.watchdog = watchdog
         self.consecutive_failures = 0
         self.max_consecutive_failures = 10
@@ -259,8 +260,8 @@ class InferenceWorker:
                 for stream_id in {state.stream_id for state, _ in items}:
                     self._send(make_event(stream_id, "error", message=f"detector failed: {type(exc).__name__}: "
                                           f"{exc}", error_type="inference_failed", fatal=False))
-                if self.consecutive_failures >= self.max_consecutive_failures:
-                    raise
+                if self.consecutive_failures >= self.max_consecutive_failures or is_out_of_memory(exc):
+                    raise  # out of memory gets here only once `_detect` gave up on skipping frames
                 continue
             finally:
                 for state, frame in items:
@@ -300,6 +301,9 @@ class InferenceWorker:
                                 self.batch_size)
                     continue
                 self.sizer.shrink()  # at 1 already: restarts the quiet period
+                self.skipped_in_a_row += 1
+                if self.skipped_in_a_row >= self.max_consecutive_failures:
+                    raise  # memory never comes back: a fresh worker (a fresh CUDA context) is the next step
                 state, frame = chunk[0]
                 log.error("out of memory on one frame of %s: frame %d skipped", state.stream_id, frame.frame_index)
                 self._send(make_event(state.stream_id, "error", message=f"out of memory even at batch size 1: "
@@ -309,6 +313,7 @@ class InferenceWorker:
                 continue
             results[start:start + len(chunk)] = found
             start += len(chunk)
+            self.skipped_in_a_row = 0
         self.batch_size = self.sizer.maybe_grow()
         return results
 

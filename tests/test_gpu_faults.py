@@ -209,3 +209,17 @@ restart_initial_seconds = 0.2
             process.kill()
             process.wait(10)
         log.close()
+
+
+def test_memory_that_never_comes_back_gets_the_worker_restarted(mailbox_factory, stats_factory):
+    """Out of memory on every single frame: after `max_consecutive_failures` skipped frames in a row the worker
+    gives up (the supervisor restarts it with a fresh CUDA context) instead of skipping frames forever."""
+    streams = [{"id": "a", "live": False, "prompt": "thing ."}]
+    worker, mailboxes, detector, sender, _ = make_worker(mailbox_factory, stats_factory, streams, batch_size=1)
+    worker.detector = FaultInjection(detector, {"fault": "oom"})
+    worker.max_consecutive_failures = 3
+    fill(mailboxes["a"], 0, 6)
+    with pytest.raises(torch.OutOfMemoryError):
+        for _ in range(6):
+            worker.step()
+    assert len([e for e in sender.events if e["kind"] == "error" and e["error_type"] == "out_of_memory"]) == 2

@@ -96,3 +96,22 @@ class StateWatch:
 
     def close(self) -> None:
         self.socket.close()
+
+
+class ResendFilter:
+    """For clients with side effects (MQTT, webhooks): is this event new to me? A `cached` re-send is new only
+    when its `seq` is above every `seq` seen from its stream (this client connected after it went out)."""
+
+    def __init__(self) -> None:
+        self.highest: dict[str, int] = {}
+
+    def fresh(self, event: dict) -> bool:
+        stream, seq = event.get("stream"), event.get("seq")
+        if not isinstance(seq, int):
+            return True
+        highest = self.highest.get(stream)
+        if event.get("cached"):
+            if highest is not None and seq <= highest:
+                return False
+        self.highest[stream] = seq if highest is None or not event.get("cached") else max(highest, seq)
+        return True

@@ -262,3 +262,16 @@ def test_subscriber_joining_after_a_stream_failed_learns_why(curve_daemon, capsy
     assert cli.main(["subscribe", curve_daemon["publish"], "--stream", "garbage", "--kind", "error", "--count", "1",
                      "--timeout", "5", "--server-key", str(curve_daemon["public"])]) == 0
     assert '"open_failed"' in capsys.readouterr().out
+
+
+def test_resend_filter_drops_only_copies_already_seen():
+    """Clients with side effects (MQTT messages, webhooks) must not act twice on a re-sent status or error."""
+    from streamer.lastvalue import ResendFilter
+
+    resends = ResendFilter()
+    assert resends.fresh({"stream": "s", "seq": 7, "kind": "error", "cached": True})  # joined late: news to it
+    assert resends.fresh({"stream": "s", "seq": 8})
+    assert not resends.fresh({"stream": "s", "seq": 7, "kind": "error", "cached": True})  # a copy it has
+    assert resends.fresh({"stream": "t", "seq": 3, "cached": True})  # another stream
+    assert resends.fresh({"stream": "s", "seq": 1})  # the daemon restarted: seq starts again
+    assert resends.fresh({"stream": "s", "seq": 2, "cached": True})

@@ -47,14 +47,18 @@ class GdinoDetector:
 
     def __init__(self, *, weights: str = "default", device: str = "cpu", dtype: str = "float32",
                  box_threshold: float = 0.35, text_threshold: float = 0.25, threads: int = 0,
-                 short_side: int = 800, max_side: int = 1333) -> None:
+                 short_side: int = 800, max_side: int = 1333, backend: str = "torch", onnx: str | None = None,
+                 cache_dir: str | None = None) -> None:
         import torch
 
         import gdino
-        from gdino import processing
+        from gdino import backends, processing
 
         if threads:
             torch.set_num_threads(threads)
+        backend = backends.resolve_backend(backend, device)
+        # The exported graphs are float32; dtype applies to the torch backend.
+        dtype = backends.resolve_dtype(dtype, device) if backend == "torch" else "float32"
         torch_dtype = getattr(torch, dtype)
         if weights == "tiny":
             # Random weights of the tiny config: plumbing tests and the pipeline benchmark, never for answers.
@@ -65,6 +69,8 @@ class GdinoDetector:
             model = GroundingDino(tiny()).to(device=device, dtype=torch_dtype).eval()
         else:
             model = gdino.load(weights, device=device, dtype=torch_dtype)
+        model = backends.open_model(model, backend, device=device, onnx_path=onnx, cache_dir=cache_dir,
+                                    threads=threads)
         self.model, self.processing, self.device = model, processing, device
         self.box_threshold, self.text_threshold = box_threshold, text_threshold
         self.short_side, self.max_side = short_side, max_side

@@ -275,15 +275,23 @@ class ExportedGroundingDino:
         return GroundingDinoOutput(logits=torch.from_numpy(logits), boxes=torch.from_numpy(boxes),
                                    text=text.expand(batch))
 
-    def detect(self, images, prompt, **kwargs):
-        from .model import GroundingDino
+    def detect(self, images, prompt, box_threshold: float = 0.35, text_threshold: float = 0.25,
+               remove_combined: bool = False, short_side: int | None = None, max_side: int | None = None):
+        """As ``GroundingDino.detect``: through ``gdino.predict``, the one detection path."""
+        from . import predict
 
-        return GroundingDino.detect(self, images, prompt, **kwargs)
+        single = not isinstance(images, (list, tuple))
+        found = predict.detect(self, [images] if single else list(images), predict.encode(self, prompt),
+                               box_threshold=box_threshold, text_threshold=text_threshold,
+                               remove_combined=remove_combined, short_side=short_side, max_side=max_side)
+        return found[0] if single else found
 
-    def refer(self, images, expression, **kwargs):
-        from .model import GroundingDino
+    def refer(self, images, expression: str, min_score: float = 0.0):
+        from . import predict
 
-        return GroundingDino.refer(self, images, expression, **kwargs)
+        single = not isinstance(images, (list, tuple))
+        found = predict.refer(self, [images] if single else list(images), expression, min_score=min_score)
+        return found[0] if single else found
 
 
 def open_model(model, backend: str = "torch", *, device: str = "cpu", onnx_path=None, cache_dir=None,

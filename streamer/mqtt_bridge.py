@@ -654,7 +654,7 @@ class MqttBridge:
 
     def step(self, poller: zmq.Poller, timeout_ms: int = 20) -> None:
         if poller.poll(timeout_ms):
-            self.receive()
+            self.receive(limit=1000)  # a burst is read in slices, with the broker served in between
         while True:
             try:
                 self._handle_notice(self._notices.get_nowait())

@@ -1,6 +1,9 @@
 """The daemon's configuration: a TOML file validated once at start-up.
 
-Every section is a pydantic model with unknown keys forbidden, bounds and a description per field. `load_config`
+Every section is a pydantic model with unknown keys forbidden, bounds and a description per field; the
+`[tracker]` section is built straight into the tracker's own frozen `tracker.TrackerConfig` (pydantic checks its
+types and unknown keys, the dataclass its bounds), so there is one definition of it and one set of defaults.
+Child processes receive these frozen objects, never dicts. `load_config`
 is the one place a file is read; a bad file raises `ConfigError` whose message lists every bad field at once, so
 an operator fixes the whole file in one pass instead of one error per restart.
 """
@@ -14,6 +17,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from streamer.prompts import DEFAULT_MAX_PROMPT_TOKENS, PromptProblem, check_prompt, prompt_problem
+from tracker.config import TrackerConfig, TrackerConfigError
 
 LIVE_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "tcp://", "srt://")
 STREAM_ID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
@@ -83,22 +87,6 @@ class ModelConfig(_Section):
     max_prompt_tokens: Annotated[int, Field(ge=8, le=16_384, description=(
         "Longest prompt in tokens (the text encoder reads 256 per pass; each pass costs a detector run)."))] = (
         DEFAULT_MAX_PROMPT_TOKENS)
-
-
-class TrackerConfig(_Section):
-    """Mirrors `tracker.TrackerConfig` (same names and meaning); its own checks run at load time too."""
-
-    high_score: Annotated[float, Field(ge=0, le=1, description="High-confidence detections (first stage).")] = 0.5
-    low_score: Annotated[float, Field(ge=0, le=1, description="Below this a detection is ignored.")] = 0.1
-    new_track_score: Annotated[float, Field(ge=0, le=1, description="Least score to start a track.")] = 0.6
-    match_iou: Annotated[float, Field(gt=0, le=1, description="Least IoU to match a track (first stage).")] = 0.2
-    low_match_iou: Annotated[float, Field(gt=0, le=1, description="Least IoU in the low-score stage.")] = 0.5
-    tentative_match_iou: Annotated[float, Field(gt=0, le=1, description="Least IoU for a tentative track.")] = 0.3
-    min_hits: Annotated[int, Field(ge=1, le=1000, description="Matched frames before a track starts.")] = 2
-    max_age: Annotated[int, Field(ge=0, le=100_000, description="Unseen frames before a track ends.")] = 30
-    velocity_smoothing: Annotated[float, Field(ge=0, le=1, description="Weight of the newest motion.")] = 0.4
-    max_predict_frames: Annotated[int, Field(ge=0, le=10_000, description="Stop extrapolating after.")] = 10
-    class_agnostic: Annotated[bool, Field(description="Match boxes whatever their phrase.")] = False
 
 
 class LiveConfig(_Section):
@@ -231,7 +219,7 @@ class WebhookConfig(_Section):
 class Config(_Section):
     streams: Annotated[list[StreamConfig], Field(min_length=1, description="Video sources to watch.")]
     model: ModelConfig = ModelConfig()
-    tracker: TrackerConfig = TrackerConfig()
+    tracker: TrackerConfig = TrackerConfig()  # the tracker's own frozen dataclass, validated by pydantic
     live: LiveConfig = LiveConfig()
     publish: PublishConfig = PublishConfig()
     record: RecordConfig = RecordConfig()
@@ -286,15 +274,11 @@ def _file_path(url: str, base_dir: Path) -> Path:
 
 
 def _document_errors(data: dict, base_dir: Path) -> list[str]:
-    """The checks pydantic cannot make (files exist, prompts fit the tokenizer, cross-field bounds), run on the
+    """The checks pydantic cannot make (files exist, prompts fit the tokenizer), run on the
     raw document so that they are reported together with the field errors, in one pass."""
     errors: list[str] = []
     if not isinstance(data, dict):
         return errors
-    tracker = data.get("tracker") if isinstance(data.get("tracker"), dict) else {}
-    low, high = tracker.get("low_score", 0.1), tracker.get("high_score", 0.5)
-    if isinstance(low, (int, float)) and isinstance(high, (int, float)) and low > high:
-        errors.append(f"tracker.low_score: {low} is above tracker.high_score {high}")
     model = data.get("model") if isinstance(data.get("model"), dict) else {}
     max_tokens = model.get("max_prompt_tokens", DEFAULT_MAX_PROMPT_TOKENS)
     if not isinstance(max_tokens, int) or max_tokens < 8:
@@ -336,7 +320,10 @@ def parse_config(data: dict, source: str = "<config>", base_dir: Path | None = N
     except ValidationError as exc:
         for err in exc.errors():
             where = _format_location(err["loc"])
-            if err["type"] == "extra_forbidden":
+            cause = err.get("ctx", {}).get("error")
+            if isinstance(cause, TrackerConfigError):  # the tracker dataclass's own checks: one line per field
+                errors.extend(f"{where}.{name}: {message}" for name, message in cause.problems)
+            elif err["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
                 errors.append(f"{where}: unknown key")
             elif err["type"] == "missing":
                 errors.append(f"{where}: required but missing")

@@ -35,19 +35,26 @@ import zmq
 from streamer.config import Config
 from streamer.control import (DEFERRED, ControlServer, PingRequest, Reply, SetPromptRequest, StatusRequest,
                               StopRequest)
-from streamer.decoder import EXIT_FATAL, decoder_main
+from streamer.decoder import decoder_main
 from streamer.events import make_event
 from streamer.frames import FrameMailbox, remove_stale_mailboxes
 from streamer.hub import hub_main
 from streamer.inference import worker_main
-from streamer.process import EventSender
+from streamer.process import EXIT_DONE, EXIT_FATAL, EventSender, SharedFlag
 from streamer.recording import run_stamp
 from streamer.stats import RateMeter, StreamStats, snapshot
 
 log = logging.getLogger("groundwatch")
 
 
-class EndpointError(RuntimeError):
+EXIT_DEGRADED = 3  # the run ended normally but lost part of its recording (see docs/events.md, "Exit status")
+
+
+class StartupError(RuntimeError):
+    """The daemon cannot start (nothing has been created yet); the message says why."""
+
+
+class EndpointError(StartupError):
     """A ZeroMQ endpoint of the config cannot be bound."""
 
 
@@ -74,10 +81,11 @@ class Supervisor:
         self.context = multiprocessing.get_context("spawn")
         self.stream_ids = [stream.id for stream in config.streams]
         self.prompts = {stream.id: stream.prompt for stream in config.streams}
-        self.stage_stops = {stage: self.context.Event() for stage in (0, 1, 2, 3)}  # 3: bridges, after the hub
-        self.worker_ready = self.context.Event()
-        self.worker_control = self.context.Queue()
-        self.worker_replies = self.context.Queue()
+        # Lock-free flags (see SharedFlag): a child killed at any point can never block the shutdown.
+        self.stage_stops = {stage: SharedFlag(self.context) for stage in (0, 1, 2, 3)}  # 3: bridges, after the hub
+        self.worker_ready = SharedFlag(self.context)
+        self.worker_control = self.worker_replies = None
+        self._new_worker_queues()
         self.children: list[Child] = []
         self.stop_reason: str | None = None
         self.exit_code = 0
@@ -124,6 +132,7 @@ class Supervisor:
             raise EndpointError(f"cannot bind {config.publish.control_endpoint} / {config.publish.endpoint}: {exc} "
                                 "(is another groundwatch running? change [publish] endpoints)") from None
         self._register_commands()
+        self._check_record_directory()
         remove_stale_mailboxes()
         self.runtime_dir = tempfile.mkdtemp(prefix="groundwatch-")
         self.events_endpoint = f"ipc://{self.runtime_dir}/events"
@@ -148,19 +157,16 @@ class Supervisor:
             flush_seconds=config.record.flush_seconds, run_stamp=self.run_stamp, stop=self.stage_stops[2],
             parent_pid=pid), self.stage_stops[2]))
         self.children.append(Child("worker", 1, worker_main, lambda: dict(
-            streams=[{"id": s.id, "live": s.is_live, "prompt": self.prompts[s.id]} for s in config.streams],
+            streams=[s.model_copy(update={"prompt": self.prompts[s.id]}) for s in config.streams],
             mailbox_specs={s: m.spec() for s, m in self.mailboxes.items()}, stats_spec=stats_spec,
-            events_endpoint=self.events_endpoint, model=config.model.model_dump(exclude={"batch_size"}),
-            tracker=config.tracker.model_dump(), batch_size=config.model.batch_size, stop=self.stage_stops[1],
+            events_endpoint=self.events_endpoint, model=config.model,
+            tracker=config.tracker, batch_size=config.model.batch_size, stop=self.stage_stops[1],
             control=self.worker_control, replies=self.worker_replies, ready=self.worker_ready,
             parent_pid=pid), self.stage_stops[1]))
         for stream in config.streams:
-            stream_dict = {"id": stream.id, "url": stream.url, "live": stream.is_live, "fps": stream.fps,
-                           "max_width": stream.max_width, "max_height": stream.max_height,
-                           "loop": stream.loop, "realtime": stream.realtime}
-            self.children.append(Child(f"decoder-{stream.id}", 0, decoder_main, lambda s=stream, d=stream_dict: dict(
-                stream=d, mailbox_spec=self.mailboxes[s.id].spec(), stats_spec=stats_spec,
-                events_endpoint=self.events_endpoint, live=config.live.model_dump(),
+            self.children.append(Child(f"decoder-{stream.id}", 0, decoder_main, lambda s=stream: dict(
+                stream=s, mailbox_spec=self.mailboxes[s.id].spec(), stats_spec=stats_spec,
+                events_endpoint=self.events_endpoint, live=config.live,
                 video_directory=self.video_directory(s), stop=self.stage_stops[0], parent_pid=pid),
                 self.stage_stops[0], stream=stream.id))
         for child in sorted(self.children, key=lambda c: -c.stage):  # hub first: its sockets must be bound
@@ -189,6 +195,30 @@ class Supervisor:
                 stats_spec=stats_spec, stop=self.stage_stops[3], parent_pid=pid), self.stage_stops[3]))
         return children
 
+    def _check_record_directory(self) -> None:
+        """Refuse to start when recordings cannot be written at all (a full disk later is survived and reported,
+        see `Hub`); checked by writing a probe file in every stream's folder."""
+        if not self.config.record.enabled:
+            return
+        for stream in self.stream_ids:
+            folder = Path(self.config.record.directory) / stream
+            probe = folder / f".groundwatch-probe-{os.getpid()}"
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                with open(probe, "wb") as file:
+                    file.write(b"probe\n")
+                    file.flush()
+                    os.fsync(file.fileno())
+            except OSError as exc:
+                self.control.close()
+                raise StartupError(f"record.directory {str(folder)!r} is not writable: {exc.strerror or exc} "
+                                   "(fix the folder or set [record] enabled = false)") from None
+            finally:
+                try:
+                    probe.unlink()
+                except OSError:
+                    pass
+
     def _start_metrics(self) -> None:
         if not self.config.metrics.enabled:
             return
@@ -197,11 +227,27 @@ class Supervisor:
         self._metrics_server, port = start_metrics_server(self, self.config.metrics.host, self.config.metrics.port)
         self.metrics_url = f"http://{self.config.metrics.host}:{port}/metrics"
 
+    def _new_worker_queues(self) -> None:
+        """Fresh request/reply queues for each worker: a worker killed while holding a queue's lock must not
+        take its successor (or the supervisor) with it. Requests the dead worker never answered fail now."""
+        for old in (self.worker_control, self.worker_replies):
+            if old is not None:
+                old.cancel_join_thread()
+                old.close()
+        self.worker_control = self.context.Queue()
+        self.worker_replies = self.context.Queue()
+        self.worker_control.cancel_join_thread()  # never wait at exit for a dead worker to read its requests
+        pending, self._pending = getattr(self, "_pending", {}), {}
+        for _, on_reply in pending.values():
+            on_reply({"ok": False, "error": "the inference worker restarted; try again"})
+
     def _spawn(self, child: Child) -> None:
         if child.name == "worker":
             for mailbox in self.mailboxes.values():
                 mailbox.recover_reading()
             self.worker_ready.clear()
+            if child.process is not None:
+                self._new_worker_queues()
         child.process = self.context.Process(target=child.target, kwargs=child.kwargs(), name=f"gw-{child.name}",
                                              daemon=True)
         child.process.start()
@@ -227,7 +273,7 @@ class Supervisor:
             code = process.exitcode
             process.join()
             child.exit_codes.append(code)
-            if child.stream is not None and code in (0, EXIT_FATAL):
+            if child.stream is not None and code in (EXIT_DONE, EXIT_FATAL):
                 child.done = True  # file finished, or a source that can never work (its error event is out)
                 continue
             if child.name == "worker" and code == EXIT_FATAL:
@@ -259,6 +305,8 @@ class Supervisor:
 
     def install_signal_handlers(self) -> None:
         def handler(signum, _frame):
+            if self.stop_reason is not None:
+                self.force_exit(signum)
             self.request_stop(signal.Signals(signum).name)
 
         signal.signal(signal.SIGINT, handler)
@@ -288,7 +336,13 @@ class Supervisor:
                         self.request_stop("every stream finished")
         finally:
             self.shutdown()
+        if self.exit_code == 0 and self._recording_degraded():
+            self.exit_code = EXIT_DEGRADED
         return self.exit_code
+
+    def _recording_degraded(self) -> bool:
+        return bool(getattr(self, "_record_health", None)) and any(
+            errors or lost for errors, lost in self._record_health.values())
 
     # -- control socket ----------------------------------------------------------------------------------------
 
@@ -357,6 +411,31 @@ class Supervisor:
 
     # -- shutdown ------------------------------------------------------------------------------------------------
 
+    def force_exit(self, signum: int) -> None:
+        """A second SIGINT/SIGTERM during the shutdown: kill every child, remove what we created, exit now
+        (status 128 + signal number, as a shell reports a process ended by that signal)."""
+        log.warning("second %s while stopping: forcing the exit (children killed)", signal.Signals(signum).name)
+        for child in self.children:
+            if child.process is not None and child.process.pid is not None:
+                try:
+                    os.kill(child.process.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        self._remove_created()
+        logging.shutdown()
+        os._exit(128 + signum)
+
+    def _remove_created(self) -> None:
+        """Delete the shared memory and the runtime folder (safe to call twice, and from a signal handler)."""
+        for path in [m.path for m in getattr(self, "mailboxes", {}).values()] + (
+                [self.stats.path] if getattr(self, "stats", None) is not None else []):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        if getattr(self, "runtime_dir", None):
+            shutil.rmtree(self.runtime_dir, ignore_errors=True)
+
     def shutdown(self) -> None:
         """Stop decoders, then the worker (which drains), then the hub (which flushes); clean up."""
         if self._closed:
@@ -380,9 +459,13 @@ class Supervisor:
             self._metrics_server.shutdown()
         for mailbox in self.mailboxes.values():
             mailbox.close()
-            mailbox.unlink()
+        self._record_health = {s: (self.stats.get(s, "record_errors"), self.stats.get(s, "record_lost"))
+                               for s in self.stream_ids}
+        degraded = {s: figures for s, figures in self._record_health.items() if any(figures)}
+        if degraded:
+            log.warning("run degraded: event logs could not be written (failed writes, events lost): %s",
+                        ", ".join(f"{s} {int(e)}/{int(n)}" for s, (e, n) in degraded.items()))
         self.stats.close()
-        self.stats.unlink()
+        self._remove_created()
         self.worker_control.close()
         self.worker_replies.close()
-        shutil.rmtree(self.runtime_dir, ignore_errors=True)

@@ -27,14 +27,13 @@ import numpy as np
 
 from streamer.events import make_event
 from streamer.frames import FrameMailbox
-from streamer.process import EventSender, child_setup
+from streamer.config import LiveConfig, StreamConfig
+from streamer.process import EXIT_DONE, EXIT_FATAL, EventSender, child_setup
 from streamer.stats import STATE_CODES, StreamStats
 
 log = logging.getLogger("groundwatch.decoder")
 
 END_OF_FILE, END_ERROR, END_SHUTDOWN = 1, 2, 3  # keys of frames.END_REASONS
-EXIT_DONE = 0  # end of file reached, or asked to stop
-EXIT_FATAL = 3  # the source can never work (corrupt file): the supervisor does not restart us
 
 
 def fit_size(width: int, height: int, max_width: int, max_height: int) -> tuple[int, int]:
@@ -82,9 +81,10 @@ class SegmentWriter:
     `groundwatch replay` uses to line events (wall-clock `ts`) up with the segment's frames.
     """
 
-    def __init__(self, directory: Path, segment_seconds: float) -> None:
+    def __init__(self, directory: Path, segment_seconds: float, on_error=None) -> None:
         self.directory, self.segment_seconds = directory, segment_seconds
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.on_error = on_error  # called with a message when the disk refuses a segment; frames go on
+        self.failures = 0
         self.output = None
         self.out_stream = None
         self.first_pts = 0
@@ -98,8 +98,14 @@ class SegmentWriter:
         if packet.is_keyframe and (self.output is None or now - self.started >= self.segment_seconds):
             self.close()
             path = self.directory / f"{int(now * 1000)}.ts"
-            self.output = av.open(str(path), "w", format="mpegts")
-            self.out_stream = self.output.add_stream_from_template(in_stream)
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                self.output = av.open(str(path), "w", format="mpegts")
+                self.out_stream = self.output.add_stream_from_template(in_stream)
+            except (av.FFmpegError, OSError) as exc:  # disk full, read-only: the video is lost, never the events
+                self._failed(f"cannot write video segment {path}: {exc}")
+                self.output, self.started = None, now  # retried at the first keyframe a segment later
+                return
             self.first_pts, self.started = packet.pts, now
             self.paths.append(path)
         if self.output is None:
@@ -110,14 +116,21 @@ class SegmentWriter:
         packet.stream = self.out_stream
         try:
             self.output.mux(packet)
-        except av.FFmpegError as exc:
-            log.warning("segment write failed: %s", exc)
+        except (av.FFmpegError, OSError) as exc:
+            self._failed(f"segment write failed: {exc}")
+            self.close()
+
+    def _failed(self, message: str) -> None:
+        self.failures += 1
+        log.warning("%s", message)
+        if self.on_error is not None and (self.failures in (1, 10, 100) or self.failures % 1000 == 0):
+            self.on_error(message)
 
     def close(self) -> None:
         if self.output is not None:
             try:
                 self.output.close()
-            except av.FFmpegError:
+            except (av.FFmpegError, OSError):
                 pass
             self.output = None
 
@@ -285,7 +298,8 @@ class Decoder:
         attempt = 0
         segments = None
         if self.video_directory is not None:
-            segments = SegmentWriter(self.video_directory, self.segment_seconds)
+            segments = SegmentWriter(self.video_directory, self.segment_seconds, on_error=lambda message: self._error(
+                message, fatal=False, error_type="record_failed"))
         min_gap = 1.0 / self.fps if self.fps > 0 else 0.0
         frame_index = 0
         while not self.stop.is_set():
@@ -340,22 +354,21 @@ class Decoder:
         return EXIT_DONE
 
 
-def decoder_main(*, stream: dict, mailbox_spec: dict, stats_spec: dict, events_endpoint: str, live: dict,
-                 video_directory: str | None, stop, parent_pid: int) -> None:
+def decoder_main(*, stream: StreamConfig, mailbox_spec: dict, stats_spec: dict, events_endpoint: str,
+                 live: LiveConfig, video_directory: str | None, stop, parent_pid: int) -> None:
     """Entry point of the decoder process (spawned by the supervisor)."""
-    child_setup(f"decoder-{stream['id']}", parent_pid)
+    child_setup(f"decoder-{stream.id}", parent_pid)
     sender = EventSender(events_endpoint)
     mailbox = FrameMailbox.attach(mailbox_spec)
     stats = StreamStats.attach(stats_spec)
     decoder = Decoder(
-        stream_id=stream["id"], url=stream["url"], live=stream["live"], fps=stream["fps"],
-        max_width=stream["max_width"], max_height=stream["max_height"], mailbox=mailbox, stats=stats,
-        sender=sender, stop=stop, open_timeout=live["open_timeout_seconds"],
-        read_timeout=live["read_timeout_seconds"], reconnect_initial=live["reconnect_initial_seconds"],
-        reconnect_max=live["reconnect_max_seconds"],
+        stream_id=stream.id, url=stream.url, live=stream.is_live, fps=stream.fps,
+        max_width=stream.max_width, max_height=stream.max_height, mailbox=mailbox, stats=stats,
+        sender=sender, stop=stop, open_timeout=live.open_timeout_seconds,
+        read_timeout=live.read_timeout_seconds, reconnect_initial=live.reconnect_initial_seconds,
+        reconnect_max=live.reconnect_max_seconds,
         video_directory=Path(video_directory) if video_directory else None,
-        segment_seconds=live["segment_seconds"], loop=stream.get("loop", False),
-        realtime=stream.get("realtime", False),
+        segment_seconds=live.segment_seconds, loop=stream.loop, realtime=stream.realtime,
     )
     code = decoder.run()
     sender.close()

@@ -17,9 +17,10 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
+from streamer.config import ModelConfig, StreamConfig
 from streamer.events import make_event, round_box
 from streamer.frames import Frame, FrameMailbox
-from streamer.process import EventSender, child_setup
+from streamer.process import EXIT_FATAL, EventSender, child_setup
 from streamer.prompts import DEFAULT_MAX_PROMPT_TOKENS, check_prompt
 from streamer.stats import STATE_CODES, STATE_NAMES, StreamStats
 
@@ -41,73 +42,68 @@ class Detector(Protocol):
 
 
 class GdinoDetector:
-    """Grounding DINO behind the `Detector` protocol.
+    """Grounding DINO behind the `Detector` protocol: a thin adapter over `gdino.predict`, the one detection path.
 
-    Same steps as `GroundingDino.detect`, with the resize exposed: the official short side of 800 px is what
-    the published weights expect, while a camera service on a CPU may trade accuracy for speed.
+    The resize is exposed: the official short side of 800 px is what the published weights expect, while a
+    camera service on a CPU may trade accuracy for speed.
     """
 
     def __init__(self, *, weights: str = "default", device: str = "cpu", dtype: str = "float32",
                  box_threshold: float = 0.35, text_threshold: float = 0.25, threads: int = 0,
                  short_side: int = 800, max_side: int = 1333,
                  max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS) -> None:
+        # Imported here, not at the top: torch and the model are loaded only in the worker process.
         import torch
 
         import gdino
-        from gdino import processing
+        from gdino import predict
 
         if threads:
             torch.set_num_threads(threads)
-        torch_dtype = getattr(torch, dtype)
         if weights == "tiny":
             # Random weights of the tiny config: plumbing tests and the pipeline benchmark, never for answers.
             from gdino.config import tiny
-            from gdino.model import GroundingDino
 
             torch.manual_seed(0)
-            model = GroundingDino(tiny()).to(device=device, dtype=torch_dtype).eval()
+            model = gdino.build(tiny()).to(device=device, dtype=getattr(torch, dtype)).eval()
         else:
-            model = gdino.load(weights, device=device, dtype=torch_dtype)
-        self.model, self.processing, self.device = model, processing, device
+            model = gdino.load(weights, device=device, dtype=dtype)
+        self.model, self.predict, self._torch = model, predict, torch
         self.box_threshold, self.text_threshold = box_threshold, text_threshold
         self.short_side, self.max_side = short_side, max_side
         self.max_prompt_tokens = max_prompt_tokens
-        self._torch = torch
 
-    def encode(self, prompt: str) -> list:
-        """A prompt longer than the text encoder's window becomes several passes, each encoded once. A prompt
+    @classmethod
+    def from_config(cls, config: ModelConfig) -> "GdinoDetector":
+        return cls(weights=config.weights, device=config.device, dtype=config.dtype,
+                   box_threshold=config.box_threshold, text_threshold=config.text_threshold,
+                   threads=config.threads, short_side=config.short_side, max_side=config.max_side,
+                   max_prompt_tokens=config.max_prompt_tokens)
+
+    def encode(self, prompt: str):
+        """Tokenised and encoded once per prompt (several passes past the text encoder's window). A prompt
         past `max_prompt_tokens` raises `PromptProblem` before any encoding."""
         check_prompt(prompt, self.max_prompt_tokens, self.model.tokenizer)
         with self._torch.inference_mode():
-            return [self.model.encode_text(p) if isinstance(p, str) else p for p in self.model.prompt_passes(prompt)]
+            return self.predict.encode(self.model, prompt)
 
-    def detect(self, frames: Sequence[np.ndarray], encoding: list) -> list[FrameDetections]:
-        processing, model = self.processing, self.model
+    def detect(self, frames: Sequence[np.ndarray], encoding) -> list[FrameDetections]:
+        # remove_combined: one phrase per box, from its own sub-sentence: the tracker associates within a
+        # phrase, and "red car" must not become "red car white van" when both are near the threshold.
         with self._torch.inference_mode():
-            batch, pixel_mask, sizes = processing.preprocess(list(frames), device=self.device,
-                                                             short_side=self.short_side, max_side=self.max_side)
-            batch = batch.to(dtype=model.feat_map.weight.dtype)  # (B, 3, H, W) normalised
-            results = None
-            for text in encoding:
-                out = model(batch, text, pixel_mask=pixel_mask)
-                found = processing.postprocess(
-                    out.logits.float(), out.boxes.float(), text, sizes, model.tokenizer,
-                    box_threshold=self.box_threshold, text_threshold=self.text_threshold,
-                    # One phrase per box, from its own sub-sentence: the tracker associates within a phrase,
-                    # and "red car" must not become "red car white van" when both are near the threshold.
-                    remove_combined=True)
-                results = found if results is None else [processing.merge(a, b) for a, b in zip(results, found)]
-        return results
+            return self.predict.detect(self.model, frames, encoding, box_threshold=self.box_threshold,
+                                       text_threshold=self.text_threshold, remove_combined=True,
+                                       short_side=self.short_side, max_side=self.max_side)
 
 
-def build_detector(model_config: dict) -> GdinoDetector:
-    return GdinoDetector(**model_config)
+def build_detector(model_config: ModelConfig) -> GdinoDetector:
+    return GdinoDetector.from_config(model_config)
 
 
-def build_tracker(tracker_config: dict):
+def build_tracker(tracker_config: "tracker.TrackerConfig"):
     import tracker
 
-    return tracker.Tracker(tracker.TrackerConfig(**tracker_config))
+    return tracker.Tracker(tracker_config)
 
 
 @dataclass
@@ -126,13 +122,13 @@ class StreamState:
 class InferenceWorker:
     """Pulls frames from every mailbox, runs the detector in batches, tracks, and sends events."""
 
-    def __init__(self, *, detector: Detector, streams: list[dict], mailboxes: dict[str, FrameMailbox],
+    def __init__(self, *, detector: Detector, streams: list[StreamConfig], mailboxes: dict[str, FrameMailbox],
                  stats: StreamStats, sender: EventSender, tracker_factory, batch_size: int = 4,
                  idle_sleep: float = 0.003) -> None:
         self.detector, self.stats, self.sender = detector, stats, sender
         self.tracker_factory, self.batch_size, self.idle_sleep = tracker_factory, batch_size, idle_sleep
         self.streams = {
-            s["id"]: StreamState(s["id"], s["live"], mailboxes[s["id"]], s["prompt"], tracker_factory())
+            s.id: StreamState(s.id, s.is_live, mailboxes[s.id], s.prompt, tracker_factory())
             for s in streams
         }
         self.encodings: dict[str, Any] = {}
@@ -344,8 +340,8 @@ class InferenceWorker:
         batch = self.gather()
         if batch:
             self.process(batch)
-        else:
-            self.finish_streams()
+        # Every round, not only idle ones: a file's end must not wait for a busy camera to pause.
+        self.finish_streams()
         return len(batch)
 
     def run(self, stop, control: "queue.Queue | None" = None, replies: "queue.Queue | None" = None) -> None:
@@ -412,9 +408,11 @@ class InferenceWorker:
         self._encoding_jobs = waiting
 
 
-def worker_main(*, streams: list[dict], mailbox_specs: dict[str, dict], stats_spec: dict, events_endpoint: str,
-                model: dict, tracker: dict, batch_size: int, stop, control, replies, ready, parent_pid: int) -> None:
-    """Entry point of the inference worker process (spawned by the supervisor)."""
+def worker_main(*, streams: list[StreamConfig], mailbox_specs: dict[str, dict], stats_spec: dict,
+                events_endpoint: str, model: ModelConfig, tracker: "tracker.TrackerConfig", batch_size: int, stop,
+                control, replies, ready, parent_pid: int) -> None:
+    """Entry point of the inference worker process (spawned by the supervisor). `streams` carry their current
+    prompts (a restarted worker starts with the prompts set since start-up)."""
     child_setup("worker", parent_pid)
     sender = EventSender(events_endpoint)
     stats = StreamStats.attach(stats_spec)
@@ -425,10 +423,10 @@ def worker_main(*, streams: list[dict], mailbox_specs: dict[str, dict], stats_sp
     except Exception as exc:
         log.error("cannot load the model: %s", exc)
         for stream in streams:
-            sender.send(make_event(stream["id"], "error", message=f"cannot load the model: {exc}",
+            sender.send(make_event(stream.id, "error", message=f"cannot load the model: {exc}",
                                    error_type="model_load_failed", fatal=True))
         sender.close()
-        sys.exit(3)
+        sys.exit(EXIT_FATAL)
     import tracker as tracker_package
 
     tracker_package.warm_up()

@@ -59,17 +59,17 @@ class StreamConfig(_Section):
     def is_live(self) -> bool:
         return _is_live(self.url, self.mode)
 
-
-def _is_live(url: str, mode: str) -> bool:
-    if mode != "auto":
-        return mode == "live"
-    return url.lower().startswith(LIVE_SCHEMES)
-
     @model_validator(mode="after")
     def _file_options_on_files(self) -> "StreamConfig":
         if self.is_live and (self.loop or self.realtime):
             raise ValueError("loop and realtime are for files; a live source is already paced by its camera")
         return self
+
+
+def _is_live(url: str, mode: str) -> bool:
+    if mode != "auto":
+        return mode == "live"
+    return url.lower().startswith(LIVE_SCHEMES)
 
 
 class ModelConfig(_Section):

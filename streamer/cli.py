@@ -30,7 +30,7 @@ def _configure_logging() -> None:
 
 def _run(args) -> int:
     from streamer.config import ConfigError, load_config
-    from streamer.daemon import EndpointError, Supervisor
+    from streamer.daemon import StartupError, Supervisor
 
     try:
         config = load_config(args.config)
@@ -51,7 +51,7 @@ def _run(args) -> int:
 
     try:
         code = supervisor.run(on_ready=announce)
-    except EndpointError as exc:
+    except StartupError as exc:
         print(f"groundwatch: {exc}", file=sys.stderr)
         return 2
     print(f"groundwatch: stopped ({supervisor.stop_reason})", flush=True)

@@ -142,6 +142,80 @@ class SupervisorConfig(_Section):
     shutdown_timeout_seconds: Annotated[float, Field(gt=0, le=300, description="Per stage, then kill.")] = 10
 
 
+MQTT_TOPIC_PATTERN = r"^[^#+\x00]+[^#+\x00/]$"
+
+
+class MqttConfig(_Section):
+    """`[mqtt]`: the bridge to an MQTT broker (Frigate's topic layout, Home Assistant discovery); docs/mqtt.md."""
+
+    enabled: Annotated[bool, Field(description="Run the MQTT bridge (a child process of the daemon).")] = True
+    host: Annotated[str, Field(min_length=1, description="Broker host name or address.")] = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535, description="Broker port (8883 is the usual TLS port).")] = 1883
+    topic_prefix: Annotated[str, Field(pattern=MQTT_TOPIC_PATTERN, max_length=200,
+                                       description="First level of every topic (Frigate's is 'frigate').")] = (
+        "groundwatch"
+    )
+    client_id: Annotated[str, Field(min_length=1, max_length=128, description="MQTT client id (unique per broker).")] = (
+        "groundwatch"
+    )
+    user: Annotated[str | None, Field(description="User name; else $GROUNDWATCH_MQTT_USER if set.")] = None
+    password: Annotated[str | None, Field(description="Password; else $GROUNDWATCH_MQTT_PASSWORD if set.")] = None
+    tls: Annotated[bool, Field(description="Connect with TLS (system CAs unless tls_ca_certs).")] = False
+    tls_ca_certs: Annotated[str | None, Field(description="CA bundle (PEM) to verify the broker with.")] = None
+    tls_client_cert: Annotated[str | None, Field(description="Client certificate (PEM).")] = None
+    tls_client_key: Annotated[str | None, Field(description="Client key (PEM).")] = None
+    tls_insecure: Annotated[bool, Field(description="Skip the broker host-name check (testing only).")] = False
+    qos: Annotated[int, Field(ge=0, le=2, description="QoS of published messages.")] = 0
+    keepalive_seconds: Annotated[int, Field(ge=5, le=3600, description="MQTT keep-alive.")] = 30
+    update_seconds: Annotated[float, Field(ge=0, le=3600, description=(
+        "Least time between two updates of one tracked object (and of one count); zone changes and ends are "
+        "sent at once."))] = 1.0
+    reconnect_initial_seconds: Annotated[float, Field(gt=0, le=300, description="First reconnect delay.")] = 0.5
+    reconnect_max_seconds: Annotated[float, Field(gt=0, le=3600, description="Reconnect delay cap.")] = 30
+    queue_size: Annotated[int, Field(ge=1, le=1_000_000, description=(
+        "Messages held while the broker is away or slow; beyond, the oldest is dropped and counted."))] = 10_000
+    homeassistant: Annotated[bool, Field(description="Announce Home Assistant MQTT discovery configs.")] = False
+    discovery_prefix: Annotated[str, Field(pattern=MQTT_TOPIC_PATTERN, description="Home Assistant's prefix.")] = (
+        "homeassistant"
+    )
+
+
+class WebhookConfig(_Section):
+    """`[[webhooks]]`: a JSON POST per matching event, signed with HMAC-SHA256 when a secret is set."""
+
+    url: Annotated[str, Field(min_length=1, description="http:// or https:// URL to POST to.")]
+    kinds: Annotated[list[str], Field(min_length=1, description="Event kinds to send ('alert', 'track', ...).")] = [
+        "alert"
+    ]
+    rule: Annotated[str | None, Field(description="Only alerts of this rule (the event's 'rule' field).")] = None
+    streams: Annotated[list[str] | None, Field(description="Only these streams (default: all).")] = None
+    headers: Annotated[dict[str, str], Field(description="Extra HTTP headers (e.g. Authorization).")] = {}
+    secret: Annotated[str | None, Field(min_length=1, description=(
+        "Signs each body: X-Groundwatch-Signature-256: sha256=<hex HMAC-SHA256 of the body>."))] = None
+    timeout_seconds: Annotated[float, Field(gt=0, le=300, description="Per attempt.")] = 5.0
+    cooldown_seconds: Annotated[float, Field(ge=0, le=86_400, description=(
+        "Least time between two deliveries for one stream, kind and rule; events in between are skipped."))] = 0
+    max_attempts: Annotated[int, Field(ge=1, le=100, description="Attempts per event (first try + retries).")] = 5
+    retry_initial_seconds: Annotated[float, Field(gt=0, le=3600, description="First retry delay; doubles.")] = 1.0
+    retry_max_seconds: Annotated[float, Field(gt=0, le=86_400, description="Retry delay cap.")] = 60.0
+    queue_size: Annotated[int, Field(ge=1, le=1_000_000, description=(
+        "Events waiting for this endpoint; beyond, the oldest is dropped and counted."))] = 1000
+    snapshot: Annotated[bool, Field(description="Attach the event's snapshot JPEG (base64) when it has one.")] = True
+    snapshot_max_bytes: Annotated[int, Field(ge=0, le=50_000_000, description="Larger snapshots are not attached.")] = (
+        5_000_000
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _http_only(cls, url: str) -> str:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url)
+        if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+            raise ValueError("a webhook URL must be http:// or https:// with a host")
+        return url
+
+
 class Config(_Section):
     streams: Annotated[list[StreamConfig], Field(min_length=1, description="Video sources to watch.")]
     model: ModelConfig = ModelConfig()
@@ -151,6 +225,8 @@ class Config(_Section):
     record: RecordConfig = RecordConfig()
     metrics: MetricsConfig = MetricsConfig()
     supervisor: SupervisorConfig = SupervisorConfig()
+    mqtt: MqttConfig | None = None
+    webhooks: list[WebhookConfig] = []
 
     @field_validator("streams")
     @classmethod
@@ -222,6 +298,14 @@ def _document_errors(data: dict, base_dir: Path) -> list[str]:
                 check_prompt(prompt, max_tokens)
             except PromptProblem as exc:
                 errors.append(f"streams[{index}].prompt: {exc}")
+    stream_ids = {stream.get("id") for stream in streams if isinstance(stream, dict)}
+    webhooks = data.get("webhooks") if isinstance(data.get("webhooks"), list) else []
+    for index, webhook in enumerate(webhooks):
+        names = webhook.get("streams") if isinstance(webhook, dict) else None
+        for name in names if isinstance(names, list) else []:
+            if isinstance(name, str) and name not in stream_ids:
+                known = ", ".join(sorted(i for i in stream_ids if isinstance(i, str)))
+                errors.append(f"webhooks[{index}].streams: no stream {name!r} (streams: {known})")
     return errors
 
 

@@ -5,10 +5,13 @@ Processes (all spawned, never forked: torch and ZeroMQ do not survive a fork):
     hub      PULL events from children -> PUB socket + event logs + heartbeats
     worker   mailboxes -> detector (batched across streams) -> tracker per stream -> events
     decoder  one per stream: PyAV -> RGB frames -> the stream's shared-memory mailbox
+    mqtt     with [mqtt]: event bus -> MQTT broker (Frigate topics, Home Assistant discovery); prompts from MQTT
+    webhooks with [[webhooks]]: event bus -> signed JSON POSTs
 
 Shutdown (SIGINT, SIGTERM, or every file done): decoders stop first, then the worker drains what they decoded
 and ends open tracks, then the hub publishes and records what is in flight and closes the logs. Each stage has
-its own stop event so the order is explicit; a stage that overruns its timeout is killed. Children also get
+its own stop event so the order is explicit; a stage that overruns its timeout is killed. The bridges (mqtt,
+webhooks) stop last, after the hub, so that they still carry its final events. Children also get
 PR_SET_PDEATHSIG, so even a SIGKILL of the supervisor leaves no orphan.
 """
 
@@ -37,14 +40,21 @@ from streamer.events import make_event
 from streamer.frames import FrameMailbox, remove_stale_mailboxes
 from streamer.hub import hub_main
 from streamer.inference import worker_main
-from streamer.process import EXIT_DONE, EXIT_FATAL, EventSender
+from streamer.process import EXIT_DONE, EXIT_FATAL, EventSender, SharedFlag
 from streamer.recording import run_stamp
 from streamer.stats import RateMeter, StreamStats, snapshot
 
 log = logging.getLogger("groundwatch")
 
 
-class EndpointError(RuntimeError):
+EXIT_DEGRADED = 3  # the run ended normally but lost part of its recording (see docs/events.md, "Exit status")
+
+
+class StartupError(RuntimeError):
+    """The daemon cannot start (nothing has been created yet); the message says why."""
+
+
+class EndpointError(StartupError):
     """A ZeroMQ endpoint of the config cannot be bound."""
 
 
@@ -71,10 +81,11 @@ class Supervisor:
         self.context = multiprocessing.get_context("spawn")
         self.stream_ids = [stream.id for stream in config.streams]
         self.prompts = {stream.id: stream.prompt for stream in config.streams}
-        self.stage_stops = {stage: self.context.Event() for stage in (0, 1, 2)}
-        self.worker_ready = self.context.Event()
-        self.worker_control = self.context.Queue()
-        self.worker_replies = self.context.Queue()
+        # Lock-free flags (see SharedFlag): a child killed at any point can never block the shutdown.
+        self.stage_stops = {stage: SharedFlag(self.context) for stage in (0, 1, 2, 3)}  # 3: bridges, after the hub
+        self.worker_ready = SharedFlag(self.context)
+        self.worker_control = self.worker_replies = None
+        self._new_worker_queues()
         self.children: list[Child] = []
         self.stop_reason: str | None = None
         self.exit_code = 0
@@ -121,6 +132,7 @@ class Supervisor:
             raise EndpointError(f"cannot bind {config.publish.control_endpoint} / {config.publish.endpoint}: {exc} "
                                 "(is another groundwatch running? change [publish] endpoints)") from None
         self._register_commands()
+        self._check_record_directory()
         remove_stale_mailboxes()
         self.runtime_dir = tempfile.mkdtemp(prefix="groundwatch-")
         self.events_endpoint = f"ipc://{self.runtime_dir}/events"
@@ -159,6 +171,53 @@ class Supervisor:
                 self.stage_stops[0], stream=stream.id))
         for child in sorted(self.children, key=lambda c: -c.stage):  # hub first: its sockets must be bound
             self._spawn(child)
+        for child in self._bridge_children(stats_spec, pid):
+            self.children.append(child)
+            self._spawn(child)
+
+    def _bridge_children(self, stats_spec: dict, pid: int) -> list[Child]:
+        """The MQTT bridge and the webhooks: clients of the event bus and the control socket, stopped after the
+        hub so that they still carry its last events."""
+        config, children = self.config, []
+        if config.mqtt is not None and config.mqtt.enabled:
+            from streamer.mqtt_bridge import mqtt_main
+
+            children.append(Child("mqtt", 3, mqtt_main, lambda: dict(
+                config=config.mqtt, prompts=dict(self.prompts), events_endpoint=config.publish.endpoint,
+                control_endpoint=config.publish.control_endpoint, internal_endpoint=self.events_endpoint,
+                stats_spec=stats_spec, stop=self.stage_stops[3], parent_pid=pid), self.stage_stops[3]))
+        if config.webhooks:
+            from streamer.webhooks import webhooks_main
+
+            children.append(Child("webhooks", 3, webhooks_main, lambda: dict(
+                webhooks=list(config.webhooks), stream_ids=list(self.stream_ids),
+                events_endpoint=config.publish.endpoint, internal_endpoint=self.events_endpoint,
+                stats_spec=stats_spec, stop=self.stage_stops[3], parent_pid=pid), self.stage_stops[3]))
+        return children
+
+    def _check_record_directory(self) -> None:
+        """Refuse to start when recordings cannot be written at all (a full disk later is survived and reported,
+        see `Hub`); checked by writing a probe file in every stream's folder."""
+        if not self.config.record.enabled:
+            return
+        for stream in self.stream_ids:
+            folder = Path(self.config.record.directory) / stream
+            probe = folder / f".groundwatch-probe-{os.getpid()}"
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                with open(probe, "wb") as file:
+                    file.write(b"probe\n")
+                    file.flush()
+                    os.fsync(file.fileno())
+            except OSError as exc:
+                self.control.close()
+                raise StartupError(f"record.directory {str(folder)!r} is not writable: {exc.strerror or exc} "
+                                   "(fix the folder or set [record] enabled = false)") from None
+            finally:
+                try:
+                    probe.unlink()
+                except OSError:
+                    pass
 
     def _start_metrics(self) -> None:
         if not self.config.metrics.enabled:
@@ -168,11 +227,27 @@ class Supervisor:
         self._metrics_server, port = start_metrics_server(self, self.config.metrics.host, self.config.metrics.port)
         self.metrics_url = f"http://{self.config.metrics.host}:{port}/metrics"
 
+    def _new_worker_queues(self) -> None:
+        """Fresh request/reply queues for each worker: a worker killed while holding a queue's lock must not
+        take its successor (or the supervisor) with it. Requests the dead worker never answered fail now."""
+        for old in (self.worker_control, self.worker_replies):
+            if old is not None:
+                old.cancel_join_thread()
+                old.close()
+        self.worker_control = self.context.Queue()
+        self.worker_replies = self.context.Queue()
+        self.worker_control.cancel_join_thread()  # never wait at exit for a dead worker to read its requests
+        pending, self._pending = getattr(self, "_pending", {}), {}
+        for _, on_reply in pending.values():
+            on_reply({"ok": False, "error": "the inference worker restarted; try again"})
+
     def _spawn(self, child: Child) -> None:
         if child.name == "worker":
             for mailbox in self.mailboxes.values():
                 mailbox.recover_reading()
             self.worker_ready.clear()
+            if child.process is not None:
+                self._new_worker_queues()
         child.process = self.context.Process(target=child.target, kwargs=child.kwargs(), name=f"gw-{child.name}",
                                              daemon=True)
         child.process.start()
@@ -230,6 +305,8 @@ class Supervisor:
 
     def install_signal_handlers(self) -> None:
         def handler(signum, _frame):
+            if self.stop_reason is not None:
+                self.force_exit(signum)
             self.request_stop(signal.Signals(signum).name)
 
         signal.signal(signal.SIGINT, handler)
@@ -259,7 +336,13 @@ class Supervisor:
                         self.request_stop("every stream finished")
         finally:
             self.shutdown()
+        if self.exit_code == 0 and self._recording_degraded():
+            self.exit_code = EXIT_DEGRADED
         return self.exit_code
+
+    def _recording_degraded(self) -> bool:
+        return bool(getattr(self, "_record_health", None)) and any(
+            errors or lost for errors, lost in self._record_health.values())
 
     # -- control socket ----------------------------------------------------------------------------------------
 
@@ -328,13 +411,38 @@ class Supervisor:
 
     # -- shutdown ------------------------------------------------------------------------------------------------
 
+    def force_exit(self, signum: int) -> None:
+        """A second SIGINT/SIGTERM during the shutdown: kill every child, remove what we created, exit now
+        (status 128 + signal number, as a shell reports a process ended by that signal)."""
+        log.warning("second %s while stopping: forcing the exit (children killed)", signal.Signals(signum).name)
+        for child in self.children:
+            if child.process is not None and child.process.pid is not None:
+                try:
+                    os.kill(child.process.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        self._remove_created()
+        logging.shutdown()
+        os._exit(128 + signum)
+
+    def _remove_created(self) -> None:
+        """Delete the shared memory and the runtime folder (safe to call twice, and from a signal handler)."""
+        for path in [m.path for m in getattr(self, "mailboxes", {}).values()] + (
+                [self.stats.path] if getattr(self, "stats", None) is not None else []):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        if getattr(self, "runtime_dir", None):
+            shutil.rmtree(self.runtime_dir, ignore_errors=True)
+
     def shutdown(self) -> None:
         """Stop decoders, then the worker (which drains), then the hub (which flushes); clean up."""
         if self._closed:
             return
         self._closed = True
         timeout = self.config.supervisor.shutdown_timeout_seconds
-        for stage in (0, 1, 2):
+        for stage in (0, 1, 2, 3):
             self.stage_stops[stage].set()
             members = [c for c in self.children if c.stage == stage and c.process is not None]
             deadline = time.monotonic() + timeout
@@ -351,9 +459,13 @@ class Supervisor:
             self._metrics_server.shutdown()
         for mailbox in self.mailboxes.values():
             mailbox.close()
-            mailbox.unlink()
+        self._record_health = {s: (self.stats.get(s, "record_errors"), self.stats.get(s, "record_lost"))
+                               for s in self.stream_ids}
+        degraded = {s: figures for s, figures in self._record_health.items() if any(figures)}
+        if degraded:
+            log.warning("run degraded: event logs could not be written (failed writes, events lost): %s",
+                        ", ".join(f"{s} {int(e)}/{int(n)}" for s, (e, n) in degraded.items()))
         self.stats.close()
-        self.stats.unlink()
+        self._remove_created()
         self.worker_control.close()
         self.worker_replies.close()
-        shutil.rmtree(self.runtime_dir, ignore_errors=True)

@@ -41,6 +41,7 @@ class Hub:
         self.published = 0
         self._rates = RateMeter(stats) if stats is not None else None
         self._next_heartbeat = time.monotonic() + heartbeat_seconds
+        self._record_reported: dict[str, float] = {}  # stream -> when its recording failure was last published
         self.started = time.time()
 
     def publish(self, event: dict) -> None:
@@ -91,6 +92,32 @@ class Hub:
             self.heartbeat(now)
         if self.recorder is not None:
             self.recorder.maybe_flush()
+            self._report_recording()
+
+    def _report_recording(self, publish: bool = True) -> None:
+        """Recording failures never stop publishing: they are counted in the stats (heartbeats, status) and
+        published as `error` events when a log starts failing, and every minute while it keeps failing."""
+        if self.stats is None:
+            return
+        now = time.monotonic()
+        for stream in self.stats.stream_ids:
+            failures, lost, error = self.recorder.health(stream)
+            self.stats.set(stream, "record_errors", failures)
+            self.stats.set(stream, "record_lost", lost)
+            self.stats.set(stream, "record_failing", 1.0 if error else 0.0)
+            reported = self._record_reported.get(stream)
+            if not publish:
+                continue
+            if error and (reported is None or now - reported >= 60.0):
+                self._record_reported[stream] = now
+                path = self.recorder.logs[stream].path
+                log.error("%s: cannot write the event log %s: %s", stream, path, error)
+                self.publish(make_event(stream, "error", message=f"cannot write the event log {path}: {error}; "
+                                        "publishing goes on, writes are retried", error_type="record_failed",
+                                        fatal=False, path=str(path), events_not_recorded=lost))
+            elif not error and reported is not None:
+                del self._record_reported[stream]
+                log.info("%s: the event log is written again", stream)
 
     def run(self, stop) -> None:
         poller = zmq.Poller()
@@ -108,6 +135,7 @@ class Hub:
     def close(self) -> None:
         if self.recorder is not None:
             self.recorder.close()
+            self._report_recording(publish=False)  # the last figures, for the supervisor's exit status
         self.pull.close()
         self.pub.close()
 

@@ -340,8 +340,8 @@ class InferenceWorker:
         batch = self.gather()
         if batch:
             self.process(batch)
-        else:
-            self.finish_streams()
+        # Every round, not only idle ones: a file's end must not wait for a busy camera to pause.
+        self.finish_streams()
         return len(batch)
 
     def run(self, stop, control: "queue.Queue | None" = None, replies: "queue.Queue | None" = None) -> None:

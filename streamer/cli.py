@@ -181,6 +181,10 @@ def _delegate(command: str, argv: list[str]) -> int:
         print("\ngroundwatch eval: choose what to evaluate, e.g. `groundwatch eval --weights default` "
               "(minutes on a CPU)", file=sys.stderr)
         return 2
+    if command == "eval":
+        from tracker.evaluation import score_videos
+
+        return int(entry(argv, score_tracking=score_videos) or 0)
     return int(entry(argv) or 0)
 
 

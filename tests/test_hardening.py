@@ -15,7 +15,6 @@ import pytest
 import zmq
 
 from daemon_harness import Daemon, Subscriber, dead_rtsp_url
-from test_streamer import mailbox_factory, stats_factory  # noqa: F401  (fixtures)
 
 
 def _raw_request(endpoint: str, frames: list[bytes], timeout: float = 10.0) -> list[bytes]:
@@ -204,7 +203,7 @@ def test_prompt_encoding_never_stalls_the_frames(mailbox_factory, stats_factory)
     import threading
 
     import tracker
-    from test_streamer import FakeDetector, FlagEvent, frame_with_value, make_worker
+    from fakes import FakeDetector, FlagEvent, frame_with_value, make_worker
 
     tracker.warm_up()  # compiling the tracker on its first frame is not what this test measures
     streams = [{"id": "a", "live": True, "prompt": "thing ."}, {"id": "b", "live": True, "prompt": "thing ."}]
@@ -237,7 +236,7 @@ def test_prompt_encoding_never_stalls_the_frames(mailbox_factory, stats_factory)
 def test_a_bad_prompt_at_start_costs_only_its_stream(mailbox_factory, stats_factory):
     """A prompt the detector refuses used to raise in the worker at every restart, taking every stream down.
     It must cost its own stream (an `error` event, frames skipped) and nothing else; a new prompt revives it."""
-    from test_streamer import FakeDetector, frame_with_value, make_worker
+    from fakes import FakeDetector, frame_with_value, make_worker
 
     streams = [{"id": "a", "live": False, "prompt": "bad ."}, {"id": "b", "live": False, "prompt": "thing ."}]
     worker, mailboxes, _, sender, stats = make_worker(mailbox_factory, stats_factory, streams)

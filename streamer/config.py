@@ -77,7 +77,18 @@ class ModelConfig(_Section):
         "default"
     )
     device: Annotated[str, Field(pattern=r"^(cpu|cuda(:\d+)?)$", description="cpu, cuda or cuda:N.")] = "cpu"
-    dtype: Annotated[Literal["float32", "float16", "bfloat16"], Field(description="Inference dtype.")] = "float32"
+    dtype: Annotated[Literal["float32", "float16", "bfloat16", "auto"], Field(
+        description="Inference dtype of the torch backend; 'auto' = bfloat16 on a CPU with AMX or AVX-512 BF16, "
+                    "float32 elsewhere.")] = "float32"
+    backend: Annotated[Literal["auto", "torch", "onnxruntime", "openvino"], Field(
+        description="Where the image graph runs: torch, onnxruntime (extra groundwatch[onnx]) or openvino (extra "
+                    "groundwatch[openvino]); 'auto' = torch (docs/export.md).")] = "torch"
+    onnx: Annotated[str | None, Field(
+        description="An exported image graph (groundwatch export) for onnxruntime/openvino; unset = export on "
+                    "first use into cache_dir.")] = None
+    cache_dir: Annotated[str | None, Field(
+        description="Where exported graphs are cached, per weights hash; unset = $GROUNDWATCH_CACHE or "
+                    "~/.cache/groundwatch.")] = None
     box_threshold: Annotated[float, Field(ge=0, le=1, description="Minimum box score.")] = 0.35
     text_threshold: Annotated[float, Field(ge=0, le=1, description="Minimum token score for a phrase.")] = 0.25
     batch_size: Annotated[int, Field(ge=1, le=64, description="Most frames per inference call, across streams.")] = 4

@@ -52,6 +52,16 @@ log = logging.getLogger("groundwatch")
 EXIT_DEGRADED = 3  # the run ended normally but lost part of its recording (see docs/events.md, "Exit status")
 
 
+def remove_stale_runtime_dirs() -> None:
+    """Delete `groundwatch-<pid>-*` folders in the temp directory whose daemon no longer runs (kill -9)."""
+    for path in Path(tempfile.gettempdir()).glob("groundwatch-*-*"):
+        parts = path.name.split("-")
+        if len(parts) < 3 or not parts[1].isdigit() or not path.is_dir():
+            continue
+        if int(parts[1]) != os.getpid() and not Path(f"/proc/{parts[1]}").exists():
+            shutil.rmtree(path, ignore_errors=True)
+
+
 class StartupError(RuntimeError):
     """The daemon cannot start (nothing has been created yet); the message says why."""
 
@@ -138,9 +148,17 @@ class Supervisor:
             raise EndpointError(f"cannot bind {config.publish.control_endpoint} / {config.publish.endpoint}: {exc} "
                                 "(is another groundwatch running? change [publish] endpoints)") from None
         self._register_commands()
+        remove_stale_mailboxes()  # what a daemon killed with SIGKILL left: only ones whose pid no longer runs
+        remove_stale_runtime_dirs()
         self._check_record_directory()
-        remove_stale_mailboxes()
-        self.runtime_dir = tempfile.mkdtemp(prefix="groundwatch-")
+        try:
+            self._start_metrics()  # the last endpoint: checked before any shared memory or folder is created
+        except OSError as exc:
+            self.control.close()
+            raise StartupError(f"cannot serve metrics on {self.config.metrics.host}:{self.config.metrics.port}: "
+                               f"{exc.strerror or exc} (is another groundwatch running? change [metrics] port, "
+                               "or port = 0 for any free port)") from None
+        self.runtime_dir = tempfile.mkdtemp(prefix=f"groundwatch-{os.getpid()}-")
         self.events_endpoint = f"ipc://{self.runtime_dir}/events"
         self.stats = StreamStats.create(self.stream_ids)
         self._rates = RateMeter(self.stats)
@@ -152,7 +170,6 @@ class Supervisor:
                 stream.id, slots, stream.max_width, stream.max_height, self.context.Lock()
             )
         self.sender = EventSender(self.events_endpoint)
-        self._start_metrics()
 
         pid = os.getpid()
         stats_spec = self.stats.spec()
@@ -345,7 +362,11 @@ class Supervisor:
 
     def run(self, on_ready: Callable[["Supervisor"], None] | None = None) -> int:
         """Start, supervise until asked to stop (or every file is done), shut down. Returns the exit code."""
-        self.start()  # raises before starting anything when an endpoint is taken
+        try:
+            self.start()  # raises StartupError before creating anything when an endpoint is taken
+        except BaseException:
+            self._abandon_start()
+            raise
         if on_ready is not None:
             on_ready(self)
         poller = zmq.Poller()
@@ -459,6 +480,19 @@ class Supervisor:
         self._remove_created()
         logging.shutdown()
         os._exit(128 + signum)
+
+    def _abandon_start(self) -> None:
+        """A start that failed half-way (shared memory full...): leave nothing behind."""
+        for child in self.children:
+            if child.process is not None and child.process.pid is not None and child.process.is_alive():
+                child.process.kill()
+                child.process.join(5)
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+        if self.control is not None:
+            self.control.close()
+        self._remove_created()
 
     def _remove_created(self) -> None:
         """Delete the shared memory and the runtime folder (safe to call twice, and from a signal handler)."""

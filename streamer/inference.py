@@ -52,15 +52,20 @@ class GdinoDetector:
     def __init__(self, *, weights: str = "default", device: str = "cpu", dtype: str = "float32",
                  box_threshold: float = 0.35, text_threshold: float = 0.25, threads: int = 0,
                  short_side: int = 800, max_side: int = 1333,
-                 max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS) -> None:
+                 max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS, backend: str = "torch",
+                 onnx: str | None = None, cache_dir: str | None = None) -> None:
         # Imported here, not at the top: torch and the model are loaded only in the worker process.
         import torch
 
         import gdino
-        from gdino import predict
+        from gdino import backends, predict
 
         if threads:
             torch.set_num_threads(threads)
+        backend = backends.resolve_backend(backend, device)
+        # The exported graphs are float32; dtype applies to the torch backend ("auto": bfloat16 on a CPU with
+        # AMX or AVX-512 BF16).
+        dtype = backends.resolve_dtype(dtype, device) if backend == "torch" else "float32"
         if weights == "tiny":
             # Random weights of the tiny config: plumbing tests and the pipeline benchmark, never for answers.
             from gdino.config import tiny
@@ -69,6 +74,8 @@ class GdinoDetector:
             model = gdino.build(tiny()).to(device=device, dtype=getattr(torch, dtype)).eval()
         else:
             model = gdino.load(weights, device=device, dtype=dtype)
+        model = backends.open_model(model, backend, device=device, onnx_path=onnx, cache_dir=cache_dir,
+                                    threads=threads)
         self.model, self.predict, self._torch = model, predict, torch
         self.box_threshold, self.text_threshold = box_threshold, text_threshold
         self.short_side, self.max_side = short_side, max_side
@@ -79,7 +86,8 @@ class GdinoDetector:
         return cls(weights=config.weights, device=config.device, dtype=config.dtype,
                    box_threshold=config.box_threshold, text_threshold=config.text_threshold,
                    threads=config.threads, short_side=config.short_side, max_side=config.max_side,
-                   max_prompt_tokens=config.max_prompt_tokens)
+                   max_prompt_tokens=config.max_prompt_tokens, backend=config.backend, onnx=config.onnx,
+                   cache_dir=config.cache_dir)
 
     def release_memory(self) -> None:
         """After an out-of-memory error: give cached GPU blocks back before a smaller batch is tried."""

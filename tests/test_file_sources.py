@@ -12,7 +12,7 @@ from streamer.config import ConfigError, parse_config
 from streamer.decoder import EXIT_DONE, Decoder
 from streamer.media import write_video
 
-from test_streamer import FlagEvent, ListSender, frame_with_value, mailbox_factory, stats_factory  # noqa: F401
+from fakes import FlagEvent, ListSender, frame_with_value
 
 
 def run_decoder(decoder, mailbox, stop, until: int, consume_delay: float = 0.0):

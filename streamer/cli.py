@@ -30,7 +30,7 @@ def _configure_logging() -> None:
 
 def _run(args) -> int:
     from streamer.config import ConfigError, load_config
-    from streamer.daemon import EndpointError, Supervisor
+    from streamer.daemon import StartupError, Supervisor
 
     try:
         config = load_config(args.config)
@@ -51,7 +51,7 @@ def _run(args) -> int:
 
     try:
         code = supervisor.run(on_ready=announce)
-    except EndpointError as exc:
+    except StartupError as exc:
         print(f"groundwatch: {exc}", file=sys.stderr)
         return 2
     print(f"groundwatch: stopped ({supervisor.stop_reason})", flush=True)
@@ -181,6 +181,10 @@ def _delegate(command: str, argv: list[str]) -> int:
         print("\ngroundwatch eval: choose what to evaluate, e.g. `groundwatch eval --weights default` "
               "(minutes on a CPU)", file=sys.stderr)
         return 2
+    if command == "eval":
+        from tracker.evaluation import score_videos
+
+        return int(entry(argv, score_tracking=score_videos) or 0)
     return int(entry(argv) or 0)
 
 

@@ -7,6 +7,8 @@ an operator fixes the whole file in one pass instead of one error per restart.
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
@@ -112,6 +114,37 @@ class MetricsConfig(_Section):
     port: Annotated[int, Field(ge=0, le=65535, description="Port (0 = any free port).")] = 9108
 
 
+class WebConfig(_Section):
+    """The operator's web console (streamer/web): a supervisor child, a client of the PUB and control sockets."""
+
+    enabled: Annotated[bool, Field(description="Serve the web console (and encode preview frames for it).")] = True
+    host: Annotated[str, Field(min_length=1, description="Address to listen on; beyond loopback needs a token.")] = (
+        "127.0.0.1"
+    )
+    port: Annotated[int, Field(ge=0, le=65535, description="Port (0 = any free port).")] = 8080
+    token: Annotated[
+        str | None, Field(min_length=16, description="Full access (view and change prompts); or GROUNDWATCH_WEB_TOKEN.")
+    ] = None
+    read_token: Annotated[
+        str | None, Field(min_length=16, description="Optional view-only access: no prompt changes.")
+    ] = None
+    preview_fps: Annotated[float, Field(gt=0, le=30, description="Preview frames per second per stream, at most.")] = 5
+    preview_short_side: Annotated[int, Field(ge=32, le=2160, description="Previews are scaled down to this.")] = 360
+    preview_quality: Annotated[int, Field(ge=10, le=100, description="JPEG quality of the previews.")] = 75
+    viewer_queue: Annotated[
+        int, Field(ge=1, le=100_000, description="Events queued per viewer before its oldest are dropped.")
+    ] = 2000
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
 class SupervisorConfig(_Section):
     restart_initial_seconds: Annotated[float, Field(gt=0, le=300, description="First restart delay.")] = 0.5
     restart_max_seconds: Annotated[float, Field(gt=0, le=3600, description="Restart delay cap.")] = 30
@@ -128,6 +161,7 @@ class Config(_Section):
     record: RecordConfig = RecordConfig()
     metrics: MetricsConfig = MetricsConfig()
     supervisor: SupervisorConfig = SupervisorConfig()
+    web: WebConfig = WebConfig()
 
     @field_validator("streams")
     @classmethod
@@ -194,13 +228,26 @@ def parse_config(data: dict, source: str = "<config>", base_dir: Path | None = N
                 errors.append(f"streams[{index}].url: no such file {str(path)!r}")
             stream = stream.model_copy(update={"url": str(path)})
         streams.append(stream)
+    web = config.web
+    if web.token is None and os.environ.get("GROUNDWATCH_WEB_TOKEN"):
+        web = web.model_copy(update={"token": os.environ["GROUNDWATCH_WEB_TOKEN"]})
+    if web.enabled and not web.is_loopback and not web.token:
+        errors.append(f"web.host: {web.host!r} is beyond loopback; set web.token (or GROUNDWATCH_WEB_TOKEN), or "
+                      "bind 127.0.0.1")
+    if web.token and len(web.token) < 16:
+        errors.append("GROUNDWATCH_WEB_TOKEN: at least 16 characters")
+    if web.read_token and not web.token:
+        errors.append("web.read_token: needs web.token too (the full-access token)")
+    if web.read_token and web.token == web.read_token:
+        errors.append("web.read_token: must differ from web.token")
     record_dir = Path(config.record.directory).expanduser()
     if not record_dir.is_absolute():
         record_dir = base_dir / record_dir
     if errors:
         raise ConfigError(_report(source, errors))
     return config.model_copy(
-        update={"streams": streams, "record": config.record.model_copy(update={"directory": str(record_dir)})}
+        update={"streams": streams, "record": config.record.model_copy(update={"directory": str(record_dir)}),
+                "web": web}
     )
 
 

@@ -5,6 +5,7 @@ Processes (all spawned, never forked: torch and ZeroMQ do not survive a fork):
     hub      PULL events from children -> PUB socket + event logs + heartbeats
     worker   mailboxes -> detector (batched across streams) -> tracker per stream -> events
     decoder  one per stream: PyAV -> RGB frames -> the stream's shared-memory mailbox
+    web      the operator's console (streamer/web), when [web] is enabled: a client of PUB and control
 
 Shutdown (SIGINT, SIGTERM, or every file done): decoders stop first, then the worker drains what they decoded
 and ends open tracks, then the hub publishes and records what is in flight and closes the logs. Each stage has
@@ -79,6 +80,8 @@ class Supervisor:
         self.run_stamp = f"{run_stamp()}-{os.getpid()}"
         self.started = time.time()
         self.metrics_url: str | None = None
+        self.web_url: str | None = None
+        self.web_listener = None
         self._metrics_server = None
         self._request_id = 0
         self._rates = None
@@ -117,6 +120,7 @@ class Supervisor:
             self.control.close()
             raise EndpointError(f"cannot bind {config.publish.control_endpoint} / {config.publish.endpoint}: {exc} "
                                 "(is another groundwatch running? change [publish] endpoints)") from None
+        self._bind_web()
         remove_stale_mailboxes()
         self.runtime_dir = tempfile.mkdtemp(prefix="groundwatch-")
         self.events_endpoint = f"ipc://{self.runtime_dir}/events"
@@ -146,7 +150,7 @@ class Supervisor:
             events_endpoint=self.events_endpoint, model=config.model.model_dump(exclude={"batch_size"}),
             tracker=config.tracker.model_dump(), batch_size=config.model.batch_size, stop=self.stage_stops[1],
             control=self.worker_control, replies=self.worker_replies, ready=self.worker_ready,
-            parent_pid=pid), self.stage_stops[1]))
+            parent_pid=pid, preview=self._preview_settings()), self.stage_stops[1]))
         for stream in config.streams:
             stream_dict = {"id": stream.id, "url": stream.url, "live": stream.is_live, "fps": stream.fps,
                            "max_width": stream.max_width, "max_height": stream.max_height}
@@ -155,8 +159,32 @@ class Supervisor:
                 events_endpoint=self.events_endpoint, live=config.live.model_dump(),
                 video_directory=self.video_directory(s), stop=self.stage_stops[0], parent_pid=pid),
                 self.stage_stops[0], stream=stream.id))
+        if self.web_listener is not None:
+            from streamer.web.server import web_main
+            from streamer.web.settings import build_web_settings
+
+            web_settings = build_web_settings(config)
+            self.children.append(Child("web", 0, web_main, lambda: dict(
+                settings=web_settings, listener=self.web_listener, stop=self.stage_stops[0], parent_pid=pid),
+                self.stage_stops[0]))
         for child in sorted(self.children, key=lambda c: -c.stage):  # hub first: its sockets must be bound
             self._spawn(child)
+
+    def _bind_web(self) -> None:
+        """Bind the console's port here, once: a taken port fails the start, and restarts reuse the socket."""
+        web = self.config.web
+        if not web.enabled:
+            return
+        from streamer.web.server import bind_listener
+
+        try:
+            self.web_listener = bind_listener(web.host, web.port)
+        except OSError as exc:
+            self.control.close()
+            raise EndpointError(f"cannot bind the web console to {web.host}:{web.port}: {exc.strerror or exc} "
+                                "(is another groundwatch running? change [web] port, or enabled = false)") from None
+        host, port = self.web_listener.getsockname()[:2]
+        self.web_url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
 
     def _start_metrics(self) -> None:
         if not self.config.metrics.enabled:
@@ -165,6 +193,14 @@ class Supervisor:
 
         self._metrics_server, port = start_metrics_server(self, self.config.metrics.host, self.config.metrics.port)
         self.metrics_url = f"http://{self.config.metrics.host}:{port}/metrics"
+
+    def _preview_settings(self):
+        if not self.config.web.enabled:
+            return None  # nobody to show them to: the worker encodes no previews
+        from streamer.web.preview import PreviewSettings
+
+        web = self.config.web
+        return PreviewSettings(fps=web.preview_fps, short_side=web.preview_short_side, quality=web.preview_quality)
 
     def _spawn(self, child: Child) -> None:
         if child.name == "worker":
@@ -273,7 +309,8 @@ class Supervisor:
         }
         return {"ok": True, "uptime": round(time.time() - self.started, 3), "pid": os.getpid(),
                 "worker_ready": self.worker_ready.is_set(), "streams": streams, "processes": processes,
-                "publish": self.config.publish.endpoint, "metrics": self.metrics_url, "recordings": self.record_paths}
+                "publish": self.config.publish.endpoint, "metrics": self.metrics_url, "recordings": self.record_paths,
+                "web": self.web_url}
 
     def set_prompt(self, stream: str, prompt: str, timeout: float = 60.0) -> dict:
         if stream not in self.prompts:
@@ -339,6 +376,8 @@ class Supervisor:
                     child.process.join(5)
         self.sender.close()
         self.control.close()
+        if self.web_listener is not None:
+            self.web_listener.close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
         for mailbox in self.mailboxes.values():

@@ -98,6 +98,15 @@ def build_detector(model_config: dict) -> GdinoDetector:
     return GdinoDetector(**model_config)
 
 
+def build_preview_encoder(settings):
+    """Previews only when the web console is on (`settings` is a `PreviewSettings`, or None)."""
+    if settings is None:
+        return None
+    from streamer.web.preview import PreviewEncoder
+
+    return PreviewEncoder(settings)
+
+
 def build_tracker(tracker_config: dict):
     import tracker
 
@@ -121,7 +130,7 @@ class InferenceWorker:
 
     def __init__(self, *, detector: Detector, streams: list[dict], mailboxes: dict[str, FrameMailbox],
                  stats: StreamStats, sender: EventSender, tracker_factory, batch_size: int = 4,
-                 idle_sleep: float = 0.003) -> None:
+                 idle_sleep: float = 0.003, previews=None) -> None:
         self.detector, self.stats, self.sender = detector, stats, sender
         self.tracker_factory, self.batch_size, self.idle_sleep = tracker_factory, batch_size, idle_sleep
         self.streams = {
@@ -132,6 +141,7 @@ class InferenceWorker:
         self.consecutive_failures = 0
         self.max_consecutive_failures = 10
         self._rotation = 0
+        self.previews = previews  # a streamer.web.preview.PreviewEncoder when the web console is on
 
     # -- prompts -----------------------------------------------------------------------------------------
 
@@ -199,6 +209,8 @@ class InferenceWorker:
                 encoding = self.encoding_for(prompt)
                 results = self.detector.detect([frame.pixels for _, frame in items], encoding)
                 self.consecutive_failures = 0
+                # Encoded before the slots are released: after `release` a decoder may overwrite the pixels.
+                previews = [self._encode_preview(state, frame) for state, frame in items]
             except Exception as exc:
                 # One bad batch costs its frames, not the worker; a detector that keeps failing (out of
                 # memory on every call) is restarted by the supervisor instead of spinning here.
@@ -214,8 +226,20 @@ class InferenceWorker:
                 for state, frame in items:
                     state.mailbox.release(frame)
             inference_ms = (time.perf_counter() - started) * 1000 / len(items)
-            for (state, frame), result in zip(items, results):
+            for (state, frame), result, preview in zip(items, results, previews):
                 self._emit_frame(state, frame, result, inference_ms)
+                if preview is not None:  # after its detections, so a viewer has the boxes when the picture comes
+                    self.sender.send_frames(preview)
+
+    def _encode_preview(self, state: StreamState, frame: Frame) -> list[bytes] | None:
+        if self.previews is None:
+            return None
+        try:
+            return self.previews.maybe_encode(state.stream_id, frame.frame_index, frame.pixels, ts=frame.ts,
+                                              pts=frame.pts, decoded_at=frame.decoded_at)
+        except Exception:  # a preview is never worth a frame's events
+            log.exception("preview encoding failed")
+            return None
 
     def _emit_frame(self, state: StreamState, frame: Frame, result: FrameDetections, inference_ms: float) -> None:
         boxes_xyxy = np.asarray(result.boxes_xyxy, dtype=np.float32).reshape(-1, 4)  # (N, 4) pixels
@@ -337,7 +361,8 @@ class InferenceWorker:
 
 
 def worker_main(*, streams: list[dict], mailbox_specs: dict[str, dict], stats_spec: dict, events_endpoint: str,
-                model: dict, tracker: dict, batch_size: int, stop, control, replies, ready, parent_pid: int) -> None:
+                model: dict, tracker: dict, batch_size: int, stop, control, replies, ready, parent_pid: int,
+                preview=None) -> None:
     """Entry point of the inference worker process (spawned by the supervisor)."""
     child_setup("worker", parent_pid)
     sender = EventSender(events_endpoint)
@@ -357,7 +382,8 @@ def worker_main(*, streams: list[dict], mailbox_specs: dict[str, dict], stats_sp
 
     tracker_package.warm_up()
     worker = InferenceWorker(detector=detector, streams=streams, mailboxes=mailboxes, stats=stats, sender=sender,
-                             tracker_factory=lambda: build_tracker(tracker), batch_size=batch_size)
+                             tracker_factory=lambda: build_tracker(tracker), batch_size=batch_size,
+                             previews=build_preview_encoder(preview))
     for stream in streams:
         worker.encoding_for(stream["prompt"])
     log.info("model ready in %.1f s", time.perf_counter() - started)

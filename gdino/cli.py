@@ -140,18 +140,6 @@ def _output_names(paths: list[str], outdir: Path) -> list[tuple[Path, Path]]:
     return names
 
 
-def _run_referring(model, image: np.ndarray, prompt: str):
-    import torch
-
-    from gdino import processing
-
-    parameter = next(model.parameters())
-    pixel_values, pixel_mask, sizes = processing.preprocess([image], device=parameter.device)
-    with torch.no_grad():
-        out = model(pixel_values.to(parameter.dtype), prompt, pixel_mask=pixel_mask)
-    return processing.referring_box(out.logits.float(), out.boxes.float(), out.text, sizes, model.tokenizer)[0]
-
-
 def detect_main(argv: list[str] | None = None) -> int:
     """``groundwatch detect IMAGE... --prompt "..." [--weights PATH] [-o OUTDIR]``; returns the exit status."""
     prog = "groundwatch detect"
@@ -177,7 +165,7 @@ def detect_main(argv: list[str] | None = None) -> int:
         for path, image, (image_out, json_out) in zip(args.images, images, _output_names(args.images, outdir)):
             try:
                 if args.referring:
-                    found = _run_referring(model, image, args.prompt)
+                    found = model.refer(image, args.prompt)
                 else:
                     found = model.detect(image, args.prompt, box_threshold=args.box_threshold,
                                          text_threshold=args.text_threshold, remove_combined=args.remove_combined)

@@ -248,12 +248,14 @@ def _batched(logits: torch.Tensor, boxes_cxcywh: torch.Tensor, text, image_sizes
 
 def postprocess(logits: torch.Tensor, boxes_cxcywh: torch.Tensor, text, image_sizes: Sequence[tuple[int, int]],
                 tokenizer, box_threshold: float = 0.35, text_threshold: float = 0.25,
-                remove_combined: bool = False) -> list[Detections]:
+                remove_combined: bool = False,
+                prompt_labels: tuple[list[str], list[int]] | None = None) -> list[Detections]:
     """Model outputs -> one :class:`Detections` per image, as the official ``predict`` does.
 
     logits (B, Q, T) raw (masked tokens -inf); boxes_cxcywh (B, Q, 4) in [0, 1]; ``text`` the ``TextEncoding``
     used (or input ids (B, T)); image_sizes [(height, width)] of the original images. Detections keep the
-    decoder's query order.
+    decoder's query order. ``prompt_labels``: :func:`sub_sentences` of a prompt shared by every image, computed
+    once per prompt by the caller (``gdino.predict``) instead of decoded again for every image.
     """
     logits, boxes_cxcywh, input_ids, length = _batched(logits, boxes_cxcywh, text, image_sizes)
     batch = logits.shape[0]
@@ -263,7 +265,7 @@ def postprocess(logits: torch.Tensor, boxes_cxcywh: torch.Tensor, text, image_si
     results = []
     for b in range(batch):
         ids = input_ids[b, :length].tolist()
-        names, block_of = sub_sentences(ids, tokenizer)
+        names, block_of = prompt_labels if prompt_labels is not None else sub_sentences(ids, tokenizer)
         keep = (scores[b] > box_threshold).nonzero().flatten()
         if keep.numel() == 0:
             results.append(Detections.empty(names))
@@ -278,7 +280,7 @@ def postprocess(logits: torch.Tensor, boxes_cxcywh: torch.Tensor, text, image_si
         phrases = [_clean_phrase(p) for p in tokenizer.batch_decode(token_ids)]
         results.append(Detections(
             boxes_xyxy=boxes_xyxy.numpy().astype(np.float32), scores=scores[b, keep].numpy().astype(np.float32),
-            phrases=phrases, labels=np.asarray(labels, np.int64), label_names=names, token_ids=token_ids,
+            phrases=phrases, labels=np.asarray(labels, np.int64), label_names=list(names), token_ids=token_ids,
             query_indices=keep.numpy().astype(np.int64),
         ))
     return results

@@ -5,11 +5,14 @@ Processes (all spawned, never forked: torch and ZeroMQ do not survive a fork):
     hub      PULL events from children -> PUB socket + event logs + heartbeats
     worker   mailboxes -> detector (batched across streams) -> tracker per stream -> events
     decoder  one per stream: PyAV -> RGB frames -> the stream's shared-memory mailbox
-    web      the operator's console (streamer/web), when [web] is enabled: a client of PUB and control
+    mqtt     with [mqtt]: event bus -> MQTT broker (Frigate topics, Home Assistant discovery); prompts from MQTT
+    webhooks with [[webhooks]]: event bus -> signed JSON POSTs
+    web      with [web] enabled (the default): the operator's console (streamer/web), a client of PUB and control
 
 Shutdown (SIGINT, SIGTERM, or every file done): decoders stop first, then the worker drains what they decoded
 and ends open tracks, then the hub publishes and records what is in flight and closes the logs. Each stage has
-its own stop event so the order is explicit; a stage that overruns its timeout is killed. Children also get
+its own stop event so the order is explicit; a stage that overruns its timeout is killed. The bridges (mqtt,
+webhooks) stop last, after the hub, so that they still carry its final events. Children also get
 PR_SET_PDEATHSIG, so even a SIGKILL of the supervisor leaves no orphan.
 """
 
@@ -31,12 +34,14 @@ from typing import Callable
 import zmq
 
 from streamer.config import Config
-from streamer.decoder import EXIT_FATAL, decoder_main
+from streamer.control import (DEFERRED, ControlServer, PingRequest, Reply, SetPromptRequest, StatusRequest,
+                              StopRequest)
+from streamer.decoder import decoder_main
 from streamer.events import make_event
 from streamer.frames import FrameMailbox, remove_stale_mailboxes
 from streamer.hub import hub_main
 from streamer.inference import worker_main
-from streamer.process import EventSender
+from streamer.process import EXIT_DONE, EXIT_FATAL, EventSender
 from streamer.recording import run_stamp
 from streamer.stats import RateMeter, StreamStats, snapshot
 
@@ -70,7 +75,7 @@ class Supervisor:
         self.context = multiprocessing.get_context("spawn")
         self.stream_ids = [stream.id for stream in config.streams]
         self.prompts = {stream.id: stream.prompt for stream in config.streams}
-        self.stage_stops = {stage: self.context.Event() for stage in (0, 1, 2)}
+        self.stage_stops = {stage: self.context.Event() for stage in (0, 1, 2, 3)}  # 3: bridges, after the hub
         self.worker_ready = self.context.Event()
         self.worker_control = self.context.Queue()
         self.worker_replies = self.context.Queue()
@@ -87,6 +92,8 @@ class Supervisor:
         self._rates = None
         self._latest_rates: dict[str, dict] = {}
         self._closed = False
+        self.control: ControlServer | None = None
+        self._pending: dict[int, tuple[float, Callable[[dict], None]]] = {}  # worker requests awaiting a reply
 
     # -- set-up --------------------------------------------------------------------------------------------
 
@@ -106,10 +113,8 @@ class Supervisor:
         """Bind the sockets, create the shared memory, spawn the processes (hub first). Raises
         `EndpointError` when an endpoint is taken, before anything is started."""
         config = self.config
-        self.control = zmq.Context.instance().socket(zmq.REP)
-        self.control.setsockopt(zmq.LINGER, 0)
         try:
-            self.control.bind(config.publish.control_endpoint)
+            self.control = ControlServer(config.publish.control_endpoint)
             probe = zmq.Context.instance().socket(zmq.PUB)  # the hub binds it; fail here, not in a restart loop
             probe.setsockopt(zmq.LINGER, 0)
             try:
@@ -117,10 +122,12 @@ class Supervisor:
             finally:
                 probe.close()
         except zmq.ZMQError as exc:
-            self.control.close()
+            if self.control is not None:
+                self.control.close()
             raise EndpointError(f"cannot bind {config.publish.control_endpoint} / {config.publish.endpoint}: {exc} "
                                 "(is another groundwatch running? change [publish] endpoints)") from None
         self._bind_web()
+        self._register_commands()
         remove_stale_mailboxes()
         self.runtime_dir = tempfile.mkdtemp(prefix="groundwatch-")
         self.events_endpoint = f"ipc://{self.runtime_dir}/events"
@@ -145,30 +152,51 @@ class Supervisor:
             flush_seconds=config.record.flush_seconds, run_stamp=self.run_stamp, stop=self.stage_stops[2],
             parent_pid=pid), self.stage_stops[2]))
         self.children.append(Child("worker", 1, worker_main, lambda: dict(
-            streams=[{"id": s.id, "live": s.is_live, "prompt": self.prompts[s.id]} for s in config.streams],
+            streams=[s.model_copy(update={"prompt": self.prompts[s.id]}) for s in config.streams],
             mailbox_specs={s: m.spec() for s, m in self.mailboxes.items()}, stats_spec=stats_spec,
-            events_endpoint=self.events_endpoint, model=config.model.model_dump(exclude={"batch_size"}),
-            tracker=config.tracker.model_dump(), batch_size=config.model.batch_size, stop=self.stage_stops[1],
+            events_endpoint=self.events_endpoint, model=config.model,
+            tracker=config.tracker, batch_size=config.model.batch_size, stop=self.stage_stops[1],
             control=self.worker_control, replies=self.worker_replies, ready=self.worker_ready,
             parent_pid=pid, preview=self._preview_settings()), self.stage_stops[1]))
         for stream in config.streams:
-            stream_dict = {"id": stream.id, "url": stream.url, "live": stream.is_live, "fps": stream.fps,
-                           "max_width": stream.max_width, "max_height": stream.max_height}
-            self.children.append(Child(f"decoder-{stream.id}", 0, decoder_main, lambda s=stream, d=stream_dict: dict(
-                stream=d, mailbox_spec=self.mailboxes[s.id].spec(), stats_spec=stats_spec,
-                events_endpoint=self.events_endpoint, live=config.live.model_dump(),
+            self.children.append(Child(f"decoder-{stream.id}", 0, decoder_main, lambda s=stream: dict(
+                stream=s, mailbox_spec=self.mailboxes[s.id].spec(), stats_spec=stats_spec,
+                events_endpoint=self.events_endpoint, live=config.live,
                 video_directory=self.video_directory(s), stop=self.stage_stops[0], parent_pid=pid),
                 self.stage_stops[0], stream=stream.id))
+        for child in sorted(self.children, key=lambda c: -c.stage):  # hub first: its sockets must be bound
+            self._spawn(child)
+        for child in self._bridge_children(stats_spec, pid):
+            self.children.append(child)
+            self._spawn(child)
+
+    def _bridge_children(self, stats_spec: dict, pid: int) -> list[Child]:
+        """The MQTT bridge and the webhooks: clients of the event bus and the control socket, stopped after the
+        hub so that they still carry its last events."""
+        config, children = self.config, []
+        if config.mqtt is not None and config.mqtt.enabled:
+            from streamer.mqtt_bridge import mqtt_main
+
+            children.append(Child("mqtt", 3, mqtt_main, lambda: dict(
+                config=config.mqtt, prompts=dict(self.prompts), events_endpoint=config.publish.endpoint,
+                control_endpoint=config.publish.control_endpoint, internal_endpoint=self.events_endpoint,
+                stats_spec=stats_spec, stop=self.stage_stops[3], parent_pid=pid), self.stage_stops[3]))
+        if config.webhooks:
+            from streamer.webhooks import webhooks_main
+
+            children.append(Child("webhooks", 3, webhooks_main, lambda: dict(
+                webhooks=list(config.webhooks), stream_ids=list(self.stream_ids),
+                events_endpoint=config.publish.endpoint, internal_endpoint=self.events_endpoint,
+                stats_spec=stats_spec, stop=self.stage_stops[3], parent_pid=pid), self.stage_stops[3]))
         if self.web_listener is not None:
             from streamer.web.server import web_main
             from streamer.web.settings import build_web_settings
 
             web_settings = build_web_settings(config)
-            self.children.append(Child("web", 0, web_main, lambda: dict(
-                settings=web_settings, listener=self.web_listener, stop=self.stage_stops[0], parent_pid=pid),
-                self.stage_stops[0]))
-        for child in sorted(self.children, key=lambda c: -c.stage):  # hub first: its sockets must be bound
-            self._spawn(child)
+            children.append(Child("web", 3, web_main, lambda: dict(
+                settings=web_settings, listener=self.web_listener, stop=self.stage_stops[3], parent_pid=pid),
+                self.stage_stops[3]))
+        return children
 
     def _bind_web(self) -> None:
         """Bind the console's port here, once: a taken port fails the start, and restarts reuse the socket."""
@@ -186,14 +214,6 @@ class Supervisor:
         host, port = self.web_listener.getsockname()[:2]
         self.web_url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
 
-    def _start_metrics(self) -> None:
-        if not self.config.metrics.enabled:
-            return
-        from streamer.metrics import start_metrics_server
-
-        self._metrics_server, port = start_metrics_server(self, self.config.metrics.host, self.config.metrics.port)
-        self.metrics_url = f"http://{self.config.metrics.host}:{port}/metrics"
-
     def _preview_settings(self):
         if not self.config.web.enabled:
             return None  # nobody to show them to: the worker encodes no previews
@@ -201,6 +221,14 @@ class Supervisor:
 
         web = self.config.web
         return PreviewSettings(fps=web.preview_fps, short_side=web.preview_short_side, quality=web.preview_quality)
+
+    def _start_metrics(self) -> None:
+        if not self.config.metrics.enabled:
+            return
+        from streamer.metrics import start_metrics_server
+
+        self._metrics_server, port = start_metrics_server(self, self.config.metrics.host, self.config.metrics.port)
+        self.metrics_url = f"http://{self.config.metrics.host}:{port}/metrics"
 
     def _spawn(self, child: Child) -> None:
         if child.name == "worker":
@@ -232,7 +260,7 @@ class Supervisor:
             code = process.exitcode
             process.join()
             child.exit_codes.append(code)
-            if child.stream is not None and code in (0, EXIT_FATAL):
+            if child.stream is not None and code in (EXIT_DONE, EXIT_FATAL):
                 child.done = True  # file finished, or a source that can never work (its error event is out)
                 continue
             if child.name == "worker" and code == EXIT_FATAL:
@@ -275,12 +303,13 @@ class Supervisor:
         if on_ready is not None:
             on_ready(self)
         poller = zmq.Poller()
-        poller.register(self.control, zmq.POLLIN)
+        poller.register(self.control.socket, zmq.POLLIN)
         next_check = next_rates = 0.0
         try:
             while self.stop_reason is None:
-                if poller.poll(100):
-                    self._serve_control()
+                if poller.poll(20 if self._pending else 100):
+                    self.control.serve()
+                self._collect_worker_replies()
                 now = time.monotonic()
                 if now >= next_rates:
                     next_rates = now + 1.0
@@ -312,48 +341,53 @@ class Supervisor:
                 "publish": self.config.publish.endpoint, "metrics": self.metrics_url, "recordings": self.record_paths,
                 "web": self.web_url}
 
-    def set_prompt(self, stream: str, prompt: str, timeout: float = 60.0) -> dict:
+    def _register_commands(self) -> None:
+        """The control socket's commands (docs/events.md). Others register theirs on `self.control` too."""
+        self.control.register(StatusRequest, lambda request, reply: self.status())
+        self.control.register(PingRequest, lambda request, reply: {"ok": True})
+        self.control.register(StopRequest, self._stop_command)
+        self.control.register(SetPromptRequest, self._set_prompt_command)
+
+    def _stop_command(self, request: StopRequest, reply: Reply) -> dict:
+        self.request_stop("stop requested on the control socket")
+        return {"ok": True}
+
+    def _set_prompt_command(self, request: SetPromptRequest, reply: Reply):
+        """Answered when the worker has encoded the prompt (or refused it); `status` is served meanwhile."""
+        stream, prompt = request.stream, request.prompt
         if stream not in self.prompts:
             return {"ok": False, "error": f"no stream {stream!r} (streams: {', '.join(self.stream_ids)})"}
-        if not isinstance(prompt, str) or not prompt.strip():
-            return {"ok": False, "error": "the prompt must be a non-empty string"}
-        self._request_id += 1
-        request_id = self._request_id
-        self.worker_control.put((request_id, "set_prompt", {"stream": stream, "prompt": prompt}))
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                reply_id, reply = self.worker_replies.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            if reply_id == request_id:
-                if reply.get("ok"):
-                    self.prompts[stream] = prompt  # a restarted worker starts with the new prompt
-                return reply
-        return {"ok": False, "error": "the inference worker did not answer in time"}
 
-    def _serve_control(self) -> None:
-        try:
-            message = self.control.recv(flags=zmq.NOBLOCK)
-        except zmq.Again:
-            return
-        try:
-            request = json.loads(message)
-            command = request.get("cmd")
-            if command == "status":
-                reply = self.status()
-            elif command == "ping":
-                reply = {"ok": True}
-            elif command == "set_prompt":
-                reply = self.set_prompt(request.get("stream"), request.get("prompt"))
-            elif command == "stop":
-                self.request_stop("stop requested on the control socket")
-                reply = {"ok": True}
-            else:
-                reply = {"ok": False, "error": f"unknown command {command!r} (status, set_prompt, ping, stop)"}
-        except (ValueError, AttributeError) as exc:
-            reply = {"ok": False, "error": f"bad request: {exc}"}
-        self.control.send(json.dumps(reply).encode())
+        def done(answer: dict) -> None:
+            if answer.get("ok"):
+                self.prompts[stream] = prompt  # a restarted worker starts with the new prompt
+            reply.send(answer)
+
+        self.worker_request("set_prompt", {"stream": stream, "prompt": prompt}, done)
+        return DEFERRED
+
+    def worker_request(self, command: str, args: dict, on_reply: Callable[[dict], None],
+                       timeout: float = 60.0) -> None:
+        """Send the inference worker a command; `on_reply(answer)` runs in the supervisor's loop when it answers
+        (or with an error after `timeout` seconds). Never blocks."""
+        self._request_id += 1
+        self._pending[self._request_id] = (time.monotonic() + timeout, on_reply)
+        self.worker_control.put((self._request_id, command, args))
+
+    def _collect_worker_replies(self) -> None:
+        while self._pending:
+            try:
+                request_id, answer = self.worker_replies.get_nowait()
+            except (queue.Empty, OSError, EOFError, ValueError):
+                break
+            entry = self._pending.pop(request_id, None)
+            if entry is not None:
+                entry[1](answer)
+        now = time.monotonic()
+        for request_id, (deadline, on_reply) in list(self._pending.items()):
+            if now >= deadline:
+                del self._pending[request_id]
+                on_reply({"ok": False, "error": "the inference worker did not answer in time"})
 
     # -- shutdown ------------------------------------------------------------------------------------------------
 
@@ -363,7 +397,7 @@ class Supervisor:
             return
         self._closed = True
         timeout = self.config.supervisor.shutdown_timeout_seconds
-        for stage in (0, 1, 2):
+        for stage in (0, 1, 2, 3):
             self.stage_stops[stage].set()
             members = [c for c in self.children if c.stage == stage and c.process is not None]
             deadline = time.monotonic() + timeout

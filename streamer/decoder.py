@@ -4,6 +4,11 @@ Files: every frame in order, waiting for the worker (back-pressure). Live source
 frame, stale ones dropped and counted; a read timeout so a stalled server cannot hang us; reconnection with
 exponential backoff and jitter. PyAV reports a dropped RTSP connection as an ordinary end of stream, so on a
 live source the end of the packets is a disconnect, never the end.
+
+Files for demos and soak tests: `loop` starts the file again at its end (frame indices and media times go on
+increasing, so a stream's events never repeat a frame); `realtime` paces frames at the file's own frame rate, as
+a camera would deliver them. Frames are still never dropped: when the pipeline falls behind, the pacing clock
+starts again from the late frame instead of bursting to catch up.
 """
 
 from __future__ import annotations
@@ -22,14 +27,13 @@ import numpy as np
 
 from streamer.events import make_event
 from streamer.frames import FrameMailbox
-from streamer.process import EventSender, child_setup
+from streamer.config import LiveConfig, StreamConfig
+from streamer.process import EXIT_DONE, EXIT_FATAL, EventSender, child_setup
 from streamer.stats import STATE_CODES, StreamStats
 
 log = logging.getLogger("groundwatch.decoder")
 
 END_OF_FILE, END_ERROR, END_SHUTDOWN = 1, 2, 3  # keys of frames.END_REASONS
-EXIT_DONE = 0  # end of file reached, or asked to stop
-EXIT_FATAL = 3  # the source can never work (corrupt file): the supervisor does not restart us
 
 
 def fit_size(width: int, height: int, max_width: int, max_height: int) -> tuple[int, int]:
@@ -122,7 +126,7 @@ class Decoder:
                  mailbox: FrameMailbox, stats: StreamStats, sender: EventSender, stop,
                  open_timeout: float = 5.0, read_timeout: float = 5.0, reconnect_initial: float = 0.5,
                  reconnect_max: float = 30.0, video_directory: Path | None = None,
-                 segment_seconds: float = 60.0) -> None:
+                 segment_seconds: float = 60.0, loop: bool = False, realtime: bool = False) -> None:
         self.stream_id, self.url, self.live, self.fps = stream_id, url, live, fps
         self.max_width, self.max_height = max_width, max_height
         self.mailbox, self.stats, self.sender, self.stop = mailbox, stats, sender, stop
@@ -130,6 +134,8 @@ class Decoder:
         self.reconnect_initial, self.reconnect_max = reconnect_initial, reconnect_max
         self.video_directory, self.segment_seconds = video_directory, segment_seconds
         self.rng = random.Random(os.getpid())
+        self.loop, self.realtime = loop, realtime
+        self.passes = 0  # times a looped file was read to its end
         self.state = None
         self.error_events = 0
 
@@ -188,12 +194,16 @@ class Decoder:
                 self.mailbox.finish(END_SHUTDOWN)
                 self._status("offline", reason="shutdown")
 
+    def _open_file(self):
+        container = av.open(self.url, timeout=(self.open_timeout, self.read_timeout))
+        if not container.streams.video:
+            container.close()
+            raise av.InvalidDataError(0, "no video stream in the file")
+        return container
+
     def _run_file(self) -> int:
         try:
-            container = av.open(self.url, timeout=(self.open_timeout, self.read_timeout))
-            if not container.streams.video:
-                container.close()
-                raise av.InvalidDataError(0, "no video stream in the file")
+            container = self._open_file()
         except (av.FFmpegError, OSError) as exc:
             self._error(f"cannot open {self.url}: {exc}", fatal=True, error_type="open_failed")
             self._status("offline", reason="error")
@@ -204,22 +214,38 @@ class Decoder:
         next_pts = -1e18
         frame_index = 0
         rate = container.streams.video[0].average_rate or Fraction(25)
+        offset = 0.0  # media time of the file's start in this pass (looped files go on in time)
+        clock = None  # (wall, pts) the realtime pacing counts from
         try:
-            for frame, width, height in self._frames(container):
-                index = frame_index
-                frame_index += 1
-                self.stats.add(self.stream_id, "frames_decoded")
-                pts = frame.time if frame.time is not None else index / float(rate)
-                if pts < next_pts - 1e-6:
-                    continue  # fps cap on media time: deterministic whatever the machine's speed
-                # Keep a steady grid of media times; after a jump (seek, gap in the file) restart it at pts.
-                next_pts = (pts if next_pts < pts - min_gap else next_pts) + min_gap
-                if not self.mailbox.put_with(rgb_filler(frame, width, height), height, width, frame_index=index,
-                                             pts=pts, ts=pts, live=False, stop=self.stop):
+            while True:
+                pass_frames, last_pts = 0, None
+                for frame, width, height in self._frames(container):
+                    index = frame_index
+                    frame_index += 1
+                    pass_frames += 1
+                    self.stats.add(self.stream_id, "frames_decoded")
+                    pts = offset + (frame.time if frame.time is not None else (pass_frames - 1) / float(rate))
+                    last_pts = pts
+                    if pts < next_pts - 1e-6:
+                        continue  # fps cap on media time: deterministic whatever the machine's speed
+                    # Keep a steady grid of media times; after a jump (seek, gap in the file) restart it at pts.
+                    next_pts = (pts if next_pts < pts - min_gap else next_pts) + min_gap
+                    if self.realtime:
+                        clock = self._pace(clock, pts)
+                        if self.stop.is_set():
+                            break
+                    if not self.mailbox.put_with(rgb_filler(frame, width, height), height, width, frame_index=index,
+                                                 pts=pts, ts=pts, live=False, stop=self.stop):
+                        break
+                    self.stats.set(self.stream_id, "last_frame_wall", time.time())
+                    if self.stop.is_set():
+                        break
+                if not self.loop or self.stop.is_set() or pass_frames == 0:
                     break
-                self.stats.set(self.stream_id, "last_frame_wall", time.time())
-                if self.stop.is_set():
-                    break
+                self.passes += 1
+                offset = last_pts + 1.0 / float(rate)
+                container.close()
+                container = self._open_file()
         except (av.FFmpegError, OSError) as exc:
             self._error(f"decoding stopped at frame {frame_index}: {exc}", fatal=True, error_type="decode_failed")
             self._status("offline", reason="error", frames=frame_index)
@@ -233,6 +259,20 @@ class Decoder:
         # that sees it knows every event of the file is out.
         self.mailbox.finish(END_OF_FILE)
         return EXIT_DONE
+
+    def _pace(self, clock: tuple[float, float] | None, pts: float) -> tuple[float, float]:
+        """Wait until the frame at media time `pts` is due. Returns the clock to pace the next frame by."""
+        now = time.monotonic()
+        if clock is None:
+            return now, pts
+        due = clock[0] + (pts - clock[1])
+        if due > now:
+            while not self.stop.is_set() and due - time.monotonic() > 0:
+                self.stop.wait(due - time.monotonic())
+            return clock
+        if now - due > 1.0:  # the pipeline fell behind (back-pressure): go on from here, no burst
+            return now, pts
+        return clock
 
     def _open_live(self):
         options = {"rtsp_transport": "tcp", "timeout": str(int(self.read_timeout * 1e6))}
@@ -299,21 +339,21 @@ class Decoder:
         return EXIT_DONE
 
 
-def decoder_main(*, stream: dict, mailbox_spec: dict, stats_spec: dict, events_endpoint: str, live: dict,
-                 video_directory: str | None, stop, parent_pid: int) -> None:
+def decoder_main(*, stream: StreamConfig, mailbox_spec: dict, stats_spec: dict, events_endpoint: str,
+                 live: LiveConfig, video_directory: str | None, stop, parent_pid: int) -> None:
     """Entry point of the decoder process (spawned by the supervisor)."""
-    child_setup(f"decoder-{stream['id']}", parent_pid)
+    child_setup(f"decoder-{stream.id}", parent_pid)
     sender = EventSender(events_endpoint)
     mailbox = FrameMailbox.attach(mailbox_spec)
     stats = StreamStats.attach(stats_spec)
     decoder = Decoder(
-        stream_id=stream["id"], url=stream["url"], live=stream["live"], fps=stream["fps"],
-        max_width=stream["max_width"], max_height=stream["max_height"], mailbox=mailbox, stats=stats,
-        sender=sender, stop=stop, open_timeout=live["open_timeout_seconds"],
-        read_timeout=live["read_timeout_seconds"], reconnect_initial=live["reconnect_initial_seconds"],
-        reconnect_max=live["reconnect_max_seconds"],
+        stream_id=stream.id, url=stream.url, live=stream.is_live, fps=stream.fps,
+        max_width=stream.max_width, max_height=stream.max_height, mailbox=mailbox, stats=stats,
+        sender=sender, stop=stop, open_timeout=live.open_timeout_seconds,
+        read_timeout=live.read_timeout_seconds, reconnect_initial=live.reconnect_initial_seconds,
+        reconnect_max=live.reconnect_max_seconds,
         video_directory=Path(video_directory) if video_directory else None,
-        segment_seconds=live["segment_seconds"],
+        segment_seconds=live.segment_seconds, loop=stream.loop, realtime=stream.realtime,
     )
     code = decoder.run()
     sender.close()

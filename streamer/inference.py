@@ -11,14 +11,17 @@ import logging
 import queue
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
 
 import numpy as np
 
+from streamer.config import ModelConfig, StreamConfig
 from streamer.events import make_event, round_box
 from streamer.frames import Frame, FrameMailbox
-from streamer.process import EventSender, child_setup
+from streamer.process import EXIT_FATAL, EventSender, child_setup
+from streamer.prompts import DEFAULT_MAX_PROMPT_TOKENS, check_prompt
 from streamer.stats import STATE_CODES, STATE_NAMES, StreamStats
 
 log = logging.getLogger("groundwatch.inference")
@@ -39,63 +42,62 @@ class Detector(Protocol):
 
 
 class GdinoDetector:
-    """Grounding DINO behind the `Detector` protocol.
+    """Grounding DINO behind the `Detector` protocol: a thin adapter over `gdino.predict`, the one detection path.
 
-    Same steps as `GroundingDino.detect`, with the resize exposed: the official short side of 800 px is what
-    the published weights expect, while a camera service on a CPU may trade accuracy for speed.
+    The resize is exposed: the official short side of 800 px is what the published weights expect, while a
+    camera service on a CPU may trade accuracy for speed.
     """
 
     def __init__(self, *, weights: str = "default", device: str = "cpu", dtype: str = "float32",
                  box_threshold: float = 0.35, text_threshold: float = 0.25, threads: int = 0,
-                 short_side: int = 800, max_side: int = 1333) -> None:
+                 short_side: int = 800, max_side: int = 1333,
+                 max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS) -> None:
+        # Imported here, not at the top: torch and the model are loaded only in the worker process.
         import torch
 
         import gdino
-        from gdino import processing
+        from gdino import predict
 
         if threads:
             torch.set_num_threads(threads)
-        torch_dtype = getattr(torch, dtype)
         if weights == "tiny":
             # Random weights of the tiny config: plumbing tests and the pipeline benchmark, never for answers.
             from gdino.config import tiny
-            from gdino.model import GroundingDino
 
             torch.manual_seed(0)
-            model = GroundingDino(tiny()).to(device=device, dtype=torch_dtype).eval()
+            model = gdino.build(tiny()).to(device=device, dtype=getattr(torch, dtype)).eval()
         else:
-            model = gdino.load(weights, device=device, dtype=torch_dtype)
-        self.model, self.processing, self.device = model, processing, device
+            model = gdino.load(weights, device=device, dtype=dtype)
+        self.model, self.predict, self._torch = model, predict, torch
         self.box_threshold, self.text_threshold = box_threshold, text_threshold
         self.short_side, self.max_side = short_side, max_side
-        self._torch = torch
+        self.max_prompt_tokens = max_prompt_tokens
 
-    def encode(self, prompt: str) -> list:
-        """A prompt longer than the text encoder's window becomes several passes, each encoded once."""
+    @classmethod
+    def from_config(cls, config: ModelConfig) -> "GdinoDetector":
+        return cls(weights=config.weights, device=config.device, dtype=config.dtype,
+                   box_threshold=config.box_threshold, text_threshold=config.text_threshold,
+                   threads=config.threads, short_side=config.short_side, max_side=config.max_side,
+                   max_prompt_tokens=config.max_prompt_tokens)
+
+    def encode(self, prompt: str):
+        """Tokenised and encoded once per prompt (several passes past the text encoder's window). A prompt
+        past `max_prompt_tokens` raises `PromptProblem` before any encoding."""
+        check_prompt(prompt, self.max_prompt_tokens, self.model.tokenizer)
         with self._torch.inference_mode():
-            return [self.model.encode_text(p) if isinstance(p, str) else p for p in self.model.prompt_passes(prompt)]
+            return self.predict.encode(self.model, prompt)
 
-    def detect(self, frames: Sequence[np.ndarray], encoding: list) -> list[FrameDetections]:
-        processing, model = self.processing, self.model
+    def detect(self, frames: Sequence[np.ndarray], encoding) -> list[FrameDetections]:
+        # remove_combined: one phrase per box, from its own sub-sentence: the tracker associates within a
+        # phrase, and "red car" must not become "red car white van" when both are near the threshold.
         with self._torch.inference_mode():
-            batch, pixel_mask, sizes = processing.preprocess(list(frames), device=self.device,
-                                                             short_side=self.short_side, max_side=self.max_side)
-            batch = batch.to(dtype=model.feat_map.weight.dtype)  # (B, 3, H, W) normalised
-            results = None
-            for text in encoding:
-                out = model(batch, text, pixel_mask=pixel_mask)
-                found = processing.postprocess(
-                    out.logits.float(), out.boxes.float(), text, sizes, model.tokenizer,
-                    box_threshold=self.box_threshold, text_threshold=self.text_threshold,
-                    # One phrase per box, from its own sub-sentence: the tracker associates within a phrase,
-                    # and "red car" must not become "red car white van" when both are near the threshold.
-                    remove_combined=True)
-                results = found if results is None else [processing.merge(a, b) for a, b in zip(results, found)]
-        return results
+            return self.predict.detect(self.model, frames, encoding, box_threshold=self.box_threshold,
+                                       text_threshold=self.text_threshold, remove_combined=True,
+                                       short_side=self.short_side, max_side=self.max_side)
 
 
-def build_detector(model_config: dict) -> GdinoDetector:
-    return GdinoDetector(**model_config)
+def build_detector(model_config: ModelConfig) -> GdinoDetector:
+    return GdinoDetector.from_config(model_config)
 
 
 def build_preview_encoder(settings):
@@ -107,10 +109,10 @@ def build_preview_encoder(settings):
     return PreviewEncoder(settings)
 
 
-def build_tracker(tracker_config: dict):
+def build_tracker(tracker_config: "tracker.TrackerConfig"):
     import tracker
 
-    return tracker.Tracker(tracker.TrackerConfig(**tracker_config))
+    return tracker.Tracker(tracker_config)
 
 
 @dataclass
@@ -122,19 +124,20 @@ class StreamState:
     tracker: Any
     finished: bool = False
     frames: int = 0
+    prompt_error: str | None = None  # the prompt could not be encoded: frames are skipped until a new prompt
     extra: dict = field(default_factory=dict)
 
 
 class InferenceWorker:
     """Pulls frames from every mailbox, runs the detector in batches, tracks, and sends events."""
 
-    def __init__(self, *, detector: Detector, streams: list[dict], mailboxes: dict[str, FrameMailbox],
+    def __init__(self, *, detector: Detector, streams: list[StreamConfig], mailboxes: dict[str, FrameMailbox],
                  stats: StreamStats, sender: EventSender, tracker_factory, batch_size: int = 4,
                  idle_sleep: float = 0.003, previews=None) -> None:
         self.detector, self.stats, self.sender = detector, stats, sender
         self.tracker_factory, self.batch_size, self.idle_sleep = tracker_factory, batch_size, idle_sleep
         self.streams = {
-            s["id"]: StreamState(s["id"], s["live"], mailboxes[s["id"]], s["prompt"], tracker_factory())
+            s.id: StreamState(s.id, s.is_live, mailboxes[s.id], s.prompt, tracker_factory())
             for s in streams
         }
         self.encodings: dict[str, Any] = {}
@@ -142,6 +145,9 @@ class InferenceWorker:
         self.max_consecutive_failures = 10
         self._rotation = 0
         self.previews = previews  # a streamer.web.preview.PreviewEncoder when the web console is on
+        # Prompt changes are encoded here, off the frame loop: a long prompt never stalls the streams.
+        self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prompt-encoder")
+        self._encoding_jobs: list[tuple[Future, int, str, str, float]] = []
 
     # -- prompts -----------------------------------------------------------------------------------------
 
@@ -149,6 +155,25 @@ class InferenceWorker:
         if prompt not in self.encodings:
             self.encodings[prompt] = self.detector.encode(prompt)
         return self.encodings[prompt]
+
+    def prepare_prompts(self) -> None:
+        """Encode every stream's prompt at start. A prompt that cannot be encoded costs its own stream (an
+        `error` event, frames skipped until a good prompt is set), never the worker and the other streams."""
+        for state in self.streams.values():
+            try:
+                self.encoding_for(state.prompt)
+                state.prompt_error = None
+            except Exception as exc:
+                self._prompt_failed(state, f"{type(exc).__name__}: {exc}" if not isinstance(exc, ValueError)
+                                    else str(exc))
+
+    def _prompt_failed(self, state: "StreamState", reason: str) -> None:
+        if state.prompt_error == reason:
+            return
+        state.prompt_error = reason
+        log.error("%s: cannot use the prompt %r: %s", state.stream_id, state.prompt[:80], reason)
+        self._send(make_event(state.stream_id, "error", message=f"cannot use the prompt: {reason}",
+                              error_type="bad_prompt", fatal=False, prompt=state.prompt[:200]))
 
     def set_prompt(self, stream_id: str, prompt: str) -> dict:
         """Switch a stream's prompt: encode it once, end the stream's tracks, start a fresh tracker."""
@@ -159,6 +184,7 @@ class InferenceWorker:
         self._emit_track_events(state, state.tracker.finish(), ts=time.time() if state.live else None,
                                 reason="prompt_changed")
         previous, state.prompt = state.prompt, prompt
+        state.prompt_error = None
         state.tracker = self.tracker_factory()
         self.stats.add(stream_id, "prompt_changes")
         state_name = STATE_NAMES.get(self.stats.get(stream_id, "state"), "online")
@@ -189,6 +215,9 @@ class InferenceWorker:
             if room <= 0:
                 break
             for frame in state.mailbox.take(state.live, limit=room):
+                if state.prompt_error is not None:
+                    state.mailbox.release(frame)  # nothing to look for: the frame is skipped, the file goes on
+                    continue
                 batch.append((state, frame))
         if len(batch) < self.batch_size:  # leftover room goes to whoever has more frames waiting
             for state in order:
@@ -196,6 +225,9 @@ class InferenceWorker:
                 if room <= 0 or state.live:
                     continue
                 for frame in state.mailbox.take(False, limit=room):
+                    if state.prompt_error is not None:
+                        state.mailbox.release(frame)
+                        continue
                     batch.append((state, frame))
         return batch
 
@@ -204,9 +236,16 @@ class InferenceWorker:
         for state, frame in batch:
             groups.setdefault(state.prompt, []).append((state, frame))
         for prompt, items in groups.items():
-            started = time.perf_counter()
             try:
                 encoding = self.encoding_for(prompt)
+            except Exception as exc:  # the prompt, not the detector: only these streams lose these frames
+                for state, frame in items:
+                    state.mailbox.release(frame)
+                for state in {state.stream_id: state for state, _ in items}.values():
+                    self._prompt_failed(state, str(exc))
+                continue
+            started = time.perf_counter()
+            try:
                 results = self.detector.detect([frame.pixels for _, frame in items], encoding)
                 self.consecutive_failures = 0
                 # Encoded before the slots are released: after `release` a decoder may overwrite the pixels.
@@ -342,28 +381,62 @@ class InferenceWorker:
         for state in self.streams.values():
             if not state.finished:
                 self._emit_track_events(state, state.tracker.finish(), ts=None, reason="shutdown")
+        self._encoder.shutdown(wait=False, cancel_futures=True)
 
     def _serve_control(self, control, replies) -> None:
+        self._finish_encodings(replies)
         while True:
             try:
                 request = control.get_nowait()
             except queue.Empty:
                 return
-            request_id, command, args = request
+            except (OSError, EOFError, ValueError):  # the supervisor's end of the queue is gone
+                return
             try:
+                request_id, command, args = request
                 if command == "set_prompt":
-                    reply = {"ok": True, **self.set_prompt(args["stream"], args["prompt"])}
+                    stream_id, prompt = args["stream"], args["prompt"]
+                    if stream_id not in self.streams:
+                        raise KeyError(f"no stream {stream_id!r}")
+                    if prompt in self.encodings:
+                        reply = {"ok": True, **self.set_prompt(stream_id, prompt)}
+                    else:
+                        job = self._encoder.submit(self.detector.encode, prompt)
+                        self._encoding_jobs.append((job, request_id, stream_id, prompt, time.perf_counter()))
+                        continue
                 else:
                     reply = {"ok": False, "error": f"unknown worker command {command!r}"}
             except Exception as exc:  # a bad request must not kill the worker
                 reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+                request_id = request[0] if isinstance(request, tuple) and request else None
             replies.put((request_id, reply))
 
+    def _finish_encodings(self, replies) -> None:
+        """Switch the streams whose new prompt the encoder thread has finished; answer their requests."""
+        waiting = []
+        for job in self._encoding_jobs:
+            future, request_id, stream_id, prompt, started = job
+            if not future.done():
+                waiting.append(job)
+                continue
+            try:
+                encoding = future.result()
+            except Exception as exc:
+                reason = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+                replies.put((request_id, {"ok": False, "error": f"cannot use the prompt: {reason}"}))
+                continue
+            self.encodings[prompt] = encoding
+            reply = {"ok": True, **self.set_prompt(stream_id, prompt)}
+            reply["encode_ms"] = round((time.perf_counter() - started) * 1000, 2)
+            replies.put((request_id, reply))
+        self._encoding_jobs = waiting
 
-def worker_main(*, streams: list[dict], mailbox_specs: dict[str, dict], stats_spec: dict, events_endpoint: str,
-                model: dict, tracker: dict, batch_size: int, stop, control, replies, ready, parent_pid: int,
-                preview=None) -> None:
-    """Entry point of the inference worker process (spawned by the supervisor)."""
+
+def worker_main(*, streams: list[StreamConfig], mailbox_specs: dict[str, dict], stats_spec: dict,
+                events_endpoint: str, model: ModelConfig, tracker: "tracker.TrackerConfig", batch_size: int, stop,
+                control, replies, ready, parent_pid: int, preview=None) -> None:
+    """Entry point of the inference worker process (spawned by the supervisor). `streams` carry their current
+    prompts (a restarted worker starts with the prompts set since start-up)."""
     child_setup("worker", parent_pid)
     sender = EventSender(events_endpoint)
     stats = StreamStats.attach(stats_spec)
@@ -374,18 +447,17 @@ def worker_main(*, streams: list[dict], mailbox_specs: dict[str, dict], stats_sp
     except Exception as exc:
         log.error("cannot load the model: %s", exc)
         for stream in streams:
-            sender.send(make_event(stream["id"], "error", message=f"cannot load the model: {exc}",
+            sender.send(make_event(stream.id, "error", message=f"cannot load the model: {exc}",
                                    error_type="model_load_failed", fatal=True))
         sender.close()
-        sys.exit(3)
+        sys.exit(EXIT_FATAL)
     import tracker as tracker_package
 
     tracker_package.warm_up()
     worker = InferenceWorker(detector=detector, streams=streams, mailboxes=mailboxes, stats=stats, sender=sender,
                              tracker_factory=lambda: build_tracker(tracker), batch_size=batch_size,
                              previews=build_preview_encoder(preview))
-    for stream in streams:
-        worker.encoding_for(stream["prompt"])
+    worker.prepare_prompts()
     log.info("model ready in %.1f s", time.perf_counter() - started)
     ready.set()
     worker.run(stop, control, replies)

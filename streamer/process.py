@@ -16,6 +16,11 @@ log = logging.getLogger("groundwatch")
 
 _PR_SET_PDEATHSIG = 1
 
+# Exit codes of the child processes, read by the supervisor (streamer.daemon) to decide on a restart.
+EXIT_DONE = 0  # finished (end of file reached) or asked to stop: never restarted
+EXIT_ORPHANED = 1  # the supervisor was already gone when the child started
+EXIT_FATAL = 3  # can never work (a corrupt file, a model that cannot load): not restarted; its error is out
+
 
 def child_setup(name: str, parent_pid: int) -> None:
     """Run first in a child: die with the parent, leave Ctrl-C to the supervisor, name the process."""
@@ -27,7 +32,7 @@ def child_setup(name: str, parent_pid: int) -> None:
     except OSError:
         pass
     if os.getppid() != parent_pid:
-        os._exit(1)
+        os._exit(EXIT_ORPHANED)
     # The terminal sends SIGINT to the whole process group; only the supervisor decides the shutdown order.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -85,6 +85,8 @@ def read_events(path: str | Path) -> Iterator[dict]:
             if not line.endswith(b"\n"):
                 break
             try:
-                yield json.loads(line)
-            except json.JSONDecodeError:
+                event = json.loads(line)
+            except ValueError:  # not JSON, or not UTF-8 at all (a NUL-filled block left by a crash)
                 continue
+            if isinstance(event, dict):
+                yield event

@@ -33,8 +33,22 @@ COLUMNS = (
     "worker_finished",  # 1 once the worker has processed every frame of a finished stream
     # hub
     "events_published",
+    # mqtt bridge (docs/mqtt.md): the connection state is copied to every stream's row
+    "mqtt_state",  # BRIDGE_STATE_CODES
+    "mqtt_published",  # messages handed to the broker for this stream
+    "mqtt_dropped",  # messages dropped because the broker was away or slow for longer than the queue holds
+    # webhooks
+    "webhook_delivered",
+    "webhook_failed",  # gave up after every attempt, or refused (4xx)
+    "webhook_retries",
+    "webhook_dropped",  # queue full (endpoint too slow or away): the oldest waiting event was dropped
+    "webhook_skipped",  # within cooldown_seconds of the last delivery
 )
 STATE_CODES = {"starting": 0.0, "online": 1.0, "reconnecting": 2.0, "offline": 3.0}
+BRIDGE_STATE_CODES = {"off": 0.0, "connecting": 1.0, "connected": 2.0, "disconnected": 3.0}
+BRIDGE_STATE_NAMES = {code: name for name, code in BRIDGE_STATE_CODES.items()}
+BRIDGE_COUNTERS = ("mqtt_published", "mqtt_dropped", "webhook_delivered", "webhook_failed", "webhook_retries",
+                   "webhook_dropped", "webhook_skipped")
 STATE_NAMES = {code: name for name, code in STATE_CODES.items()}
 _INDEX = {name: index for index, name in enumerate(COLUMNS)}
 
@@ -119,4 +133,7 @@ def snapshot(stats: StreamStats, stream: str, rates: dict[str, float] | None = N
                    "reconnects", "decode_errors", "events_published", "prompt_changes"):
         figures[column] = int(row[column])
     figures["events_dropped"] = int(row["decoder_events_dropped"] + row["worker_events_dropped"])
+    figures["mqtt_state"] = BRIDGE_STATE_NAMES.get(row["mqtt_state"], "off")
+    for column in BRIDGE_COUNTERS:
+        figures[column] = int(row[column])
     return figures

@@ -113,8 +113,8 @@ def test_worker_sends_a_preview_after_the_detections_of_its_frame(tmp_path):
         sender = _ListSender()
         try:
             worker = InferenceWorker(detector=helpers.FakeDetector(), streams=[
-                {"id": "a", "live": False, "prompt": "thing ."}], mailboxes={"a": mailbox}, stats=stats,
-                sender=sender, tracker_factory=lambda: build_tracker({}), previews=previews)
+                helpers.stream_config("a", False, "thing .")], mailboxes={"a": mailbox}, stats=stats,
+                sender=sender, tracker_factory=lambda: build_tracker(helpers.TrackerConfig()), previews=previews)
             for value in (1, 2, 3):
                 mailbox.put(helpers.frame_with_value(value * 60), frame_index=value, pts=value / 10, ts=value / 10,
                             live=False)
@@ -235,6 +235,21 @@ def test_slow_viewer_loses_previews_not_events_and_never_blocks():
     assert taken.count("event: preview") == 1 and '"frame":19' in taken
     assert taken.index('"kind": "detections", "frame": 19') < taken.index("event: preview")
     assert bus.counters()["previews_dropped"] == 19
+
+
+def test_a_page_opened_later_gets_the_last_picture_with_its_boxes():
+    """A finished file used to show "waiting for video" forever to a page opened after its last preview."""
+    async def scenario():
+        bus = Bus("inproc://unused")
+        for frame in (7, 8):
+            bus.dispatch([b"door/detections", json.dumps({"v": 1, "stream": "door", "kind": "detections",
+                                                          "frame": frame}).encode()])
+        bus.dispatch([b"door/preview", json.dumps({"stream": "door", "frame": 8}).encode(), b"\xff\xd8"])
+        return bus.add_viewer({"door"}).take().decode(), bus.add_viewer(set()).take()
+
+    shown, nothing = asyncio.run(scenario())
+    assert '"frame": 8' in shown and '"frame": 7' not in shown and "event: preview" in shown
+    assert nothing == b""
 
 
 def test_bus_keeps_state_for_new_pages_and_counts_malformed_messages():

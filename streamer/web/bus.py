@@ -78,6 +78,10 @@ class Bus:
         self.recent: deque[dict] = deque(maxlen=RECENT_EVENTS)  # not detections/heartbeats: they come fast
         self.last_heartbeat: dict[str, dict] = {}
         self.last_status: dict[str, dict] = {}
+        # What each stream showed last (its newest preview and that frame's detections), for a page that opens
+        # later: a finished file or a stalled camera still shows its last picture, with its boxes.
+        self.last_shown: dict[str, tuple[bytes | None, bytes]] = {}
+        self._latest_detections: dict[str, tuple[int, bytes]] = {}
         self.last_event_at = 0.0  # monotonic; 0 = nothing yet
         self.received = {"events": 0, "previews": 0, "malformed": 0}
         self.previews_dropped_closed = 0  # by viewers that have gone
@@ -89,6 +93,12 @@ class Bus:
 
     def add_viewer(self, previews: set[str]) -> Viewer:
         viewer = Viewer(previews=previews, queue_size=self.queue_size)
+        for stream in previews:
+            if stream in self.last_shown:
+                detections, preview = self.last_shown[stream]
+                if detections is not None:
+                    viewer.offer_event(detections)
+                viewer.offer_preview(stream, preview)
         self.viewers.add(viewer)
         return viewer
 
@@ -149,6 +159,8 @@ class Bus:
             chunk = sse(b'{"header":' + json.dumps(header, separators=(",", ":")).encode() + b',"jpeg":"'
                         + base64.b64encode(frames[2]) + b'"}', "preview")
             self.received["previews"] += 1
+            latest = self._latest_detections.get(stream)
+            self.last_shown[stream] = (latest[1] if latest and latest[0] == header.get("frame") else None, chunk)
             for viewer in self.viewers:
                 viewer.offer_preview(stream, chunk)
             return
@@ -171,5 +183,7 @@ class Bus:
         if b"\n" in payload or b"\r" in payload:  # SSE data is one line; JSON escapes them inside strings
             payload = json.dumps(event, separators=(",", ":")).encode()
         chunk = sse(payload)
+        if kind == "detections":
+            self._latest_detections[stream] = (event.get("frame"), chunk)
         for viewer in self.viewers:
             viewer.offer_event(chunk)

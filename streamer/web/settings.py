@@ -35,6 +35,8 @@ class WebSettings:
 
 def build_web_settings(config) -> WebSettings:
     """The only place the web console reads the daemon's `Config`."""
+    from streamer.auth import connectable  # a daemon bound to tcp://*:P is reached on loopback
+
     record_directory = config.record.directory if config.record.enabled else None
     streams = []
     for stream in config.streams:
@@ -43,7 +45,8 @@ def build_web_settings(config) -> WebSettings:
             video_directory = str(Path(config.record.directory) / stream.id / "video")
         streams.append(WebStream(stream.id, stream.is_live, None if stream.is_live else stream.url, video_directory))
     web = config.web
-    return WebSettings(publish_endpoint=config.publish.endpoint, control_endpoint=config.publish.control_endpoint,
+    return WebSettings(publish_endpoint=connectable(config.publish.endpoint),
+                       control_endpoint=connectable(config.publish.control_endpoint),
                        streams=tuple(streams), record_directory=record_directory, token=web.token,
                        read_token=web.read_token, viewer_queue=web.viewer_queue, preview_fps=web.preview_fps,
                        heartbeat_seconds=config.publish.heartbeat_seconds, loopback=web.is_loopback)

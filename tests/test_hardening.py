@@ -1,0 +1,255 @@
+"""Hardening (issue 11, part A): what a hostile user, a full disk, a dead child or a service manager did to the
+daemon. Each test reproduces one reported failure against the real daemon (`python -m streamer.cli run`), real
+ZeroMQ clients, the real RTSP server and real tmpfs mounts where root can make them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import zmq
+
+from daemon_harness import Daemon, Subscriber, dead_rtsp_url
+from test_streamer import mailbox_factory, stats_factory  # noqa: F401  (fixtures)
+
+
+def _raw_request(endpoint: str, frames: list[bytes], timeout: float = 10.0) -> list[bytes]:
+    """Send `frames` as one multi-part request from a DEALER (what a REQ does, minus its checks)."""
+    socket = zmq.Context.instance().socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.connect(endpoint)
+    try:
+        socket.send_multipart([b"", *frames])
+        assert socket.poll(int(timeout * 1000)), f"no answer to {frames!r}"
+        reply = socket.recv_multipart()
+        assert reply[0] == b""
+        return reply[1:]
+    finally:
+        socket.close()
+
+
+@pytest.fixture(scope="module")
+def idle_daemon(tmp_path_factory):
+    """A daemon with two cameras that are off: the control socket and the processes, no decoding work."""
+    daemon = Daemon(tmp_path_factory.mktemp("idle"), f"""
+[[streams]]
+id = "cam"
+url = "{dead_rtsp_url()}"
+prompt = "a person ."
+
+[[streams]]
+id = "other"
+url = "{dead_rtsp_url()}"
+prompt = "a car ."
+""")
+    daemon.start()
+    try:
+        daemon.wait_ready()
+        yield daemon
+    finally:
+        daemon.kill()
+
+
+# -- defect 1: one control message killed the daemon -----------------------------------------------------------
+
+
+def test_hostile_control_messages_are_answered_and_never_kill_the_daemon(idle_daemon):
+    """`{"cmd":"set_prompt","stream":["cam"],...}` used to raise TypeError in the supervisor (exit 1), and a
+    request in two ZeroMQ frames put the REP socket in a state that killed it. Every bad request must get
+    `ok: false` with the reason, and the next request must still work."""
+    endpoint = idle_daemon.control
+    hostile = [
+        ({"cmd": "set_prompt", "stream": ["cam"], "prompt": "a ."}, "stream"),
+        ({"cmd": "set_prompt", "stream": "cam", "prompt": {"a": 1}}, "prompt"),
+        ({"cmd": "set_prompt", "stream": "cam"}, "prompt"),
+        ({"cmd": ["status"]}, "cmd"),
+        ({"cmd": "no_such_command"}, "no_such_command"),
+        ({"cmd": "status", "extra": 1}, "extra"),
+        ({"stream": "cam"}, "cmd"),
+        ([1, 2, 3], "object"),
+        (42, "object"),
+        (None, "object"),
+    ]
+    for message, mentioned in hostile:
+        [reply] = _raw_request(endpoint, [json.dumps(message).encode()])
+        answer = json.loads(reply)
+        assert answer["ok"] is False and mentioned in answer["error"], (message, answer)
+    for frames in ([b"not json"], [b"\xff\xfe\x00garbage"], [b""], [b'{"cmd": "status"}', b"second frame"],
+                   [b'{"cmd": "ping"}'] * 3, [b"{" * 100_000]):
+        [reply] = _raw_request(endpoint, frames)
+        answer = json.loads(reply)
+        assert answer["ok"] is False and answer["error"], (frames[:1], answer)
+    # A DEALER without the empty delimiter, and a REQ that never reads its reply, must not wedge the socket.
+    bare = zmq.Context.instance().socket(zmq.DEALER)
+    bare.setsockopt(zmq.LINGER, 0)
+    bare.connect(endpoint)
+    bare.send(b'{"cmd": "ping"}')
+    assert bare.poll(10_000) and json.loads(bare.recv_multipart()[-1])["ok"] is True
+    bare.close()
+    rude = zmq.Context.instance().socket(zmq.REQ)
+    rude.setsockopt(zmq.LINGER, 0)
+    rude.connect(endpoint)
+    rude.send(b'{"cmd": "status"}')
+    rude.close()
+    # The daemon is alive and every command still works.
+    assert idle_daemon.process.poll() is None
+    assert idle_daemon.request({"cmd": "ping"}) == {"ok": True}
+    reply = idle_daemon.request({"cmd": "status"})
+    assert reply["ok"] and set(reply["streams"]) == {"cam", "other"}
+    assert idle_daemon.request({"cmd": "set_prompt", "stream": "cam", "prompt": "a dog ."})["ok"]
+    assert idle_daemon.request({"cmd": "status"})["streams"]["cam"]["prompt"] == "a dog ."
+    assert "Traceback" not in idle_daemon.log()
+
+
+def test_oversized_prompt_is_refused_quickly(idle_daemon):
+    """A set_prompt of ~12,000 words used to block the control socket for 6.9 s and stall every stream; it must
+    be refused with the limit named, while status keeps being answered."""
+    for prompt in ("a red car . " * 3000, "red car . " * 1500):  # 12,000 words; 15,000 characters
+        started = time.monotonic()
+        reply = idle_daemon.request({"cmd": "set_prompt", "stream": "cam", "prompt": prompt})
+        assert reply["ok"] is False and "model.max_prompt_tokens" in reply["error"], reply
+        assert time.monotonic() - started < 5.0
+    reply = idle_daemon.request({"cmd": "set_prompt", "stream": "cam", "prompt": " . "})
+    assert reply["ok"] is False and "has no words" in reply["error"]
+    status = idle_daemon.request({"cmd": "status"})
+    assert status["processes"]["worker"]["restarts"] == 0 and status["streams"]["cam"]["prompt"] != " . "
+
+
+# -- defect 11 (config) and 4/5 (prompts in the config) ------------------------------------------------------
+
+
+def test_config_check_is_one_pass_and_never_dumps_the_config(tmp_path):
+    """The check ran in two passes (a missing file appeared only after the schema errors were fixed) and the
+    distinct-endpoints error printed the whole config as a dict; ports above 65535 were wrapped, not refused;
+    heartbeat_seconds below 0.05 was accepted but not honoured."""
+    from streamer.config import ConfigError, load_config
+
+    path = tmp_path / "bad.toml"
+    path.write_text("""
+[[streams]]
+id = "a"
+url = "missing.mp4"
+prompt = "a person ."
+fps = -1
+
+[publish]
+endpoint = "tcp://127.0.0.1:70000"
+control_endpoint = "tcp://127.0.0.1:5556"
+heartbeat_seconds = 0.001
+
+[metrics]
+port = 65536
+""")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    report = str(info.value)
+    for expected in ("streams[0].fps", "missing.mp4", "publish.endpoint", "70000", "publish.heartbeat_seconds",
+                     "metrics.port"):
+        assert expected in report, report
+    assert report.startswith(f"{path}: 5 problems"), report
+    same = tmp_path / "same.toml"
+    same.write_text('[[streams]]\nid = "a"\nurl = "rtsp://h/x"\nprompt = "a ."\n[publish]\n'
+                    'endpoint = "tcp://127.0.0.1:5600"\ncontrol_endpoint = "tcp://127.0.0.1:5600"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(same)
+    assert "must differ" in str(info.value) and "{" not in str(info.value), str(info.value)
+
+
+def test_prompts_are_checked_in_the_config(tmp_path):
+    """`prompt = " . "` passed the config check and crash-looped the worker; a prompt of thousands of words had
+    no limit. The config must refuse both with the words set_prompt uses."""
+    from streamer.config import ConfigError, parse_config
+
+    empty = {"streams": [{"id": "a", "url": "rtsp://h/x", "prompt": " . "}]}
+    with pytest.raises(ConfigError, match=r"streams\[0\]\.prompt: the prompt ' \. ' has no words"):
+        parse_config(empty, base_dir=tmp_path)
+    huge = {"streams": [{"id": "a", "url": "rtsp://h/x", "prompt": "red car . " * 200}],
+            "model": {"max_prompt_tokens": 300}}
+    with pytest.raises(ConfigError, match=r"streams\[0\]\.prompt: the prompt has \d+ tokens, more than "
+                                          r"model\.max_prompt_tokens = 300"):
+        parse_config(huge, base_dir=tmp_path)
+    fits = dict(huge, model={"max_prompt_tokens": 1024})
+    assert parse_config(fits, base_dir=tmp_path).model.max_prompt_tokens == 1024
+
+
+class _SlowOrBadDetector:
+    """The test detector of test_streamer.py, with a prompt that takes seconds to encode and one it refuses."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.encoded = inner, []
+
+    def encode(self, prompt):
+        if "bad" in prompt:
+            from gdino.text import PromptError
+
+            raise PromptError(f"the prompt {prompt!r} cannot be encoded")
+        if "slow" in prompt:
+            time.sleep(1.5)
+        self.encoded.append(prompt)
+        return self.inner.encode(prompt)
+
+    def detect(self, frames, encoding):
+        return self.inner.detect(frames, encoding)
+
+
+def test_prompt_encoding_never_stalls_the_frames(mailbox_factory, stats_factory):
+    """set_prompt used to encode in the worker's frame loop, so a long prompt stopped every stream; frames of
+    the other streams must keep flowing while the new prompt is encoded, and the reply comes when it is done."""
+    import queue
+    import threading
+
+    import tracker
+    from test_streamer import FakeDetector, FlagEvent, frame_with_value, make_worker
+
+    tracker.warm_up()  # compiling the tracker on its first frame is not what this test measures
+    streams = [{"id": "a", "live": True, "prompt": "thing ."}, {"id": "b", "live": True, "prompt": "thing ."}]
+    worker, mailboxes, _, sender, stats = make_worker(mailbox_factory, stats_factory, streams)
+    worker.detector = _SlowOrBadDetector(FakeDetector())
+    worker.prepare_prompts()
+    control, replies, stop = queue.Queue(), queue.Queue(), FlagEvent()
+    thread = threading.Thread(target=worker.run, args=(stop, control, replies), daemon=True)
+    thread.start()
+    try:
+        control.put((1, "set_prompt", {"stream": "a", "prompt": "slow ."}))
+        time.sleep(0.1)
+        processed = stats.get("b", "frames_processed")
+        for value in range(10):  # 1 s of frames while "slow ." takes 1.5 s to encode
+            mailboxes["b"].put(frame_with_value(value), frame_index=value, pts=0, ts=time.time(), live=True)
+            time.sleep(0.1)
+        assert replies.empty(), "answered before the prompt was encoded"
+        assert stats.get("b", "frames_processed") - processed >= 5, "stream b stalled during the encoding"
+        request_id, reply = replies.get(timeout=10)
+        assert request_id == 1 and reply["ok"] and reply["prompt"] == "slow ." and reply["encode_ms"] >= 1000
+        control.put((2, "set_prompt", {"stream": "a", "prompt": "bad ."}))
+        request_id, reply = replies.get(timeout=10)
+        assert request_id == 2 and not reply["ok"] and "cannot be encoded" in reply["error"]
+        assert worker.streams["a"].prompt == "slow ."
+    finally:
+        stop.set()
+        thread.join(10)
+
+
+def test_a_bad_prompt_at_start_costs_only_its_stream(mailbox_factory, stats_factory):
+    """A prompt the detector refuses used to raise in the worker at every restart, taking every stream down.
+    It must cost its own stream (an `error` event, frames skipped) and nothing else; a new prompt revives it."""
+    from test_streamer import FakeDetector, frame_with_value, make_worker
+
+    streams = [{"id": "a", "live": False, "prompt": "bad ."}, {"id": "b", "live": False, "prompt": "thing ."}]
+    worker, mailboxes, _, sender, stats = make_worker(mailbox_factory, stats_factory, streams)
+    worker.detector = _SlowOrBadDetector(FakeDetector())
+    worker.prepare_prompts()
+    for mailbox in mailboxes.values():
+        for value in range(5):
+            mailbox.put(frame_with_value(value), frame_index=value, pts=value / 10, ts=value / 10, live=False)
+        mailbox.finish(1)
+    for _ in range(20):
+        worker.step()
+    [error] = [e for e in sender.events if e["kind"] == "error"]
+    assert error["stream"] == "a" and error["error_type"] == "bad_prompt" and "cannot be encoded" in error["message"]
+    assert stats.get("b", "frames_processed") == 5 and stats.get("a", "frames_processed") == 0
+    assert worker.streams["a"].finished and worker.streams["b"].finished  # the file ran to its end, skipped

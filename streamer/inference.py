@@ -364,8 +364,9 @@ class InferenceWorker:
         batch = self.gather()
         if batch:
             self.process(batch)
-        else:
-            self.finish_streams()
+        # Every round, not only idle ones: a live stream that always has a fresh frame keeps the worker busy,
+        # and a finished file beside it must still end (its tracks, its "offline, end_of_file").
+        self.finish_streams()
         return len(batch)
 
     def run(self, stop, control: "queue.Queue | None" = None, replies: "queue.Queue | None" = None) -> None:

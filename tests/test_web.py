@@ -139,6 +139,38 @@ def test_worker_sends_a_preview_after_the_detections_of_its_frame(tmp_path):
             assert abs(int(picture.mean()) - value * 60) <= 3  # that frame's pixels, not a later one's
 
 
+def test_a_file_finishes_beside_a_camera_that_always_has_a_frame():
+    """A file stream next to a live one never went offline (end_of_file) while the worker was busy: the worker
+    only looked for finished files in rounds with no frame at all, and a camera always has one; the console then
+    showed the finished file as online forever."""
+    import test_streamer as helpers
+
+    stats = StreamStats(f"/dev/shm/groundwatch-{time.time_ns()}-webtest", ["cam", "file"], _create=True)
+    mailboxes = {name: FrameMailbox.create(f"test-finish-{name}-{time.time_ns()}", 4, 32, 24, threading.Lock())
+                 for name in ("cam", "file")}
+    sender = _ListSender()
+    try:
+        worker = InferenceWorker(detector=helpers.FakeDetector(), streams=[
+            helpers.stream_config("cam", True, "thing ."), helpers.stream_config("file", False, "thing .")],
+            mailboxes=mailboxes, stats=stats, sender=sender,
+            tracker_factory=lambda: build_tracker(helpers.TrackerConfig()), batch_size=2)
+        for index in range(2):
+            mailboxes["file"].put(helpers.frame_with_value(50), frame_index=index, pts=index / 10, ts=index / 10,
+                                  live=False)
+        mailboxes["file"].finish(1)  # end of file
+        for index in range(10):  # the camera has a new frame every round
+            mailboxes["cam"].put(helpers.frame_with_value(90), frame_index=index, pts=0, ts=time.time(), live=True)
+            assert worker.step() >= 1
+    finally:
+        for mailbox in mailboxes.values():
+            mailbox.close()
+            mailbox.unlink()
+        stats.close()
+        stats.unlink()
+    statuses = [json.loads(m[1]) for m in sender.messages if m[0] == b"file/status"]
+    assert [(e["state"], e["reason"]) for e in statuses] == [("offline", "end_of_file")]
+
+
 class _ListSender:
     def __init__(self):
         self.messages, self.dropped = [], 0

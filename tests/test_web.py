@@ -421,3 +421,23 @@ def test_login_form_sets_an_httponly_cookie(served):
         reply = client.get("/api/streams")  # the cookie now goes with every request
         assert reply.status_code == 200 and reply.json()["role"] == "viewer"
         assert reply.json()["can_change_prompts"] is False
+
+
+def test_demo_prints_the_console_address(tmp_path, monkeypatch, capsys):
+    """`groundwatch demo` must tell a new user where the page is (the daemon binds it; 8080 when free)."""
+    from streamer.daemon import Supervisor
+
+    def run(self, on_ready=None):  # the daemon's own binding and announcement, without a model
+        self._bind_web()
+        try:
+            on_ready(self)
+        finally:
+            self.web_listener.close()
+        return 1
+
+    monkeypatch.setattr(Supervisor, "run", run)
+    monkeypatch.setattr(Supervisor, "install_signal_handlers", lambda self: None)
+    assert cli.main(["demo", "--weights", "tiny", "-o", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if "console at" in line)
+    assert line.startswith("groundwatch demo: console at http://127.0.0.1:") and "--stay" in line

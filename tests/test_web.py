@@ -280,7 +280,7 @@ def test_a_page_opened_later_gets_the_last_picture_with_its_boxes():
         return bus.add_viewer({"door"}).take().decode(), bus.add_viewer(set()).take()
 
     shown, nothing = asyncio.run(scenario())
-    assert '"frame": 8' in shown and '"frame": 7' not in shown and "event: preview" in shown
+    assert '"frame": 8' in shown and '"frame": 7' not in shown and 'event: preview\ndata: {"cached":true,' in shown
     assert nothing == b""
 
 

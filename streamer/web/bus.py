@@ -156,11 +156,14 @@ class Bus:
         if len(frames) == 3 and frames[0].endswith(b"/preview"):
             header = json.loads(frames[1])
             stream = header["stream"]
-            chunk = sse(b'{"header":' + json.dumps(header, separators=(",", ":")).encode() + b',"jpeg":"'
-                        + base64.b64encode(frames[2]) + b'"}', "preview")
+            body = (b'"header":' + json.dumps(header, separators=(",", ":")).encode() + b',"jpeg":"'
+                    + base64.b64encode(frames[2]) + b'"}')
+            chunk = sse(b"{" + body, "preview")
             self.received["previews"] += 1
             latest = self._latest_detections.get(stream)
-            self.last_shown[stream] = (latest[1] if latest and latest[0] == header.get("frame") else None, chunk)
+            # Marked "cached" for pages that open later: an old picture, not a measure of latency.
+            self.last_shown[stream] = (latest[1] if latest and latest[0] == header.get("frame") else None,
+                                       sse(b'{"cached":true,' + body, "preview"))
             for viewer in self.viewers:
                 viewer.offer_preview(stream, chunk)
             return

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import threading
 import time
@@ -441,3 +442,43 @@ def test_demo_prints_the_console_address(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     line = next(line for line in out.splitlines() if "console at" in line)
     assert line.startswith("groundwatch demo: console at http://127.0.0.1:") and "--stay" in line
+
+
+def _serve_forever(settings, listener, stop) -> None:
+    from streamer.web.server import serve
+
+    serve(settings, listener, stop)
+
+
+def test_a_killed_web_process_cannot_hang_the_supervisors_shutdown(tmp_path):
+    """The web process used to sleep in `stop.wait()`; killed there (a crash, an OOM kill), it left the
+    multiprocessing Event counting a sleeper that never wakes, and the supervisor's `stop.set()` at shutdown
+    blocked forever."""
+    import multiprocessing
+    import signal
+
+    from streamer.web.server import bind_listener
+
+    context = multiprocessing.get_context("spawn")
+    stop = context.Event()
+    settings = WebSettings(publish_endpoint=f"ipc://{tmp_path}/pub", control_endpoint=f"ipc://{tmp_path}/control",
+                           record_directory=None, streams=())
+    listener = bind_listener("127.0.0.1", 0)
+    process = context.Process(target=_serve_forever, args=(settings, listener, stop), daemon=True)
+    process.start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/api/events"
+    deadline = time.monotonic() + 60
+    while True:  # serving: its stop watcher is running
+        try:
+            httpx.get(url, timeout=2)
+            break
+        except httpx.TransportError:
+            assert time.monotonic() < deadline, "the web process did not start"
+            time.sleep(0.2)
+    os.kill(process.pid, signal.SIGKILL)
+    process.join(10)
+    setter = threading.Thread(target=stop.set, daemon=True)
+    setter.start()
+    setter.join(5)
+    listener.close()
+    assert not setter.is_alive(), "stop.set() blocked: a dead process still counts as waiting on the Event"

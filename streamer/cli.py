@@ -7,7 +7,7 @@
     groundwatch prompt STREAM PROMPT [--control ENDPOINT]         change a stream's prompt while it runs
     groundwatch replay VIDEO --events LOG -o out.mp4              overlays and trails drawn over the video
     groundwatch keys DIRECTORY                                    a CURVE key pair for non-loopback endpoints
-    groundwatch detect|convert|train|eval ...                     the model's own tools (gdino)
+    groundwatch detect|convert|export|train|eval ...              the model's own tools (gdino)
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def _configure_logging() -> None:
 
 def _run(args) -> int:
     from streamer.config import ConfigError, load_config
-    from streamer.daemon import EndpointError, Supervisor
+    from streamer.daemon import StartupError, Supervisor
 
     try:
         config = load_config(args.config)
@@ -53,7 +53,7 @@ def _run(args) -> int:
 
     try:
         code = supervisor.run(on_ready=announce)
-    except EndpointError as exc:
+    except StartupError as exc:
         print(f"groundwatch: {exc}", file=sys.stderr)
         return 2
     print(f"groundwatch: stopped ({supervisor.stop_reason})", flush=True)
@@ -165,10 +165,11 @@ def _keys(args) -> int:
 
 def _delegate(command: str, argv: list[str]) -> int:
     # Imported only here: the daemon's commands work whether or not the model's tools are installed.
-    if command in ("detect", "convert"):
+    if command in ("detect", "convert", "export"):
         from gdino import cli as gdino_cli
 
-        entry = gdino_cli.detect_main if command == "detect" else gdino_cli.convert_main
+        entry = {"detect": gdino_cli.detect_main, "convert": gdino_cli.convert_main,
+                 "export": gdino_cli.export_main}[command]
     else:
         from gdino.train import cli as train_cli
 
@@ -182,6 +183,10 @@ def _delegate(command: str, argv: list[str]) -> int:
         print("\ngroundwatch eval: choose what to evaluate, e.g. `groundwatch eval --weights default` "
               "(minutes on a CPU)", file=sys.stderr)
         return 2
+    if command == "eval":
+        from tracker.evaluation import score_videos
+
+        return int(entry(argv, score_tracking=score_videos) or 0)
     return int(entry(argv) or 0)
 
 
@@ -261,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     keys.set_defaults(handler=_keys)
 
     for name, help_text in (("detect", "detect objects in images (gdino)"), ("convert", "convert checkpoints"),
+                            ("export", "export the model to ONNX"),
                             ("train", "train the model"), ("eval", "evaluate the model")):
         delegated = commands.add_parser(name, help=help_text, add_help=False,
                                         description=f"{help_text[0].upper()}{help_text[1:]}: "
@@ -272,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("detect", "convert", "train", "eval"):
+    if argv and argv[0] in ("detect", "convert", "export", "train", "eval"):
         return _delegate(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     return args.handler(args)

@@ -33,6 +33,7 @@ from typing import Callable
 
 import zmq
 
+from streamer.auth import load_secret
 from streamer.config import Config
 from streamer.control import (DEFERRED, ControlServer, PingRequest, Reply, SetPromptRequest, StatusRequest,
                               StopRequest)
@@ -41,14 +42,32 @@ from streamer.events import make_event
 from streamer.frames import FrameMailbox, remove_stale_mailboxes
 from streamer.hub import hub_main
 from streamer.inference import worker_main
-from streamer.process import EXIT_DONE, EXIT_FATAL, EventSender
+from streamer.lastvalue import StateWatch
+from streamer.process import EXIT_DONE, EXIT_FATAL, EventSender, SharedFlag
 from streamer.recording import run_stamp
 from streamer.stats import RateMeter, StreamStats, snapshot
 
 log = logging.getLogger("groundwatch")
 
 
-class EndpointError(RuntimeError):
+EXIT_DEGRADED = 3  # the run ended normally but lost part of its recording (see docs/events.md, "Exit status")
+
+
+def remove_stale_runtime_dirs() -> None:
+    """Delete `groundwatch-<pid>-*` folders in the temp directory whose daemon no longer runs (kill -9)."""
+    for path in Path(tempfile.gettempdir()).glob("groundwatch-*-*"):
+        parts = path.name.split("-")
+        if len(parts) < 3 or not parts[1].isdigit() or not path.is_dir():
+            continue
+        if int(parts[1]) != os.getpid() and not Path(f"/proc/{parts[1]}").exists():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+class StartupError(RuntimeError):
+    """The daemon cannot start (nothing has been created yet); the message says why."""
+
+
+class EndpointError(StartupError):
     """A ZeroMQ endpoint of the config cannot be bound."""
 
 
@@ -75,10 +94,12 @@ class Supervisor:
         self.context = multiprocessing.get_context("spawn")
         self.stream_ids = [stream.id for stream in config.streams]
         self.prompts = {stream.id: stream.prompt for stream in config.streams}
-        self.stage_stops = {stage: self.context.Event() for stage in (0, 1, 2, 3)}  # 3: bridges, after the hub
-        self.worker_ready = self.context.Event()
-        self.worker_control = self.context.Queue()
-        self.worker_replies = self.context.Queue()
+        # Lock-free flags (see SharedFlag): a child killed at any point can never block the shutdown.
+        self.stage_stops = {stage: SharedFlag(self.context) for stage in (0, 1, 2, 3)}  # 3: bridges, after the hub
+        self.worker_ready = SharedFlag(self.context)
+        self.worker_control = self.worker_replies = None
+        self._new_worker_queues()
+        self.detect_stamp = self.context.Value("d", 0.0, lock=False)  # see streamer.watchdog
         self.children: list[Child] = []
         self.stop_reason: str | None = None
         self.exit_code = 0
@@ -92,6 +113,9 @@ class Supervisor:
         self._rates = None
         self._latest_rates: dict[str, dict] = {}
         self._closed = False
+        self._state_watch: StateWatch | None = None
+        key_file = config.publish.curve_secret_key_file
+        self.curve_keys = load_secret(key_file) if key_file else None  # checked by the config already
         self.control: ControlServer | None = None
         self._pending: dict[int, tuple[float, Callable[[dict], None]]] = {}  # worker requests awaiting a reply
 
@@ -114,7 +138,7 @@ class Supervisor:
         `EndpointError` when an endpoint is taken, before anything is started."""
         config = self.config
         try:
-            self.control = ControlServer(config.publish.control_endpoint)
+            self.control = ControlServer(config.publish.control_endpoint, curve_keys=self.curve_keys)
             probe = zmq.Context.instance().socket(zmq.PUB)  # the hub binds it; fail here, not in a restart loop
             probe.setsockopt(zmq.LINGER, 0)
             try:
@@ -128,8 +152,17 @@ class Supervisor:
                                 "(is another groundwatch running? change [publish] endpoints)") from None
         self._bind_web()
         self._register_commands()
-        remove_stale_mailboxes()
-        self.runtime_dir = tempfile.mkdtemp(prefix="groundwatch-")
+        remove_stale_mailboxes()  # what a daemon killed with SIGKILL left: only ones whose pid no longer runs
+        remove_stale_runtime_dirs()
+        self._check_record_directory()
+        try:
+            self._start_metrics()  # the last endpoint: checked before any shared memory or folder is created
+        except OSError as exc:
+            self.control.close()
+            raise StartupError(f"cannot serve metrics on {self.config.metrics.host}:{self.config.metrics.port}: "
+                               f"{exc.strerror or exc} (is another groundwatch running? change [metrics] port, "
+                               "or port = 0 for any free port)") from None
+        self.runtime_dir = tempfile.mkdtemp(prefix=f"groundwatch-{os.getpid()}-")
         self.events_endpoint = f"ipc://{self.runtime_dir}/events"
         self.stats = StreamStats.create(self.stream_ids)
         self._rates = RateMeter(self.stats)
@@ -141,7 +174,6 @@ class Supervisor:
                 stream.id, slots, stream.max_width, stream.max_height, self.context.Lock()
             )
         self.sender = EventSender(self.events_endpoint)
-        self._start_metrics()
 
         pid = os.getpid()
         stats_spec = self.stats.spec()
@@ -150,14 +182,16 @@ class Supervisor:
             high_water_mark=config.publish.high_water_mark, heartbeat_seconds=config.publish.heartbeat_seconds,
             stats_spec=stats_spec, record_directory=config.record.directory if config.record.enabled else None,
             flush_seconds=config.record.flush_seconds, run_stamp=self.run_stamp, stop=self.stage_stops[2],
-            parent_pid=pid), self.stage_stops[2]))
+            parent_pid=pid, curve_secret_key_file=config.publish.curve_secret_key_file), self.stage_stops[2]))
         self.children.append(Child("worker", 1, worker_main, lambda: dict(
             streams=[s.model_copy(update={"prompt": self.prompts[s.id]}) for s in config.streams],
             mailbox_specs={s: m.spec() for s, m in self.mailboxes.items()}, stats_spec=stats_spec,
             events_endpoint=self.events_endpoint, model=config.model,
             tracker=config.tracker, batch_size=config.model.batch_size, stop=self.stage_stops[1],
             control=self.worker_control, replies=self.worker_replies, ready=self.worker_ready,
-            parent_pid=pid, preview=self._preview_settings()), self.stage_stops[1]))
+            parent_pid=pid, oom_recover_seconds=config.model.oom_recover_seconds, detect_stamp=self.detect_stamp,
+            preview=self._preview_settings()),
+            self.stage_stops[1]))
         for stream in config.streams:
             self.children.append(Child(f"decoder-{stream.id}", 0, decoder_main, lambda s=stream: dict(
                 stream=s, mailbox_spec=self.mailboxes[s.id].spec(), stats_spec=stats_spec,
@@ -166,6 +200,8 @@ class Supervisor:
                 self.stage_stops[0], stream=stream.id))
         for child in sorted(self.children, key=lambda c: -c.stage):  # hub first: its sockets must be bound
             self._spawn(child)
+        self._state_watch = StateWatch(config.publish.endpoint, self.stream_ids,
+                                       self.curve_keys[0] if self.curve_keys else None)
         for child in self._bridge_children(stats_spec, pid):
             self.children.append(child)
             self._spawn(child)
@@ -180,19 +216,21 @@ class Supervisor:
             children.append(Child("mqtt", 3, mqtt_main, lambda: dict(
                 config=config.mqtt, prompts=dict(self.prompts), events_endpoint=config.publish.endpoint,
                 control_endpoint=config.publish.control_endpoint, internal_endpoint=self.events_endpoint,
-                stats_spec=stats_spec, stop=self.stage_stops[3], parent_pid=pid), self.stage_stops[3]))
+                stats_spec=stats_spec, stop=self.stage_stops[3], parent_pid=pid,
+                server_key=self.curve_keys[0] if self.curve_keys else None), self.stage_stops[3]))
         if config.webhooks:
             from streamer.webhooks import webhooks_main
 
             children.append(Child("webhooks", 3, webhooks_main, lambda: dict(
                 webhooks=list(config.webhooks), stream_ids=list(self.stream_ids),
                 events_endpoint=config.publish.endpoint, internal_endpoint=self.events_endpoint,
-                stats_spec=stats_spec, stop=self.stage_stops[3], parent_pid=pid), self.stage_stops[3]))
+                stats_spec=stats_spec, stop=self.stage_stops[3], parent_pid=pid,
+                server_key=self.curve_keys[0] if self.curve_keys else None), self.stage_stops[3]))
         if self.web_listener is not None:
             from streamer.web.server import web_main
             from streamer.web.settings import build_web_settings
 
-            web_settings = build_web_settings(config)
+            web_settings = build_web_settings(config, server_key=self.curve_keys[0] if self.curve_keys else None)
             children.append(Child("web", 3, web_main, lambda: dict(
                 settings=web_settings, listener=self.web_listener, stop=self.stage_stops[3], parent_pid=pid),
                 self.stage_stops[3]))
@@ -222,6 +260,30 @@ class Supervisor:
         web = self.config.web
         return PreviewSettings(fps=web.preview_fps, short_side=web.preview_short_side, quality=web.preview_quality)
 
+    def _check_record_directory(self) -> None:
+        """Refuse to start when recordings cannot be written at all (a full disk later is survived and reported,
+        see `Hub`); checked by writing a probe file in every stream's folder."""
+        if not self.config.record.enabled:
+            return
+        for stream in self.stream_ids:
+            folder = Path(self.config.record.directory) / stream
+            probe = folder / f".groundwatch-probe-{os.getpid()}"
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                with open(probe, "wb") as file:
+                    file.write(b"probe\n")
+                    file.flush()
+                    os.fsync(file.fileno())
+            except OSError as exc:
+                self.control.close()
+                raise StartupError(f"record.directory {str(folder)!r} is not writable: {exc.strerror or exc} "
+                                   "(fix the folder or set [record] enabled = false)") from None
+            finally:
+                try:
+                    probe.unlink()
+                except OSError:
+                    pass
+
     def _start_metrics(self) -> None:
         if not self.config.metrics.enabled:
             return
@@ -230,11 +292,28 @@ class Supervisor:
         self._metrics_server, port = start_metrics_server(self, self.config.metrics.host, self.config.metrics.port)
         self.metrics_url = f"http://{self.config.metrics.host}:{port}/metrics"
 
+    def _new_worker_queues(self) -> None:
+        """Fresh request/reply queues for each worker: a worker killed while holding a queue's lock must not
+        take its successor (or the supervisor) with it. Requests the dead worker never answered fail now."""
+        for old in (self.worker_control, self.worker_replies):
+            if old is not None:
+                old.cancel_join_thread()
+                old.close()
+        self.worker_control = self.context.Queue()
+        self.worker_replies = self.context.Queue()
+        self.worker_control.cancel_join_thread()  # never wait at exit for a dead worker to read its requests
+        pending, self._pending = getattr(self, "_pending", {}), {}
+        for _, on_reply in pending.values():
+            on_reply({"ok": False, "error": "the inference worker restarted; try again"})
+
     def _spawn(self, child: Child) -> None:
         if child.name == "worker":
             for mailbox in self.mailboxes.values():
                 mailbox.recover_reading()
             self.worker_ready.clear()
+            self.detect_stamp.value = 0.0
+            if child.process is not None:
+                self._new_worker_queues()
         child.process = self.context.Process(target=child.target, kwargs=child.kwargs(), name=f"gw-{child.name}",
                                              daemon=True)
         child.process.start()
@@ -255,6 +334,8 @@ class Supervisor:
                     self._spawn(child)
                 continue
             process = child.process
+            if child.name == "worker" and process is not None and process.is_alive():
+                self._watch_detector(process)
             if process is None or process.is_alive():
                 continue
             code = process.exitcode
@@ -280,6 +361,23 @@ class Supervisor:
                 self.sender.send(make_event(stream, "error", message=message, error_type="process_crashed",
                                             fatal=False, process=child.name))
 
+    def _watch_detector(self, process) -> None:
+        """Kill a worker whose detector call overran `model.watchdog_seconds`; it is restarted like a crash."""
+        from streamer.watchdog import DetectorWatchdog
+
+        limit = self.config.model.watchdog_seconds
+        elapsed = DetectorWatchdog.overrun(self.detect_stamp, limit)
+        if elapsed is None:
+            return
+        message = f"a detector call has run {elapsed:.1f} s (model.watchdog_seconds = {limit:g}); killing the worker"
+        log.error(message)
+        for stream in self.stream_ids:
+            self.sender.send(make_event(stream, "error", message=message, error_type="detector_hung", fatal=False,
+                                        process="worker"))
+        self.detect_stamp.value = 0.0
+        process.kill()
+        process.join(5)
+
     def _all_done(self) -> bool:
         if not self.config.supervisor.exit_when_done:
             return False
@@ -292,6 +390,8 @@ class Supervisor:
 
     def install_signal_handlers(self) -> None:
         def handler(signum, _frame):
+            if self.stop_reason is not None:
+                self.force_exit(signum)
             self.request_stop(signal.Signals(signum).name)
 
         signal.signal(signal.SIGINT, handler)
@@ -299,7 +399,11 @@ class Supervisor:
 
     def run(self, on_ready: Callable[["Supervisor"], None] | None = None) -> int:
         """Start, supervise until asked to stop (or every file is done), shut down. Returns the exit code."""
-        self.start()  # raises before starting anything when an endpoint is taken
+        try:
+            self.start()  # raises StartupError before creating anything when an endpoint is taken
+        except BaseException:
+            self._abandon_start()
+            raise
         if on_ready is not None:
             on_ready(self)
         poller = zmq.Poller()
@@ -314,6 +418,8 @@ class Supervisor:
                 if now >= next_rates:
                     next_rates = now + 1.0
                     self._latest_rates = {s: self._rates.rates(s, now) for s in self.stream_ids}
+                    if self._state_watch is not None:
+                        self._state_watch.drain()
                 if now >= next_check:
                     next_check = now + 0.2
                     self._check_children()
@@ -321,7 +427,13 @@ class Supervisor:
                         self.request_stop("every stream finished")
         finally:
             self.shutdown()
+        if self.exit_code == 0 and self._recording_degraded():
+            self.exit_code = EXIT_DEGRADED
         return self.exit_code
+
+    def _recording_degraded(self) -> bool:
+        return bool(getattr(self, "_record_health", None)) and any(
+            errors or lost for errors, lost in self._record_health.values())
 
     # -- control socket ----------------------------------------------------------------------------------------
 
@@ -330,6 +442,8 @@ class Supervisor:
         for stream in self.config.streams:
             figures = snapshot(self.stats, stream.id, self._latest_rates.get(stream.id))
             figures.update(prompt=self.prompts[stream.id], source="live" if stream.is_live else "file")
+            if self._state_watch is not None:
+                figures.update(self._state_watch.state(stream.id))
             streams[stream.id] = figures
         processes = {
             child.name: {"pid": child.process.pid if child.process else None,
@@ -391,6 +505,44 @@ class Supervisor:
 
     # -- shutdown ------------------------------------------------------------------------------------------------
 
+    def force_exit(self, signum: int) -> None:
+        """A second SIGINT/SIGTERM during the shutdown: kill every child, remove what we created, exit now
+        (status 128 + signal number, as a shell reports a process ended by that signal)."""
+        log.warning("second %s while stopping: forcing the exit (children killed)", signal.Signals(signum).name)
+        for child in self.children:
+            if child.process is not None and child.process.pid is not None:
+                try:
+                    os.kill(child.process.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        self._remove_created()
+        logging.shutdown()
+        os._exit(128 + signum)
+
+    def _abandon_start(self) -> None:
+        """A start that failed half-way (shared memory full...): leave nothing behind."""
+        for child in self.children:
+            if child.process is not None and child.process.pid is not None and child.process.is_alive():
+                child.process.kill()
+                child.process.join(5)
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+        if self.control is not None:
+            self.control.close()
+        self._remove_created()
+
+    def _remove_created(self) -> None:
+        """Delete the shared memory and the runtime folder (safe to call twice, and from a signal handler)."""
+        for path in [m.path for m in getattr(self, "mailboxes", {}).values()] + (
+                [self.stats.path] if getattr(self, "stats", None) is not None else []):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        if getattr(self, "runtime_dir", None):
+            shutil.rmtree(self.runtime_dir, ignore_errors=True)
+
     def shutdown(self) -> None:
         """Stop decoders, then the worker (which drains), then the hub (which flushes); clean up."""
         if self._closed:
@@ -412,13 +564,19 @@ class Supervisor:
         self.control.close()
         if self.web_listener is not None:
             self.web_listener.close()
+        if self._state_watch is not None:
+            self._state_watch.close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
         for mailbox in self.mailboxes.values():
             mailbox.close()
-            mailbox.unlink()
+        self._record_health = {s: (self.stats.get(s, "record_errors"), self.stats.get(s, "record_lost"))
+                               for s in self.stream_ids}
+        degraded = {s: figures for s, figures in self._record_health.items() if any(figures)}
+        if degraded:
+            log.warning("run degraded: event logs could not be written (failed writes, events lost): %s",
+                        ", ".join(f"{s} {int(e)}/{int(n)}" for s, (e, n) in degraded.items()))
         self.stats.close()
-        self.stats.unlink()
+        self._remove_created()
         self.worker_control.close()
         self.worker_replies.close()
-        shutil.rmtree(self.runtime_dir, ignore_errors=True)

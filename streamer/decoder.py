@@ -81,9 +81,10 @@ class SegmentWriter:
     `groundwatch replay` uses to line events (wall-clock `ts`) up with the segment's frames.
     """
 
-    def __init__(self, directory: Path, segment_seconds: float) -> None:
+    def __init__(self, directory: Path, segment_seconds: float, on_error=None) -> None:
         self.directory, self.segment_seconds = directory, segment_seconds
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.on_error = on_error  # called with a message when the disk refuses a segment; frames go on
+        self.failures = 0
         self.output = None
         self.out_stream = None
         self.first_pts = 0
@@ -97,8 +98,14 @@ class SegmentWriter:
         if packet.is_keyframe and (self.output is None or now - self.started >= self.segment_seconds):
             self.close()
             path = self.directory / f"{int(now * 1000)}.ts"
-            self.output = av.open(str(path), "w", format="mpegts")
-            self.out_stream = self.output.add_stream_from_template(in_stream)
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                self.output = av.open(str(path), "w", format="mpegts")
+                self.out_stream = self.output.add_stream_from_template(in_stream)
+            except (av.FFmpegError, OSError) as exc:  # disk full, read-only: the video is lost, never the events
+                self._failed(f"cannot write video segment {path}: {exc}")
+                self.output, self.started = None, now  # retried at the first keyframe a segment later
+                return
             self.first_pts, self.started = packet.pts, now
             self.paths.append(path)
         if self.output is None:
@@ -109,14 +116,21 @@ class SegmentWriter:
         packet.stream = self.out_stream
         try:
             self.output.mux(packet)
-        except av.FFmpegError as exc:
-            log.warning("segment write failed: %s", exc)
+        except (av.FFmpegError, OSError) as exc:
+            self._failed(f"segment write failed: {exc}")
+            self.close()
+
+    def _failed(self, message: str) -> None:
+        self.failures += 1
+        log.warning("%s", message)
+        if self.on_error is not None and (self.failures in (1, 10, 100) or self.failures % 1000 == 0):
+            self.on_error(message)
 
     def close(self) -> None:
         if self.output is not None:
             try:
                 self.output.close()
-            except av.FFmpegError:
+            except (av.FFmpegError, OSError):
                 pass
             self.output = None
 
@@ -164,7 +178,9 @@ class Decoder:
     # -- decoding ----------------------------------------------------------------------------------------
 
     def _frames(self, container, on_packet=None):
-        """Yield (frame, rgb array) for the first video stream; corrupt packets are counted and skipped."""
+        """Yield (av.VideoFrame, width, height) for the first video stream, the size being what the frame is
+        converted to (the source size scaled to fit the mailbox slot, `fit_size`); the conversion to RGB
+        happens later, straight into shared memory (`rgb_filler`). Corrupt packets are counted and skipped."""
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"  # frame and slice threads: the decoder must outrun inference
         size = None
@@ -284,7 +300,8 @@ class Decoder:
         attempt = 0
         segments = None
         if self.video_directory is not None:
-            segments = SegmentWriter(self.video_directory, self.segment_seconds)
+            segments = SegmentWriter(self.video_directory, self.segment_seconds, on_error=lambda message: self._error(
+                message, fatal=False, error_type="record_failed"))
         min_gap = 1.0 / self.fps if self.fps > 0 else 0.0
         frame_index = 0
         while not self.stop.is_set():

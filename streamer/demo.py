@@ -18,17 +18,9 @@ from streamer.config import parse_config
 ASSETS = Path(__file__).parent / "assets"
 DEMO_VIDEO = ASSETS / "demo.mp4"
 DEMO_CONFIG = ASSETS / "demo.toml"
+# The bundled video is gdino.shapes.render_video(DEMO_SEED, DEMO_FRAMES, DEMO_SIZE, DEMO_FPS) written with
+# streamer.media.write_video(path, frames, fps=DEMO_FPS, options={"crf": "28"}): 6 s at 320x240, H.264.
 DEMO_SEED, DEMO_FRAMES, DEMO_SIZE, DEMO_FPS = 7, 60, (240, 320), 10.0
-
-
-def make_demo_video(path: Path = DEMO_VIDEO) -> Path:
-    """Re-create the bundled video (deterministic): 6 s of the shapes world at 320x240, 10 fps, H.264."""
-    from gdino.shapes import render_video
-
-    from streamer.media import write_video
-
-    frames, _ = render_video(DEMO_SEED, DEMO_FRAMES, DEMO_SIZE, DEMO_FPS)
-    return write_video(path, frames, fps=DEMO_FPS, options={"crf": "28"})
 
 
 def _free_port() -> int:

@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import sys
+import time
 
 import zmq
 
@@ -33,14 +34,46 @@ def child_setup(name: str, parent_pid: int) -> None:
         pass
     if os.getppid() != parent_pid:
         os._exit(EXIT_ORPHANED)
-    # The terminal sends SIGINT to the whole process group; only the supervisor decides the shutdown order.
+    # The terminal sends SIGINT, and a service manager SIGTERM, to the whole process group; only the supervisor
+    # decides the shutdown order (it stops us through our stop flag, and kills us if we overrun).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(
         level=os.environ.get("GROUNDWATCH_LOG", "INFO").upper(),
         format=f"%(asctime)s {name} %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+
+
+class SharedFlag:
+    """A yes/no flag in shared memory, with the `Event` methods the processes use (`set`, `clear`, `is_set`,
+    `wait`).
+
+    Not a `multiprocessing.Event`: its condition's lock and semaphores can be left held by a child killed inside
+    `wait()`, and then the supervisor's `set()` blocks forever (that hung the shutdown). A single byte written
+    by one side and read by the other needs no lock; `wait` polls it.
+    """
+
+    def __init__(self, context) -> None:
+        self._value = context.RawValue(ctypes.c_int8, 0)
+
+    def set(self) -> None:
+        self._value.value = 1
+
+    def clear(self) -> None:
+        self._value.value = 0
+
+    def is_set(self) -> bool:
+        return bool(self._value.value)
+
+    def wait(self, timeout: float | None = None, poll_seconds: float = 0.02) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._value.value:
+            remaining = poll_seconds if deadline is None else min(poll_seconds, deadline - time.monotonic())
+            if remaining <= 0:
+                break
+            time.sleep(remaining)
+        return self.is_set()
 
 
 class EventSender:

@@ -33,6 +33,9 @@ COLUMNS = (
     "worker_finished",  # 1 once the worker has processed every frame of a finished stream
     # hub
     "events_published",
+    "record_errors",  # event-log writes that failed (disk full, read-only...); retried
+    "record_lost",  # events that never reached the log (backlog overflow while failing, or still failing at exit)
+    "record_failing",  # 1 while the stream's event log cannot be written
     # mqtt bridge (docs/mqtt.md): the connection state is copied to every stream's row
     "mqtt_state",  # BRIDGE_STATE_CODES
     "mqtt_published",  # messages handed to the broker for this stream
@@ -133,6 +136,9 @@ def snapshot(stats: StreamStats, stream: str, rates: dict[str, float] | None = N
                    "reconnects", "decode_errors", "events_published", "prompt_changes"):
         figures[column] = int(row[column])
     figures["events_dropped"] = int(row["decoder_events_dropped"] + row["worker_events_dropped"])
+    figures["record_errors"] = int(row["record_errors"])
+    figures["events_not_recorded"] = int(row["record_lost"])
+    figures["recording"] = "failing" if row["record_failing"] else "ok"
     figures["mqtt_state"] = BRIDGE_STATE_NAMES.get(row["mqtt_state"], "off")
     for column in BRIDGE_COUNTERS:
         figures[column] = int(row[column])

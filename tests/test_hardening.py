@@ -15,7 +15,6 @@ import pytest
 import zmq
 
 from daemon_harness import Daemon, Subscriber, dead_rtsp_url
-from test_streamer import mailbox_factory, stats_factory  # noqa: F401  (fixtures)
 
 
 def _raw_request(endpoint: str, frames: list[bytes], timeout: float = 10.0) -> list[bytes]:
@@ -204,7 +203,7 @@ def test_prompt_encoding_never_stalls_the_frames(mailbox_factory, stats_factory)
     import threading
 
     import tracker
-    from test_streamer import FakeDetector, FlagEvent, frame_with_value, make_worker
+    from fakes import FakeDetector, FlagEvent, frame_with_value, make_worker
 
     tracker.warm_up()  # compiling the tracker on its first frame is not what this test measures
     streams = [{"id": "a", "live": True, "prompt": "thing ."}, {"id": "b", "live": True, "prompt": "thing ."}]
@@ -237,7 +236,7 @@ def test_prompt_encoding_never_stalls_the_frames(mailbox_factory, stats_factory)
 def test_a_bad_prompt_at_start_costs_only_its_stream(mailbox_factory, stats_factory):
     """A prompt the detector refuses used to raise in the worker at every restart, taking every stream down.
     It must cost its own stream (an `error` event, frames skipped) and nothing else; a new prompt revives it."""
-    from test_streamer import FakeDetector, frame_with_value, make_worker
+    from fakes import FakeDetector, frame_with_value, make_worker
 
     streams = [{"id": "a", "live": False, "prompt": "bad ."}, {"id": "b", "live": False, "prompt": "thing ."}]
     worker, mailboxes, _, sender, stats = make_worker(mailbox_factory, stats_factory, streams)
@@ -253,3 +252,248 @@ def test_a_bad_prompt_at_start_costs_only_its_stream(mailbox_factory, stats_fact
     assert error["stream"] == "a" and error["error_type"] == "bad_prompt" and "cannot be encoded" in error["message"]
     assert stats.get("b", "frames_processed") == 5 and stats.get("a", "frames_processed") == 0
     assert worker.streams["a"].finished and worker.streams["b"].finished  # the file ran to its end, skipped
+
+
+# -- defect 2: SIGTERM could hang forever -----------------------------------------------------------------------
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def _wait_state(daemon: Daemon, stream: str, state: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while daemon.request({"cmd": "status"})["streams"][stream]["state"] != state:
+        assert time.monotonic() < deadline, f"{stream} never {state}; log:\n{daemon.log()}"
+        time.sleep(0.1)
+
+
+def test_sigterm_to_the_process_group_after_a_child_died_mid_wait(tmp_path):
+    """kill -9 of a decoder waiting to reconnect left the lock of the shared stop Event held by a dead process:
+    the staged shutdown blocked in `.set()` forever, and a second signal was ignored. The same SIGTERM sent to
+    the whole process group (what systemd does) must end the run in order, within its bound."""
+    daemon = Daemon(tmp_path, f"""
+[[streams]]
+id = "cam"
+url = "{dead_rtsp_url()}"
+prompt = "a person ."
+
+[[streams]]
+id = "door"
+url = "{dead_rtsp_url()}"
+prompt = "a person ."
+""", """
+[live]
+reconnect_initial_seconds = 8
+reconnect_max_seconds = 8
+[supervisor]
+restart_initial_seconds = 120
+shutdown_timeout_seconds = 5
+""")
+    daemon.start()
+    try:
+        daemon.wait_ready()
+        _wait_state(daemon, "cam", "reconnecting")
+        pids = daemon.child_pids()
+        time.sleep(0.5)  # the decoders are now inside their 8 s reconnect wait
+        os.kill(pids["decoder-cam"], signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while daemon.request({"cmd": "status"})["processes"]["decoder-cam"]["alive"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        os.killpg(daemon.process.pid, signal.SIGTERM)
+        code = daemon.wait_exit(30)  # 3 stages x 5 s at the very most, and nothing should overrun
+        assert code == 0, f"exit {code}; log:\n{daemon.log()}"
+        assert not [name for name, pid in pids.items() if _alive(pid)]
+        assert not list(Path("/dev/shm").glob(f"groundwatch-{daemon.process.pid}-*"))
+        door = [json.loads(line) for line in next((tmp_path / "recordings" / "door").glob("*.jsonl")).open()]
+        last = [e for e in door if e["kind"] == "status"][-1]
+        assert last["state"] == "offline" and last["reason"] == "shutdown"  # stopped in order, not killed
+    finally:
+        daemon.kill()
+
+
+def test_a_second_signal_forces_the_exit(tmp_path):
+    """While the ordered shutdown waits for a child that does not stop (here: SIGSTOP), a second SIGTERM or
+    SIGINT must end the run at once, killing every child and removing the shared memory."""
+    daemon = Daemon(tmp_path, f"""
+[[streams]]
+id = "cam"
+url = "{dead_rtsp_url()}"
+prompt = "a person ."
+""", """
+[supervisor]
+shutdown_timeout_seconds = 120
+""")
+    daemon.start()
+    try:
+        daemon.wait_ready()
+        pids = daemon.child_pids()
+        os.kill(pids["decoder-cam"], signal.SIGSTOP)
+        daemon.process.send_signal(signal.SIGTERM)
+        assert daemon.wait_exit(2) is None  # waiting for the stopped decoder, as it should
+        daemon.process.send_signal(signal.SIGINT)
+        code = daemon.wait_exit(10)
+        assert code is not None and code != 0, daemon.log()
+        time.sleep(0.5)
+        assert not [name for name, pid in pids.items() if _alive(pid)]
+        assert not list(Path("/dev/shm").glob(f"groundwatch-{daemon.process.pid}-*"))
+        assert "forcing" in daemon.log()
+    finally:
+        daemon.kill()
+
+
+# -- defect 3: a recording problem stopped live publishing -----------------------------------------------------
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 4 MiB tmpfs mounted for the test (root only), unmounted afterwards."""
+    import subprocess
+
+    mount_point = tmp_path / "small-disk"
+    mount_point.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount_point)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {result.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
+
+
+def _fill(directory: Path) -> Path:
+    """Write a file until the filesystem is full."""
+    filler = directory / "filler"
+    with open(filler, "wb", buffering=0) as file:
+        try:
+            while True:
+                file.write(b"\0" * 4096)
+        except OSError:
+            pass
+    return filler
+
+
+def test_full_disk_never_stops_publishing(tmp_path, small_tmpfs):
+    """With record.directory on a filesystem that fills up, the hub used to crash on flush and restart-loop
+    while subscribers froze, and the run still exited 0. Publishing must go on; the failure must be an `error`
+    event (record_failed), counted in heartbeats, retried (recording resumes once there is room), and the exit
+    status must say the run was degraded."""
+    daemon = Daemon(tmp_path, f"""
+[[streams]]
+id = "cam"
+url = "{dead_rtsp_url()}"
+prompt = "a person ."
+""", record_directory=str(small_tmpfs), heartbeat_seconds=0.05)
+    subscriber = Subscriber(daemon.publish)
+    daemon.start()
+    try:
+        daemon.wait_ready()
+        subscriber.read(1.0)
+        filler = _fill(small_tmpfs)
+        error = subscriber.wait_for(20, kind="error", error_type="record_failed")
+        assert "No space left on device" in error["message"] and error["fatal"] is False
+        since = time.monotonic()
+        heartbeats = [e for e in subscriber.read(3.0) if e["kind"] == "heartbeat"]
+        assert len(heartbeats) >= 15, f"publishing stalled: {len(heartbeats)} heartbeats in 3 s"
+        assert heartbeats[-1]["record_errors"] >= 1 and heartbeats[-1]["recording"] == "failing"
+        status = daemon.request({"cmd": "status"})
+        assert status["processes"]["hub"]["restarts"] == 0 and status["processes"]["hub"]["alive"]
+        assert time.monotonic() - since < 10
+        filler.unlink()  # room again: the retry (every <= 10 s) writes what waited
+        subscriber.events.clear()
+        subscriber.wait_for(30, kind="heartbeat", recording="ok")
+        [log] = list((small_tmpfs / "cam").glob("events-*.jsonl"))
+        size = log.stat().st_size
+        time.sleep(1.0)
+        assert log.stat().st_size > size
+        daemon.process.send_signal(signal.SIGTERM)
+        assert daemon.wait_exit(60) == 3, daemon.log()
+        assert "degraded" in daemon.log()
+        from streamer.recording import read_events
+
+        events = list(read_events(log))  # whole lines only, in order
+        assert [e["seq"] for e in events] == sorted(e["seq"] for e in events)
+    finally:
+        subscriber.close()
+        daemon.kill()
+
+
+def test_read_only_record_directory_is_refused_at_start(tmp_path, small_tmpfs):
+    """A record.directory the daemon cannot write used to be found by the hub crashing; it must be a clear
+    error at start, before anything runs."""
+    import subprocess
+
+    subprocess.run(["mount", "-o", "remount,ro", str(small_tmpfs)], check=True)
+    daemon = Daemon(tmp_path, f"""
+[[streams]]
+id = "cam"
+url = "{dead_rtsp_url()}"
+prompt = "a person ."
+""", record_directory=str(small_tmpfs))
+    daemon.start()
+    try:
+        assert daemon.wait_exit(60) == 2, daemon.log()
+        assert "not writable" in daemon.log() and "Read-only file system" in daemon.log()
+        assert "Traceback" not in daemon.log()
+    finally:
+        daemon.kill()
+
+
+# -- defect 9: a taken metrics port left shared memory and a temp folder behind ---------------------------------
+
+
+def test_taken_metrics_port_is_a_clear_error_and_stale_leftovers_are_removed(tmp_path):
+    """The metrics port in use gave a traceback and left a 37 MB shared-memory buffer and a groundwatch-* temp
+    folder behind; after kill -9 such leftovers piled up. Every endpoint is checked before anything is created,
+    and what a dead daemon left (its pid no longer runs) is removed at the next start."""
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer runs
+    stale_shm = Path("/dev/shm") / f"groundwatch-{dead.pid}-cam"
+    stale_shm.write_bytes(b"\0" * 1024)
+    stale_dir = Path(tempfile.gettempdir()) / f"groundwatch-{dead.pid}-abc123"
+    stale_dir.mkdir()
+    (stale_dir / "events").write_bytes(b"")
+    live_dir = Path(tempfile.mkdtemp(prefix=f"groundwatch-{os.getpid()}-"))  # a running daemon's: kept
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        daemon = Daemon(tmp_path, f"""
+[[streams]]
+id = "cam"
+url = "{dead_rtsp_url()}"
+prompt = "a person ."
+""", f"""
+[metrics]
+port = {taken.getsockname()[1]}
+""")
+        before_dirs = set(Path(tempfile.gettempdir()).glob("groundwatch-*"))
+        daemon.start()
+        try:
+            assert daemon.wait_exit(60) == 2, daemon.log()
+            log = daemon.log()
+            assert "metrics" in log and str(taken.getsockname()[1]) in log and "Traceback" not in log, log
+            assert not list(Path("/dev/shm").glob(f"groundwatch-{daemon.process.pid}-*"))
+            assert not [d for d in Path(tempfile.gettempdir()).glob(f"groundwatch-{daemon.process.pid}-*")]
+            assert not stale_shm.exists() and not stale_dir.exists()
+            assert live_dir.exists()
+            assert set(Path(tempfile.gettempdir()).glob("groundwatch-*")) <= before_dirs
+        finally:
+            daemon.kill()
+    finally:
+        taken.close()
+        stale_shm.unlink(missing_ok=True)
+        import shutil
+
+        shutil.rmtree(stale_dir, ignore_errors=True)
+        shutil.rmtree(live_dir, ignore_errors=True)

@@ -33,6 +33,7 @@ from streamer.web.bus import Bus, Viewer
 from streamer.web.preview import PreviewEncoder, PreviewSettings, encode_jpeg, preview_size
 from streamer.web.recordings import NotFound, VideoCache, list_recordings, recording_events
 from streamer.web.settings import WebSettings, WebStream
+from tracker import TrackerConfig
 
 MINIMAL = {"streams": [{"id": "cam", "url": "rtsp://127.0.0.1:1/x", "prompt": "a person ."}]}
 
@@ -105,7 +106,7 @@ def test_worker_sends_a_preview_after_the_detections_of_its_frame(tmp_path):
     follow its detections; the pixels are encoded before the mailbox slot is released. No console, no previews."""
     import itertools
 
-    import test_streamer as helpers
+    import fakes as helpers
 
     always_due = itertools.count(0, 10).__next__
     for previews in (PreviewEncoder(PreviewSettings(fps=1), clock=always_due), None):
@@ -115,7 +116,7 @@ def test_worker_sends_a_preview_after_the_detections_of_its_frame(tmp_path):
         try:
             worker = InferenceWorker(detector=helpers.FakeDetector(), streams=[
                 helpers.stream_config("a", False, "thing .")], mailboxes={"a": mailbox}, stats=stats,
-                sender=sender, tracker_factory=lambda: build_tracker(helpers.TrackerConfig()), previews=previews)
+                sender=sender, tracker_factory=lambda: build_tracker(TrackerConfig()), previews=previews)
             for value in (1, 2, 3):
                 mailbox.put(helpers.frame_with_value(value * 60), frame_index=value, pts=value / 10, ts=value / 10,
                             live=False)
@@ -144,7 +145,7 @@ def test_a_file_finishes_beside_a_camera_that_always_has_a_frame():
     """A file stream next to a live one never went offline (end_of_file) while the worker was busy: the worker
     only looked for finished files in rounds with no frame at all, and a camera always has one; the console then
     showed the finished file as online forever."""
-    import test_streamer as helpers
+    import fakes as helpers
 
     stats = StreamStats(f"/dev/shm/groundwatch-{time.time_ns()}-webtest", ["cam", "file"], _create=True)
     mailboxes = {name: FrameMailbox.create(f"test-finish-{name}-{time.time_ns()}", 4, 32, 24, threading.Lock())
@@ -154,7 +155,7 @@ def test_a_file_finishes_beside_a_camera_that_always_has_a_frame():
         worker = InferenceWorker(detector=helpers.FakeDetector(), streams=[
             helpers.stream_config("cam", True, "thing ."), helpers.stream_config("file", False, "thing .")],
             mailboxes=mailboxes, stats=stats, sender=sender,
-            tracker_factory=lambda: build_tracker(helpers.TrackerConfig()), batch_size=2)
+            tracker_factory=lambda: build_tracker(TrackerConfig()), batch_size=2)
         for index in range(2):
             mailboxes["file"].put(helpers.frame_with_value(50), frame_index=index, pts=index / 10, ts=index / 10,
                                   live=False)
@@ -283,6 +284,24 @@ def test_a_page_opened_later_gets_the_last_picture_with_its_boxes():
     shown, nothing = asyncio.run(scenario())
     assert '"frame": 8' in shown and '"frame": 7' not in shown and 'event: preview\ndata: {"cached":true,' in shown
     assert nothing == b""
+
+
+def test_cached_copies_from_the_hub_reach_pages_once():
+    """The hub re-sends each stream's last status to every new subscriber (last-value cache); the console relayed
+    every copy, so each page that opened elsewhere added the same status to every open page's events list."""
+    async def scenario():
+        bus = Bus("inproc://unused")
+        viewer = bus.add_viewer(set())
+        status = {"v": 1, "seq": 4, "stream": "door", "kind": "status", "state": "offline"}
+        bus.dispatch([b"door/status", json.dumps({**status, "cached": True}).encode()])  # ours, on connecting
+        bus.dispatch([b"door/status", json.dumps({**status, "cached": True}).encode()])  # another subscriber's
+        bus.dispatch([b"door/status", json.dumps({**status, "seq": 9}).encode()])
+        bus.dispatch([b"door/status", json.dumps({**status, "seq": 9, "cached": True}).encode()])
+        return viewer.take().decode(), bus
+
+    relayed, bus = asyncio.run(scenario())
+    assert relayed.count('"seq": 4') == 1 and relayed.count('"seq": 9') == 1
+    assert [e["seq"] for e in bus.recent] == [4, 9]
 
 
 def test_bus_keeps_state_for_new_pages_and_counts_malformed_messages():

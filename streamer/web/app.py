@@ -62,11 +62,12 @@ def _error(status: int, message: str) -> JSONResponse:
 
 
 def build_app(settings: WebSettings, *, bus: Bus | None = None) -> Starlette:
-    bus = bus or Bus(settings.publish_endpoint, settings.viewer_queue)
+    bus = bus or Bus(settings.publish_endpoint, settings.viewer_queue, server_key=settings.server_key)
     videos = VideoCache()
 
     async def control(message: dict, timeout: float) -> dict:
-        return await asyncio.to_thread(client.request, settings.control_endpoint, message, timeout)
+        return await asyncio.to_thread(client.request, settings.control_endpoint, message, timeout,
+                                       settings.server_key)
 
     def stream_or_404(stream_id: str):
         stream = settings.stream(stream_id)

@@ -28,12 +28,13 @@ class WebSettings:
     preview_fps: float = 5.0
     heartbeat_seconds: float = 1.0
     loopback: bool = True
+    server_key: bytes | None = None  # the daemon's CURVE public key when its sockets are beyond loopback
 
     def stream(self, stream_id: str) -> WebStream | None:
         return next((s for s in self.streams if s.id == stream_id), None)
 
 
-def build_web_settings(config) -> WebSettings:
+def build_web_settings(config, server_key: bytes | None = None) -> WebSettings:
     """The only place the web console reads the daemon's `Config`."""
     from streamer.auth import connectable  # a daemon bound to tcp://*:P is reached on loopback
 
@@ -49,4 +50,5 @@ def build_web_settings(config) -> WebSettings:
                        control_endpoint=connectable(config.publish.control_endpoint),
                        streams=tuple(streams), record_directory=record_directory, token=web.token,
                        read_token=web.read_token, viewer_queue=web.viewer_queue, preview_fps=web.preview_fps,
-                       heartbeat_seconds=config.publish.heartbeat_seconds, loopback=web.is_loopback)
+                       heartbeat_seconds=config.publish.heartbeat_seconds, loopback=web.is_loopback,
+                       server_key=server_key)

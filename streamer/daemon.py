@@ -7,6 +7,7 @@ Processes (all spawned, never forked: torch and ZeroMQ do not survive a fork):
     decoder  one per stream: PyAV -> RGB frames -> the stream's shared-memory mailbox
     mqtt     with [mqtt]: event bus -> MQTT broker (Frigate topics, Home Assistant discovery); prompts from MQTT
     webhooks with [[webhooks]]: event bus -> signed JSON POSTs
+    web      with [web] enabled (the default): the operator's console (streamer/web), a client of PUB and control
 
 Shutdown (SIGINT, SIGTERM, or every file done): decoders stop first, then the worker drains what they decoded
 and ends open tracks, then the hub publishes and records what is in flight and closes the logs. Each stage has
@@ -105,6 +106,8 @@ class Supervisor:
         self.run_stamp = f"{run_stamp()}-{os.getpid()}"
         self.started = time.time()
         self.metrics_url: str | None = None
+        self.web_url: str | None = None
+        self.web_listener = None
         self._metrics_server = None
         self._request_id = 0
         self._rates = None
@@ -147,6 +150,7 @@ class Supervisor:
                 self.control.close()
             raise EndpointError(f"cannot bind {config.publish.control_endpoint} / {config.publish.endpoint}: {exc} "
                                 "(is another groundwatch running? change [publish] endpoints)") from None
+        self._bind_web()
         self._register_commands()
         remove_stale_mailboxes()  # what a daemon killed with SIGKILL left: only ones whose pid no longer runs
         remove_stale_runtime_dirs()
@@ -185,7 +189,8 @@ class Supervisor:
             events_endpoint=self.events_endpoint, model=config.model,
             tracker=config.tracker, batch_size=config.model.batch_size, stop=self.stage_stops[1],
             control=self.worker_control, replies=self.worker_replies, ready=self.worker_ready,
-            parent_pid=pid, oom_recover_seconds=config.model.oom_recover_seconds, detect_stamp=self.detect_stamp),
+            parent_pid=pid, oom_recover_seconds=config.model.oom_recover_seconds, detect_stamp=self.detect_stamp,
+            preview=self._preview_settings()),
             self.stage_stops[1]))
         for stream in config.streams:
             self.children.append(Child(f"decoder-{stream.id}", 0, decoder_main, lambda s=stream: dict(
@@ -221,7 +226,39 @@ class Supervisor:
                 events_endpoint=config.publish.endpoint, internal_endpoint=self.events_endpoint,
                 stats_spec=stats_spec, stop=self.stage_stops[3], parent_pid=pid,
                 server_key=self.curve_keys[0] if self.curve_keys else None), self.stage_stops[3]))
+        if self.web_listener is not None:
+            from streamer.web.server import web_main
+            from streamer.web.settings import build_web_settings
+
+            web_settings = build_web_settings(config, server_key=self.curve_keys[0] if self.curve_keys else None)
+            children.append(Child("web", 3, web_main, lambda: dict(
+                settings=web_settings, listener=self.web_listener, stop=self.stage_stops[3], parent_pid=pid),
+                self.stage_stops[3]))
         return children
+
+    def _bind_web(self) -> None:
+        """Bind the console's port here, once: a taken port fails the start, and restarts reuse the socket."""
+        web = self.config.web
+        if not web.enabled:
+            return
+        from streamer.web.server import bind_listener
+
+        try:
+            self.web_listener = bind_listener(web.host, web.port)
+        except OSError as exc:
+            self.control.close()
+            raise EndpointError(f"cannot bind the web console to {web.host}:{web.port}: {exc.strerror or exc} "
+                                "(is another groundwatch running? change [web] port, or enabled = false)") from None
+        host, port = self.web_listener.getsockname()[:2]
+        self.web_url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
+
+    def _preview_settings(self):
+        if not self.config.web.enabled:
+            return None  # nobody to show them to: the worker encodes no previews
+        from streamer.web.preview import PreviewSettings
+
+        web = self.config.web
+        return PreviewSettings(fps=web.preview_fps, short_side=web.preview_short_side, quality=web.preview_quality)
 
     def _check_record_directory(self) -> None:
         """Refuse to start when recordings cannot be written at all (a full disk later is survived and reported,
@@ -415,7 +452,8 @@ class Supervisor:
         }
         return {"ok": True, "uptime": round(time.time() - self.started, 3), "pid": os.getpid(),
                 "worker_ready": self.worker_ready.is_set(), "streams": streams, "processes": processes,
-                "publish": self.config.publish.endpoint, "metrics": self.metrics_url, "recordings": self.record_paths}
+                "publish": self.config.publish.endpoint, "metrics": self.metrics_url, "recordings": self.record_paths,
+                "web": self.web_url}
 
     def _register_commands(self) -> None:
         """The control socket's commands (docs/events.md). Others register theirs on `self.control` too."""
@@ -524,6 +562,8 @@ class Supervisor:
                     child.process.join(5)
         self.sender.close()
         self.control.close()
+        if self.web_listener is not None:
+            self.web_listener.close()
         if self._state_watch is not None:
             self._state_watch.close()
         if self._metrics_server is not None:

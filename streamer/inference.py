@@ -114,6 +114,15 @@ def build_detector(model_config: ModelConfig) -> GdinoDetector:
     return GdinoDetector.from_config(model_config)
 
 
+def build_preview_encoder(settings):
+    """Previews only when the web console is on (`settings` is a `PreviewSettings`, or None)."""
+    if settings is None:
+        return None
+    from streamer.web.preview import PreviewEncoder
+
+    return PreviewEncoder(settings)
+
+
 def build_tracker(tracker_config: "tracker.TrackerConfig"):
     import tracker
 
@@ -139,7 +148,7 @@ class InferenceWorker:
     def __init__(self, *, detector: Detector, streams: list[StreamConfig], mailboxes: dict[str, FrameMailbox],
                  stats: StreamStats, sender: EventSender, tracker_factory, batch_size: int = 4,
                  idle_sleep: float = 0.003, oom_recover_seconds: float = 60.0,
-                 watchdog: DetectorWatchdog | None = None) -> None:
+                 watchdog: DetectorWatchdog | None = None, previews=None) -> None:
         self.detector, self.stats, self.sender = detector, stats, sender
         self.tracker_factory, self.batch_size, self.idle_sleep = tracker_factory, batch_size, idle_sleep
         self.streams = {
@@ -153,6 +162,7 @@ class InferenceWorker:
         self.consecutive_failures = 0
         self.max_consecutive_failures = 10
         self._rotation = 0
+        self.previews = previews  # a streamer.web.preview.PreviewEncoder when the web console is on
         # Prompt changes are encoded here, off the frame loop: a long prompt never stalls the streams.
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prompt-encoder")
         self._encoding_jobs: list[tuple[Future, int, str, str, float]] = []
@@ -256,6 +266,8 @@ class InferenceWorker:
             try:
                 results = self._detect(items, encoding)
                 self.consecutive_failures = 0
+                # Encoded before the slots are released: after `release` a decoder may overwrite the pixels.
+                previews = [self._encode_preview(state, frame) for state, frame in items]
             except Exception as exc:
                 # One bad batch costs its frames, not the worker; a detector that keeps failing (out of
                 # memory on every call) is restarted by the supervisor instead of spinning here.
@@ -271,9 +283,21 @@ class InferenceWorker:
                 for state, frame in items:
                     state.mailbox.release(frame)
             inference_ms = (time.perf_counter() - started) * 1000 / len(items)
-            for (state, frame), result in zip(items, results):
+            for (state, frame), result, preview in zip(items, results, previews):
                 if result is not None:  # None: skipped, out of memory even alone
                     self._emit_frame(state, frame, result, inference_ms)
+                    if preview is not None:  # after its detections: a viewer has the boxes when the picture comes
+                        self.sender.send_frames(preview)
+
+    def _encode_preview(self, state: StreamState, frame: Frame) -> list[bytes] | None:
+        if self.previews is None:
+            return None
+        try:
+            return self.previews.maybe_encode(state.stream_id, frame.frame_index, frame.pixels, ts=frame.ts,
+                                              pts=frame.pts, decoded_at=frame.decoded_at)
+        except Exception:  # a preview is never worth a frame's events
+            log.exception("preview encoding failed")
+            return None
 
     def _detect_watched(self, frames: list[np.ndarray], encoding: Any) -> list[FrameDetections]:
         if self.watchdog is not None:
@@ -476,7 +500,7 @@ class InferenceWorker:
 def worker_main(*, streams: list[StreamConfig], mailbox_specs: dict[str, dict], stats_spec: dict,
                 events_endpoint: str, model: ModelConfig, tracker: "tracker.TrackerConfig", batch_size: int, stop,
                 control, replies, ready, parent_pid: int, oom_recover_seconds: float = 60.0,
-                detect_stamp=None) -> None:
+                detect_stamp=None, preview=None) -> None:
     """Entry point of the inference worker process (spawned by the supervisor). `streams` carry their current
     prompts (a restarted worker starts with the prompts set since start-up)."""
     child_setup("worker", parent_pid)
@@ -499,7 +523,8 @@ def worker_main(*, streams: list[StreamConfig], mailbox_specs: dict[str, dict], 
     worker = InferenceWorker(detector=detector, streams=streams, mailboxes=mailboxes, stats=stats, sender=sender,
                              tracker_factory=lambda: build_tracker(tracker), batch_size=batch_size,
                              oom_recover_seconds=oom_recover_seconds,
-                             watchdog=DetectorWatchdog(detect_stamp) if detect_stamp is not None else None)
+                             watchdog=DetectorWatchdog(detect_stamp) if detect_stamp is not None else None,
+                             previews=build_preview_encoder(preview))
     worker.prepare_prompts()
     log.info("model ready in %.1f s", time.perf_counter() - started)
     ready.set()

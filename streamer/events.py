@@ -16,10 +16,7 @@ import time
 from typing import Any
 
 SCHEMA_VERSION = 1
-KINDS = ("detections", "track", "status", "heartbeat", "error", "zone", "line", "alert")
 COUNTS_KIND = "zone_counts"  # worker -> hub only, never published: the live zone and line counts for heartbeats
-STATUS_STATES = ("online", "reconnecting", "offline")
-TRACK_EVENTS = ("started", "updated", "lost", "ended")
 
 
 def topic(stream: str, kind: str) -> bytes:

@@ -15,8 +15,7 @@ from streamer.hub import Hub
 from streamer.inference import InferenceWorker, build_tracker
 from streamer.rules import Rule
 from streamer.zones import Line, Zone
-from test_streamer import (FakeDetections, ListSender, frame_with_value, mailbox_factory,  # noqa: F401
-                           stats_factory, stream_config)
+from fakes import FakeDetections, ListSender, frame_with_value, stream_config
 
 
 class TwoPhraseDetector:

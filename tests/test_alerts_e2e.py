@@ -121,6 +121,9 @@ post_capture = 1
 [metrics]
 enabled = false
 
+[web]
+enabled = false
+
 [supervisor]
 exit_when_done = false
 {RULES_TOML}
@@ -131,7 +134,14 @@ exit_when_done = false
     process = subprocess.Popen([sys.executable, "-m", "streamer.cli", "run", str(config)], cwd=root, env=env,
                                stdout=log_file, stderr=subprocess.STDOUT)
     try:
-        wait_ready(control, timeout=180)
+        deadline = time.monotonic() + 300
+        while True:  # a daemon that exits at start-up (a bad config) fails here at once, with its log
+            assert process.poll() is None, (root / "daemon.log").read_text()
+            try:
+                wait_ready(control, timeout=5)
+                break
+            except TimeoutError:
+                assert time.monotonic() < deadline, "the daemon was not ready in 300 s"
         # A rule added while the video plays (every other rule unchanged, so they keep their state).
         collector.wait_for(900, stream="yard", kind="detections", frame=20)
         reply = set_rules(control, RULES + [{"name": "cross_anywhere", "phrase": "purple cross", "stream": "yard"}])

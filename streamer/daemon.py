@@ -108,6 +108,7 @@ class Supervisor:
         self._latest_rates: dict[str, dict] = {}
         self._closed = False
         self.control: ControlServer | None = None
+        self._after_hub_restart: list[dict] = []  # events to publish once a restarted hub can be heard
         self._pending: dict[int, tuple[float, Callable[[dict], None]]] = {}  # worker requests awaiting a reply
 
     # -- set-up --------------------------------------------------------------------------------------------
@@ -188,6 +189,8 @@ class Supervisor:
                 self.stage_stops[0], stream=stream.id))
         for child in sorted(self.children, key=lambda c: -c.stage):  # hub first: its sockets must be bound
             self._spawn(child)
+            if child.name == "hub":
+                self._wait_hub_published()
         for child in self._bridge_children(stats_spec, pid):
             self.children.append(child)
             self._spawn(child)
@@ -259,6 +262,9 @@ class Supervisor:
             on_reply({"ok": False, "error": "the inference worker restarted; try again"})
 
     def _spawn(self, child: Child) -> None:
+        if child.name == "hub":
+            for stream in self.stream_ids:
+                self.stats.set(stream, "hub_started", 0.0)  # set again by the new hub once it has bound
         if child.name == "worker":
             for mailbox in self.mailboxes.values():
                 mailbox.recover_reading()
@@ -306,9 +312,42 @@ class Supervisor:
             child.restart_at = now + delay
             message = f"process {child.name} exited with code {code}; restarting in {delay:.1f} s"
             log.error(message)
-            for stream in [child.stream] if child.stream else self.stream_ids:
-                self.sender.send(make_event(stream, "error", message=message, error_type="process_crashed",
-                                            fatal=False, process=child.name))
+            events = [make_event(stream, "error", message=message, error_type="process_crashed", fatal=False,
+                                 process=child.name) for stream in ([child.stream] if child.stream else self.stream_ids)]
+            if child.name == "hub":
+                self._after_hub_restart.extend(events)  # the dead hub cannot publish them; its successor will
+                for stream in self.stream_ids:
+                    self.stats.set(stream, "hub_started", 0.0)
+            else:
+                for event in events:
+                    self.sender.send(event)
+
+    # A subscriber reconnects to a (re)bound PUB socket within ZeroMQ's reconnect interval (100 ms); events
+    # published before that are lost to it. Nothing is produced until the hub has bound and this much has passed.
+    HUB_JOIN_SECONDS = 0.5
+
+    def _hub_published_since(self) -> float:
+        """Wall time at which the running hub bound its sockets (0 until it has)."""
+        return self.stats.get(self.stream_ids[0], "hub_started")
+
+    def _wait_hub_published(self, timeout: float = 120.0) -> None:
+        """At start: let the hub bind and subscribers that wait for it connect before anything is produced, so
+        they get the first `online` status (the hub is the only process that publishes)."""
+        deadline = time.monotonic() + timeout
+        hub = next(c for c in self.children if c.name == "hub")
+        while not self._hub_published_since() and time.monotonic() < deadline and hub.process.is_alive():
+            time.sleep(0.02)
+        time.sleep(self.HUB_JOIN_SECONDS)
+
+    def _send_after_hub_restart(self) -> None:
+        """Publish the restarted hub's crash report once subscribers have had time to reconnect to it."""
+        if not self._after_hub_restart:
+            return
+        since = self._hub_published_since()
+        if since and time.time() - since >= self.HUB_JOIN_SECONDS:
+            events, self._after_hub_restart = self._after_hub_restart, []
+            for event in events:
+                self.sender.send(event)
 
     def _all_done(self) -> bool:
         if not self.config.supervisor.exit_when_done:
@@ -353,6 +392,7 @@ class Supervisor:
                 if now >= next_check:
                     next_check = now + 0.2
                     self._check_children()
+                    self._send_after_hub_restart()
                     if self._all_done():
                         self.request_stop("every stream finished")
         finally:

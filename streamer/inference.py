@@ -328,7 +328,9 @@ class InferenceWorker:
             if state.finished or not state.mailbox.finished or state.mailbox.pending():
                 continue
             state.finished = True
-            self._emit_track_events(state, state.tracker.finish(), ts=None, reason="end_of_stream")
+            # A file stopped by the shutdown is not at its end: say so, as for live streams.
+            reason = "shutdown" if state.mailbox.end_reason == "shutdown" else "end_of_stream"
+            self._emit_track_events(state, state.tracker.finish(), ts=None, reason=reason)
             if state.mailbox.end_reason == "end_of_file":
                 self._send(make_event(state.stream_id, "status", state="offline", reason="end_of_file",
                                       source="file", frames=state.frames))

@@ -498,3 +498,58 @@ port = {taken.getsockname()[1]}
 
         shutil.rmtree(stale_dir, ignore_errors=True)
         shutil.rmtree(live_dir, ignore_errors=True)
+
+
+# -- defect 11: the first status, the hub's crash report, and the reason tracks end at shutdown ------------------
+
+
+def test_first_status_hub_crash_report_and_shutdown_reason(tmp_path):
+    """A subscriber connected before the daemon started missed the first `online` status, and after a hub
+    restart the `process_crashed` error (published by the new hub before subscribers had reconnected); on
+    SIGTERM a file's tracks ended with `end_of_stream` instead of `shutdown`."""
+    from gdino.shapes import render_video
+    from streamer.media import write_video
+    from streamer.recording import read_events
+
+    frames, _ = render_video(3, 60, (120, 160), 10)
+    write_video(tmp_path / "clip.mp4", frames, fps=10)
+    daemon = Daemon(tmp_path, """
+[[streams]]
+id = "clip"
+url = "clip.mp4"
+prompt = "red circle . blue square ."
+realtime = true
+loop = true
+""", """
+[tracker]
+min_hits = 1
+[supervisor]
+shutdown_timeout_seconds = 120
+""", heartbeat_seconds=0.5)
+    subscriber = Subscriber(daemon.publish)
+    daemon.start()
+    try:
+        daemon.wait_ready()
+        first = subscriber.wait_for(30, stream="clip", kind="status")
+        assert first["state"] == "online", first
+        assert [e for e in subscriber.events if e["stream"] == "clip"][0]["seq"] == 1  # nothing missed before
+        subscriber.wait_for(60, stream="clip", kind="track", event="started")
+        os.kill(daemon.child_pids()["hub"], signal.SIGKILL)
+        error = subscriber.wait_for(90, stream="clip", kind="error", error_type="process_crashed")
+        assert error["process"] == "hub"
+        subscriber.events.clear()
+        subscriber.wait_for(60, stream="clip", kind="track", event="started")
+        daemon.process.send_signal(signal.SIGTERM)
+        assert daemon.wait_exit(300) == 0, daemon.log()
+        assert "did not stop" not in daemon.log()
+        [log] = list((tmp_path / "recordings" / "clip").glob("events-*.jsonl"))
+        events = list(read_events(log))
+        sigterm_at = [i for i, e in enumerate(events) if e["kind"] == "error"][-1]
+        ended = [e for e in events[sigterm_at:] if e["kind"] == "track" and e["event"] == "ended"
+                 and e.get("reason")]
+        assert ended and {e["reason"] for e in ended} == {"shutdown"}, [
+            (e["kind"], e.get("event"), e.get("reason"), e.get("state")) for e in events[-30:]]
+    finally:
+        subscriber.close()
+        daemon.kill()
+

@@ -58,8 +58,8 @@ class GdinoDetector:
         import gdino
         from gdino import predict
 
-        if threads:
-            torch.set_num_threads(threads)
+        self.threads, self._threads_checked = threads, False
+        self._hold_threads(torch)
         if weights == "tiny":
             # Random weights of the tiny config: plumbing tests and the pipeline benchmark, never for answers.
             from gdino.config import tiny
@@ -87,13 +87,32 @@ class GdinoDetector:
         with self._torch.inference_mode():
             return self.predict.encode(self.model, prompt)
 
+    def _hold_threads(self, torch) -> None:
+        """Apply `threads` to torch (and so to its OpenMP pool) and to Numba's pool. Starting Numba's threading
+        layer (the first call of the CPU attention kernel) resets the process's OpenMP thread count, so this
+        runs again whenever torch no longer reads the setting."""
+        if not self.threads:
+            return
+        import numba
+        from threadpoolctl import threadpool_limits
+
+        torch.set_num_threads(self.threads)
+        numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))
+        # Every OpenMP and BLAS runtime loaded so far: Numba's OpenMP layer brings its own libgomp, apart
+        # from torch's.
+        threadpool_limits(limits=self.threads)
+
     def detect(self, frames: Sequence[np.ndarray], encoding) -> list[FrameDetections]:
         # remove_combined: one phrase per box, from its own sub-sentence: the tracker associates within a
         # phrase, and "red car" must not become "red car white van" when both are near the threshold.
         with self._torch.inference_mode():
-            return self.predict.detect(self.model, frames, encoding, box_threshold=self.box_threshold,
-                                       text_threshold=self.text_threshold, remove_combined=True,
-                                       short_side=self.short_side, max_side=self.max_side)
+            found = self.predict.detect(self.model, frames, encoding, box_threshold=self.box_threshold,
+                                        text_threshold=self.text_threshold, remove_combined=True,
+                                        short_side=self.short_side, max_side=self.max_side)
+        if self.threads and (not self._threads_checked or self._torch.get_num_threads() != self.threads):
+            self._threads_checked = True  # the first call has started every thread pool it uses
+            self._hold_threads(self._torch)
+        return found
 
 
 def build_detector(model_config: ModelConfig) -> GdinoDetector:

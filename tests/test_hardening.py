@@ -553,3 +553,34 @@ shutdown_timeout_seconds = 120
         subscriber.close()
         daemon.kill()
 
+
+# -- defect 7: [model] threads had no effect ---------------------------------------------------------------------
+
+
+def test_model_threads_hold_for_torch_numba_and_openmp():
+    """The first call of the Numba CPU attention reset torch's thread count (set to 1, it read 2 afterwards).
+    In a worker-like process the setting must hold after detections, for torch, Numba and OpenMP alike."""
+    import subprocess
+    import sys
+
+    from daemon_harness import REPO
+
+    code = """
+import json, numpy as np, torch, numba
+from threadpoolctl import threadpool_info
+from streamer.inference import GdinoDetector
+detector = GdinoDetector(weights="tiny", threads=1, short_side=64, max_side=96)
+encoding = detector.encode("a red circle . a blue square .")
+for _ in range(2):
+    detector.detect([np.zeros((48, 64, 3), np.uint8), np.ones((48, 64, 3), np.uint8)], encoding)
+openmp = sorted({pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "openmp"})
+print(json.dumps({"torch": torch.get_num_threads(), "numba": numba.get_num_threads(), "openmp": openmp}))
+"""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env.pop("OMP_NUM_THREADS", None)
+    env.pop("NUMBA_NUM_THREADS", None)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    threads = json.loads(result.stdout.strip().splitlines()[-1])
+    assert threads == {"torch": 1, "numba": 1, "openmp": [1]}, threads
+

@@ -584,3 +584,55 @@ print(json.dumps({"torch": torch.get_num_threads(), "numba": numba.get_num_threa
     threads = json.loads(result.stdout.strip().splitlines()[-1])
     assert threads == {"torch": 1, "numba": 1, "openmp": [1]}, threads
 
+
+# -- defect 10: stall detection took twice read_timeout_seconds, and said it in FFmpeg's errno text ------------
+
+
+def test_stalled_camera_is_detected_within_the_read_timeout(mailbox_factory, stats_factory):
+    """A server that stops answering (SIGSTOP) was detected after 2 x read_timeout_seconds (10 s for 5), and
+    the reason read "[Errno 1414092869] Immediate exit requested". Detection must come within the setting
+    (+ 1 s) and say what happened in words; a refused connection likewise."""
+    import threading
+
+    from rtsp_server import RtspServer, gstreamer_available
+    from test_streamer import FlagEvent, ListSender
+
+    from streamer.decoder import Decoder
+
+    if not gstreamer_available():
+        pytest.skip("GStreamer RTSP server not installed (scripts/setup.sh installs it)")
+    server = RtspServer(width=160, height=120, fps=10)
+    server.start()
+    sender, stop = ListSender(), FlagEvent()
+    decoder = Decoder(stream_id="cam", url=server.url, live=True, fps=0, max_width=160, max_height=120,
+                      mailbox=mailbox_factory("stall", width=160, height=120), stats=stats_factory(["cam"]),
+                      sender=sender, stop=stop, open_timeout=5, read_timeout=3, reconnect_initial=30,
+                      reconnect_max=30)
+    thread = threading.Thread(target=decoder.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while decoder.stats.get("cam", "frames_decoded") < 40:  # past the burst a server sends at connection
+            assert time.monotonic() < deadline, sender.events
+            time.sleep(0.05)
+        server.stall()
+        stalled_at = time.monotonic()
+        while not [e for e in sender.events if e["kind"] == "status" and e["state"] == "reconnecting"]:
+            assert time.monotonic() - stalled_at < 10, "the stall was never detected"
+            time.sleep(0.02)
+        detected_after = time.monotonic() - stalled_at
+        reconnecting = [e for e in sender.events if e["kind"] == "status" and e["state"] == "reconnecting"][0]
+        assert detected_after <= 3 + 1.0, f"detected after {detected_after:.1f} s for read_timeout 3 s"
+        assert "Errno" not in reconnecting["reason"] and "no data from the source for 3 s" in reconnecting["reason"]
+    finally:
+        stop.set()
+        server.resume()
+        thread.join(10)
+        server.kill()
+    refused = Decoder(stream_id="cam", url=dead_rtsp_url(), live=True, fps=0, max_width=32, max_height=24,
+                      mailbox=mailbox_factory("refused"), stats=stats_factory(["cam"]), sender=ListSender(),
+                      stop=FlagEvent(), open_timeout=2, read_timeout=2, reconnect_initial=30, reconnect_max=30)
+    threading.Timer(1.0, refused.stop.set).start()
+    refused.run()
+    status = [e for e in refused.sender.events if e["kind"] == "status" and e["state"] == "reconnecting"][0]
+    assert "Errno" not in status["reason"] and "connection refused" in status["reason"], status["reason"]

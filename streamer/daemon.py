@@ -39,6 +39,7 @@ from streamer.decoder import decoder_main
 from streamer.events import make_event
 from streamer.frames import FrameMailbox, remove_stale_mailboxes
 from streamer.hub import hub_main
+from streamer.opentracks import OpenTracks
 from streamer.inference import worker_main
 from streamer.process import EXIT_DONE, EXIT_FATAL, EventSender, SharedFlag
 from streamer.recording import run_stamp
@@ -156,6 +157,7 @@ class Supervisor:
         self.runtime_dir = tempfile.mkdtemp(prefix=f"groundwatch-{os.getpid()}-")
         self.events_endpoint = f"ipc://{self.runtime_dir}/events"
         self.stats = StreamStats.create(self.stream_ids)
+        self.open_tracks = OpenTracks.create(self.stream_ids)
         self._rates = RateMeter(self.stats)
         self.mailboxes: dict[str, FrameMailbox] = {}
         for stream in config.streams:
@@ -180,7 +182,7 @@ class Supervisor:
             events_endpoint=self.events_endpoint, model=config.model,
             tracker=config.tracker, batch_size=config.model.batch_size, stop=self.stage_stops[1],
             control=self.worker_control, replies=self.worker_replies, ready=self.worker_ready,
-            parent_pid=pid), self.stage_stops[1]))
+            open_tracks_spec=self.open_tracks.spec(), parent_pid=pid), self.stage_stops[1]))
         for stream in config.streams:
             self.children.append(Child(f"decoder-{stream.id}", 0, decoder_main, lambda s=stream: dict(
                 stream=s, mailbox_spec=self.mailboxes[s.id].spec(), stats_spec=stats_spec,
@@ -266,8 +268,8 @@ class Supervisor:
             for stream in self.stream_ids:
                 self.stats.set(stream, "hub_started", 0.0)  # set again by the new hub once it has bound
         if child.name == "worker":
-            for mailbox in self.mailboxes.values():
-                mailbox.recover_reading()
+            for stream in self.config.streams:  # a file's frames the dead worker held are processed again
+                self.mailboxes[stream.id].recover_reading(redeliver=not stream.is_live)
             self.worker_ready.clear()
             if child.process is not None:
                 self._new_worker_queues()
@@ -502,7 +504,8 @@ class Supervisor:
     def _remove_created(self) -> None:
         """Delete the shared memory and the runtime folder (safe to call twice, and from a signal handler)."""
         for path in [m.path for m in getattr(self, "mailboxes", {}).values()] + (
-                [self.stats.path] if getattr(self, "stats", None) is not None else []):
+                [self.stats.path] if getattr(self, "stats", None) is not None else []) + (
+                [self.open_tracks.path] if getattr(self, "open_tracks", None) is not None else []):
             try:
                 os.unlink(path)
             except FileNotFoundError:
@@ -540,6 +543,7 @@ class Supervisor:
             log.warning("run degraded: event logs could not be written (failed writes, events lost): %s",
                         ", ".join(f"{s} {int(e)}/{int(n)}" for s, (e, n) in degraded.items()))
         self.stats.close()
+        self.open_tracks.close()
         self._remove_created()
         self.worker_control.close()
         self.worker_replies.close()

@@ -20,6 +20,7 @@ import numpy as np
 from streamer.config import ModelConfig, StreamConfig
 from streamer.events import make_event, round_box
 from streamer.frames import Frame, FrameMailbox
+from streamer.opentracks import OpenTracks
 from streamer.process import EXIT_FATAL, EventSender, child_setup
 from streamer.prompts import DEFAULT_MAX_PROMPT_TOKENS, check_prompt
 from streamer.stats import STATE_CODES, STATE_NAMES, StreamStats
@@ -135,6 +136,7 @@ class StreamState:
     finished: bool = False
     frames: int = 0
     prompt_error: str | None = None  # the prompt could not be encoded: frames are skipped until a new prompt
+    id_base: int = 0  # added to the tracker's ids: unique within the stream for the run (see last_track_id)
     extra: dict = field(default_factory=dict)
 
 
@@ -143,13 +145,16 @@ class InferenceWorker:
 
     def __init__(self, *, detector: Detector, streams: list[StreamConfig], mailboxes: dict[str, FrameMailbox],
                  stats: StreamStats, sender: EventSender, tracker_factory, batch_size: int = 4,
-                 idle_sleep: float = 0.003) -> None:
+                 idle_sleep: float = 0.003, open_tracks: "OpenTracks | None" = None) -> None:
         self.detector, self.stats, self.sender = detector, stats, sender
         self.tracker_factory, self.batch_size, self.idle_sleep = tracker_factory, batch_size, idle_sleep
         self.streams = {
             s.id: StreamState(s.id, s.is_live, mailboxes[s.id], s.prompt, tracker_factory())
             for s in streams
         }
+        self.open_tracks = open_tracks
+        for state in self.streams.values():
+            state.id_base = int(stats.get(state.stream_id, "last_track_id"))
         self.encodings: dict[str, Any] = {}
         self.consecutive_failures = 0
         self.max_consecutive_failures = 10
@@ -164,6 +169,20 @@ class InferenceWorker:
         if prompt not in self.encodings:
             self.encodings[prompt] = self.detector.encode(prompt)
         return self.encodings[prompt]
+
+    def end_predecessor_tracks(self) -> None:
+        """A restarted worker ends the tracks its predecessor left open (`reason: worker_restarted`): their ids
+        are never updated again, and a subscriber must not wait for them."""
+        if self.open_tracks is None:
+            return
+        for state in self.streams.values():
+            left = self.open_tracks.take(state.stream_id)
+            for track in left:
+                ts = track.pop("ts")
+                self._send(make_event(state.stream_id, "track", ts=ts if ts else None, event="ended",
+                                      reason="worker_restarted", **track))
+            if left:
+                self.stats.add(state.stream_id, "track_events", len(left))
 
     def prepare_prompts(self) -> None:
         """Encode every stream's prompt at start. A prompt that cannot be encoded costs its own stream (an
@@ -195,6 +214,7 @@ class InferenceWorker:
         previous, state.prompt = state.prompt, prompt
         state.prompt_error = None
         state.tracker = self.tracker_factory()
+        state.id_base = int(self.stats.get(stream_id, "last_track_id"))  # the new tracker counts from 1 again
         self.stats.add(stream_id, "prompt_changes")
         state_name = STATE_NAMES.get(self.stats.get(stream_id, "state"), "online")
         self._send(make_event(stream_id, "status", state=state_name, reason="prompt_changed", prompt=prompt,
@@ -265,15 +285,19 @@ class InferenceWorker:
                 for stream_id in {state.stream_id for state, _ in items}:
                     self._send(make_event(stream_id, "error", message=f"detector failed: {type(exc).__name__}: "
                                           f"{exc}", error_type="inference_failed", fatal=False))
+                for state, frame in items:
+                    state.mailbox.release(frame)
                 if self.consecutive_failures >= self.max_consecutive_failures:
                     raise
                 continue
-            finally:
-                for state, frame in items:
-                    state.mailbox.release(frame)
             inference_ms = (time.perf_counter() - started) * 1000 / len(items)
             for (state, frame), result in zip(items, results):
-                self._emit_frame(state, frame, result, inference_ms)
+                # Released only once its events are out: a file frame whose worker dies before that is still
+                # READING, and the supervisor hands it to the next worker (FrameMailbox.recover_reading).
+                try:
+                    self._emit_frame(state, frame, result, inference_ms)
+                finally:
+                    state.mailbox.release(frame)
 
     def _emit_frame(self, state: StreamState, frame: Frame, result: FrameDetections, inference_ms: float) -> None:
         boxes_xyxy = np.asarray(result.boxes_xyxy, dtype=np.float32).reshape(-1, 4)  # (N, 4) pixels
@@ -282,7 +306,14 @@ class InferenceWorker:
         update = state.tracker.update(boxes_xyxy, scores, phrases, frame.frame_index)
         track_of_detection = np.full(len(phrases), -1, dtype=np.int64)
         matched = update.detection_indices >= 0
-        track_of_detection[update.detection_indices[matched]] = update.ids[matched]
+        track_of_detection[update.detection_indices[matched]] = update.ids[matched] + state.id_base
+        if len(update):
+            top = state.id_base + int(update.ids.max())
+            if top > self.stats.get(state.stream_id, "last_track_id"):
+                self.stats.set(state.stream_id, "last_track_id", top)
+        if self.open_tracks is not None:
+            self.open_tracks.write(state.stream_id, frame.frame_index, frame.ts, update.ids + state.id_base,
+                                   update.boxes_xyxy, update.scores, update.labels, update.ages, update.hits)
         height, width = frame.pixels.shape[:2]
         detections = [
             {
@@ -322,15 +353,18 @@ class InferenceWorker:
                     continue
                 self._send(
                     make_event(state.stream_id, "track", ts=ts, frame=frame_index, event=kind,
-                               track_id=int(track_id), box=round_box(update.boxes_xyxy[row]),
+                               track_id=int(track_id) + state.id_base, box=round_box(update.boxes_xyxy[row]),
                                score=round(float(update.scores[row]), 4), phrase=update.labels[row],
                                age=int(update.ages[row]), hits=int(update.hits[row]))
                 )
                 count += 1
+        if reason and self.open_tracks is not None:  # the tracker finished: nothing of it is open any more
+            self.open_tracks.clear(state.stream_id)
         for track in update.ended_tracks:
             fields = {"reason": reason} if reason else {}
             self._send(
-                make_event(state.stream_id, "track", ts=ts, frame=frame_index, event="ended", track_id=track.id,
+                make_event(state.stream_id, "track", ts=ts, frame=frame_index, event="ended",
+                           track_id=track.id + state.id_base,
                            box=round_box(track.box_xyxy), score=round(track.score, 4), phrase=track.label,
                            age=track.age, hits=track.hits, **fields)
             )
@@ -431,7 +465,7 @@ class InferenceWorker:
 
 def worker_main(*, streams: list[StreamConfig], mailbox_specs: dict[str, dict], stats_spec: dict,
                 events_endpoint: str, model: ModelConfig, tracker: "tracker.TrackerConfig", batch_size: int, stop,
-                control, replies, ready, parent_pid: int) -> None:
+                control, replies, ready, parent_pid: int, open_tracks_spec: dict | None = None) -> None:
     """Entry point of the inference worker process (spawned by the supervisor). `streams` carry their current
     prompts (a restarted worker starts with the prompts set since start-up)."""
     child_setup("worker", parent_pid)
@@ -451,8 +485,11 @@ def worker_main(*, streams: list[StreamConfig], mailbox_specs: dict[str, dict], 
     import tracker as tracker_package
 
     tracker_package.warm_up()
+    open_tracks = OpenTracks.attach(open_tracks_spec) if open_tracks_spec else None
     worker = InferenceWorker(detector=detector, streams=streams, mailboxes=mailboxes, stats=stats, sender=sender,
-                             tracker_factory=lambda: build_tracker(tracker), batch_size=batch_size)
+                             tracker_factory=lambda: build_tracker(tracker), batch_size=batch_size,
+                             open_tracks=open_tracks)
+    worker.end_predecessor_tracks()
     worker.prepare_prompts()
     log.info("model ready in %.1f s", time.perf_counter() - started)
     ready.set()

@@ -31,6 +31,7 @@ COLUMNS = (
     "worker_events_dropped",
     "prompt_changes",
     "worker_finished",  # 1 once the worker has processed every frame of a finished stream
+    "last_track_id",  # the highest track id published: a new tracker (prompt change, restarted worker) goes on
     # hub
     "events_published",
     "record_errors",  # event-log writes that failed (disk full, read-only...); retried

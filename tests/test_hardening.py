@@ -636,3 +636,81 @@ def test_stalled_camera_is_detected_within_the_read_timeout(mailbox_factory, sta
     refused.run()
     status = [e for e in refused.sender.events if e["kind"] == "status" and e["state"] == "reconnecting"][0]
     assert "Errno" not in status["reason"] and "connection refused" in status["reason"], status["reason"]
+
+
+# -- defect 6: track ids reused, file frames skipped and tracks left open by a worker restart -------------------
+
+
+def test_worker_restart_keeps_every_file_frame_and_track_ids_unique(tmp_path):
+    """A killed worker silently skipped the file frames it had taken, restarted track ids at 1 and left its open
+    tracks without `ended`. Every frame of the file must be published, ids must stay unique for the run, and
+    the open tracks must end with `reason: worker_restarted`."""
+    from gdino.shapes import render_video
+    from streamer.media import write_video
+    from streamer.recording import read_events
+
+    total = 24
+    frames, _ = render_video(5, total, (120, 160), 10)
+    write_video(tmp_path / "clip.mp4", frames, fps=10)
+    daemon = Daemon(tmp_path, """
+[[streams]]
+id = "clip"
+url = "clip.mp4"
+prompt = "red circle . blue square ."
+""", """
+[tracker]
+min_hits = 1
+max_age = 100
+[supervisor]
+exit_when_done = true
+restart_initial_seconds = 0.2
+shutdown_timeout_seconds = 120
+""")
+    daemon.start()
+    try:
+        daemon.wait_ready()
+        deadline = time.monotonic() + 120
+        while daemon.request({"cmd": "status"})["streams"]["clip"]["frames_processed"] < 4:
+            assert time.monotonic() < deadline, daemon.log()
+            time.sleep(0.05)
+        os.kill(daemon.child_pids()["worker"], signal.SIGKILL)
+        assert daemon.wait_exit(400) == 0, daemon.log()
+    finally:
+        daemon.kill()
+    [log] = list((tmp_path / "recordings" / "clip").glob("events-*.jsonl"))
+    events = list(read_events(log))
+    processed = sorted({e["frame"] for e in events if e["kind"] == "detections"})
+    assert processed == list(range(total)), f"frames never published: {sorted(set(range(total)) - set(processed))}"
+    crash = next(i for i, e in enumerate(events) if e["kind"] == "error" and e["error_type"] == "process_crashed")
+    tracks = [e for e in events if e["kind"] == "track"]
+    started = [e["track_id"] for e in tracks if e["event"] == "started"]
+    assert started and len(started) == len(set(started)), "a track id was used twice"
+    open_at_crash = set()
+    for event in events[:crash]:
+        if event["kind"] == "track" and event["event"] == "started":
+            open_at_crash.add(event["track_id"])
+        elif event["kind"] == "track" and event["event"] == "ended":
+            open_at_crash.discard(event["track_id"])
+    restarted = {e["track_id"] for e in tracks if e["event"] == "ended" and e.get("reason") == "worker_restarted"}
+    assert open_at_crash and restarted == open_at_crash
+    later = [e["track_id"] for e in events[crash:] if e["kind"] == "track" and e["event"] == "started"]
+    assert later and min(later) > max(open_at_crash)
+
+
+def test_track_ids_stay_unique_across_prompt_changes(mailbox_factory, stats_factory):
+    """After a prompt change the new tracker numbered its tracks from 1 again, reusing the ids of tracks that had
+    ended (docs/events.md: unique within the stream for the run)."""
+    from test_streamer import frame_with_value, make_worker
+
+    worker, mailboxes, _, sender, _ = make_worker(mailbox_factory, stats_factory,
+                                                  [{"id": "cam", "live": True, "prompt": "old ."}])
+    worker.encoding_for("old .")
+    for value in range(8):
+        if value == 4:
+            worker.set_prompt("cam", "new .")
+        mailboxes["cam"].put(frame_with_value(value), frame_index=value, pts=0, ts=time.time(), live=True)
+        worker.step()
+    started = [e["track_id"] for e in sender.events if e["kind"] == "track" and e["event"] == "started"]
+    assert len(started) == 2 and started[1] > started[0], started
+    boxes = [d["track_id"] for e in sender.events if e["kind"] == "detections" for d in e["detections"]]
+    assert set(boxes) - {None} == set(started)

@@ -15,7 +15,6 @@ import pytest
 import zmq
 
 from daemon_harness import Daemon, Subscriber, dead_rtsp_url
-from test_streamer import mailbox_factory, stats_factory  # noqa: F401  (fixtures)
 
 
 def _raw_request(endpoint: str, frames: list[bytes], timeout: float = 10.0) -> list[bytes]:
@@ -204,7 +203,7 @@ def test_prompt_encoding_never_stalls_the_frames(mailbox_factory, stats_factory)
     import threading
 
     import tracker
-    from test_streamer import FakeDetector, FlagEvent, frame_with_value, make_worker
+    from fakes import FakeDetector, FlagEvent, frame_with_value, make_worker
 
     tracker.warm_up()  # compiling the tracker on its first frame is not what this test measures
     streams = [{"id": "a", "live": True, "prompt": "thing ."}, {"id": "b", "live": True, "prompt": "thing ."}]
@@ -237,7 +236,7 @@ def test_prompt_encoding_never_stalls_the_frames(mailbox_factory, stats_factory)
 def test_a_bad_prompt_at_start_costs_only_its_stream(mailbox_factory, stats_factory):
     """A prompt the detector refuses used to raise in the worker at every restart, taking every stream down.
     It must cost its own stream (an `error` event, frames skipped) and nothing else; a new prompt revives it."""
-    from test_streamer import FakeDetector, frame_with_value, make_worker
+    from fakes import FakeDetector, frame_with_value, make_worker
 
     streams = [{"id": "a", "live": False, "prompt": "bad ."}, {"id": "b", "live": False, "prompt": "thing ."}]
     worker, mailboxes, _, sender, stats = make_worker(mailbox_factory, stats_factory, streams)
@@ -595,7 +594,7 @@ def test_stalled_camera_is_detected_within_the_read_timeout(mailbox_factory, sta
     import threading
 
     from rtsp_server import RtspServer, gstreamer_available
-    from test_streamer import FlagEvent, ListSender
+    from fakes import FlagEvent, ListSender
 
     from streamer.decoder import Decoder
 
@@ -700,7 +699,7 @@ shutdown_timeout_seconds = 120
 def test_track_ids_stay_unique_across_prompt_changes(mailbox_factory, stats_factory):
     """After a prompt change the new tracker numbered its tracks from 1 again, reusing the ids of tracks that had
     ended (docs/events.md: unique within the stream for the run)."""
-    from test_streamer import frame_with_value, make_worker
+    from fakes import frame_with_value, make_worker
 
     worker, mailboxes, _, sender, _ = make_worker(mailbox_factory, stats_factory,
                                                   [{"id": "cam", "live": True, "prompt": "old ."}])

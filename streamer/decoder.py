@@ -178,7 +178,9 @@ class Decoder:
     # -- decoding ----------------------------------------------------------------------------------------
 
     def _frames(self, container, on_packet=None):
-        """Yield (frame, rgb array) for the first video stream; corrupt packets are counted and skipped."""
+        """Yield (av.VideoFrame, width, height) for the first video stream, the size being what the frame is
+        converted to (the source size scaled to fit the mailbox slot, `fit_size`); the conversion to RGB
+        happens later, straight into shared memory (`rgb_filler`). Corrupt packets are counted and skipped."""
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"  # frame and slice threads: the decoder must outrun inference
         size = None

@@ -28,6 +28,7 @@ from typing import Iterable
 import zmq
 
 from streamer.auth import client_curve, connectable
+from streamer.lastvalue import ResendFilter
 from streamer.config import MqttConfig
 from streamer.events import make_event
 from streamer.process import EventSender, child_setup
@@ -429,6 +430,7 @@ class MqttBridge:
         self._reported: str | None = None  # the error last reported, so a retry loop reports it once
 
         self.context = zmq.Context.instance()
+        self._resends = ResendFilter()
         self.sub = self.context.socket(zmq.SUB)
         self.sub.setsockopt(zmq.RCVHWM, 100_000)
         self.sub.setsockopt(zmq.LINGER, 0)
@@ -623,7 +625,7 @@ class MqttBridge:
                 event = json.loads(payload)
             except ValueError:
                 continue
-            if isinstance(event, dict):
+            if isinstance(event, dict) and self._resends.fresh(event):  # a cached copy already seen: dropped
                 self._queue(self.state.handle(event, payload))
         return count
 

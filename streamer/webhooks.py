@@ -234,8 +234,8 @@ class WebhookDispatcher:
                 event = json.loads(payload)
             except ValueError:
                 continue
-            if not isinstance(event, dict):
-                continue
+            if not isinstance(event, dict) or event.get("cached"):
+                continue  # a late subscriber's copy of a past status or error (docs/events.md): not news
             for endpoint in self.endpoints:
                 if matches(endpoint.config, event):
                     endpoint.offer(event)

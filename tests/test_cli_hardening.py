@@ -16,7 +16,7 @@ import pytest
 from streamer import cli
 from streamer.demo import DEMO_CONFIG, DEMO_FPS, DEMO_FRAMES, DEMO_SEED, DEMO_SIZE, DEMO_VIDEO
 
-from test_streamer import REPO
+from daemon_harness import REPO
 from rtsp_server import free_port
 
 

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,107 +26,17 @@ from streamer.client import GapCounter, subscription_prefix
 from streamer.config import ConfigError, StreamConfig, load_config, parse_config
 from streamer.decoder import EXIT_DONE, EXIT_FATAL, Decoder, backoff_delay, fit_size
 from streamer.events import decode_payload, encode_payload, unpack_internal
-from streamer.frames import FrameMailbox
 from streamer.hub import Hub
-from streamer.inference import InferenceWorker, build_tracker
 from streamer.media import count_frames, write_video
 from streamer.recording import EventLog, Recorder, read_events
 from streamer.replay import replay
-from streamer.stats import StreamStats
 from tracker import TrackerConfig
 
+# Shared fakes (tests/fakes.py; re-exported for modules that still import them from here); the fixtures
+# mailbox_factory and stats_factory come from tests/conftest.py.
+from fakes import FakeDetections, FakeDetector, FlagEvent, ListSender, frame_with_value, make_worker  # noqa: F401
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-# -- helpers ------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class FakeDetections:
-    boxes_xyxy: np.ndarray
-    scores: np.ndarray
-    phrases: list
-
-
-class FakeDetector:
-    """One box per frame that moves 2 px right each frame (x from the frame's mean red value), phrase 'thing'."""
-
-    def __init__(self) -> None:
-        self.encoded: list[str] = []
-        self.batches: list[int] = []
-
-    def encode(self, prompt):
-        self.encoded.append(prompt)
-        return {"prompt": prompt}
-
-    def detect(self, frames, encoding):
-        self.batches.append(len(frames))
-        out = []
-        for frame in frames:
-            x = float(frame[0, 0, 0]) * 2
-            out.append(FakeDetections(np.array([[x, 10, x + 20, 30]], np.float32), np.array([0.9], np.float32),
-                                      [encoding["prompt"].split(" .")[0]]))
-        return out
-
-
-class ListSender:
-    def __init__(self) -> None:
-        self.events: list[dict] = []
-        self.dropped = 0
-
-    def send(self, event):
-        self.events.append(event)
-        return True
-
-
-class FlagEvent:
-    def __init__(self) -> None:
-        self.flag = False
-
-    def is_set(self):
-        return self.flag
-
-    def set(self):
-        self.flag = True
-
-    def wait(self, timeout):
-        time.sleep(min(timeout, 0.01))
-        return self.flag
-
-
-def frame_with_value(value: int, height=24, width=32) -> np.ndarray:
-    return np.full((height, width, 3), value, np.uint8)
-
-
-@pytest.fixture
-def mailbox_factory():
-    made = []
-
-    def make(name, slots=3, width=32, height=24):
-        mailbox = FrameMailbox.create(f"test-{name}-{random.random()}", slots, width, height, threading.Lock())
-        made.append(mailbox)
-        return mailbox
-
-    yield make
-    for mailbox in made:
-        mailbox.close()
-        mailbox.unlink()
-
-
-@pytest.fixture
-def stats_factory():
-    made = []
-
-    def make(stream_ids):
-        path = f"/dev/shm/groundwatch-{os.getpid()}-teststats-{random.random()}"
-        stats = StreamStats(path, stream_ids, _create=True)
-        made.append(stats)
-        return stats
-
-    yield make
-    for stats in made:
-        stats.close()
-        stats.unlink()
 
 
 MINIMAL = {"streams": [{"id": "cam", "url": "rtsp://127.0.0.1:1/x", "prompt": "a person ."}]}
@@ -306,24 +215,6 @@ def test_frame_too_large_for_slot_is_refused(mailbox_factory):
 
 
 # -- worker ---------------------------------------------------------------------------------------------------
-
-
-def stream_config(id: str, live: bool, prompt: str) -> StreamConfig:
-    """The frozen `StreamConfig` the supervisor hands the worker (the file need not exist here)."""
-    return StreamConfig(id=id, url=f"rtsp://127.0.0.1/{id}" if live else f"{id}.mp4", prompt=prompt,
-                        mode="live" if live else "file")
-
-
-def make_worker(mailbox_factory, stats_factory, streams, batch_size=4):
-    """`streams`: {"id", "live", "prompt"} dicts, turned into the `StreamConfig`s the worker takes."""
-    streams = [stream_config(s["id"], s["live"], s["prompt"]) for s in streams]
-    mailboxes = {s.id: mailbox_factory(s.id, slots=8) for s in streams}
-    stats = stats_factory([s.id for s in streams])
-    detector, sender = FakeDetector(), ListSender()
-    tracker_config = TrackerConfig(min_hits=2, max_age=3)
-    worker = InferenceWorker(detector=detector, streams=streams, mailboxes=mailboxes, stats=stats, sender=sender,
-                             tracker_factory=lambda: build_tracker(tracker_config), batch_size=batch_size)
-    return worker, mailboxes, detector, sender, stats
 
 
 def test_worker_batches_across_streams_and_tracks_each(mailbox_factory, stats_factory):

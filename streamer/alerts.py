@@ -102,10 +102,12 @@ class StreamAlerts:
 
     # -- per frame ------------------------------------------------------------------------------------------
 
-    def on_frame(self, update, pixels: np.ndarray, ts: float) -> tuple[list[tuple[str, dict]], dict[int, dict]]:
-        """After the tracker: zone, line and alert events, and the extra fields of each reported track."""
+    def on_frame(self, update, pixels: np.ndarray, ts: float,
+                 id_base: int = 0) -> tuple[list[tuple[str, dict]], dict[int, dict]]:
+        """After the tracker: zone, line and alert events, and the extra fields of each reported track (keyed by
+        the published track id: the tracker's id + `id_base`, unique within the stream for the run)."""
         events: list[tuple[str, dict]] = []
-        ids = update.ids
+        ids = update.ids + id_base
         if not len(ids):
             return events, {}
         rows, new = self.rows.rows(ids)

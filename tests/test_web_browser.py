@@ -221,15 +221,19 @@ def pixels(capture: dict) -> np.ndarray:
 
 
 def assert_box_drawn(image: np.ndarray, detection: dict, event: dict) -> None:
-    """The box's colour must be on the canvas along the box's left and top edges, where the event puts them."""
+    """The box's colour must be on the canvas along a vertical and a horizontal edge of the box, where the event
+    puts them (the left and bottom edges, or the right and top ones when those are off the canvas)."""
     height, width = image.shape[:2]
     sx, sy = width / event["width"], height / event["height"]
     x1, y1, x2, y2 = (round(v * s) for v, s in zip(detection["box"], (sx, sy, sx, sy)))
     color = expected_color(detection["track_id"]) if detection["track_id"] is not None else None
-    mid_y, mid_x = (y1 + y2) // 2, (x1 + x2) // 2
-    left = image[max(0, mid_y - 1):mid_y + 2, max(0, x1 - 2):x1 + 2].reshape(-1, 3)
-    bottom = image[max(0, y2 - 2):y2 + 2, max(0, mid_x - 1):mid_x + 2].reshape(-1, 3)
-    for name, patch in (("left", left), ("bottom", bottom)):
+    x_edge = x1 if x1 >= 2 else x2
+    y_edge = y2 if y2 <= height - 3 else y1
+    mid_y, mid_x = (max(y1, 0) + min(y2, height)) // 2, (max(x1, 0) + min(x2, width)) // 2
+    vertical = image[max(0, mid_y - 1):mid_y + 2, max(0, x_edge - 2):x_edge + 2].reshape(-1, 3)
+    horizontal = image[max(0, y_edge - 2):y_edge + 2, max(0, mid_x - 1):mid_x + 2].reshape(-1, 3)
+    for name, patch in (("vertical", vertical), ("horizontal", horizontal)):
+        assert patch.size, f"the {name} edge of {detection} is off the canvas"
         if color is not None:
             distance = np.abs(patch - color).max(axis=1).min()
             assert distance <= 12, f"no box colour {color} at the {name} edge of {detection} (closest {distance})"
@@ -252,7 +256,7 @@ def test_grid_shows_live_video_that_changes(daemon, page):
             break
         assert time.monotonic() < deadline, "the live canvas stopped changing"
         time.sleep(0.3)
-    page.wait_for_function("document.querySelector(\"[data-badge='cam']\").dataset.state === 'online'")
+    page.wait_for_function("document.querySelector(\"[data-badge='cam']\")?.dataset.state === 'online'")
     figures = page.locator("[data-figures='cam']").inner_text()
     assert "fps" in figures and "on screen" in figures and " ms" in figures  # decode-to-screen latency shown
 
@@ -359,17 +363,17 @@ def test_offline_stream_says_so(daemon, page):
     """A finished file and a camera that went away: the grid says which state each is in, and why."""
     daemon["collector"].wait_for(300, "demo", "status", state="offline", reason="end_of_file")
     page.goto(daemon["url"])
-    page.wait_for_function("document.querySelector(\"[data-badge='demo']\").dataset.state === 'offline'")
+    page.wait_for_function("document.querySelector(\"[data-badge='demo']\")?.dataset.state === 'offline'")
     assert "end_of_file" in page.locator("[data-reason='demo']").inner_text()
     server = daemon["server"]
     server.kill()
     try:
-        page.wait_for_function("document.querySelector(\"[data-badge='cam']\").dataset.state === 'reconnecting'",
+        page.wait_for_function("document.querySelector(\"[data-badge='cam']\")?.dataset.state === 'reconnecting'",
                                timeout=30_000)
         assert "attempt" in page.locator("[data-reason='cam']").inner_text()
     finally:
         server.start()
-    page.wait_for_function("document.querySelector(\"[data-badge='cam']\").dataset.state === 'online'",
+    page.wait_for_function("document.querySelector(\"[data-badge='cam']\")?.dataset.state === 'online'",
                            timeout=60_000)
 
 
@@ -388,7 +392,7 @@ def test_recording_replays_with_its_overlays(daemon, page):
     for target in (with_boxes[-1], with_boxes[0]):  # seek forwards, then back
         page.evaluate("(t) => { const v = document.querySelector('video'); v.pause(); v.currentTime = t; }",
                       target["pts"] + 0.01)
-        page.wait_for_function(f"document.querySelector('canvas[data-replay-overlay]').dataset.frame == "
+        page.wait_for_function(f"document.querySelector('canvas[data-replay-overlay]')?.dataset.frame == "
                                f"{target['frame']}", timeout=15_000)
         capture = canvas_capture(page, "canvas[data-replay-overlay]")
         assert capture["boxes"] == len(target["detections"])
@@ -397,7 +401,7 @@ def test_recording_replays_with_its_overlays(daemon, page):
             assert_box_drawn(image, detection, target)
     # It plays: the overlay follows the video on its own.
     page.evaluate("(() => { const v = document.querySelector('video'); v.currentTime = 0; v.play(); })()")
-    page.wait_for_function(f"document.querySelector('canvas[data-replay-overlay]').dataset.frame > {min(recorded)}",
+    page.wait_for_function(f"document.querySelector('canvas[data-replay-overlay]')?.dataset.frame > {min(recorded)}",
                            timeout=15_000)
 
 
@@ -419,10 +423,10 @@ def test_web_process_crash_is_restarted_and_the_page_reconnects(daemon, page):
     page.wait_for_selector("article[data-card='cam'] canvas[data-frame]", timeout=60_000)
     before = status(daemon["control"])
     os.kill(before["processes"]["web"]["pid"], signal.SIGKILL)
-    page.wait_for_function("document.getElementById('connection').dataset.state !== 'live'", timeout=15_000)
-    page.wait_for_function("document.getElementById('connection').dataset.state === 'live'", timeout=60_000)
+    page.wait_for_function("document.getElementById('connection')?.dataset.state !== 'live'", timeout=15_000)
+    page.wait_for_function("document.getElementById('connection')?.dataset.state === 'live'", timeout=60_000)
     frame = canvas_capture(page, "article[data-card='cam'] canvas")["frame"]
-    page.wait_for_function(f"Number(document.querySelector(\"article[data-card='cam'] canvas\").dataset.frame) > {frame}",
+    page.wait_for_function(f"Number(document.querySelector(\"article[data-card='cam'] canvas\")?.dataset.frame) > {frame}",
                            timeout=30_000)
     after = status(daemon["control"])
     assert after["processes"]["web"]["restarts"] == before["processes"]["web"]["restarts"] + 1

@@ -33,6 +33,21 @@ class TrackerConfig:
     """A confirmed track unseen for more than this many frames is removed (emits `ended`)."""
     velocity_smoothing: float = 0.4
     """Weight of the newest observed displacement in the constant-velocity estimate (1 = no smoothing)."""
+    motion: str = "velocity"
+    """How a track's box is predicted for association: "kalman" (a constant-velocity Kalman filter on centre,
+    aspect ratio and height, noise proportional to the box height, as ByteTrack's) or "velocity" (the last box
+    moved by an exponentially smoothed velocity, `velocity_smoothing`)."""
+    kalman_position_noise: float = 1.0 / 20
+    """Kalman filter: standard deviation of position noise (process and measurement) per pixel of box height."""
+    kalman_velocity_noise: float = 1.0 / 160
+    """Kalman filter: standard deviation of the per-frame velocity change per pixel of box height."""
+    recovery: bool = True
+    """Observation-centric recovery (OC-SORT): confirmed tracks left unmatched after the two ByteTrack stages get
+    a second chance against the free high-confidence detections, by IoU (>= `recovery_iou`) with their last
+    observed box instead of their prediction."""
+    recovery_iou: float = 0.3
+    """Minimum IoU with the last observed box in recovery: stricter than `match_iou`, as a box that has not
+    moved with its track is more easily another object's."""
     max_predict_frames: int = 20
     """Constant-velocity extrapolation stops after this many unseen frames, so a lost box does not fly away."""
     class_agnostic: bool = False
@@ -45,7 +60,7 @@ class TrackerConfig:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 problems.append(f"{name}={value!r}: must be in [0, 1]")
-        for name in ("match_iou", "low_match_iou", "tentative_match_iou"):
+        for name in ("match_iou", "low_match_iou", "tentative_match_iou", "recovery_iou"):
             value = getattr(self, name)
             if not 0.0 < value <= 1.0:
                 problems.append(f"{name}={value!r}: must be in (0, 1]")
@@ -55,6 +70,11 @@ class TrackerConfig:
             problems.append(f"min_hits={self.min_hits!r}: must be at least 1")
         if self.max_age < 0:
             problems.append(f"max_age={self.max_age!r}: must be at least 0")
+        if self.motion not in ("kalman", "velocity"):
+            problems.append(f"motion={self.motion!r}: must be 'kalman' or 'velocity'")
+        for name in ("kalman_position_noise", "kalman_velocity_noise"):
+            if not getattr(self, name) > 0.0:
+                problems.append(f"{name}={getattr(self, name)!r}: must be positive")
         if self.max_predict_frames < 0:
             problems.append(f"max_predict_frames={self.max_predict_frames!r}: must be at least 0")
         if problems:

@@ -23,14 +23,7 @@ PROMPT = "red circle . blue square . green triangle . yellow star ."
 def load_default():
     import gdino
 
-    try:
-        return gdino.load("default")
-    except Exception as exc:  # noqa: BLE001 - say why, then use the training loader (text encoder from MiniLM)
-        from gdino.train.loop import load_model
-
-        print(f"note: gdino.load('default') failed ({type(exc).__name__}: {str(exc)[:120]}); "
-              "loading with gdino.train.loop.load_model")
-        return load_model(gdino.DEFAULT_WEIGHTS)
+    return gdino.load("default")
 
 
 def frames(count: int, size: int) -> list[np.ndarray]:

@@ -50,7 +50,7 @@ def decode_all(path: Path, short_side: int | None = None) -> list[np.ndarray]:
 # -- 1. end to end vs inference alone -------------------------------------------------------------------------
 
 
-def _inference_alone(model: dict, prompt: str, batch: int, video: str, result) -> None:
+def _inference_alone(model, prompt: str, batch: int, video: str, result) -> None:
     from streamer.inference import build_detector
 
     frames = decode_all(Path(video))
@@ -68,7 +68,7 @@ def bench_inference_alone(config) -> float:
     context = multiprocessing.get_context("spawn")
     result = context.Value("d", 0.0)
     process = context.Process(target=_inference_alone, args=(
-        config.model.model_dump(exclude={"batch_size"}), config.streams[0].prompt, config.model.batch_size,
+        config.model, config.streams[0].prompt, config.model.batch_size,
         config.streams[0].url, result))
     process.start()
     process.join()
@@ -142,13 +142,13 @@ def bench_daemon(config) -> tuple[float, int, float, float]:
 
 
 def _decoder_process(path: str, spec: dict, stats_spec: dict, endpoint: str, stop, parent_pid: int) -> None:
+    from streamer.config import LiveConfig, StreamConfig
     from streamer.decoder import decoder_main
 
-    decoder_main(stream={"id": "bench", "url": path, "live": False, "fps": 0, "max_width": 1920,
-                         "max_height": 1080}, mailbox_spec=spec, stats_spec=stats_spec, events_endpoint=endpoint,
-                 live={"open_timeout_seconds": 5, "read_timeout_seconds": 5, "reconnect_initial_seconds": 1,
-                       "reconnect_max_seconds": 1, "segment_seconds": 60}, video_directory=None, stop=stop,
-                 parent_pid=parent_pid)
+    decoder_main(stream=StreamConfig(id="bench", url=path, prompt="unused .", mode="file"), mailbox_spec=spec,
+                 stats_spec=stats_spec, events_endpoint=endpoint,
+                 live=LiveConfig(reconnect_initial_seconds=1, reconnect_max_seconds=1), video_directory=None,
+                 stop=stop, parent_pid=parent_pid)
 
 
 def bench_decode_ours(path: Path) -> tuple[float, int]:

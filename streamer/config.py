@@ -1,17 +1,25 @@
 """The daemon's configuration: a TOML file validated once at start-up.
 
-Every section is a pydantic model with unknown keys forbidden, bounds and a description per field. `load_config`
+Every section is a pydantic model with unknown keys forbidden, bounds and a description per field; the
+`[tracker]` section is built straight into the tracker's own frozen `tracker.TrackerConfig` (pydantic checks its
+types and unknown keys, the dataclass its bounds), so there is one definition of it and one set of defaults.
+Child processes receive these frozen objects, never dicts. `load_config`
 is the one place a file is read; a bad file raises `ConfigError` whose message lists every bad field at once, so
 an operator fixes the whole file in one pass instead of one error per restart.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from streamer.prompts import DEFAULT_MAX_PROMPT_TOKENS, PromptProblem, check_prompt, prompt_problem
+from tracker.config import TrackerConfig, TrackerConfigError
 
 LIVE_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "tcp://", "srt://")
 STREAM_ID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
@@ -37,12 +45,33 @@ class StreamConfig(_Section):
     record_video: Annotated[bool, Field(description="Copy a live source's video to disk in segments.")] = False
     max_width: Annotated[int, Field(ge=16, le=8192, description="Larger frames are scaled down to fit.")] = 1920
     max_height: Annotated[int, Field(ge=16, le=8192, description="Larger frames are scaled down to fit.")] = 1080
+    loop: Annotated[bool, Field(description="Files only: start again at the end (demos, soak tests).")] = False
+    realtime: Annotated[bool, Field(description="Files only: deliver frames at the file's frame rate, as a "
+                                                "camera would, instead of as fast as they are processed.")] = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_has_words(cls, prompt: str) -> str:
+        problem = prompt_problem(prompt)  # the same words set_prompt answers with; tokens are counted later
+        if problem:
+            raise ValueError(problem)
+        return prompt
 
     @property
     def is_live(self) -> bool:
-        if self.mode != "auto":
-            return self.mode == "live"
-        return self.url.lower().startswith(LIVE_SCHEMES)
+        return _is_live(self.url, self.mode)
+
+    @model_validator(mode="after")
+    def _file_options_on_files(self) -> "StreamConfig":
+        if self.is_live and (self.loop or self.realtime):
+            raise ValueError("loop and realtime are for files; a live source is already paced by its camera")
+        return self
+
+
+def _is_live(url: str, mode: str) -> bool:
+    if mode != "auto":
+        return mode == "live"
+    return url.lower().startswith(LIVE_SCHEMES)
 
 
 class ModelConfig(_Section):
@@ -50,29 +79,31 @@ class ModelConfig(_Section):
         "default"
     )
     device: Annotated[str, Field(pattern=r"^(cpu|cuda(:\d+)?)$", description="cpu, cuda or cuda:N.")] = "cpu"
-    dtype: Annotated[Literal["float32", "float16", "bfloat16"], Field(description="Inference dtype.")] = "float32"
+    dtype: Annotated[Literal["float32", "float16", "bfloat16", "auto"], Field(
+        description="Inference dtype of the torch backend; 'auto' = bfloat16 on a CPU with AMX or AVX-512 BF16, "
+                    "float32 elsewhere.")] = "float32"
+    backend: Annotated[Literal["auto", "torch", "onnxruntime", "openvino"], Field(
+        description="Where the image graph runs: torch, onnxruntime (extra groundwatch[onnx]) or openvino (extra "
+                    "groundwatch[openvino]); 'auto' = torch (docs/export.md).")] = "torch"
+    onnx: Annotated[str | None, Field(
+        description="An exported image graph (groundwatch export) for onnxruntime/openvino; unset = export on "
+                    "first use into cache_dir.")] = None
+    cache_dir: Annotated[str | None, Field(
+        description="Where exported graphs are cached, per weights hash; unset = $GROUNDWATCH_CACHE or "
+                    "~/.cache/groundwatch.")] = None
     box_threshold: Annotated[float, Field(ge=0, le=1, description="Minimum box score.")] = 0.35
     text_threshold: Annotated[float, Field(ge=0, le=1, description="Minimum token score for a phrase.")] = 0.25
     batch_size: Annotated[int, Field(ge=1, le=64, description="Most frames per inference call, across streams.")] = 4
     threads: Annotated[int, Field(ge=0, le=256, description="CPU threads for inference; 0 = torch's default.")] = 0
     short_side: Annotated[int, Field(ge=32, le=4096, description="Frames are resized to this short side.")] = 800
     max_side: Annotated[int, Field(ge=32, le=8192, description="...and at most this long side.")] = 1333
-
-
-class TrackerConfig(_Section):
-    """Mirrors `tracker.TrackerConfig` (same names and meaning); its own checks run at load time too."""
-
-    high_score: Annotated[float, Field(ge=0, le=1, description="High-confidence detections (first stage).")] = 0.5
-    low_score: Annotated[float, Field(ge=0, le=1, description="Below this a detection is ignored.")] = 0.1
-    new_track_score: Annotated[float, Field(ge=0, le=1, description="Least score to start a track.")] = 0.6
-    match_iou: Annotated[float, Field(gt=0, le=1, description="Least IoU to match a track (first stage).")] = 0.2
-    low_match_iou: Annotated[float, Field(gt=0, le=1, description="Least IoU in the low-score stage.")] = 0.5
-    tentative_match_iou: Annotated[float, Field(gt=0, le=1, description="Least IoU for a tentative track.")] = 0.3
-    min_hits: Annotated[int, Field(ge=1, le=1000, description="Matched frames before a track starts.")] = 2
-    max_age: Annotated[int, Field(ge=0, le=100_000, description="Unseen frames before a track ends.")] = 30
-    velocity_smoothing: Annotated[float, Field(ge=0, le=1, description="Weight of the newest motion.")] = 0.4
-    max_predict_frames: Annotated[int, Field(ge=0, le=10_000, description="Stop extrapolating after.")] = 10
-    class_agnostic: Annotated[bool, Field(description="Match boxes whatever their phrase.")] = False
+    max_prompt_tokens: Annotated[int, Field(ge=8, le=16_384, description=(
+        "Longest prompt in tokens (the text encoder reads 256 per pass; each pass costs a detector run)."))] = (
+        DEFAULT_MAX_PROMPT_TOKENS)
+    watchdog_seconds: Annotated[float, Field(ge=0, le=3600, description="A detector call running longer gets the "
+                                             "inference worker restarted (a hung GPU); 0 = never.")] = 120
+    oom_recover_seconds: Annotated[float, Field(gt=0, le=86400, description="After an out-of-memory halved the "
+                                                "batch size, double it again after this long without one.")] = 60
 
 
 class LiveConfig(_Section):
@@ -93,7 +124,20 @@ class PublishConfig(_Section):
     high_water_mark: Annotated[
         int, Field(ge=1, le=10_000_000, description="Events queued per subscriber before it loses events.")
     ] = 10_000
-    heartbeat_seconds: Annotated[float, Field(gt=0, le=3600, description="Heartbeat period per stream.")] = 1.0
+    heartbeat_seconds: Annotated[float, Field(ge=0.05, le=3600, description="Heartbeat period per stream.")] = 1.0
+    curve_secret_key_file: Annotated[
+        str | None, Field(min_length=1, description="The daemon's CURVE key pair (`groundwatch keys`); required "
+                                                    "when an endpoint binds beyond loopback.")
+    ] = None
+
+    @field_validator("endpoint", "control_endpoint")
+    @classmethod
+    def _valid_port(cls, endpoint: str) -> str:
+        if endpoint.startswith("tcp://"):
+            port = endpoint.rpartition(":")[2]
+            if port != "*" and not (port.isdigit() and 1 <= int(port) <= 65535):
+                raise ValueError(f"the port must be 1-65535 or * (got {port!r})")
+        return endpoint
 
 
 class RecordConfig(_Section):
@@ -112,6 +156,37 @@ class MetricsConfig(_Section):
     port: Annotated[int, Field(ge=0, le=65535, description="Port (0 = any free port).")] = 9108
 
 
+class WebConfig(_Section):
+    """The operator's web console (streamer/web): a supervisor child, a client of the PUB and control sockets."""
+
+    enabled: Annotated[bool, Field(description="Serve the web console (and encode preview frames for it).")] = True
+    host: Annotated[str, Field(min_length=1, description="Address to listen on; beyond loopback needs a token.")] = (
+        "127.0.0.1"
+    )
+    port: Annotated[int, Field(ge=0, le=65535, description="Port (0 = any free port).")] = 8080
+    token: Annotated[
+        str | None, Field(min_length=16, description="Full access (view and change prompts); or GROUNDWATCH_WEB_TOKEN.")
+    ] = None
+    read_token: Annotated[
+        str | None, Field(min_length=16, description="Optional view-only access: no prompt changes.")
+    ] = None
+    preview_fps: Annotated[float, Field(gt=0, le=30, description="Preview frames per second per stream, at most.")] = 5
+    preview_short_side: Annotated[int, Field(ge=32, le=2160, description="Previews are scaled down to this.")] = 360
+    preview_quality: Annotated[int, Field(ge=10, le=100, description="JPEG quality of the previews.")] = 75
+    viewer_queue: Annotated[
+        int, Field(ge=1, le=100_000, description="Events queued per viewer before its oldest are dropped.")
+    ] = 2000
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
 class SupervisorConfig(_Section):
     restart_initial_seconds: Annotated[float, Field(gt=0, le=300, description="First restart delay.")] = 0.5
     restart_max_seconds: Annotated[float, Field(gt=0, le=3600, description="Restart delay cap.")] = 30
@@ -119,15 +194,92 @@ class SupervisorConfig(_Section):
     shutdown_timeout_seconds: Annotated[float, Field(gt=0, le=300, description="Per stage, then kill.")] = 10
 
 
+MQTT_TOPIC_PATTERN = r"^[^#+\x00]+[^#+\x00/]$"
+
+
+class MqttConfig(_Section):
+    """`[mqtt]`: the bridge to an MQTT broker (Frigate's topic layout, Home Assistant discovery); docs/mqtt.md."""
+
+    enabled: Annotated[bool, Field(description="Run the MQTT bridge (a child process of the daemon).")] = True
+    host: Annotated[str, Field(min_length=1, description="Broker host name or address.")] = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535, description="Broker port (8883 is the usual TLS port).")] = 1883
+    topic_prefix: Annotated[str, Field(pattern=MQTT_TOPIC_PATTERN, max_length=200,
+                                       description="First level of every topic (Frigate's is 'frigate').")] = (
+        "groundwatch"
+    )
+    client_id: Annotated[str, Field(min_length=1, max_length=128, description="MQTT client id (unique per broker).")] = (
+        "groundwatch"
+    )
+    user: Annotated[str | None, Field(description="User name; else $GROUNDWATCH_MQTT_USER if set.")] = None
+    password: Annotated[str | None, Field(description="Password; else $GROUNDWATCH_MQTT_PASSWORD if set.")] = None
+    tls: Annotated[bool, Field(description="Connect with TLS (system CAs unless tls_ca_certs).")] = False
+    tls_ca_certs: Annotated[str | None, Field(description="CA bundle (PEM) to verify the broker with.")] = None
+    tls_client_cert: Annotated[str | None, Field(description="Client certificate (PEM).")] = None
+    tls_client_key: Annotated[str | None, Field(description="Client key (PEM).")] = None
+    tls_insecure: Annotated[bool, Field(description="Skip the broker host-name check (testing only).")] = False
+    qos: Annotated[int, Field(ge=0, le=2, description="QoS of published messages.")] = 0
+    keepalive_seconds: Annotated[int, Field(ge=5, le=3600, description="MQTT keep-alive.")] = 30
+    update_seconds: Annotated[float, Field(ge=0, le=3600, description=(
+        "Least time between two updates of one tracked object (and of one count); zone changes and ends are "
+        "sent at once."))] = 1.0
+    reconnect_initial_seconds: Annotated[float, Field(gt=0, le=300, description="First reconnect delay.")] = 0.5
+    reconnect_max_seconds: Annotated[float, Field(gt=0, le=3600, description="Reconnect delay cap.")] = 30
+    queue_size: Annotated[int, Field(ge=1, le=1_000_000, description=(
+        "Messages held while the broker is away or slow; beyond, the oldest is dropped and counted."))] = 10_000
+    homeassistant: Annotated[bool, Field(description="Announce Home Assistant MQTT discovery configs.")] = False
+    discovery_prefix: Annotated[str, Field(pattern=MQTT_TOPIC_PATTERN, description="Home Assistant's prefix.")] = (
+        "homeassistant"
+    )
+
+
+class WebhookConfig(_Section):
+    """`[[webhooks]]`: a JSON POST per matching event, signed with HMAC-SHA256 when a secret is set."""
+
+    url: Annotated[str, Field(min_length=1, description="http:// or https:// URL to POST to.")]
+    kinds: Annotated[list[str], Field(min_length=1, description="Event kinds to send ('alert', 'track', ...).")] = [
+        "alert"
+    ]
+    rule: Annotated[str | None, Field(description="Only alerts of this rule (the event's 'rule' field).")] = None
+    streams: Annotated[list[str] | None, Field(description="Only these streams (default: all).")] = None
+    headers: Annotated[dict[str, str], Field(description="Extra HTTP headers (e.g. Authorization).")] = {}
+    secret: Annotated[str | None, Field(min_length=1, description=(
+        "Signs each body: X-Groundwatch-Signature-256: sha256=<hex HMAC-SHA256 of the body>."))] = None
+    timeout_seconds: Annotated[float, Field(gt=0, le=300, description="Per attempt.")] = 5.0
+    cooldown_seconds: Annotated[float, Field(ge=0, le=86_400, description=(
+        "Least time between two deliveries for one stream, kind and rule; events in between are skipped."))] = 0
+    max_attempts: Annotated[int, Field(ge=1, le=100, description="Attempts per event (first try + retries).")] = 5
+    retry_initial_seconds: Annotated[float, Field(gt=0, le=3600, description="First retry delay; doubles.")] = 1.0
+    retry_max_seconds: Annotated[float, Field(gt=0, le=86_400, description="Retry delay cap.")] = 60.0
+    queue_size: Annotated[int, Field(ge=1, le=1_000_000, description=(
+        "Events waiting for this endpoint; beyond, the oldest is dropped and counted."))] = 1000
+    snapshot: Annotated[bool, Field(description="Attach the event's snapshot JPEG (base64) when it has one.")] = True
+    snapshot_max_bytes: Annotated[int, Field(ge=0, le=50_000_000, description="Larger snapshots are not attached.")] = (
+        5_000_000
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _http_only(cls, url: str) -> str:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url)
+        if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+            raise ValueError("a webhook URL must be http:// or https:// with a host")
+        return url
+
+
 class Config(_Section):
     streams: Annotated[list[StreamConfig], Field(min_length=1, description="Video sources to watch.")]
     model: ModelConfig = ModelConfig()
-    tracker: TrackerConfig = TrackerConfig()
+    tracker: TrackerConfig = TrackerConfig()  # the tracker's own frozen dataclass, validated by pydantic
     live: LiveConfig = LiveConfig()
     publish: PublishConfig = PublishConfig()
     record: RecordConfig = RecordConfig()
     metrics: MetricsConfig = MetricsConfig()
     supervisor: SupervisorConfig = SupervisorConfig()
+    mqtt: MqttConfig | None = None
+    webhooks: list[WebhookConfig] = []
+    web: WebConfig = WebConfig()
 
     @field_validator("streams")
     @classmethod
@@ -161,46 +313,142 @@ def _report(source: str, errors: list[str]) -> str:
     return f"{source}: {len(errors)} {noun}\n" + "\n".join(f"  - {e}" for e in errors)
 
 
+def _shown(value) -> str:
+    """An offending value as the report shows it: short, and never a whole section."""
+    if isinstance(value, (dict, list)):
+        return ""
+    text = repr(value)
+    return f" (got {text[:80]}{'...' if len(text) > 80 else ''})"
+
+
+def _file_path(url: str, base_dir: Path) -> Path:
+    path = Path(url.removeprefix("file://")).expanduser()
+    return path if path.is_absolute() else (base_dir / path).resolve()
+
+
+def _document_errors(data: dict, base_dir: Path) -> list[str]:
+    """The checks pydantic cannot make (files exist, prompts fit the tokenizer), run on the
+    raw document so that they are reported together with the field errors, in one pass."""
+    errors: list[str] = []
+    if not isinstance(data, dict):
+        return errors
+    model = data.get("model") if isinstance(data.get("model"), dict) else {}
+    max_tokens = model.get("max_prompt_tokens", DEFAULT_MAX_PROMPT_TOKENS)
+    if not isinstance(max_tokens, int) or max_tokens < 8:
+        max_tokens = DEFAULT_MAX_PROMPT_TOKENS  # its own error is reported by the field check
+    streams = data.get("streams") if isinstance(data.get("streams"), list) else []
+    for index, stream in enumerate(streams):
+        if not isinstance(stream, dict):
+            continue
+        url, mode = stream.get("url"), stream.get("mode", "auto")
+        if isinstance(url, str) and url and isinstance(mode, str) and not _is_live(url, mode):
+            path = _file_path(url, base_dir)
+            if not path.is_file():
+                errors.append(f"streams[{index}].url: no such file {str(path)!r}")
+        prompt = stream.get("prompt")
+        if isinstance(prompt, str) and prompt and prompt_problem(prompt) is None:
+            try:
+                check_prompt(prompt, max_tokens)
+            except PromptProblem as exc:
+                errors.append(f"streams[{index}].prompt: {exc}")
+    stream_ids = {stream.get("id") for stream in streams if isinstance(stream, dict)}
+    webhooks = data.get("webhooks") if isinstance(data.get("webhooks"), list) else []
+    for index, webhook in enumerate(webhooks):
+        names = webhook.get("streams") if isinstance(webhook, dict) else None
+        for name in names if isinstance(names, list) else []:
+            if isinstance(name, str) and name not in stream_ids:
+                known = ", ".join(sorted(i for i in stream_ids if isinstance(i, str)))
+                errors.append(f"webhooks[{index}].streams: no stream {name!r} (streams: {known})")
+    errors += _access_errors(data, base_dir)
+    return errors
+
+
+def _key_path(path: str, base_dir: Path) -> Path:
+    key = Path(path).expanduser()
+    return key if key.is_absolute() else (base_dir / key).resolve()
+
+
+def _access_errors(data: dict, base_dir: Path) -> list[str]:
+    """Endpoints beyond loopback need the CURVE key pair, and the pair must load (see `streamer.auth`)."""
+    from streamer.auth import KeyFileError, is_loopback, load_secret
+
+    publish = data.get("publish") if isinstance(data.get("publish"), dict) else {}
+    key_file = publish.get("curve_secret_key_file")
+    if isinstance(key_file, str) and key_file:
+        try:
+            load_secret(_key_path(key_file, base_dir))
+        except KeyFileError as exc:
+            return [f"publish.curve_secret_key_file: {exc}"]
+        return []
+    errors = []
+    defaults = PublishConfig()
+    for name in ("endpoint", "control_endpoint"):
+        endpoint = publish.get(name, getattr(defaults, name))
+        if isinstance(endpoint, str) and not is_loopback(endpoint):
+            errors.append(f"publish.{name}: {endpoint} is reachable beyond this machine; that needs "
+                          "publish.curve_secret_key_file (write a pair with `groundwatch keys DIRECTORY`), "
+                          "or bind to tcp://127.0.0.1")
+    return errors
+
+
+def _web_access(web: WebConfig) -> tuple[WebConfig, list[str]]:
+    """The console's token from the environment when the file has none, and the rule that binding beyond loopback
+    needs one (the daemon refuses to start otherwise)."""
+    errors = []
+    if web.token is None and os.environ.get("GROUNDWATCH_WEB_TOKEN"):
+        web = web.model_copy(update={"token": os.environ["GROUNDWATCH_WEB_TOKEN"]})
+    if web.enabled and not web.is_loopback and not web.token:
+        errors.append(f"web.host: {web.host!r} is beyond loopback; set web.token (or GROUNDWATCH_WEB_TOKEN), or "
+                      "bind 127.0.0.1")
+    if web.token and len(web.token) < 16:
+        errors.append("GROUNDWATCH_WEB_TOKEN: at least 16 characters")
+    if web.read_token and not web.token:
+        errors.append("web.read_token: needs web.token too (the full-access token)")
+    if web.read_token and web.token == web.read_token:
+        errors.append("web.read_token: must differ from web.token")
+    return web, errors
+
+
 def parse_config(data: dict, source: str = "<config>", base_dir: Path | None = None) -> Config:
-    """Validate a parsed TOML document; relative file paths resolve against `base_dir`."""
+    """Validate a parsed TOML document; relative file paths resolve against `base_dir`. Every problem of the
+    document is reported at once."""
+    base_dir = base_dir or Path.cwd()
+    errors = []
+    config = None
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
-        errors = []
         for err in exc.errors():
             where = _format_location(err["loc"])
-            if err["type"] == "extra_forbidden":
+            cause = err.get("ctx", {}).get("error")
+            if isinstance(cause, TrackerConfigError):  # the tracker dataclass's own checks: one line per field
+                errors.extend(f"{where}.{name}: {message}" for name, message in cause.problems)
+            elif err["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
                 errors.append(f"{where}: unknown key")
             elif err["type"] == "missing":
                 errors.append(f"{where}: required but missing")
             else:
                 message = err["msg"].removeprefix("Value error, ")
-                errors.append(f"{where}: {message} (got {err.get('input')!r})")
-        raise ConfigError(_report(source, errors)) from None
-
-    base_dir = base_dir or Path.cwd()
-    errors = []
-    if config.tracker.low_score > config.tracker.high_score:
-        errors.append(
-            f"tracker.low_score: {config.tracker.low_score} is above tracker.high_score {config.tracker.high_score}"
-        )
-    streams = []
-    for index, stream in enumerate(config.streams):
-        if not stream.is_live:
-            path = Path(stream.url.removeprefix("file://")).expanduser()
-            if not path.is_absolute():
-                path = (base_dir / path).resolve()
-            if not path.is_file():
-                errors.append(f"streams[{index}].url: no such file {str(path)!r}")
-            stream = stream.model_copy(update={"url": str(path)})
-        streams.append(stream)
+                errors.append(f"{where}: {message}{_shown(err.get('input'))}")
+    errors += _document_errors(data, base_dir)
+    web = None
+    if config is not None:
+        web, web_errors = _web_access(config.web)
+        errors += web_errors
+    if errors:
+        raise ConfigError(_report(source, errors))
+    streams = [stream if stream.is_live else stream.model_copy(update={"url": str(_file_path(stream.url, base_dir))})
+               for stream in config.streams]
     record_dir = Path(config.record.directory).expanduser()
     if not record_dir.is_absolute():
         record_dir = base_dir / record_dir
-    if errors:
-        raise ConfigError(_report(source, errors))
+    publish = config.publish
+    if publish.curve_secret_key_file is not None:
+        publish = publish.model_copy(
+            update={"curve_secret_key_file": str(_key_path(publish.curve_secret_key_file, base_dir))})
     return config.model_copy(
-        update={"streams": streams, "record": config.record.model_copy(update={"directory": str(record_dir)})}
+        update={"streams": streams, "record": config.record.model_copy(update={"directory": str(record_dir)}),
+                "web": web, "publish": publish}
     )
 
 

@@ -5,10 +5,14 @@ Processes (all spawned, never forked: torch and ZeroMQ do not survive a fork):
     hub      PULL events from children -> PUB socket + event logs + heartbeats
     worker   mailboxes -> detector (batched across streams) -> tracker per stream -> events
     decoder  one per stream: PyAV -> RGB frames -> the stream's shared-memory mailbox
+    mqtt     with [mqtt]: event bus -> MQTT broker (Frigate topics, Home Assistant discovery); prompts from MQTT
+    webhooks with [[webhooks]]: event bus -> signed JSON POSTs
+    web      with [web] enabled (the default): the operator's console (streamer/web), a client of PUB and control
 
 Shutdown (SIGINT, SIGTERM, or every file done): decoders stop first, then the worker drains what they decoded
 and ends open tracks, then the hub publishes and records what is in flight and closes the logs. Each stage has
-its own stop event so the order is explicit; a stage that overruns its timeout is killed. Children also get
+its own stop event so the order is explicit; a stage that overruns its timeout is killed. The bridges (mqtt,
+webhooks) stop last, after the hub, so that they still carry its final events. Children also get
 PR_SET_PDEATHSIG, so even a SIGKILL of the supervisor leaves no orphan.
 """
 
@@ -29,20 +33,42 @@ from typing import Callable
 
 import zmq
 
+from streamer.auth import load_secret
 from streamer.config import Config
-from streamer.decoder import EXIT_FATAL, decoder_main
+from streamer.control import (DEFERRED, ControlServer, PingRequest, Reply, SetPromptRequest, StatusRequest,
+                              StopRequest)
+from streamer.decoder import decoder_main
 from streamer.events import make_event
 from streamer.frames import FrameMailbox, remove_stale_mailboxes
 from streamer.hub import hub_main
 from streamer.inference import worker_main
-from streamer.process import EventSender
+from streamer.lastvalue import StateWatch
+from streamer.opentracks import OpenTracks
+from streamer.process import EXIT_DONE, EXIT_FATAL, EventSender, SharedFlag
 from streamer.recording import run_stamp
 from streamer.stats import RateMeter, StreamStats, snapshot
 
 log = logging.getLogger("groundwatch")
 
 
-class EndpointError(RuntimeError):
+EXIT_DEGRADED = 3  # the run ended normally but lost part of its recording (see docs/events.md, "Exit status")
+
+
+def remove_stale_runtime_dirs() -> None:
+    """Delete `groundwatch-<pid>-*` folders in the temp directory whose daemon no longer runs (kill -9)."""
+    for path in Path(tempfile.gettempdir()).glob("groundwatch-*-*"):
+        parts = path.name.split("-")
+        if len(parts) < 3 or not parts[1].isdigit() or not path.is_dir():
+            continue
+        if int(parts[1]) != os.getpid() and not Path(f"/proc/{parts[1]}").exists():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+class StartupError(RuntimeError):
+    """The daemon cannot start (nothing has been created yet); the message says why."""
+
+
+class EndpointError(StartupError):
     """A ZeroMQ endpoint of the config cannot be bound."""
 
 
@@ -69,21 +95,31 @@ class Supervisor:
         self.context = multiprocessing.get_context("spawn")
         self.stream_ids = [stream.id for stream in config.streams]
         self.prompts = {stream.id: stream.prompt for stream in config.streams}
-        self.stage_stops = {stage: self.context.Event() for stage in (0, 1, 2)}
-        self.worker_ready = self.context.Event()
-        self.worker_control = self.context.Queue()
-        self.worker_replies = self.context.Queue()
+        # Lock-free flags (see SharedFlag): a child killed at any point can never block the shutdown.
+        self.stage_stops = {stage: SharedFlag(self.context) for stage in (0, 1, 2, 3)}  # 3: bridges, after the hub
+        self.worker_ready = SharedFlag(self.context)
+        self.worker_control = self.worker_replies = None
+        self._new_worker_queues()
+        self.detect_stamp = self.context.Value("d", 0.0, lock=False)  # see streamer.watchdog
         self.children: list[Child] = []
         self.stop_reason: str | None = None
         self.exit_code = 0
         self.run_stamp = f"{run_stamp()}-{os.getpid()}"
         self.started = time.time()
         self.metrics_url: str | None = None
+        self.web_url: str | None = None
+        self.web_listener = None
         self._metrics_server = None
         self._request_id = 0
         self._rates = None
         self._latest_rates: dict[str, dict] = {}
         self._closed = False
+        self._state_watch: StateWatch | None = None
+        key_file = config.publish.curve_secret_key_file
+        self.curve_keys = load_secret(key_file) if key_file else None  # checked by the config already
+        self.control: ControlServer | None = None
+        self._after_hub_restart: list[dict] = []  # events to publish once a restarted hub can be heard
+        self._pending: dict[int, tuple[float, Callable[[dict], None]]] = {}  # worker requests awaiting a reply
 
     # -- set-up --------------------------------------------------------------------------------------------
 
@@ -103,10 +139,8 @@ class Supervisor:
         """Bind the sockets, create the shared memory, spawn the processes (hub first). Raises
         `EndpointError` when an endpoint is taken, before anything is started."""
         config = self.config
-        self.control = zmq.Context.instance().socket(zmq.REP)
-        self.control.setsockopt(zmq.LINGER, 0)
         try:
-            self.control.bind(config.publish.control_endpoint)
+            self.control = ControlServer(config.publish.control_endpoint, curve_keys=self.curve_keys)
             probe = zmq.Context.instance().socket(zmq.PUB)  # the hub binds it; fail here, not in a restart loop
             probe.setsockopt(zmq.LINGER, 0)
             try:
@@ -114,13 +148,26 @@ class Supervisor:
             finally:
                 probe.close()
         except zmq.ZMQError as exc:
-            self.control.close()
+            if self.control is not None:
+                self.control.close()
             raise EndpointError(f"cannot bind {config.publish.control_endpoint} / {config.publish.endpoint}: {exc} "
                                 "(is another groundwatch running? change [publish] endpoints)") from None
-        remove_stale_mailboxes()
-        self.runtime_dir = tempfile.mkdtemp(prefix="groundwatch-")
+        self._bind_web()
+        self._register_commands()
+        remove_stale_mailboxes()  # what a daemon killed with SIGKILL left: only ones whose pid no longer runs
+        remove_stale_runtime_dirs()
+        self._check_record_directory()
+        try:
+            self._start_metrics()  # the last endpoint: checked before any shared memory or folder is created
+        except OSError as exc:
+            self.control.close()
+            raise StartupError(f"cannot serve metrics on {self.config.metrics.host}:{self.config.metrics.port}: "
+                               f"{exc.strerror or exc} (is another groundwatch running? change [metrics] port, "
+                               "or port = 0 for any free port)") from None
+        self.runtime_dir = tempfile.mkdtemp(prefix=f"groundwatch-{os.getpid()}-")
         self.events_endpoint = f"ipc://{self.runtime_dir}/events"
         self.stats = StreamStats.create(self.stream_ids)
+        self.open_tracks = OpenTracks.create(self.stream_ids)
         self._rates = RateMeter(self.stats)
         self.mailboxes: dict[str, FrameMailbox] = {}
         for stream in config.streams:
@@ -130,7 +177,6 @@ class Supervisor:
                 stream.id, slots, stream.max_width, stream.max_height, self.context.Lock()
             )
         self.sender = EventSender(self.events_endpoint)
-        self._start_metrics()
 
         pid = os.getpid()
         stats_spec = self.stats.spec()
@@ -139,24 +185,109 @@ class Supervisor:
             high_water_mark=config.publish.high_water_mark, heartbeat_seconds=config.publish.heartbeat_seconds,
             stats_spec=stats_spec, record_directory=config.record.directory if config.record.enabled else None,
             flush_seconds=config.record.flush_seconds, run_stamp=self.run_stamp, stop=self.stage_stops[2],
-            parent_pid=pid), self.stage_stops[2]))
+            parent_pid=pid, curve_secret_key_file=config.publish.curve_secret_key_file), self.stage_stops[2]))
         self.children.append(Child("worker", 1, worker_main, lambda: dict(
-            streams=[{"id": s.id, "live": s.is_live, "prompt": self.prompts[s.id]} for s in config.streams],
+            streams=[s.model_copy(update={"prompt": self.prompts[s.id]}) for s in config.streams],
             mailbox_specs={s: m.spec() for s, m in self.mailboxes.items()}, stats_spec=stats_spec,
-            events_endpoint=self.events_endpoint, model=config.model.model_dump(exclude={"batch_size"}),
-            tracker=config.tracker.model_dump(), batch_size=config.model.batch_size, stop=self.stage_stops[1],
+            events_endpoint=self.events_endpoint, model=config.model,
+            tracker=config.tracker, batch_size=config.model.batch_size, stop=self.stage_stops[1],
             control=self.worker_control, replies=self.worker_replies, ready=self.worker_ready,
-            parent_pid=pid), self.stage_stops[1]))
+            parent_pid=pid, oom_recover_seconds=config.model.oom_recover_seconds, detect_stamp=self.detect_stamp,
+            preview=self._preview_settings(), open_tracks_spec=self.open_tracks.spec()),
+            self.stage_stops[1]))
         for stream in config.streams:
-            stream_dict = {"id": stream.id, "url": stream.url, "live": stream.is_live, "fps": stream.fps,
-                           "max_width": stream.max_width, "max_height": stream.max_height}
-            self.children.append(Child(f"decoder-{stream.id}", 0, decoder_main, lambda s=stream, d=stream_dict: dict(
-                stream=d, mailbox_spec=self.mailboxes[s.id].spec(), stats_spec=stats_spec,
-                events_endpoint=self.events_endpoint, live=config.live.model_dump(),
+            self.children.append(Child(f"decoder-{stream.id}", 0, decoder_main, lambda s=stream: dict(
+                stream=s, mailbox_spec=self.mailboxes[s.id].spec(), stats_spec=stats_spec,
+                events_endpoint=self.events_endpoint, live=config.live,
                 video_directory=self.video_directory(s), stop=self.stage_stops[0], parent_pid=pid),
                 self.stage_stops[0], stream=stream.id))
         for child in sorted(self.children, key=lambda c: -c.stage):  # hub first: its sockets must be bound
             self._spawn(child)
+            if child.name == "hub":
+                self._wait_hub_published()
+        self._state_watch = StateWatch(config.publish.endpoint, self.stream_ids,
+                                       self.curve_keys[0] if self.curve_keys else None)
+        for child in self._bridge_children(stats_spec, pid):
+            self.children.append(child)
+            self._spawn(child)
+
+    def _bridge_children(self, stats_spec: dict, pid: int) -> list[Child]:
+        """The MQTT bridge and the webhooks: clients of the event bus and the control socket, stopped after the
+        hub so that they still carry its last events."""
+        config, children = self.config, []
+        if config.mqtt is not None and config.mqtt.enabled:
+            from streamer.mqtt_bridge import mqtt_main
+
+            children.append(Child("mqtt", 3, mqtt_main, lambda: dict(
+                config=config.mqtt, prompts=dict(self.prompts), events_endpoint=config.publish.endpoint,
+                control_endpoint=config.publish.control_endpoint, internal_endpoint=self.events_endpoint,
+                stats_spec=stats_spec, stop=self.stage_stops[3], parent_pid=pid,
+                server_key=self.curve_keys[0] if self.curve_keys else None), self.stage_stops[3]))
+        if config.webhooks:
+            from streamer.webhooks import webhooks_main
+
+            children.append(Child("webhooks", 3, webhooks_main, lambda: dict(
+                webhooks=list(config.webhooks), stream_ids=list(self.stream_ids),
+                events_endpoint=config.publish.endpoint, internal_endpoint=self.events_endpoint,
+                stats_spec=stats_spec, stop=self.stage_stops[3], parent_pid=pid,
+                server_key=self.curve_keys[0] if self.curve_keys else None), self.stage_stops[3]))
+        if self.web_listener is not None:
+            from streamer.web.server import web_main
+            from streamer.web.settings import build_web_settings
+
+            web_settings = build_web_settings(config, server_key=self.curve_keys[0] if self.curve_keys else None)
+            children.append(Child("web", 3, web_main, lambda: dict(
+                settings=web_settings, listener=self.web_listener, stop=self.stage_stops[3], parent_pid=pid),
+                self.stage_stops[3]))
+        return children
+
+    def _bind_web(self) -> None:
+        """Bind the console's port here, once: a taken port fails the start, and restarts reuse the socket."""
+        web = self.config.web
+        if not web.enabled:
+            return
+        from streamer.web.server import bind_listener
+
+        try:
+            self.web_listener = bind_listener(web.host, web.port)
+        except OSError as exc:
+            self.control.close()
+            raise EndpointError(f"cannot bind the web console to {web.host}:{web.port}: {exc.strerror or exc} "
+                                "(is another groundwatch running? change [web] port, or enabled = false)") from None
+        host, port = self.web_listener.getsockname()[:2]
+        self.web_url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
+
+    def _preview_settings(self):
+        if not self.config.web.enabled:
+            return None  # nobody to show them to: the worker encodes no previews
+        from streamer.web.preview import PreviewSettings
+
+        web = self.config.web
+        return PreviewSettings(fps=web.preview_fps, short_side=web.preview_short_side, quality=web.preview_quality)
+
+    def _check_record_directory(self) -> None:
+        """Refuse to start when recordings cannot be written at all (a full disk later is survived and reported,
+        see `Hub`); checked by writing a probe file in every stream's folder."""
+        if not self.config.record.enabled:
+            return
+        for stream in self.stream_ids:
+            folder = Path(self.config.record.directory) / stream
+            probe = folder / f".groundwatch-probe-{os.getpid()}"
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                with open(probe, "wb") as file:
+                    file.write(b"probe\n")
+                    file.flush()
+                    os.fsync(file.fileno())
+            except OSError as exc:
+                self.control.close()
+                raise StartupError(f"record.directory {str(folder)!r} is not writable: {exc.strerror or exc} "
+                                   "(fix the folder or set [record] enabled = false)") from None
+            finally:
+                try:
+                    probe.unlink()
+                except OSError:
+                    pass
 
     def _start_metrics(self) -> None:
         if not self.config.metrics.enabled:
@@ -166,11 +297,31 @@ class Supervisor:
         self._metrics_server, port = start_metrics_server(self, self.config.metrics.host, self.config.metrics.port)
         self.metrics_url = f"http://{self.config.metrics.host}:{port}/metrics"
 
+    def _new_worker_queues(self) -> None:
+        """Fresh request/reply queues for each worker: a worker killed while holding a queue's lock must not
+        take its successor (or the supervisor) with it. Requests the dead worker never answered fail now."""
+        for old in (self.worker_control, self.worker_replies):
+            if old is not None:
+                old.cancel_join_thread()
+                old.close()
+        self.worker_control = self.context.Queue()
+        self.worker_replies = self.context.Queue()
+        self.worker_control.cancel_join_thread()  # never wait at exit for a dead worker to read its requests
+        pending, self._pending = getattr(self, "_pending", {}), {}
+        for _, on_reply in pending.values():
+            on_reply({"ok": False, "error": "the inference worker restarted; try again"})
+
     def _spawn(self, child: Child) -> None:
+        if child.name == "hub":
+            for stream in self.stream_ids:
+                self.stats.set(stream, "hub_started", 0.0)  # set again by the new hub once it has bound
         if child.name == "worker":
-            for mailbox in self.mailboxes.values():
-                mailbox.recover_reading()
+            for stream in self.config.streams:  # a file's frames the dead worker held are processed again
+                self.mailboxes[stream.id].recover_reading(redeliver=not stream.is_live)
             self.worker_ready.clear()
+            self.detect_stamp.value = 0.0
+            if child.process is not None:
+                self._new_worker_queues()
         child.process = self.context.Process(target=child.target, kwargs=child.kwargs(), name=f"gw-{child.name}",
                                              daemon=True)
         child.process.start()
@@ -191,12 +342,14 @@ class Supervisor:
                     self._spawn(child)
                 continue
             process = child.process
+            if child.name == "worker" and process is not None and process.is_alive():
+                self._watch_detector(process)
             if process is None or process.is_alive():
                 continue
             code = process.exitcode
             process.join()
             child.exit_codes.append(code)
-            if child.stream is not None and code in (0, EXIT_FATAL):
+            if child.stream is not None and code in (EXIT_DONE, EXIT_FATAL):
                 child.done = True  # file finished, or a source that can never work (its error event is out)
                 continue
             if child.name == "worker" and code == EXIT_FATAL:
@@ -212,9 +365,59 @@ class Supervisor:
             child.restart_at = now + delay
             message = f"process {child.name} exited with code {code}; restarting in {delay:.1f} s"
             log.error(message)
-            for stream in [child.stream] if child.stream else self.stream_ids:
-                self.sender.send(make_event(stream, "error", message=message, error_type="process_crashed",
-                                            fatal=False, process=child.name))
+            events = [make_event(stream, "error", message=message, error_type="process_crashed", fatal=False,
+                                 process=child.name) for stream in ([child.stream] if child.stream else self.stream_ids)]
+            if child.name == "hub":
+                self._after_hub_restart.extend(events)  # the dead hub cannot publish them; its successor will
+                for stream in self.stream_ids:
+                    self.stats.set(stream, "hub_started", 0.0)
+            else:
+                for event in events:
+                    self.sender.send(event)
+
+    # A subscriber reconnects to a (re)bound PUB socket within ZeroMQ's reconnect interval (100 ms); events
+    # published before that are lost to it. Nothing is produced until the hub has bound and this much has passed.
+    HUB_JOIN_SECONDS = 0.5
+
+    def _hub_published_since(self) -> float:
+        """Wall time at which the running hub bound its sockets (0 until it has)."""
+        return self.stats.get(self.stream_ids[0], "hub_started")
+
+    def _wait_hub_published(self, timeout: float = 120.0) -> None:
+        """At start: let the hub bind and subscribers that wait for it connect before anything is produced, so
+        they get the first `online` status (the hub is the only process that publishes)."""
+        deadline = time.monotonic() + timeout
+        hub = next(c for c in self.children if c.name == "hub")
+        while not self._hub_published_since() and time.monotonic() < deadline and hub.process.is_alive():
+            time.sleep(0.02)
+        time.sleep(self.HUB_JOIN_SECONDS)
+
+    def _send_after_hub_restart(self) -> None:
+        """Publish the restarted hub's crash report once subscribers have had time to reconnect to it."""
+        if not self._after_hub_restart:
+            return
+        since = self._hub_published_since()
+        if since and time.time() - since >= self.HUB_JOIN_SECONDS:
+            events, self._after_hub_restart = self._after_hub_restart, []
+            for event in events:
+                self.sender.send(event)
+
+    def _watch_detector(self, process) -> None:
+        """Kill a worker whose detector call overran `model.watchdog_seconds`; it is restarted like a crash."""
+        from streamer.watchdog import DetectorWatchdog
+
+        limit = self.config.model.watchdog_seconds
+        elapsed = DetectorWatchdog.overrun(self.detect_stamp, limit)
+        if elapsed is None:
+            return
+        message = f"a detector call has run {elapsed:.1f} s (model.watchdog_seconds = {limit:g}); killing the worker"
+        log.error(message)
+        for stream in self.stream_ids:
+            self.sender.send(make_event(stream, "error", message=message, error_type="detector_hung", fatal=False,
+                                        process="worker"))
+        self.detect_stamp.value = 0.0
+        process.kill()
+        process.join(5)
 
     def _all_done(self) -> bool:
         if not self.config.supervisor.exit_when_done:
@@ -228,6 +431,8 @@ class Supervisor:
 
     def install_signal_handlers(self) -> None:
         def handler(signum, _frame):
+            if self.stop_reason is not None:
+                self.force_exit(signum)
             self.request_stop(signal.Signals(signum).name)
 
         signal.signal(signal.SIGINT, handler)
@@ -235,28 +440,42 @@ class Supervisor:
 
     def run(self, on_ready: Callable[["Supervisor"], None] | None = None) -> int:
         """Start, supervise until asked to stop (or every file is done), shut down. Returns the exit code."""
-        self.start()  # raises before starting anything when an endpoint is taken
+        try:
+            self.start()  # raises StartupError before creating anything when an endpoint is taken
+        except BaseException:
+            self._abandon_start()
+            raise
         if on_ready is not None:
             on_ready(self)
         poller = zmq.Poller()
-        poller.register(self.control, zmq.POLLIN)
+        poller.register(self.control.socket, zmq.POLLIN)
         next_check = next_rates = 0.0
         try:
             while self.stop_reason is None:
-                if poller.poll(100):
-                    self._serve_control()
+                if poller.poll(20 if self._pending else 100):
+                    self.control.serve()
+                self._collect_worker_replies()
                 now = time.monotonic()
                 if now >= next_rates:
                     next_rates = now + 1.0
                     self._latest_rates = {s: self._rates.rates(s, now) for s in self.stream_ids}
+                    if self._state_watch is not None:
+                        self._state_watch.drain()
                 if now >= next_check:
                     next_check = now + 0.2
                     self._check_children()
+                    self._send_after_hub_restart()
                     if self._all_done():
                         self.request_stop("every stream finished")
         finally:
             self.shutdown()
+        if self.exit_code == 0 and self._recording_degraded():
+            self.exit_code = EXIT_DEGRADED
         return self.exit_code
+
+    def _recording_degraded(self) -> bool:
+        return bool(getattr(self, "_record_health", None)) and any(
+            errors or lost for errors, lost in self._record_health.values())
 
     # -- control socket ----------------------------------------------------------------------------------------
 
@@ -265,6 +484,8 @@ class Supervisor:
         for stream in self.config.streams:
             figures = snapshot(self.stats, stream.id, self._latest_rates.get(stream.id))
             figures.update(prompt=self.prompts[stream.id], source="live" if stream.is_live else "file")
+            if self._state_watch is not None:
+                figures.update(self._state_watch.state(stream.id))
             streams[stream.id] = figures
         processes = {
             child.name: {"pid": child.process.pid if child.process else None,
@@ -273,52 +494,97 @@ class Supervisor:
         }
         return {"ok": True, "uptime": round(time.time() - self.started, 3), "pid": os.getpid(),
                 "worker_ready": self.worker_ready.is_set(), "streams": streams, "processes": processes,
-                "publish": self.config.publish.endpoint, "metrics": self.metrics_url, "recordings": self.record_paths}
+                "publish": self.config.publish.endpoint, "metrics": self.metrics_url, "recordings": self.record_paths,
+                "web": self.web_url}
 
-    def set_prompt(self, stream: str, prompt: str, timeout: float = 60.0) -> dict:
+    def _register_commands(self) -> None:
+        """The control socket's commands (docs/events.md). Others register theirs on `self.control` too."""
+        self.control.register(StatusRequest, lambda request, reply: self.status())
+        self.control.register(PingRequest, lambda request, reply: {"ok": True})
+        self.control.register(StopRequest, self._stop_command)
+        self.control.register(SetPromptRequest, self._set_prompt_command)
+
+    def _stop_command(self, request: StopRequest, reply: Reply) -> dict:
+        self.request_stop("stop requested on the control socket")
+        return {"ok": True}
+
+    def _set_prompt_command(self, request: SetPromptRequest, reply: Reply):
+        """Answered when the worker has encoded the prompt (or refused it); `status` is served meanwhile."""
+        stream, prompt = request.stream, request.prompt
         if stream not in self.prompts:
             return {"ok": False, "error": f"no stream {stream!r} (streams: {', '.join(self.stream_ids)})"}
-        if not isinstance(prompt, str) or not prompt.strip():
-            return {"ok": False, "error": "the prompt must be a non-empty string"}
-        self._request_id += 1
-        request_id = self._request_id
-        self.worker_control.put((request_id, "set_prompt", {"stream": stream, "prompt": prompt}))
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                reply_id, reply = self.worker_replies.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            if reply_id == request_id:
-                if reply.get("ok"):
-                    self.prompts[stream] = prompt  # a restarted worker starts with the new prompt
-                return reply
-        return {"ok": False, "error": "the inference worker did not answer in time"}
 
-    def _serve_control(self) -> None:
-        try:
-            message = self.control.recv(flags=zmq.NOBLOCK)
-        except zmq.Again:
-            return
-        try:
-            request = json.loads(message)
-            command = request.get("cmd")
-            if command == "status":
-                reply = self.status()
-            elif command == "ping":
-                reply = {"ok": True}
-            elif command == "set_prompt":
-                reply = self.set_prompt(request.get("stream"), request.get("prompt"))
-            elif command == "stop":
-                self.request_stop("stop requested on the control socket")
-                reply = {"ok": True}
-            else:
-                reply = {"ok": False, "error": f"unknown command {command!r} (status, set_prompt, ping, stop)"}
-        except (ValueError, AttributeError) as exc:
-            reply = {"ok": False, "error": f"bad request: {exc}"}
-        self.control.send(json.dumps(reply).encode())
+        def done(answer: dict) -> None:
+            if answer.get("ok"):
+                self.prompts[stream] = prompt  # a restarted worker starts with the new prompt
+            reply.send(answer)
+
+        self.worker_request("set_prompt", {"stream": stream, "prompt": prompt}, done)
+        return DEFERRED
+
+    def worker_request(self, command: str, args: dict, on_reply: Callable[[dict], None],
+                       timeout: float = 60.0) -> None:
+        """Send the inference worker a command; `on_reply(answer)` runs in the supervisor's loop when it answers
+        (or with an error after `timeout` seconds). Never blocks."""
+        self._request_id += 1
+        self._pending[self._request_id] = (time.monotonic() + timeout, on_reply)
+        self.worker_control.put((self._request_id, command, args))
+
+    def _collect_worker_replies(self) -> None:
+        while self._pending:
+            try:
+                request_id, answer = self.worker_replies.get_nowait()
+            except (queue.Empty, OSError, EOFError, ValueError):
+                break
+            entry = self._pending.pop(request_id, None)
+            if entry is not None:
+                entry[1](answer)
+        now = time.monotonic()
+        for request_id, (deadline, on_reply) in list(self._pending.items()):
+            if now >= deadline:
+                del self._pending[request_id]
+                on_reply({"ok": False, "error": "the inference worker did not answer in time"})
 
     # -- shutdown ------------------------------------------------------------------------------------------------
+
+    def force_exit(self, signum: int) -> None:
+        """A second SIGINT/SIGTERM during the shutdown: kill every child, remove what we created, exit now
+        (status 128 + signal number, as a shell reports a process ended by that signal)."""
+        log.warning("second %s while stopping: forcing the exit (children killed)", signal.Signals(signum).name)
+        for child in self.children:
+            if child.process is not None and child.process.pid is not None:
+                try:
+                    os.kill(child.process.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        self._remove_created()
+        logging.shutdown()
+        os._exit(128 + signum)
+
+    def _abandon_start(self) -> None:
+        """A start that failed half-way (shared memory full...): leave nothing behind."""
+        for child in self.children:
+            if child.process is not None and child.process.pid is not None and child.process.is_alive():
+                child.process.kill()
+                child.process.join(5)
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+        if self.control is not None:
+            self.control.close()
+        self._remove_created()
+
+    def _remove_created(self) -> None:
+        """Delete the shared memory and the runtime folder (safe to call twice, and from a signal handler)."""
+        for path in [m.path for m in getattr(self, "mailboxes", {}).values()] + (
+                [self.stats.path] if getattr(self, "stats", None) is not None else []) + (
+                [self.open_tracks.path] if getattr(self, "open_tracks", None) is not None else []):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        if getattr(self, "runtime_dir", None):
+            shutil.rmtree(self.runtime_dir, ignore_errors=True)
 
     def shutdown(self) -> None:
         """Stop decoders, then the worker (which drains), then the hub (which flushes); clean up."""
@@ -326,7 +592,7 @@ class Supervisor:
             return
         self._closed = True
         timeout = self.config.supervisor.shutdown_timeout_seconds
-        for stage in (0, 1, 2):
+        for stage in (0, 1, 2, 3):
             self.stage_stops[stage].set()
             members = [c for c in self.children if c.stage == stage and c.process is not None]
             deadline = time.monotonic() + timeout
@@ -339,13 +605,22 @@ class Supervisor:
                     child.process.join(5)
         self.sender.close()
         self.control.close()
+        if self.web_listener is not None:
+            self.web_listener.close()
+        if self._state_watch is not None:
+            self._state_watch.close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
         for mailbox in self.mailboxes.values():
             mailbox.close()
-            mailbox.unlink()
+        self._record_health = {s: (self.stats.get(s, "record_errors"), self.stats.get(s, "record_lost"))
+                               for s in self.stream_ids}
+        degraded = {s: figures for s, figures in self._record_health.items() if any(figures)}
+        if degraded:
+            log.warning("run degraded: event logs could not be written (failed writes, events lost): %s",
+                        ", ".join(f"{s} {int(e)}/{int(n)}" for s, (e, n) in degraded.items()))
         self.stats.close()
-        self.stats.unlink()
+        self.open_tracks.close()
+        self._remove_created()
         self.worker_control.close()
         self.worker_replies.close()
-        shutil.rmtree(self.runtime_dir, ignore_errors=True)

@@ -4,10 +4,16 @@ Files: every frame in order, waiting for the worker (back-pressure). Live source
 frame, stale ones dropped and counted; a read timeout so a stalled server cannot hang us; reconnection with
 exponential backoff and jitter. PyAV reports a dropped RTSP connection as an ordinary end of stream, so on a
 live source the end of the packets is a disconnect, never the end.
+
+Files for demos and soak tests: `loop` starts the file again at its end (frame indices and media times go on
+increasing, so a stream's events never repeat a frame); `realtime` paces frames at the file's own frame rate, as
+a camera would deliver them. Frames are still never dropped: when the pipeline falls behind, the pacing clock
+starts again from the late frame instead of bursting to catch up.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
@@ -22,14 +28,13 @@ import numpy as np
 
 from streamer.events import make_event
 from streamer.frames import FrameMailbox
-from streamer.process import EventSender, child_setup
+from streamer.config import LiveConfig, StreamConfig
+from streamer.process import EXIT_DONE, EXIT_FATAL, EventSender, child_setup
 from streamer.stats import STATE_CODES, StreamStats
 
 log = logging.getLogger("groundwatch.decoder")
 
 END_OF_FILE, END_ERROR, END_SHUTDOWN = 1, 2, 3  # keys of frames.END_REASONS
-EXIT_DONE = 0  # end of file reached, or asked to stop
-EXIT_FATAL = 3  # the source can never work (corrupt file): the supervisor does not restart us
 
 
 def fit_size(width: int, height: int, max_width: int, max_height: int) -> tuple[int, int]:
@@ -77,9 +82,10 @@ class SegmentWriter:
     `groundwatch replay` uses to line events (wall-clock `ts`) up with the segment's frames.
     """
 
-    def __init__(self, directory: Path, segment_seconds: float) -> None:
+    def __init__(self, directory: Path, segment_seconds: float, on_error=None) -> None:
         self.directory, self.segment_seconds = directory, segment_seconds
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.on_error = on_error  # called with a message when the disk refuses a segment; frames go on
+        self.failures = 0
         self.output = None
         self.out_stream = None
         self.first_pts = 0
@@ -93,8 +99,14 @@ class SegmentWriter:
         if packet.is_keyframe and (self.output is None or now - self.started >= self.segment_seconds):
             self.close()
             path = self.directory / f"{int(now * 1000)}.ts"
-            self.output = av.open(str(path), "w", format="mpegts")
-            self.out_stream = self.output.add_stream_from_template(in_stream)
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                self.output = av.open(str(path), "w", format="mpegts")
+                self.out_stream = self.output.add_stream_from_template(in_stream)
+            except (av.FFmpegError, OSError) as exc:  # disk full, read-only: the video is lost, never the events
+                self._failed(f"cannot write video segment {path}: {exc}")
+                self.output, self.started = None, now  # retried at the first keyframe a segment later
+                return
             self.first_pts, self.started = packet.pts, now
             self.paths.append(path)
         if self.output is None:
@@ -105,14 +117,21 @@ class SegmentWriter:
         packet.stream = self.out_stream
         try:
             self.output.mux(packet)
-        except av.FFmpegError as exc:
-            log.warning("segment write failed: %s", exc)
+        except (av.FFmpegError, OSError) as exc:
+            self._failed(f"segment write failed: {exc}")
+            self.close()
+
+    def _failed(self, message: str) -> None:
+        self.failures += 1
+        log.warning("%s", message)
+        if self.on_error is not None and (self.failures in (1, 10, 100) or self.failures % 1000 == 0):
+            self.on_error(message)
 
     def close(self) -> None:
         if self.output is not None:
             try:
                 self.output.close()
-            except av.FFmpegError:
+            except (av.FFmpegError, OSError):
                 pass
             self.output = None
 
@@ -122,7 +141,7 @@ class Decoder:
                  mailbox: FrameMailbox, stats: StreamStats, sender: EventSender, stop,
                  open_timeout: float = 5.0, read_timeout: float = 5.0, reconnect_initial: float = 0.5,
                  reconnect_max: float = 30.0, video_directory: Path | None = None,
-                 segment_seconds: float = 60.0) -> None:
+                 segment_seconds: float = 60.0, loop: bool = False, realtime: bool = False) -> None:
         self.stream_id, self.url, self.live, self.fps = stream_id, url, live, fps
         self.max_width, self.max_height = max_width, max_height
         self.mailbox, self.stats, self.sender, self.stop = mailbox, stats, sender, stop
@@ -130,6 +149,8 @@ class Decoder:
         self.reconnect_initial, self.reconnect_max = reconnect_initial, reconnect_max
         self.video_directory, self.segment_seconds = video_directory, segment_seconds
         self.rng = random.Random(os.getpid())
+        self.loop, self.realtime = loop, realtime
+        self.passes = 0  # times a looped file was read to its end
         self.state = None
         self.error_events = 0
 
@@ -158,7 +179,9 @@ class Decoder:
     # -- decoding ----------------------------------------------------------------------------------------
 
     def _frames(self, container, on_packet=None):
-        """Yield (frame, rgb array) for the first video stream; corrupt packets are counted and skipped."""
+        """Yield (av.VideoFrame, width, height) for the first video stream, the size being what the frame is
+        converted to (the source size scaled to fit the mailbox slot, `fit_size`); the conversion to RGB
+        happens later, straight into shared memory (`rgb_filler`). Corrupt packets are counted and skipped."""
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"  # frame and slice threads: the decoder must outrun inference
         size = None
@@ -188,12 +211,16 @@ class Decoder:
                 self.mailbox.finish(END_SHUTDOWN)
                 self._status("offline", reason="shutdown")
 
+    def _open_file(self):
+        container = av.open(self.url, timeout=(self.open_timeout, self.read_timeout))
+        if not container.streams.video:
+            container.close()
+            raise av.InvalidDataError(0, "no video stream in the file")
+        return container
+
     def _run_file(self) -> int:
         try:
-            container = av.open(self.url, timeout=(self.open_timeout, self.read_timeout))
-            if not container.streams.video:
-                container.close()
-                raise av.InvalidDataError(0, "no video stream in the file")
+            container = self._open_file()
         except (av.FFmpegError, OSError) as exc:
             self._error(f"cannot open {self.url}: {exc}", fatal=True, error_type="open_failed")
             self._status("offline", reason="error")
@@ -204,22 +231,38 @@ class Decoder:
         next_pts = -1e18
         frame_index = 0
         rate = container.streams.video[0].average_rate or Fraction(25)
+        offset = 0.0  # media time of the file's start in this pass (looped files go on in time)
+        clock = None  # (wall, pts) the realtime pacing counts from
         try:
-            for frame, width, height in self._frames(container):
-                index = frame_index
-                frame_index += 1
-                self.stats.add(self.stream_id, "frames_decoded")
-                pts = frame.time if frame.time is not None else index / float(rate)
-                if pts < next_pts - 1e-6:
-                    continue  # fps cap on media time: deterministic whatever the machine's speed
-                # Keep a steady grid of media times; after a jump (seek, gap in the file) restart it at pts.
-                next_pts = (pts if next_pts < pts - min_gap else next_pts) + min_gap
-                if not self.mailbox.put_with(rgb_filler(frame, width, height), height, width, frame_index=index,
-                                             pts=pts, ts=pts, live=False, stop=self.stop):
+            while True:
+                pass_frames, last_pts = 0, None
+                for frame, width, height in self._frames(container):
+                    index = frame_index
+                    frame_index += 1
+                    pass_frames += 1
+                    self.stats.add(self.stream_id, "frames_decoded")
+                    pts = offset + (frame.time if frame.time is not None else (pass_frames - 1) / float(rate))
+                    last_pts = pts
+                    if pts < next_pts - 1e-6:
+                        continue  # fps cap on media time: deterministic whatever the machine's speed
+                    # Keep a steady grid of media times; after a jump (seek, gap in the file) restart it at pts.
+                    next_pts = (pts if next_pts < pts - min_gap else next_pts) + min_gap
+                    if self.realtime:
+                        clock = self._pace(clock, pts)
+                        if self.stop.is_set():
+                            break
+                    if not self.mailbox.put_with(rgb_filler(frame, width, height), height, width, frame_index=index,
+                                                 pts=pts, ts=pts, live=False, stop=self.stop):
+                        break
+                    self.stats.set(self.stream_id, "last_frame_wall", time.time())
+                    if self.stop.is_set():
+                        break
+                if not self.loop or self.stop.is_set() or pass_frames == 0:
                     break
-                self.stats.set(self.stream_id, "last_frame_wall", time.time())
-                if self.stop.is_set():
-                    break
+                self.passes += 1
+                offset = last_pts + 1.0 / float(rate)
+                container.close()
+                container = self._open_file()
         except (av.FFmpegError, OSError) as exc:
             self._error(f"decoding stopped at frame {frame_index}: {exc}", fatal=True, error_type="decode_failed")
             self._status("offline", reason="error", frames=frame_index)
@@ -234,17 +277,54 @@ class Decoder:
         self.mailbox.finish(END_OF_FILE)
         return EXIT_DONE
 
+    def _pace(self, clock: tuple[float, float] | None, pts: float) -> tuple[float, float]:
+        """Wait until the frame at media time `pts` is due. Returns the clock to pace the next frame by."""
+        now = time.monotonic()
+        if clock is None:
+            return now, pts
+        due = clock[0] + (pts - clock[1])
+        if due > now:
+            while not self.stop.is_set() and due - time.monotonic() > 0:
+                self.stop.wait(due - time.monotonic())
+            return clock
+        if now - due > 1.0:  # the pipeline fell behind (back-pressure): go on from here, no burst
+            return now, pts
+        return clock
+
     def _open_live(self):
         options = {"rtsp_transport": "tcp", "timeout": str(int(self.read_timeout * 1e6))}
         if not self.url.lower().startswith(("rtsp://", "rtsps://")):
             options = {"rw_timeout": str(int(self.read_timeout * 1e6))}
-        return av.open(self.url, options=options, timeout=(self.open_timeout, self.read_timeout))
+        # PyAV's read timeout applies to each read; on an RTSP stall FFmpeg's first interrupted read still hands
+        # back the partial packet it holds, and only the next one fails. Half the setting per read keeps the
+        # detection within read_timeout_seconds of the last data.
+        return av.open(self.url, options=options, timeout=(self.open_timeout, self.read_timeout / 2))
+
+    def describe_failure(self, exc: Exception) -> str:
+        """What went wrong with a live source, in words (FFmpeg's errno text means nothing to an operator)."""
+        host = self.url.split("://", 1)[-1].split("/", 1)[0].rsplit("@", 1)[-1]
+        code = getattr(exc, "errno", None)
+        if isinstance(exc, (av.error.ExitError, TimeoutError)) or code == errno.ETIMEDOUT:
+            return f"no data from the source for {self.read_timeout:g} s (stalled or unreachable)"
+        if isinstance(exc, ConnectionRefusedError) or code == errno.ECONNREFUSED:
+            return f"connection refused (nothing listening at {host})"
+        if isinstance(exc, ConnectionResetError) or code in (errno.ECONNRESET, errno.EPIPE):
+            return "the connection was reset by the source"
+        if code in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+            return f"no route to {host}"
+        if isinstance(exc, av.error.InvalidDataError):
+            return "the source sent no valid video (not a video stream, or it stopped answering mid-message)"
+        if isinstance(exc, av.error.HTTPError):
+            return f"the server refused the stream: {getattr(exc, 'strerror', exc)}"
+        text = getattr(exc, "strerror", None) or str(exc)
+        return f"{text[:1].lower()}{text[1:]}" if text else type(exc).__name__
 
     def _run_live(self) -> int:
         attempt = 0
         segments = None
         if self.video_directory is not None:
-            segments = SegmentWriter(self.video_directory, self.segment_seconds)
+            segments = SegmentWriter(self.video_directory, self.segment_seconds, on_error=lambda message: self._error(
+                message, fatal=False, error_type="record_failed"))
         min_gap = 1.0 / self.fps if self.fps > 0 else 0.0
         frame_index = 0
         while not self.stop.is_set():
@@ -252,7 +332,7 @@ class Decoder:
             try:
                 container = self._open_live()
             except (av.FFmpegError, OSError) as exc:
-                reason = f"cannot connect: {exc}"
+                reason = f"cannot connect: {self.describe_failure(exc)}"
                 container = None
             if container is not None:
                 last_sent = 0.0
@@ -277,7 +357,7 @@ class Decoder:
                         self.stats.set(self.stream_id, "last_frame_wall", now)
                     reason = "end of stream (the server closed the connection)"
                 except (av.FFmpegError, OSError) as exc:
-                    reason = f"read failed: {exc}"
+                    reason = f"read failed: {self.describe_failure(exc)}"
                 finally:
                     try:
                         container.close()
@@ -299,21 +379,21 @@ class Decoder:
         return EXIT_DONE
 
 
-def decoder_main(*, stream: dict, mailbox_spec: dict, stats_spec: dict, events_endpoint: str, live: dict,
-                 video_directory: str | None, stop, parent_pid: int) -> None:
+def decoder_main(*, stream: StreamConfig, mailbox_spec: dict, stats_spec: dict, events_endpoint: str,
+                 live: LiveConfig, video_directory: str | None, stop, parent_pid: int) -> None:
     """Entry point of the decoder process (spawned by the supervisor)."""
-    child_setup(f"decoder-{stream['id']}", parent_pid)
+    child_setup(f"decoder-{stream.id}", parent_pid)
     sender = EventSender(events_endpoint)
     mailbox = FrameMailbox.attach(mailbox_spec)
     stats = StreamStats.attach(stats_spec)
     decoder = Decoder(
-        stream_id=stream["id"], url=stream["url"], live=stream["live"], fps=stream["fps"],
-        max_width=stream["max_width"], max_height=stream["max_height"], mailbox=mailbox, stats=stats,
-        sender=sender, stop=stop, open_timeout=live["open_timeout_seconds"],
-        read_timeout=live["read_timeout_seconds"], reconnect_initial=live["reconnect_initial_seconds"],
-        reconnect_max=live["reconnect_max_seconds"],
+        stream_id=stream.id, url=stream.url, live=stream.is_live, fps=stream.fps,
+        max_width=stream.max_width, max_height=stream.max_height, mailbox=mailbox, stats=stats,
+        sender=sender, stop=stop, open_timeout=live.open_timeout_seconds,
+        read_timeout=live.read_timeout_seconds, reconnect_initial=live.reconnect_initial_seconds,
+        reconnect_max=live.reconnect_max_seconds,
         video_directory=Path(video_directory) if video_directory else None,
-        segment_seconds=live["segment_seconds"],
+        segment_seconds=live.segment_seconds, loop=stream.loop, realtime=stream.realtime,
     )
     code = decoder.run()
     sender.close()

@@ -16,9 +16,6 @@ import time
 from typing import Any
 
 SCHEMA_VERSION = 1
-KINDS = ("detections", "track", "status", "heartbeat", "error")
-STATUS_STATES = ("online", "reconnecting", "offline")
-TRACK_EVENTS = ("started", "updated", "lost", "ended")
 
 
 def topic(stream: str, kind: str) -> bytes:

@@ -11,15 +11,20 @@ import logging
 import queue
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
 
 import numpy as np
 
+from streamer.config import ModelConfig, StreamConfig
 from streamer.events import make_event, round_box
 from streamer.frames import Frame, FrameMailbox
-from streamer.process import EventSender, child_setup
+from streamer.opentracks import OpenTracks
+from streamer.process import EXIT_FATAL, EventSender, child_setup
+from streamer.prompts import DEFAULT_MAX_PROMPT_TOKENS, check_prompt
 from streamer.stats import STATE_CODES, STATE_NAMES, StreamStats
+from streamer.watchdog import BatchSizer, DetectorWatchdog, is_out_of_memory, with_injected_faults
 
 log = logging.getLogger("groundwatch.inference")
 
@@ -39,69 +44,109 @@ class Detector(Protocol):
 
 
 class GdinoDetector:
-    """Grounding DINO behind the `Detector` protocol.
+    """Grounding DINO behind the `Detector` protocol: a thin adapter over `gdino.predict`, the one detection path.
 
-    Same steps as `GroundingDino.detect`, with the resize exposed: the official short side of 800 px is what
-    the published weights expect, while a camera service on a CPU may trade accuracy for speed.
+    The resize is exposed: the official short side of 800 px is what the published weights expect, while a
+    camera service on a CPU may trade accuracy for speed.
     """
 
     def __init__(self, *, weights: str = "default", device: str = "cpu", dtype: str = "float32",
                  box_threshold: float = 0.35, text_threshold: float = 0.25, threads: int = 0,
-                 short_side: int = 800, max_side: int = 1333) -> None:
+                 short_side: int = 800, max_side: int = 1333,
+                 max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS, backend: str = "torch",
+                 onnx: str | None = None, cache_dir: str | None = None) -> None:
+        # Imported here, not at the top: torch and the model are loaded only in the worker process.
         import torch
 
         import gdino
-        from gdino import processing
+        from gdino import backends, predict
 
-        if threads:
-            torch.set_num_threads(threads)
-        torch_dtype = getattr(torch, dtype)
+        self.threads, self._threads_checked = threads, False
+        self._hold_threads(torch)
+        backend = backends.resolve_backend(backend, device)
+        # The exported graphs are float32; dtype applies to the torch backend ("auto": bfloat16 on a CPU with
+        # AMX or AVX-512 BF16).
+        dtype = backends.resolve_dtype(dtype, device) if backend == "torch" else "float32"
         if weights == "tiny":
             # Random weights of the tiny config: plumbing tests and the pipeline benchmark, never for answers.
             from gdino.config import tiny
-            from gdino.model import GroundingDino
 
             torch.manual_seed(0)
-            model = GroundingDino(tiny()).to(device=device, dtype=torch_dtype).eval()
+            model = gdino.build(tiny()).to(device=device, dtype=getattr(torch, dtype)).eval()
         else:
-            model = gdino.load(weights, device=device, dtype=torch_dtype)
-        self.model, self.processing, self.device = model, processing, device
+            model = gdino.load(weights, device=device, dtype=dtype)
+        model = backends.open_model(model, backend, device=device, onnx_path=onnx, cache_dir=cache_dir,
+                                    threads=threads)
+        self.model, self.predict, self._torch = model, predict, torch
         self.box_threshold, self.text_threshold = box_threshold, text_threshold
         self.short_side, self.max_side = short_side, max_side
-        self._torch = torch
+        self.max_prompt_tokens = max_prompt_tokens
 
-    def encode(self, prompt: str) -> list:
-        """A prompt longer than the text encoder's window becomes several passes, each encoded once."""
+    @classmethod
+    def from_config(cls, config: ModelConfig) -> "GdinoDetector":
+        return cls(weights=config.weights, device=config.device, dtype=config.dtype,
+                   box_threshold=config.box_threshold, text_threshold=config.text_threshold,
+                   threads=config.threads, short_side=config.short_side, max_side=config.max_side,
+                   max_prompt_tokens=config.max_prompt_tokens, backend=config.backend, onnx=config.onnx,
+                   cache_dir=config.cache_dir)
+
+    def release_memory(self) -> None:
+        """After an out-of-memory error: give cached GPU blocks back before a smaller batch is tried."""
+        if str(self.device).startswith("cuda"):
+            self._torch.cuda.empty_cache()
+
+    def encode(self, prompt: str):
+        """Tokenised and encoded once per prompt (several passes past the text encoder's window). A prompt
+        past `max_prompt_tokens` raises `PromptProblem` before any encoding."""
+        check_prompt(prompt, self.max_prompt_tokens, self.model.tokenizer)
         with self._torch.inference_mode():
-            return [self.model.encode_text(p) if isinstance(p, str) else p for p in self.model.prompt_passes(prompt)]
+            return self.predict.encode(self.model, prompt)
 
-    def detect(self, frames: Sequence[np.ndarray], encoding: list) -> list[FrameDetections]:
-        processing, model = self.processing, self.model
+    def _hold_threads(self, torch) -> None:
+        """Apply `threads` to torch (and so to its OpenMP pool) and to Numba's pool. Starting Numba's threading
+        layer (the first call of the CPU attention kernel) resets the process's OpenMP thread count, so this
+        runs again whenever torch no longer reads the setting."""
+        if not self.threads:
+            return
+        import numba
+        from threadpoolctl import threadpool_limits
+
+        torch.set_num_threads(self.threads)
+        numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))
+        # Every OpenMP and BLAS runtime loaded so far: Numba's OpenMP layer brings its own libgomp, apart
+        # from torch's.
+        threadpool_limits(limits=self.threads)
+
+    def detect(self, frames: Sequence[np.ndarray], encoding) -> list[FrameDetections]:
+        # remove_combined: one phrase per box, from its own sub-sentence: the tracker associates within a
+        # phrase, and "red car" must not become "red car white van" when both are near the threshold.
         with self._torch.inference_mode():
-            batch, pixel_mask, sizes = processing.preprocess(list(frames), device=self.device,
-                                                             short_side=self.short_side, max_side=self.max_side)
-            batch = batch.to(dtype=model.feat_map.weight.dtype)  # (B, 3, H, W) normalised
-            results = None
-            for text in encoding:
-                out = model(batch, text, pixel_mask=pixel_mask)
-                found = processing.postprocess(
-                    out.logits.float(), out.boxes.float(), text, sizes, model.tokenizer,
-                    box_threshold=self.box_threshold, text_threshold=self.text_threshold,
-                    # One phrase per box, from its own sub-sentence: the tracker associates within a phrase,
-                    # and "red car" must not become "red car white van" when both are near the threshold.
-                    remove_combined=True)
-                results = found if results is None else [processing.merge(a, b) for a, b in zip(results, found)]
-        return results
+            found = self.predict.detect(self.model, frames, encoding, box_threshold=self.box_threshold,
+                                        text_threshold=self.text_threshold, remove_combined=True,
+                                        short_side=self.short_side, max_side=self.max_side)
+        if self.threads and (not self._threads_checked or self._torch.get_num_threads() != self.threads):
+            self._threads_checked = True  # the first call has started every thread pool it uses
+            self._hold_threads(self._torch)
+        return found
 
 
-def build_detector(model_config: dict) -> GdinoDetector:
-    return GdinoDetector(**model_config)
+def build_detector(model_config: ModelConfig) -> GdinoDetector:
+    return GdinoDetector.from_config(model_config)
 
 
-def build_tracker(tracker_config: dict):
+def build_preview_encoder(settings):
+    """Previews only when the web console is on (`settings` is a `PreviewSettings`, or None)."""
+    if settings is None:
+        return None
+    from streamer.web.preview import PreviewEncoder
+
+    return PreviewEncoder(settings)
+
+
+def build_tracker(tracker_config: "tracker.TrackerConfig"):
     import tracker
 
-    return tracker.Tracker(tracker.TrackerConfig(**tracker_config))
+    return tracker.Tracker(tracker_config)
 
 
 @dataclass
@@ -113,25 +158,39 @@ class StreamState:
     tracker: Any
     finished: bool = False
     frames: int = 0
+    prompt_error: str | None = None  # the prompt could not be encoded: frames are skipped until a new prompt
+    id_base: int = 0  # added to the tracker's ids: unique within the stream for the run (see last_track_id)
     extra: dict = field(default_factory=dict)
 
 
 class InferenceWorker:
     """Pulls frames from every mailbox, runs the detector in batches, tracks, and sends events."""
 
-    def __init__(self, *, detector: Detector, streams: list[dict], mailboxes: dict[str, FrameMailbox],
+    def __init__(self, *, detector: Detector, streams: list[StreamConfig], mailboxes: dict[str, FrameMailbox],
                  stats: StreamStats, sender: EventSender, tracker_factory, batch_size: int = 4,
-                 idle_sleep: float = 0.003) -> None:
+                 idle_sleep: float = 0.003, oom_recover_seconds: float = 60.0,
+                 watchdog: DetectorWatchdog | None = None, previews=None,
+                 open_tracks: "OpenTracks | None" = None) -> None:
         self.detector, self.stats, self.sender = detector, stats, sender
         self.tracker_factory, self.batch_size, self.idle_sleep = tracker_factory, batch_size, idle_sleep
         self.streams = {
-            s["id"]: StreamState(s["id"], s["live"], mailboxes[s["id"]], s["prompt"], tracker_factory())
+            s.id: StreamState(s.id, s.is_live, mailboxes[s.id], s.prompt, tracker_factory())
             for s in streams
         }
+        self.open_tracks = open_tracks
+        for state in self.streams.values():
+            state.id_base = int(stats.get(state.stream_id, "last_track_id"))
         self.encodings: dict[str, Any] = {}
+        self.sizer = BatchSizer(batch_size, oom_recover_seconds)  # self.batch_size follows it
+        self.skipped_in_a_row = 0  # frames skipped for out of memory since the last success
+        self.watchdog = watchdog
         self.consecutive_failures = 0
         self.max_consecutive_failures = 10
         self._rotation = 0
+        self.previews = previews  # a streamer.web.preview.PreviewEncoder when the web console is on
+        # Prompt changes are encoded here, off the frame loop: a long prompt never stalls the streams.
+        self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prompt-encoder")
+        self._encoding_jobs: list[tuple[Future, int, str, str, float]] = []
 
     # -- prompts -----------------------------------------------------------------------------------------
 
@@ -139,6 +198,39 @@ class InferenceWorker:
         if prompt not in self.encodings:
             self.encodings[prompt] = self.detector.encode(prompt)
         return self.encodings[prompt]
+
+    def end_predecessor_tracks(self) -> None:
+        """A restarted worker ends the tracks its predecessor left open (`reason: worker_restarted`): their ids
+        are never updated again, and a subscriber must not wait for them."""
+        if self.open_tracks is None:
+            return
+        for state in self.streams.values():
+            left = self.open_tracks.take(state.stream_id)
+            for track in left:
+                ts = track.pop("ts")
+                self._send(make_event(state.stream_id, "track", ts=ts if ts else None, event="ended",
+                                      reason="worker_restarted", **track))
+            if left:
+                self.stats.add(state.stream_id, "track_events", len(left))
+
+    def prepare_prompts(self) -> None:
+        """Encode every stream's prompt at start. A prompt that cannot be encoded costs its own stream (an
+        `error` event, frames skipped until a good prompt is set), never the worker and the other streams."""
+        for state in self.streams.values():
+            try:
+                self.encoding_for(state.prompt)
+                state.prompt_error = None
+            except Exception as exc:
+                self._prompt_failed(state, f"{type(exc).__name__}: {exc}" if not isinstance(exc, ValueError)
+                                    else str(exc))
+
+    def _prompt_failed(self, state: "StreamState", reason: str) -> None:
+        if state.prompt_error == reason:
+            return
+        state.prompt_error = reason
+        log.error("%s: cannot use the prompt %r: %s", state.stream_id, state.prompt[:80], reason)
+        self._send(make_event(state.stream_id, "error", message=f"cannot use the prompt: {reason}",
+                              error_type="bad_prompt", fatal=False, prompt=state.prompt[:200]))
 
     def set_prompt(self, stream_id: str, prompt: str) -> dict:
         """Switch a stream's prompt: encode it once, end the stream's tracks, start a fresh tracker."""
@@ -149,7 +241,9 @@ class InferenceWorker:
         self._emit_track_events(state, state.tracker.finish(), ts=time.time() if state.live else None,
                                 reason="prompt_changed")
         previous, state.prompt = state.prompt, prompt
+        state.prompt_error = None
         state.tracker = self.tracker_factory()
+        state.id_base = int(self.stats.get(stream_id, "last_track_id"))  # the new tracker counts from 1 again
         self.stats.add(stream_id, "prompt_changes")
         state_name = STATE_NAMES.get(self.stats.get(stream_id, "state"), "online")
         self._send(make_event(stream_id, "status", state=state_name, reason="prompt_changed", prompt=prompt,
@@ -179,6 +273,9 @@ class InferenceWorker:
             if room <= 0:
                 break
             for frame in state.mailbox.take(state.live, limit=room):
+                if state.prompt_error is not None:
+                    state.mailbox.release(frame)  # nothing to look for: the frame is skipped, the file goes on
+                    continue
                 batch.append((state, frame))
         if len(batch) < self.batch_size:  # leftover room goes to whoever has more frames waiting
             for state in order:
@@ -186,6 +283,9 @@ class InferenceWorker:
                 if room <= 0 or state.live:
                     continue
                 for frame in state.mailbox.take(False, limit=room):
+                    if state.prompt_error is not None:
+                        state.mailbox.release(frame)
+                        continue
                     batch.append((state, frame))
         return batch
 
@@ -194,11 +294,20 @@ class InferenceWorker:
         for state, frame in batch:
             groups.setdefault(state.prompt, []).append((state, frame))
         for prompt, items in groups.items():
-            started = time.perf_counter()
             try:
                 encoding = self.encoding_for(prompt)
-                results = self.detector.detect([frame.pixels for _, frame in items], encoding)
+            except Exception as exc:  # the prompt, not the detector: only these streams lose these frames
+                for state, frame in items:
+                    state.mailbox.release(frame)
+                for state in {state.stream_id: state for state, _ in items}.values():
+                    self._prompt_failed(state, str(exc))
+                continue
+            started = time.perf_counter()
+            try:
+                results = self._detect(items, encoding)
                 self.consecutive_failures = 0
+                # Encoded before the slots are released: after `release` a decoder may overwrite the pixels.
+                previews = [self._encode_preview(state, frame) for state, frame in items]
             except Exception as exc:
                 # One bad batch costs its frames, not the worker; a detector that keeps failing (out of
                 # memory on every call) is restarted by the supervisor instead of spinning here.
@@ -207,15 +316,80 @@ class InferenceWorker:
                 for stream_id in {state.stream_id for state, _ in items}:
                     self._send(make_event(stream_id, "error", message=f"detector failed: {type(exc).__name__}: "
                                           f"{exc}", error_type="inference_failed", fatal=False))
-                if self.consecutive_failures >= self.max_consecutive_failures:
+                if self.consecutive_failures >= self.max_consecutive_failures or is_out_of_memory(exc):
+                    # Out of memory gets here only once `_detect` gave up on skipping frames. The frames stay
+                    # READING: the next worker gets them again.
                     raise
-                continue
-            finally:
                 for state, frame in items:
                     state.mailbox.release(frame)
+                continue
             inference_ms = (time.perf_counter() - started) * 1000 / len(items)
-            for (state, frame), result in zip(items, results):
-                self._emit_frame(state, frame, result, inference_ms)
+            for (state, frame), result, preview in zip(items, results, previews):
+                # Released only once its events are out: a file frame whose worker dies before that is still
+                # READING, and the supervisor hands it to the next worker (FrameMailbox.recover_reading).
+                try:
+                    if result is not None:  # None: skipped, out of memory even alone
+                        self._emit_frame(state, frame, result, inference_ms)
+                        if preview is not None:  # after its detections: a viewer has the boxes with the picture
+                            self.sender.send_frames(preview)
+                finally:
+                    state.mailbox.release(frame)
+
+    def _encode_preview(self, state: StreamState, frame: Frame) -> list[bytes] | None:
+        if self.previews is None:
+            return None
+        try:
+            return self.previews.maybe_encode(state.stream_id, frame.frame_index, frame.pixels, ts=frame.ts,
+                                              pts=frame.pts, decoded_at=frame.decoded_at)
+        except Exception:  # a preview is never worth a frame's events
+            log.exception("preview encoding failed")
+            return None
+
+    def _detect_watched(self, frames: list[np.ndarray], encoding: Any) -> list[FrameDetections]:
+        if self.watchdog is not None:
+            self.watchdog.begin()
+        try:
+            return self.detector.detect(frames, encoding)
+        finally:
+            if self.watchdog is not None:
+                self.watchdog.end()
+
+    def _detect(self, items: list[tuple[StreamState, Frame]], encoding: Any) -> list[FrameDetections | None]:
+        """Detect on `items` in batches of the current size. Out of memory halves the size and runs the same
+        frames again; a frame that does not fit alone is skipped (None) with an `out_of_memory` error event."""
+        results: list[FrameDetections | None] = [None] * len(items)
+        start = 0
+        while start < len(items):
+            chunk = items[start:start + self.sizer.size]
+            try:
+                found = self._detect_watched([frame.pixels for _, frame in chunk], encoding)
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                release = getattr(self.detector, "release_memory", None)
+                if release is not None:
+                    release()
+                if len(chunk) > 1:
+                    self.batch_size = self.sizer.shrink()
+                    log.warning("out of memory on a batch of %d frames: batch size now %d", len(chunk),
+                                self.batch_size)
+                    continue
+                self.sizer.shrink()  # at 1 already: restarts the quiet period
+                self.skipped_in_a_row += 1
+                if self.skipped_in_a_row >= self.max_consecutive_failures:
+                    raise  # memory never comes back: a fresh worker (a fresh CUDA context) is the next step
+                state, frame = chunk[0]
+                log.error("out of memory on one frame of %s: frame %d skipped", state.stream_id, frame.frame_index)
+                self._send(make_event(state.stream_id, "error", message=f"out of memory even at batch size 1: "
+                                      f"frame {frame.frame_index} skipped ({exc})", error_type="out_of_memory",
+                                      fatal=False, frame=frame.frame_index))
+                start += 1
+                continue
+            results[start:start + len(chunk)] = found
+            start += len(chunk)
+            self.skipped_in_a_row = 0
+        self.batch_size = self.sizer.maybe_grow()
+        return results
 
     def _emit_frame(self, state: StreamState, frame: Frame, result: FrameDetections, inference_ms: float) -> None:
         boxes_xyxy = np.asarray(result.boxes_xyxy, dtype=np.float32).reshape(-1, 4)  # (N, 4) pixels
@@ -224,7 +398,14 @@ class InferenceWorker:
         update = state.tracker.update(boxes_xyxy, scores, phrases, frame.frame_index)
         track_of_detection = np.full(len(phrases), -1, dtype=np.int64)
         matched = update.detection_indices >= 0
-        track_of_detection[update.detection_indices[matched]] = update.ids[matched]
+        track_of_detection[update.detection_indices[matched]] = update.ids[matched] + state.id_base
+        if len(update):
+            top = state.id_base + int(update.ids.max())
+            if top > self.stats.get(state.stream_id, "last_track_id"):
+                self.stats.set(state.stream_id, "last_track_id", top)
+        if self.open_tracks is not None:
+            self.open_tracks.write(state.stream_id, frame.frame_index, frame.ts, update.ids + state.id_base,
+                                   update.boxes_xyxy, update.scores, update.labels, update.ages, update.hits)
         height, width = frame.pixels.shape[:2]
         detections = [
             {
@@ -264,15 +445,18 @@ class InferenceWorker:
                     continue
                 self._send(
                     make_event(state.stream_id, "track", ts=ts, frame=frame_index, event=kind,
-                               track_id=int(track_id), box=round_box(update.boxes_xyxy[row]),
+                               track_id=int(track_id) + state.id_base, box=round_box(update.boxes_xyxy[row]),
                                score=round(float(update.scores[row]), 4), phrase=update.labels[row],
                                age=int(update.ages[row]), hits=int(update.hits[row]))
                 )
                 count += 1
+        if reason and self.open_tracks is not None:  # the tracker finished: nothing of it is open any more
+            self.open_tracks.clear(state.stream_id)
         for track in update.ended_tracks:
             fields = {"reason": reason} if reason else {}
             self._send(
-                make_event(state.stream_id, "track", ts=ts, frame=frame_index, event="ended", track_id=track.id,
+                make_event(state.stream_id, "track", ts=ts, frame=frame_index, event="ended",
+                           track_id=track.id + state.id_base,
                            box=round_box(track.box_xyxy), score=round(track.score, 4), phrase=track.label,
                            age=track.age, hits=track.hits, **fields)
             )
@@ -289,7 +473,9 @@ class InferenceWorker:
             if state.finished or not state.mailbox.finished or state.mailbox.pending():
                 continue
             state.finished = True
-            self._emit_track_events(state, state.tracker.finish(), ts=None, reason="end_of_stream")
+            # A file stopped by the shutdown is not at its end: say so, as for live streams.
+            reason = "shutdown" if state.mailbox.end_reason == "shutdown" else "end_of_stream"
+            self._emit_track_events(state, state.tracker.finish(), ts=None, reason=reason)
             if state.mailbox.end_reason == "end_of_file":
                 self._send(make_event(state.stream_id, "status", state="offline", reason="end_of_file",
                                       source="file", frames=state.frames))
@@ -301,8 +487,8 @@ class InferenceWorker:
         batch = self.gather()
         if batch:
             self.process(batch)
-        else:
-            self.finish_streams()
+        # Every round, not only idle ones: a file's end must not wait for a busy camera to pause.
+        self.finish_streams()
         return len(batch)
 
     def run(self, stop, control: "queue.Queue | None" = None, replies: "queue.Queue | None" = None) -> None:
@@ -318,48 +504,89 @@ class InferenceWorker:
         for state in self.streams.values():
             if not state.finished:
                 self._emit_track_events(state, state.tracker.finish(), ts=None, reason="shutdown")
+        self._encoder.shutdown(wait=False, cancel_futures=True)
 
     def _serve_control(self, control, replies) -> None:
+        self._finish_encodings(replies)
         while True:
             try:
                 request = control.get_nowait()
             except queue.Empty:
                 return
-            request_id, command, args = request
+            except (OSError, EOFError, ValueError):  # the supervisor's end of the queue is gone
+                return
             try:
+                request_id, command, args = request
                 if command == "set_prompt":
-                    reply = {"ok": True, **self.set_prompt(args["stream"], args["prompt"])}
+                    stream_id, prompt = args["stream"], args["prompt"]
+                    if stream_id not in self.streams:
+                        raise KeyError(f"no stream {stream_id!r}")
+                    if prompt in self.encodings:
+                        reply = {"ok": True, **self.set_prompt(stream_id, prompt)}
+                    else:
+                        job = self._encoder.submit(self.detector.encode, prompt)
+                        self._encoding_jobs.append((job, request_id, stream_id, prompt, time.perf_counter()))
+                        continue
                 else:
                     reply = {"ok": False, "error": f"unknown worker command {command!r}"}
             except Exception as exc:  # a bad request must not kill the worker
                 reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+                request_id = request[0] if isinstance(request, tuple) and request else None
             replies.put((request_id, reply))
 
+    def _finish_encodings(self, replies) -> None:
+        """Switch the streams whose new prompt the encoder thread has finished; answer their requests."""
+        waiting = []
+        for job in self._encoding_jobs:
+            future, request_id, stream_id, prompt, started = job
+            if not future.done():
+                waiting.append(job)
+                continue
+            try:
+                encoding = future.result()
+            except Exception as exc:
+                reason = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+                replies.put((request_id, {"ok": False, "error": f"cannot use the prompt: {reason}"}))
+                continue
+            self.encodings[prompt] = encoding
+            reply = {"ok": True, **self.set_prompt(stream_id, prompt)}
+            reply["encode_ms"] = round((time.perf_counter() - started) * 1000, 2)
+            replies.put((request_id, reply))
+        self._encoding_jobs = waiting
 
-def worker_main(*, streams: list[dict], mailbox_specs: dict[str, dict], stats_spec: dict, events_endpoint: str,
-                model: dict, tracker: dict, batch_size: int, stop, control, replies, ready, parent_pid: int) -> None:
-    """Entry point of the inference worker process (spawned by the supervisor)."""
+
+def worker_main(*, streams: list[StreamConfig], mailbox_specs: dict[str, dict], stats_spec: dict,
+                events_endpoint: str, model: ModelConfig, tracker: "tracker.TrackerConfig", batch_size: int, stop,
+                control, replies, ready, parent_pid: int, oom_recover_seconds: float = 60.0,
+                detect_stamp=None, preview=None,
+                open_tracks_spec: dict | None = None) -> None:
+    """Entry point of the inference worker process (spawned by the supervisor). `streams` carry their current
+    prompts (a restarted worker starts with the prompts set since start-up)."""
     child_setup("worker", parent_pid)
     sender = EventSender(events_endpoint)
     stats = StreamStats.attach(stats_spec)
     mailboxes = {stream_id: FrameMailbox.attach(spec) for stream_id, spec in mailbox_specs.items()}
     started = time.perf_counter()
     try:
-        detector = build_detector(model)
+        detector = with_injected_faults(build_detector(model))
     except Exception as exc:
         log.error("cannot load the model: %s", exc)
         for stream in streams:
-            sender.send(make_event(stream["id"], "error", message=f"cannot load the model: {exc}",
+            sender.send(make_event(stream.id, "error", message=f"cannot load the model: {exc}",
                                    error_type="model_load_failed", fatal=True))
         sender.close()
-        sys.exit(3)
+        sys.exit(EXIT_FATAL)
     import tracker as tracker_package
 
     tracker_package.warm_up()
+    open_tracks = OpenTracks.attach(open_tracks_spec) if open_tracks_spec else None
     worker = InferenceWorker(detector=detector, streams=streams, mailboxes=mailboxes, stats=stats, sender=sender,
-                             tracker_factory=lambda: build_tracker(tracker), batch_size=batch_size)
-    for stream in streams:
-        worker.encoding_for(stream["prompt"])
+                             tracker_factory=lambda: build_tracker(tracker), batch_size=batch_size,
+                             oom_recover_seconds=oom_recover_seconds,
+                             watchdog=DetectorWatchdog(detect_stamp) if detect_stamp is not None else None,
+                             previews=build_preview_encoder(preview), open_tracks=open_tracks)
+    worker.end_predecessor_tracks()
+    worker.prepare_prompts()
     log.info("model ready in %.1f s", time.perf_counter() - started)
     ready.set()
     worker.run(stop, control, replies)

@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import MetricsHandler
 
-from streamer.stats import STATE_CODES
+from streamer.stats import BRIDGE_STATE_CODES, STATE_CODES
 
 COUNTERS = {
     "frames_decoded": "Frames decoded from the source.",
@@ -21,6 +21,13 @@ COUNTERS = {
     "decode_errors": "Corrupt packets skipped.",
     "events_published": "Events published on the PUB socket.",
     "prompt_changes": "Prompt changes through the control socket.",
+    "mqtt_published": "Messages the MQTT bridge handed to the broker.",
+    "mqtt_dropped": "MQTT messages dropped (broker away or slow past mqtt.queue_size).",
+    "webhook_delivered": "Webhook deliveries answered with 2xx.",
+    "webhook_failed": "Webhook deliveries given up (every attempt failed, or a 4xx answer).",
+    "webhook_retries": "Webhook attempts retried after a failure.",
+    "webhook_dropped": "Webhook events dropped from a full queue (oldest first).",
+    "webhook_skipped": "Webhook events skipped within cooldown_seconds.",
 }
 
 
@@ -53,7 +60,11 @@ class SupervisorCollector:
             inference.add_metric([stream], row["inference_ms"] / 1000)
             for name, code in STATE_CODES.items():
                 state.add_metric([stream, name], 1.0 if row["state"] == code else 0.0)
-        yield from (dropped, fps, latency, inference, state)
+        mqtt_state = GaugeMetricFamily("groundwatch_mqtt_connected", "1 while the MQTT bridge is connected.",
+                                       labels=[])
+        mqtt_state.add_metric([], 1.0 if stats.stream_ids and stats.get(stats.stream_ids[0], "mqtt_state")
+                              == BRIDGE_STATE_CODES["connected"] else 0.0)
+        yield from (dropped, fps, latency, inference, state, mqtt_state)
         restarts = CounterMetricFamily("groundwatch_process_restarts", "Child processes restarted.",
                                        labels=["process"])
         for child in supervisor.children:

@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import sys
+import time
 
 import zmq
 
@@ -15,6 +16,11 @@ from streamer.events import pack_internal
 log = logging.getLogger("groundwatch")
 
 _PR_SET_PDEATHSIG = 1
+
+# Exit codes of the child processes, read by the supervisor (streamer.daemon) to decide on a restart.
+EXIT_DONE = 0  # finished (end of file reached) or asked to stop: never restarted
+EXIT_ORPHANED = 1  # the supervisor was already gone when the child started
+EXIT_FATAL = 3  # can never work (a corrupt file, a model that cannot load): not restarted; its error is out
 
 
 def child_setup(name: str, parent_pid: int) -> None:
@@ -27,15 +33,47 @@ def child_setup(name: str, parent_pid: int) -> None:
     except OSError:
         pass
     if os.getppid() != parent_pid:
-        os._exit(1)
-    # The terminal sends SIGINT to the whole process group; only the supervisor decides the shutdown order.
+        os._exit(EXIT_ORPHANED)
+    # The terminal sends SIGINT, and a service manager SIGTERM, to the whole process group; only the supervisor
+    # decides the shutdown order (it stops us through our stop flag, and kills us if we overrun).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(
         level=os.environ.get("GROUNDWATCH_LOG", "INFO").upper(),
         format=f"%(asctime)s {name} %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+
+
+class SharedFlag:
+    """A yes/no flag in shared memory, with the `Event` methods the processes use (`set`, `clear`, `is_set`,
+    `wait`).
+
+    Not a `multiprocessing.Event`: its condition's lock and semaphores can be left held by a child killed inside
+    `wait()`, and then the supervisor's `set()` blocks forever (that hung the shutdown). A single byte written
+    by one side and read by the other needs no lock; `wait` polls it.
+    """
+
+    def __init__(self, context) -> None:
+        self._value = context.RawValue(ctypes.c_int8, 0)
+
+    def set(self) -> None:
+        self._value.value = 1
+
+    def clear(self) -> None:
+        self._value.value = 0
+
+    def is_set(self) -> bool:
+        return bool(self._value.value)
+
+    def wait(self, timeout: float | None = None, poll_seconds: float = 0.02) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._value.value:
+            remaining = poll_seconds if deadline is None else min(poll_seconds, deadline - time.monotonic())
+            if remaining <= 0:
+                break
+            time.sleep(remaining)
+        return self.is_set()
 
 
 class EventSender:
@@ -52,6 +90,15 @@ class EventSender:
     def send(self, event: dict) -> bool:
         try:
             self.socket.send_multipart(pack_internal(event), flags=zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            self.dropped += 1
+            return False
+
+    def send_frames(self, frames: list[bytes]) -> bool:
+        """A message that is not an event (a preview frame: `streamer.web.preview`); dropped like one."""
+        try:
+            self.socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
             return True
         except zmq.Again:
             self.dropped += 1

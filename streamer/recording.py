@@ -19,34 +19,88 @@ def run_stamp(now: float | None = None) -> str:
 
 
 class EventLog:
-    """Writes one stream's events; `append` takes the already-encoded JSON payload."""
+    """Writes one stream's events; `append` takes the already-encoded JSON payload.
 
-    def __init__(self, path: Path, flush_seconds: float = 0.5) -> None:
+    Appends go to memory and reach the file at each flush. A flush that fails (disk full, read-only, removed
+    folder) keeps what was not written, counts the failure and retries later, so the hub never stops
+    publishing because of the disk; past `max_backlog_bytes` the oldest waiting lines are dropped and counted.
+    Only whole remainders are kept, so the file never gains a torn line from a failed write.
+    """
+
+    def __init__(self, path: Path, flush_seconds: float = 0.5, *, max_backlog_bytes: int = 16 << 20,
+                 retry_seconds: float = 1.0, max_retry_seconds: float = 10.0) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.flush_seconds = flush_seconds
-        # O_APPEND: every write lands at the end even if something else appends too; never rewritten.
-        self._file = open(self.path, "ab", buffering=1 << 16)
+        self.max_backlog_bytes = max_backlog_bytes
+        self.retry_seconds, self.max_retry_seconds = retry_seconds, max_retry_seconds
+        self._fd: int | None = None
+        self._backlog: list[bytes] = []
+        self._backlog_bytes = 0
         self._last_flush = time.monotonic()
+        self._retry_at = 0.0
+        self._retry_delay = retry_seconds
         self.lines = 0
+        self.failures = 0  # flushes that failed
+        self.lines_lost = 0  # lines dropped because the backlog overflowed while the disk failed
+        self.last_error: str | None = None  # set while failing, None once a flush succeeded
+        self.flush()  # create the file now (or learn now that we cannot)
 
     def append(self, payload: bytes) -> None:
-        self._file.write(payload + b"\n")
+        line = payload + b"\n"
+        self._backlog.append(line)
+        self._backlog_bytes += len(line)
         self.lines += 1
+        while self._backlog_bytes > self.max_backlog_bytes and len(self._backlog) > 1:
+            dropped = self._backlog.pop(0)
+            self._backlog_bytes -= len(dropped)
+            self.lines_lost += 1
 
     def maybe_flush(self, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
-        if now - self._last_flush >= self.flush_seconds:
+        if now - self._last_flush >= self.flush_seconds and now >= self._retry_at:
             self.flush()
 
-    def flush(self) -> None:
-        self._file.flush()
+    def flush(self) -> bool:
+        """Write what waits. Returns False (and schedules a retry) when the disk refused it."""
         self._last_flush = time.monotonic()
+        try:
+            if self._fd is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                # O_APPEND: every write lands at the end even if something else appends too; never rewritten.
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            if self._backlog:
+                data = memoryview(b"".join(self._backlog))
+                self._backlog, self._backlog_bytes = [], 0
+                written = 0
+                try:
+                    while written < len(data):
+                        written += os.write(self._fd, data[written:])
+                finally:
+                    if written < len(data):  # keep the exact remainder: the next write completes the line
+                        rest = bytes(data[written:])
+                        self._backlog, self._backlog_bytes = [rest], len(rest)
+        except OSError as exc:
+            self.failures += 1
+            self.last_error = exc.strerror or str(exc)
+            self._retry_at = time.monotonic() + self._retry_delay
+            self._retry_delay = min(self._retry_delay * 2, self.max_retry_seconds)
+            return False
+        self.last_error = None
+        self._retry_delay = self.retry_seconds
+        self._retry_at = 0.0
+        return True
 
     def close(self) -> None:
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
+        if not self.flush():
+            self.lines_lost += sum(line.count(b"\n") for line in self._backlog)  # the disk still refuses them
+            self._backlog, self._backlog_bytes = [], 0
+        if self._fd is not None:
+            try:
+                os.fsync(self._fd)
+            except OSError:
+                pass
+            os.close(self._fd)
+            self._fd = None
 
 
 class Recorder:
@@ -70,6 +124,11 @@ class Recorder:
         for log in self.logs.values():
             log.maybe_flush(now)
 
+    def health(self, stream: str) -> tuple[int, int, str | None]:
+        """(failed flushes, lines lost, the current error or None) of a stream's log."""
+        log = self.logs.get(stream)
+        return (log.failures, log.lines_lost, log.last_error) if log is not None else (0, 0, None)
+
     def close(self) -> None:
         for log in self.logs.values():
             log.close()
@@ -85,6 +144,8 @@ def read_events(path: str | Path) -> Iterator[dict]:
             if not line.endswith(b"\n"):
                 break
             try:
-                yield json.loads(line)
-            except json.JSONDecodeError:
+                event = json.loads(line)
+            except ValueError:  # not JSON, or not UTF-8 at all (a NUL-filled block left by a crash)
                 continue
+            if isinstance(event, dict):
+                yield event

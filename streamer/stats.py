@@ -31,10 +31,29 @@ COLUMNS = (
     "worker_events_dropped",
     "prompt_changes",
     "worker_finished",  # 1 once the worker has processed every frame of a finished stream
+    "last_track_id",  # the highest track id published: a new tracker (prompt change, restarted worker) goes on
     # hub
     "events_published",
+    "record_errors",  # event-log writes that failed (disk full, read-only...); retried
+    "record_lost",  # events that never reached the log (backlog overflow while failing, or still failing at exit)
+    "record_failing",  # 1 while the stream's event log cannot be written
+    "hub_started",  # wall time at which the running hub bound its sockets (0 while none has)
+    # mqtt bridge (docs/mqtt.md): the connection state is copied to every stream's row
+    "mqtt_state",  # BRIDGE_STATE_CODES
+    "mqtt_published",  # messages handed to the broker for this stream
+    "mqtt_dropped",  # messages dropped because the broker was away or slow for longer than the queue holds
+    # webhooks
+    "webhook_delivered",
+    "webhook_failed",  # gave up after every attempt, or refused (4xx)
+    "webhook_retries",
+    "webhook_dropped",  # queue full (endpoint too slow or away): the oldest waiting event was dropped
+    "webhook_skipped",  # within cooldown_seconds of the last delivery
 )
 STATE_CODES = {"starting": 0.0, "online": 1.0, "reconnecting": 2.0, "offline": 3.0}
+BRIDGE_STATE_CODES = {"off": 0.0, "connecting": 1.0, "connected": 2.0, "disconnected": 3.0}
+BRIDGE_STATE_NAMES = {code: name for name, code in BRIDGE_STATE_CODES.items()}
+BRIDGE_COUNTERS = ("mqtt_published", "mqtt_dropped", "webhook_delivered", "webhook_failed", "webhook_retries",
+                   "webhook_dropped", "webhook_skipped")
 STATE_NAMES = {code: name for name, code in STATE_CODES.items()}
 _INDEX = {name: index for index, name in enumerate(COLUMNS)}
 
@@ -119,4 +138,10 @@ def snapshot(stats: StreamStats, stream: str, rates: dict[str, float] | None = N
                    "reconnects", "decode_errors", "events_published", "prompt_changes"):
         figures[column] = int(row[column])
     figures["events_dropped"] = int(row["decoder_events_dropped"] + row["worker_events_dropped"])
+    figures["record_errors"] = int(row["record_errors"])
+    figures["events_not_recorded"] = int(row["record_lost"])
+    figures["recording"] = "failing" if row["record_failing"] else "ok"
+    figures["mqtt_state"] = BRIDGE_STATE_NAMES.get(row["mqtt_state"], "off")
+    for column in BRIDGE_COUNTERS:
+        figures[column] = int(row[column])
     return figures

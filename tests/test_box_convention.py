@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from gdino import shapes, world
-from gdino.evaluate import boxes_to_pixels_xyxy, coco_ap, ImageDetections, ImageTruth
-from gdino.train.data import ShapesDataset, boxes_xyxy_to_target
+from gdino.boxes import from_pixels_xyxy, to_pixels_xyxy
+from gdino.evaluate import coco_ap, ImageDetections, ImageTruth
+from gdino.train.data import ShapesDataset
 
 
 def _sub_pixel_squares(count: int, seed: int = 0):
@@ -75,8 +76,8 @@ def test_training_targets_and_post_processing_round_trip_the_box():
     each other, so the model is trained and scored on the same pixels."""
     sample = ShapesDataset(seed=3, image_size=160, world="wide", referring=0.0)[0]
     boxes = np.array([o.box_xyxy for o in sample.meta["objects"]], np.float32)
-    target = boxes_xyxy_to_target(boxes, 160, 160)
-    decoded = boxes_to_pixels_xyxy(target, 160, 160)
+    target = from_pixels_xyxy(boxes, 160, 160)
+    decoded = to_pixels_xyxy(target, 160, 160).numpy()
     np.testing.assert_allclose(decoded, boxes, atol=1e-3)
 
 
@@ -90,6 +91,6 @@ def test_half_pixel_offset_costs_ap90():
 
 
 def test_target_tensor_is_float_in_unit_range():
-    target = boxes_xyxy_to_target(np.array([[0.0, 0.0, 160.0, 160.0]]), 160, 160)
+    target = from_pixels_xyxy(np.array([[0.0, 0.0, 160.0, 160.0]]), 160, 160)
     assert target.dtype == torch.float32
     assert torch.equal(target, torch.tensor([[0.5, 0.5, 1.0, 1.0]]))

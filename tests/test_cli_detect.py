@@ -71,6 +71,24 @@ def test_referring_mode_gives_one_box(tiny_weights, image_file, tmp_path):
     assert record["detections"][0]["phrase"] == "the person on the left"
 
 
+def test_referring_mode_uses_the_models_input_size(tiny_weights, image_file, tmp_path):
+    """`detect --referring` used to re-implement refer and resize to 800 px whatever the model's config said
+    (the tiny and default models work at 192): its box differed from `model.refer` on the same image."""
+    import gdino
+
+    outdir = tmp_path / "out"
+    code = detect_main([str(image_file), "--prompt", "the person on the left", "--referring", "--weights",
+                        str(tiny_weights), "-o", str(outdir)])
+    assert code == 0
+    record = json.loads((outdir / "street_detections.json").read_text())
+    model = gdino.load(tiny_weights)
+    assert model.config.input_short_side != 800
+    image = cv2.imread(str(image_file))[:, :, ::-1].copy()
+    expected = model.refer(image, "the person on the left")
+    assert record["detections"][0]["box_xyxy"] == pytest.approx(expected.boxes_xyxy[0].tolist(), abs=0.02)
+    assert record["detections"][0]["score"] == pytest.approx(float(expected.scores[0]), abs=1e-4)
+
+
 def test_missing_image(tmp_path, capsys):
     code = detect_main([str(tmp_path / "nope.jpg"), "--prompt", "cat", "--weights", str(tmp_path / "w.pth")])
     assert code == 2

@@ -68,3 +68,23 @@ def test_packaged_text_encoder_may_be_left_out(tmp_path):
     del state["feat_map.weight"]
     with pytest.raises(CheckpointError, match="feat_map.weight"):
         gdino.load(save(state, model.config, tmp_path / "broken"))
+
+
+def test_eval_loader_has_no_lenient_fallback(tmp_path):
+    """`groundwatch eval` used to retry a checkpoint that `gdino.load` refused with the training loader (a
+    catch-all `except Exception`), which accepted a text encoder with keys missing and filled them from MiniLM.
+    Every loader is now `gdino.load`: the same strict report."""
+    from gdino.train.cli import load_for_eval
+
+    config = configs.tiny(pretrained_text="minilm")
+    torch.manual_seed(0)
+    state = gdino.build(config).state_dict()
+    del state["bert.encoder.layer.5.output.dense.weight"]
+    folder = save(state, config, tmp_path / "partial")
+    with pytest.raises(CheckpointError, match="bert.encoder.layer.5.output.dense.weight"):
+        load_for_eval(str(folder))
+    step = tmp_path / "step0000010"
+    step.mkdir()
+    (folder).rename(step / "weights")
+    with pytest.raises(CheckpointError, match="1 missing keys"):
+        load_for_eval(str(step))

@@ -7,6 +7,7 @@ import torch
 from transformers.models.grounding_dino import modeling_grounding_dino as hf_gd
 
 from gdino import config as configs
+from gdino import predict
 from gdino.model import GroundingDino
 from gdino.text import PromptError, chunk_caption, count_tokens, get_tokenizer, normalize_caption, sub_sentence_mask
 
@@ -102,10 +103,10 @@ def test_detect_runs_long_prompts_in_passes(tiny_model):
     """A prompt past 256 tokens is run in several passes and merged, not cut."""
     image = (torch.rand(96, 128, 3) * 255).to(torch.uint8).numpy()
     prompt = " . ".join(f"thing {i}" for i in range(150))
-    passes = tiny_model.prompt_passes(prompt)
+    passes = predict.encode(tiny_model, prompt).passes
     assert len(passes) >= 2
     found = tiny_model.detect(image, prompt, box_threshold=0.0, text_threshold=0.0)
-    per_pass = [tiny_model.detect(image, p, box_threshold=0.0, text_threshold=0.0) for p in passes]
+    per_pass = [tiny_model.detect(image, p.text.captions[0], box_threshold=0.0, text_threshold=0.0) for p in passes]
     assert len(found.scores) == sum(len(d.scores) for d in per_pass)
 
 

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,109 +23,20 @@ import zmq
 
 from streamer import cli
 from streamer.client import GapCounter, subscription_prefix
-from streamer.config import ConfigError, load_config, parse_config
+from streamer.config import ConfigError, StreamConfig, load_config, parse_config
 from streamer.decoder import EXIT_DONE, EXIT_FATAL, Decoder, backoff_delay, fit_size
 from streamer.events import decode_payload, encode_payload, unpack_internal
-from streamer.frames import FrameMailbox
 from streamer.hub import Hub
-from streamer.inference import InferenceWorker, build_tracker
 from streamer.media import count_frames, write_video
 from streamer.recording import EventLog, Recorder, read_events
 from streamer.replay import replay
-from streamer.stats import StreamStats
+from tracker import TrackerConfig
+
+# Shared fakes (tests/fakes.py; re-exported for modules that still import them from here); the fixtures
+# mailbox_factory and stats_factory come from tests/conftest.py.
+from fakes import FakeDetections, FakeDetector, FlagEvent, ListSender, frame_with_value, make_worker  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-# -- helpers ------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class FakeDetections:
-    boxes_xyxy: np.ndarray
-    scores: np.ndarray
-    phrases: list
-
-
-class FakeDetector:
-    """One box per frame that moves 2 px right each frame (x from the frame's mean red value), phrase 'thing'."""
-
-    def __init__(self) -> None:
-        self.encoded: list[str] = []
-        self.batches: list[int] = []
-
-    def encode(self, prompt):
-        self.encoded.append(prompt)
-        return {"prompt": prompt}
-
-    def detect(self, frames, encoding):
-        self.batches.append(len(frames))
-        out = []
-        for frame in frames:
-            x = float(frame[0, 0, 0]) * 2
-            out.append(FakeDetections(np.array([[x, 10, x + 20, 30]], np.float32), np.array([0.9], np.float32),
-                                      [encoding["prompt"].split(" .")[0]]))
-        return out
-
-
-class ListSender:
-    def __init__(self) -> None:
-        self.events: list[dict] = []
-        self.dropped = 0
-
-    def send(self, event):
-        self.events.append(event)
-        return True
-
-
-class FlagEvent:
-    def __init__(self) -> None:
-        self.flag = False
-
-    def is_set(self):
-        return self.flag
-
-    def set(self):
-        self.flag = True
-
-    def wait(self, timeout):
-        time.sleep(min(timeout, 0.01))
-        return self.flag
-
-
-def frame_with_value(value: int, height=24, width=32) -> np.ndarray:
-    return np.full((height, width, 3), value, np.uint8)
-
-
-@pytest.fixture
-def mailbox_factory():
-    made = []
-
-    def make(name, slots=3, width=32, height=24):
-        mailbox = FrameMailbox.create(f"test-{name}-{random.random()}", slots, width, height, threading.Lock())
-        made.append(mailbox)
-        return mailbox
-
-    yield make
-    for mailbox in made:
-        mailbox.close()
-        mailbox.unlink()
-
-
-@pytest.fixture
-def stats_factory():
-    made = []
-
-    def make(stream_ids):
-        path = f"/dev/shm/groundwatch-{os.getpid()}-teststats-{random.random()}"
-        stats = StreamStats(path, stream_ids, _create=True)
-        made.append(stats)
-        return stats
-
-    yield make
-    for stats in made:
-        stats.close()
-        stats.unlink()
 
 
 MINIMAL = {"streams": [{"id": "cam", "url": "rtsp://127.0.0.1:1/x", "prompt": "a person ."}]}
@@ -164,9 +74,9 @@ fps = -1
         load_config(path)
     report = str(info.value)
     for field in ("publsh: unknown key", "model.box_threshold", "model.device", "streams[0].id",
-                  "streams[0].prompt: required", "streams[1].fps"):
+                  "streams[0].prompt: required", "streams[1].fps", "tracker.low_score", "missing.mp4"):
         assert field in report, report
-    assert report.startswith(f"{path}: 6 problems")
+    assert report.startswith(f"{path}: 8 problems")
 
 
 def test_semantic_config_errors_are_reported_together(tmp_path):
@@ -178,6 +88,53 @@ def test_semantic_config_errors_are_reported_together(tmp_path):
         parse_config(data, base_dir=tmp_path)
     report = str(info.value)
     assert "nope1.mp4" in report and "nope2.mp4" in report and "tracker.low_score" in report
+
+
+def test_daemon_tracker_settings_are_the_trackers_own():
+    """streamer/config.py used to keep its own copy of the tracker settings, whose max_predict_frames default had
+    drifted (10 against the tracker's 20): the [tracker] section now builds `tracker.TrackerConfig` itself."""
+    config = parse_config(MINIMAL)
+    assert type(config.tracker) is TrackerConfig and config.tracker == TrackerConfig()
+    custom = parse_config({**MINIMAL, "tracker": {"max_age": 7, "class_agnostic": True}})
+    assert custom.tracker == TrackerConfig(max_age=7, class_agnostic=True)
+    with pytest.raises(ConfigError) as info:
+        parse_config({**MINIMAL, "tracker": {"min_hits": 0, "match_iou": 0, "velocity": 1}})
+    report = str(info.value)
+    assert "tracker.velocity: unknown key" in report and report.startswith("<config>: 1 problem")
+    with pytest.raises(ConfigError) as info:
+        parse_config({**MINIMAL, "tracker": {"min_hits": 0, "match_iou": 0}})
+    report = str(info.value)
+    assert "tracker.min_hits: must be at least 1 (got 0)" in report and "tracker.match_iou: must be in (0, 1]" in report
+    assert report.startswith("<config>: 2 problems")
+
+
+def _echo_configs(configs, results) -> None:
+    results.put([(type(c).__name__, c) for c in configs])
+
+
+def test_typed_configs_cross_a_spawned_process(tmp_path):
+    """Child processes receive the frozen config objects (not dicts): they must survive the spawn pickling
+    intact, equal and still frozen."""
+    video = tmp_path / "clip.mp4"
+    video.write_bytes(b"")
+    config = parse_config({"streams": [{"id": "cam", "url": "rtsp://127.0.0.1/cam", "prompt": "a person ."},
+                                       {"id": "file", "url": str(video), "prompt": "a car ."}],
+                           "tracker": {"min_hits": 3}})
+    sent = [*config.streams, config.model, config.live, config.tracker]
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    child = context.Process(target=_echo_configs, args=(sent, results))
+    child.start()
+    try:
+        received = results.get(timeout=60)
+    finally:
+        child.join(30)
+    assert [name for name, _ in received] == ["StreamConfig", "StreamConfig", "ModelConfig", "LiveConfig",
+                                              "TrackerConfig"]
+    assert [c for _, c in received] == sent
+    assert received[0][1].is_live and not received[1][1].is_live
+    with pytest.raises(Exception):
+        received[4][1].min_hits = 1
 
 
 def test_bad_toml_and_duplicate_ids_are_reported(tmp_path):
@@ -258,16 +215,6 @@ def test_frame_too_large_for_slot_is_refused(mailbox_factory):
 
 
 # -- worker ---------------------------------------------------------------------------------------------------
-
-
-def make_worker(mailbox_factory, stats_factory, streams, batch_size=4):
-    mailboxes = {s["id"]: mailbox_factory(s["id"], slots=8) for s in streams}
-    stats = stats_factory([s["id"] for s in streams])
-    detector, sender = FakeDetector(), ListSender()
-    tracker_config = {"min_hits": 2, "max_age": 3}
-    worker = InferenceWorker(detector=detector, streams=streams, mailboxes=mailboxes, stats=stats, sender=sender,
-                             tracker_factory=lambda: build_tracker(tracker_config), batch_size=batch_size)
-    return worker, mailboxes, detector, sender, stats
 
 
 def test_worker_batches_across_streams_and_tracks_each(mailbox_factory, stats_factory):
@@ -510,6 +457,9 @@ def test_recording_survives_kill_9(tmp_path):
     path = tmp_path / "events.jsonl"
     process = multiprocessing.get_context("spawn").Process(target=_write_forever, args=(str(path),))
     process.start()
+    deadline = time.monotonic() + 60  # the spawned child's start-up is slow on a loaded machine: not under test
+    while not (path.exists() and path.stat().st_size) and time.monotonic() < deadline:
+        time.sleep(0.05)
     time.sleep(2.5)
     os.kill(process.pid, signal.SIGKILL)
     killed_at = time.time()

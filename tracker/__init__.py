@@ -8,6 +8,15 @@
 """
 
 from tracker.config import TrackerConfig
-from tracker.core import Track, Tracker, TrackerCounters, TrackState, TrackUpdate, warm_up
 
 __all__ = ["Track", "Tracker", "TrackerConfig", "TrackerCounters", "TrackState", "TrackUpdate", "warm_up"]
+_CORE = {"Track", "Tracker", "TrackerCounters", "TrackState", "TrackUpdate", "warm_up"}
+
+
+def __getattr__(name: str):
+    # The Numba core loads on first use, so reading the settings (the daemon's config parser) stays light.
+    if name in _CORE:
+        from tracker import core
+
+        return getattr(core, name)
+    raise AttributeError(f"module 'tracker' has no attribute {name!r}")

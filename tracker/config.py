@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
+
+
+class TrackerConfigError(ValueError):
+    """Bad tracker settings; `problems` holds every one as (field name, what is wrong)."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        self.problems = problems
+        super().__init__("invalid TrackerConfig:\n  " + "\n  ".join(f"{name}: {message}" for name, message in problems))
 
 
 @dataclass(frozen=True)
@@ -59,26 +67,21 @@ class TrackerConfig:
         for name in ("high_score", "low_score", "new_track_score", "velocity_smoothing"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
-                problems.append(f"{name}={value!r}: must be in [0, 1]")
+                problems.append((name, f"must be in [0, 1] (got {value!r})"))
         for name in ("match_iou", "low_match_iou", "tentative_match_iou", "recovery_iou"):
             value = getattr(self, name)
             if not 0.0 < value <= 1.0:
-                problems.append(f"{name}={value!r}: must be in (0, 1]")
+                problems.append((name, f"must be in (0, 1] (got {value!r})"))
         if self.low_score > self.high_score:
-            problems.append(f"low_score={self.low_score!r} is above high_score={self.high_score!r}")
-        if self.min_hits < 1:
-            problems.append(f"min_hits={self.min_hits!r}: must be at least 1")
-        if self.max_age < 0:
-            problems.append(f"max_age={self.max_age!r}: must be at least 0")
+            problems.append(("low_score", f"{self.low_score!r} is above high_score {self.high_score!r}"))
+        for name, least in (("min_hits", 1), ("max_age", 0), ("max_predict_frames", 0)):
+            value = getattr(self, name)
+            if value < least:
+                problems.append((name, f"must be at least {least} (got {value!r})"))
         if self.motion not in ("kalman", "velocity"):
-            problems.append(f"motion={self.motion!r}: must be 'kalman' or 'velocity'")
+            problems.append(("motion", f"must be 'kalman' or 'velocity' (got {self.motion!r})"))
         for name in ("kalman_position_noise", "kalman_velocity_noise"):
             if not getattr(self, name) > 0.0:
-                problems.append(f"{name}={getattr(self, name)!r}: must be positive")
-        if self.max_predict_frames < 0:
-            problems.append(f"max_predict_frames={self.max_predict_frames!r}: must be at least 0")
+                problems.append((name, f"must be positive (got {getattr(self, name)!r})"))
         if problems:
-            raise ValueError("invalid TrackerConfig:\n  " + "\n  ".join(problems))
-
-    def as_dict(self) -> dict[str, object]:
-        return {field.name: getattr(self, field.name) for field in fields(self)}
+            raise TrackerConfigError(problems)

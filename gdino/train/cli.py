@@ -163,23 +163,20 @@ def train_main(argv: list[str] | None = None) -> int:
 
 
 def load_for_eval(weights: str, device: str = "cpu"):
-    """``default``, a checkpoint folder (``gdino.load`` layouts) or a training step directory."""
+    """``default``, a checkpoint folder (any ``gdino.load`` layout) or a training step directory (its
+    ``weights`` folder), through ``gdino.load``."""
     import gdino
-    from gdino.train.loop import load_model
 
     path = gdino.DEFAULT_WEIGHTS if weights == "default" else Path(weights)
     if (path / "weights").is_dir():
         path = path / "weights"
-    try:
-        return gdino.load(str(path), device=device)
-    except Exception as exc:  # noqa: BLE001 - a folder without the (frozen, packaged) text encoder's weights
-        try:
-            return load_model(path, device)
-        except Exception:
-            raise exc from None
+    return gdino.load(str(path), device=device)
 
 
-def eval_main(argv: list[str] | None = None) -> int:
+def eval_main(argv: list[str] | None = None, score_tracking=None) -> int:
+    """``groundwatch eval``. ``score_tracking`` scores a tracker on the detector's output on held-out videos
+    (``tracker.evaluation.score_videos``, passed in by the ``groundwatch`` command: gdino does not import the
+    tracker); without it the tracking metrics are left out."""
     parser = argparse.ArgumentParser(prog="groundwatch eval",
                                      description="COCO AP/AP50, referring accuracy and tracking metrics on "
                                                  "held-out shapes-world sets (seeds never used in training).")
@@ -211,7 +208,7 @@ def eval_main(argv: list[str] | None = None) -> int:
         return 0
     report = evaluate_shapes(model, num_images=args.num_images, seed=args.seed, image_size=args.image_size,
                              referring_images=args.referring_images, tracking_videos=args.tracking_videos,
-                             batch_size=args.batch_size)
+                             batch_size=args.batch_size, score_tracking=score_tracking)
     print(format_report(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))

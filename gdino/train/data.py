@@ -17,11 +17,10 @@ import numpy as np
 import torch
 
 from gdino import shapes
+from gdino.boxes import from_pixels_xyxy
+from gdino.processing import normalize
 from gdino.train.targets import Target
 
-# ImageNet statistics, as the official Grounding DINO transforms use.
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -34,11 +33,8 @@ class Sample:
 
 
 def normalize_image(image: np.ndarray) -> torch.Tensor:
-    """(H, W, 3) uint8 RGB -> (3, H, W) float32 normalised with ImageNet mean/std."""
-    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
-    mean = torch.tensor(MEAN).view(3, 1, 1)
-    std = torch.tensor(STD).view(3, 1, 1)
-    return (tensor - mean) / std
+    """(H, W, 3) uint8 RGB -> (3, H, W) float32 normalised as for inference (``gdino.processing.normalize``)."""
+    return normalize(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))
 
 
 @dataclass
@@ -66,16 +62,6 @@ def collate(samples: Sequence[Sample]) -> Batch:
         mask[i, :h, :w] = True
         targets.append(s.target)
     return Batch(images, mask, [s.caption for s in samples], targets, list(samples))
-
-
-def boxes_xyxy_to_target(boxes_xyxy: np.ndarray, height: int, width: int) -> torch.Tensor:
-    """(N, 4) xyxy pixels -> (N, 4) cxcywh in [0, 1]."""
-    b = torch.as_tensor(np.asarray(boxes_xyxy, np.float32).reshape(-1, 4))
-    cx = (b[:, 0] + b[:, 2]) / 2 / width
-    cy = (b[:, 1] + b[:, 3]) / 2 / height
-    w = (b[:, 2] - b[:, 0]) / width
-    h = (b[:, 3] - b[:, 1]) / height
-    return torch.stack([cx, cy, w, h], 1).clamp(0, 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -159,7 +145,7 @@ class ShapesDataset:
                 keep = sorted(taken)
                 boxes = np.array([scene.objects[i].box_xyxy for i in keep], np.float32).reshape(-1, 4)
                 phrase_of = {i: k for k, e in enumerate(chosen) for i in e.targets}
-                target = Target(boxes_xyxy_to_target(boxes, *size), [[prompt.spans[phrase_of[i]]] for i in keep])
+                target = Target(from_pixels_xyxy(boxes, *size), [[prompt.spans[phrase_of[i]]] for i in keep])
                 return Sample(scene.image, prompt.caption, target, [prompt.phrases[phrase_of[i]] for i in keep],
                               dict(meta, kind="expressions", templates=[e.template for e in chosen],
                                    objects=scene.objects))
@@ -173,7 +159,7 @@ def shapes_sample(image: np.ndarray, objects, prompt: shapes.Prompt, meta: dict 
     height, width = image.shape[:2]
     boxes = np.array([objects[i].box_xyxy for i in keep], np.float32).reshape(-1, 4)
     spans = [[prompt.spans[prompt.object_phrase[i]]] for i in keep]
-    target = Target(boxes_xyxy_to_target(boxes, height, width), spans)
+    target = Target(from_pixels_xyxy(boxes, height, width), spans)
     phrases = [prompt.phrases[prompt.object_phrase[i]] for i in keep]
     return Sample(image, prompt.caption, target, phrases, dict(meta or {}, prompt=prompt, objects=objects))
 
@@ -247,7 +233,7 @@ class CocoDataset:
         image, boxes = resize_to(image, boxes, self.image_size, self.max_size)
         caption, spans = detection_caption(labels, list(self.names.values()), rng, self.max_phrases)
         height, width = image.shape[:2]
-        target = Target(boxes_xyxy_to_target(boxes, height, width), [[spans[n]] for n in labels])
+        target = Target(from_pixels_xyxy(boxes, height, width), [[spans[n]] for n in labels])
         return Sample(image, caption, target, labels, {"image_id": info["id"]})
 
 
@@ -301,12 +287,12 @@ class OdvgDataset:
             boxes = np.array(boxes, np.float32).reshape(-1, 4)
             image, boxes = resize_to(image, boxes, self.image_size, self.max_size)
             height, width = image.shape[:2]
-            return Sample(image, caption, Target(boxes_xyxy_to_target(boxes, height, width), spans), phrases)
+            return Sample(image, caption, Target(from_pixels_xyxy(boxes, height, width), spans), phrases)
         instances = record.get("detection", {}).get("instances", [])
         boxes = np.array([inst["bbox"] for inst in instances], np.float32).reshape(-1, 4)
         labels = [self._name(inst) for inst in instances]
         image, boxes = resize_to(image, boxes, self.image_size, self.max_size)
         caption, span_of = detection_caption(labels, self.names, rng, self.max_phrases)
         height, width = image.shape[:2]
-        return Sample(image, caption, Target(boxes_xyxy_to_target(boxes, height, width),
+        return Sample(image, caption, Target(from_pixels_xyxy(boxes, height, width),
                                              [[span_of[n]] for n in labels]), labels)

@@ -19,7 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torchvision.ops import box_convert
+
+from gdino.boxes import cxcywh_to_xyxy
 
 
 @dataclass
@@ -61,7 +62,7 @@ def jitter_boxes(boxes_cxcywh: torch.Tensor, negative: torch.Tensor, box_noise: 
                  generator: torch.Generator | None = None) -> torch.Tensor:
     """Move each corner of each box by a random fraction of its half-size: in [0, box_noise) for positives,
     [box_noise, 2 box_noise) for negatives (``negative`` (N,) bool), in a random direction. (N, 4) cxcywh."""
-    xyxy = box_convert(boxes_cxcywh, "cxcywh", "xyxy")
+    xyxy = cxcywh_to_xyxy(boxes_cxcywh)
     half = boxes_cxcywh[:, 2:].repeat(1, 2) / 2
     magnitude = torch.rand(xyxy.shape, generator=generator, device=xyxy.device, dtype=xyxy.dtype)
     magnitude = magnitude + negative[:, None].to(xyxy.dtype)

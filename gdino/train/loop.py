@@ -123,31 +123,12 @@ def save_weights(model: torch.nn.Module, directory: str | Path, skip_text_encode
 
 
 def load_weights(model: torch.nn.Module, directory: str | Path) -> None:
-    """Load a folder written by ``save_weights``; every key must fit, and only a text encoder that the config
-    initialises from its package may be absent."""
+    """Load a folder written by ``save_weights`` into ``model`` (resuming): ``gdino.checkpoint.load_state``'s
+    strict accounting, the same as ``gdino.load``."""
     from gdino import checkpoint
 
     state, _, _ = checkpoint.read_checkpoint(directory)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    allowed = model.config.text.pretrained is not None
-    missing = [k for k in missing if not (allowed and k.startswith("bert."))
-               and not k.endswith(("position_ids", "token_type_ids"))]
-    if missing or unexpected:
-        raise RuntimeError(f"{directory}: missing keys {missing[:10]}, unexpected {unexpected[:10]}")
-
-
-def load_model(directory: str | Path, device: str = "cpu"):
-    """A model from a folder written by ``save_weights``: built from the folder's config (the text encoder
-    from its package when the folder leaves it out), then every saved key loaded. Eval mode."""
-    from gdino import checkpoint
-    from gdino.model import GroundingDino
-
-    _, config, _ = checkpoint.read_checkpoint(directory)
-    if config is None:
-        raise ValueError(f"{directory}: no model config")
-    model = GroundingDino(config)
-    load_weights(model, directory)
-    return model.to(device).eval()
+    checkpoint.load_state(model, state, what=str(directory))
 
 
 class Trainer:

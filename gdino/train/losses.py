@@ -8,8 +8,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import box_convert, generalized_box_iou
 
+from gdino.boxes import cxcywh_to_xyxy, generalized_iou_matrix
 from gdino.train.matcher import HungarianMatcher
 
 
@@ -43,7 +43,7 @@ def box_terms(pred_cxcywh: torch.Tensor, gt_cxcywh: torch.Tensor, norm: float, l
         return zero, zero
     pred, gt = pred_cxcywh.float(), gt_cxcywh.to(pred_cxcywh.device).float()
     loss_bbox = F.l1_loss(pred, gt, reduction="none").sum() / norm
-    giou = torch.diag(generalized_box_iou(box_convert(pred, "cxcywh", "xyxy"), box_convert(gt, "cxcywh", "xyxy")))
+    giou = torch.diag(generalized_iou_matrix(cxcywh_to_xyxy(pred), cxcywh_to_xyxy(gt)))
     return loss_bbox, (1 - giou).sum() / norm
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
-from torchvision.ops import box_convert, generalized_box_iou
+
+from gdino.boxes import cxcywh_to_xyxy, generalized_iou_matrix
 
 
 class HungarianMatcher(nn.Module):
@@ -55,8 +55,7 @@ class HungarianMatcher(nn.Module):
             cost_class = (pos - neg) @ token_map.T  # (Q, N)
             pred = boxes_cxcywh[b].float()
             cost_bbox = torch.cdist(pred, gt_boxes.float(), p=1)  # (Q, N)
-            cost_giou = -generalized_box_iou(box_convert(pred, "cxcywh", "xyxy"),
-                                             box_convert(gt_boxes.float(), "cxcywh", "xyxy"))
+            cost_giou = -generalized_iou_matrix(cxcywh_to_xyxy(pred), cxcywh_to_xyxy(gt_boxes.float()))
             cost = self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
             cost = torch.nan_to_num(cost, nan=1e6, posinf=1e6, neginf=-1e6)
             rows, cols = linear_sum_assignment(cost.cpu().numpy())
@@ -72,7 +71,3 @@ def build_matcher(cfg: dict) -> HungarianMatcher:
         cost_giou=float(cfg.get("matcher_giou", 2.0)),
         alpha=float(cfg.get("focal_alpha", 0.25)),
     )
-
-
-def matched_pairs_as_numpy(indices) -> list[tuple[np.ndarray, np.ndarray]]:
-    return [(q.numpy(), t.numpy()) for q, t in indices]

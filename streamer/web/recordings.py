@@ -1,0 +1,142 @@
+"""Recordings for the console: what can be replayed, its video, and its events read from the event log.
+
+The event log is the single source of truth for what was detected; the page draws it over the video itself.
+- A file stream: one recording per run of the daemon (`events-<run>.jsonl`); the video is the source file, and
+  events line up by media time (`pts`).
+- A live stream with `record_video`: one recording per MPEG-TS segment (named after the wall-clock ms of its
+  first packet, see `streamer.decoder.SegmentWriter`). Browsers do not play MPEG-TS, so a segment is remuxed
+  (no re-encoding) to MP4 once and cached; its events are those of the stream's logs whose wall-clock `ts` falls
+  within the segment, and line up by `ts - start`.
+
+Ids are checked against fixed patterns and paths are built here, never taken from the request.
+"""
+
+from __future__ import annotations
+
+import calendar
+import re
+import tempfile
+import time
+from pathlib import Path
+
+from streamer.recording import read_events
+from streamer.web.settings import WebSettings, WebStream
+
+RUN_ID = re.compile(r"^\d{8}T\d{6}Z(-\d+)?$")
+SEGMENT_ID = re.compile(r"^segment-(\d{12,14})$")
+REPLAY_KINDS = ("detections", "track", "status")
+
+
+class NotFound(LookupError):
+    """No such stream or recording; the message says which."""
+
+
+def _run_started(run_id: str) -> float | None:
+    try:
+        return float(calendar.timegm(time.strptime(run_id[:16], "%Y%m%dT%H%M%SZ")))
+    except ValueError:
+        return None
+
+
+def _event_logs(settings: WebSettings, stream: WebStream) -> list[Path]:
+    if settings.record_directory is None:
+        return []
+    return sorted((Path(settings.record_directory) / stream.id).glob("events-*.jsonl"))
+
+
+def _segments(stream: WebStream) -> list[Path]:
+    if stream.video_directory is None:
+        return []
+    return sorted(Path(stream.video_directory).glob("*.ts"), key=lambda p: p.stem)
+
+
+def list_recordings(settings: WebSettings) -> dict[str, list[dict]]:
+    """Per stream, newest first: {id, kind, started, size, video (bool), note}."""
+    result: dict[str, list[dict]] = {}
+    for stream in settings.streams:
+        items = []
+        if stream.live:
+            for segment in _segments(stream):
+                items.append({"id": f"segment-{segment.stem}", "kind": "segment", "started": int(segment.stem) / 1000,
+                              "size": segment.stat().st_size, "video": True})
+            if not items and _event_logs(settings, stream):
+                items.extend({"id": path.stem.removeprefix("events-"), "kind": "events", "video": False,
+                              "started": _run_started(path.stem.removeprefix("events-")),
+                              "size": path.stat().st_size, "note": "events only: record_video is off"}
+                             for path in _event_logs(settings, stream))
+        else:
+            has_video = stream.file is not None and Path(stream.file).is_file()
+            for path in _event_logs(settings, stream):
+                run_id = path.stem.removeprefix("events-")
+                items.append({"id": run_id, "kind": "run", "started": _run_started(run_id),
+                              "size": path.stat().st_size, "video": has_video})
+        items.sort(key=lambda item: item["started"] or 0, reverse=True)
+        result[stream.id] = items
+    return result
+
+
+def _segment_path(stream: WebStream, recording_id: str) -> Path:
+    match = SEGMENT_ID.match(recording_id)
+    if match is None or stream.video_directory is None:
+        raise NotFound(f"no recording {recording_id!r} of stream {stream.id!r}")
+    path = Path(stream.video_directory) / f"{match.group(1)}.ts"
+    if not path.is_file():
+        raise NotFound(f"no recording {recording_id!r} of stream {stream.id!r}")
+    return path
+
+
+def recording_events(settings: WebSettings, stream: WebStream, recording_id: str) -> dict:
+    """{"align": "pts"|"ts", "start": seconds, "events": [...]}: the replayed events in log order."""
+    if RUN_ID.match(recording_id):
+        path = Path(settings.record_directory or "/nonexistent") / stream.id / f"events-{recording_id}.jsonl"
+        if not path.is_file():
+            raise NotFound(f"no recording {recording_id!r} of stream {stream.id!r}")
+        events = [e for e in read_events(path) if e.get("kind") in REPLAY_KINDS]
+        return {"align": "ts" if stream.live else "pts", "start": 0.0, "events": events}
+    segment = _segment_path(stream, recording_id)
+    start = int(segment.stem) / 1000
+    later = [p for p in _segments(stream) if int(p.stem) > int(segment.stem)]
+    end = int(later[0].stem) / 1000 if later else float("inf")
+    events = []
+    for path in _event_logs(settings, stream):
+        events.extend(e for e in read_events(path)
+                      if e.get("kind") in REPLAY_KINDS and start - 1.0 <= float(e.get("ts", 0)) < end)
+    events.sort(key=lambda e: e.get("ts", 0))
+    return {"align": "ts", "start": start, "events": events}
+
+
+class VideoCache:
+    """Segments remuxed to MP4 (browsers play MP4, not MPEG-TS), once per segment version."""
+
+    def __init__(self) -> None:
+        self.directory = Path(tempfile.mkdtemp(prefix="groundwatch-web-"))
+
+    def video_for(self, stream: WebStream, recording_id: str) -> Path:
+        if RUN_ID.match(recording_id):
+            if stream.file is None or not Path(stream.file).is_file():
+                raise NotFound(f"recording {recording_id!r} of stream {stream.id!r} has no video")
+            return Path(stream.file)
+        segment = _segment_path(stream, recording_id)
+        status = segment.stat()
+        target = self.directory / f"{stream.id}-{segment.stem}-{status.st_size}-{int(status.st_mtime)}.mp4"
+        if not target.is_file():
+            remux_to_mp4(segment, target)
+        return target
+
+
+def remux_to_mp4(source: Path, target: Path) -> Path:
+    """Copy the video packets of an MPEG-TS file into an MP4 (moov first, so the browser can seek at once)."""
+    import av
+
+    partial = target.with_suffix(".part")
+    with av.open(str(source)) as container_in:
+        video_in = container_in.streams.video[0]
+        with av.open(str(partial), "w", format="mp4", options={"movflags": "+faststart"}) as container_out:
+            video_out = container_out.add_stream_from_template(video_in)
+            for packet in container_in.demux(video_in):
+                if packet.dts is None or packet.size == 0:
+                    continue  # the flush packet, or the torn tail of a segment still being written
+                packet.stream = video_out
+                container_out.mux(packet)
+    partial.rename(target)
+    return target

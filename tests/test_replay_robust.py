@@ -1,0 +1,142 @@
+"""`groundwatch replay` against hostile or mismatched inputs (issue 11, defect 8).
+
+Each test reproduces what used to be a traceback or a wrong picture: bad lines in the event log, a log from a
+video of another size or length, and an output path equal to the input.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from streamer import cli
+from streamer.media import write_video
+from streamer.replay import ReplayError, replay
+
+BOX = [10, 10, 40, 40]
+
+
+def detection_line(frame: int, width: int = 96, height: int = 64, box=BOX, **extra) -> dict:
+    line = {"v": 1, "seq": frame + 2, "stream": "s", "kind": "detections", "frame": frame, "ts": frame / 10,
+            "width": width, "height": height,
+            "detections": [{"box": list(box), "score": 0.9, "phrase": "box", "track_id": 1}]}
+    line.update(extra)
+    return line
+
+
+def write_log(path: Path, lines: list) -> Path:
+    """Lines are dicts (written as JSON) or raw bytes (written as they are)."""
+    status = {"v": 1, "seq": 1, "stream": "s", "kind": "status", "state": "online", "source": "file", "ts": 0}
+    body = json.dumps(status).encode() + b"\n"
+    for line in lines:
+        body += (line if isinstance(line, bytes) else json.dumps(line).encode()) + b"\n"
+    path.write_bytes(body)
+    return path
+
+
+@pytest.fixture
+def video(tmp_path) -> Path:
+    return write_video(tmp_path / "in.mp4", np.zeros((6, 64, 96, 3), np.uint8))
+
+
+def decoded(path: Path) -> list[np.ndarray]:
+    with av.open(str(path)) as container:
+        return [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+
+
+def box_edge_drawn(image: np.ndarray, box=BOX, scale: float = 1.0) -> bool:
+    x1, y1, _, y2 = (int(round(v * scale)) for v in box)
+    return image[y1 + 2: y2 - 2, x1: x1 + 2].max() > 100
+
+
+@pytest.mark.parametrize("bad", [
+    b"\x00" * 40,  # a NUL-filled line (what a crash on some filesystems leaves): UnicodeDecodeError
+    b"[1, 2, 3]",  # a JSON list: AttributeError
+    b"42",  # a JSON number: AttributeError
+    json.dumps({"v": 1, "kind": "detections", "ts": 0.1, "detections": []}).encode(),  # no frame: KeyError
+    json.dumps(detection_line(1, detections=None)).encode(),  # detections null: TypeError
+    json.dumps(detection_line(1, detections=[{"box": "x"}])).encode(),  # a box that is not four numbers
+    json.dumps({**detection_line(1), "frame": "one"}).encode(),  # a frame index that is not an integer
+])
+def test_bad_lines_are_skipped_and_counted(tmp_path, video, bad):
+    """Each of these lines used to end replay with a traceback; it must be skipped, counted, and the rest drawn."""
+    log = write_log(tmp_path / "events.jsonl", [detection_line(0), bad, detection_line(2)])
+    summary = replay(video, log, tmp_path / "out.mp4", progress=False)
+    assert summary.bad_lines == 1
+    assert summary.frames == 6 and summary.frames_with_events == 2
+    frames = decoded(tmp_path / "out.mp4")
+    assert box_edge_drawn(frames[0]) and box_edge_drawn(frames[2])
+
+
+def test_frames_without_events_are_drawn_bare(tmp_path, video):
+    """The last event's boxes used to stay on every later frame (1,740 of 1,800 in the report): a frame of a
+    file recording with no event of its own shows no boxes."""
+    log = write_log(tmp_path / "events.jsonl", [detection_line(0), detection_line(1)])
+    summary = replay(video, log, tmp_path / "out.mp4", progress=False)
+    frames = decoded(tmp_path / "out.mp4")
+    assert box_edge_drawn(frames[0]) and box_edge_drawn(frames[1])
+    assert not any(box_edge_drawn(image) for image in frames[2:])
+    assert summary.frames_with_events == 2
+    assert any("4 of 6 frames have no events" in warning for warning in summary.warnings)
+
+
+def test_fps_capped_recording_holds_boxes_until_the_next_event(tmp_path, video):
+    """With `fps` capping a file, events come every k-th frame; the boxes stay for those k frames only."""
+    log = write_log(tmp_path / "events.jsonl", [detection_line(0), detection_line(2)])
+    replay(video, log, tmp_path / "out.mp4", progress=False)
+    drawn = [box_edge_drawn(image) for image in decoded(tmp_path / "out.mp4")]
+    assert drawn == [True, True, True, True, False, False]
+
+
+def test_log_of_a_smaller_video_is_scaled_with_a_warning(tmp_path):
+    """A 320x240 log over a 640x480 video used to put every box in the top-left quarter. Same aspect ratio
+    (the daemon scales large frames down to `max_width`): boxes are scaled to the video, with a warning."""
+    video = write_video(tmp_path / "big.mp4", np.zeros((3, 128, 192, 3), np.uint8))
+    log = write_log(tmp_path / "events.jsonl", [detection_line(i) for i in range(3)])
+    summary = replay(video, log, tmp_path / "out.mp4", progress=False)
+    assert any("96x64" in warning and "192x128" in warning for warning in summary.warnings)
+    first = decoded(tmp_path / "out.mp4")[0]
+    assert box_edge_drawn(first, scale=2.0) and not box_edge_drawn(first, scale=1.0)
+
+
+def test_log_of_another_shape_is_refused(tmp_path, video):
+    """A log whose frames have another aspect ratio belongs to another video: refused with a message."""
+    log = write_log(tmp_path / "events.jsonl", [detection_line(i, width=64, height=64) for i in range(3)])
+    with pytest.raises(ReplayError, match="64x64.*96x64"):
+        replay(video, log, tmp_path / "out.mp4", progress=False)
+    assert not (tmp_path / "out.mp4").exists()
+    summary = replay(video, log, tmp_path / "out.mp4", progress=False, force=True)
+    assert summary.frames == 6
+
+
+def test_log_longer_than_the_video_is_refused(tmp_path, video):
+    """Events for frames the video does not have mean the log belongs to another (longer) video."""
+    log = write_log(tmp_path / "events.jsonl", [detection_line(i) for i in (0, 1, 50)])
+    with pytest.raises(ReplayError, match="frame 50.*6 frames"):
+        replay(video, log, tmp_path / "out.mp4", progress=False)
+
+
+def test_output_equal_to_input_is_refused(tmp_path, video):
+    """`-o` equal to the video used to overwrite the source recording."""
+    log = write_log(tmp_path / "events.jsonl", [detection_line(0)])
+    before = video.read_bytes()
+    for output in (video, tmp_path / "." / "in.mp4", log):
+        with pytest.raises(ReplayError, match="overwrite"):
+            replay(video, log, output, progress=False)
+    assert video.read_bytes() == before
+
+
+def test_cli_replay_reports_refusals_and_skipped_lines(tmp_path, video, capsys):
+    log = write_log(tmp_path / "events.jsonl", [detection_line(0), b"\x00\x00", detection_line(9)])
+    assert cli.main(["replay", str(video), "--events", str(log), "-o", str(video), "--quiet"]) == 2
+    assert "overwrite" in capsys.readouterr().err
+    assert cli.main(["replay", str(video), "--events", str(log), "-o", str(tmp_path / "o.mp4"), "--quiet"]) == 2
+    assert "frame 9" in capsys.readouterr().err
+    assert cli.main(["replay", str(video), "--events", str(log), "-o", str(tmp_path / "o.mp4"), "--quiet",
+                     "--force"]) == 0
+    captured = capsys.readouterr()
+    assert "1 bad line skipped" in captured.err and "6 frames" in captured.out

@@ -44,6 +44,8 @@ def _run(args) -> int:
     def announce(s: Supervisor) -> None:
         print(f"groundwatch: events on {config.publish.endpoint} (subscribe: groundwatch subscribe "
               f"{config.publish.endpoint}); control on {config.publish.control_endpoint}", flush=True)
+        if s.web_url:
+            print(f"groundwatch: console at {s.web_url}", flush=True)
         if s.metrics_url:
             print(f"groundwatch: metrics at {s.metrics_url}", flush=True)
         for stream, path in s.record_paths.items():
@@ -61,7 +63,7 @@ def _run(args) -> int:
 def _demo(args) -> int:
     from streamer.demo import run_demo
 
-    return run_demo(output_directory=args.output, weights=args.weights)
+    return run_demo(output_directory=args.output, weights=args.weights, stay=args.stay)
 
 
 def _server_key(args, command: str) -> bytes | None:
@@ -197,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
                                            "model, print the events it published, and draw them over the video.")
     demo.add_argument("-o", "--output", default="runs/demo", help="where the recording and replay go")
     demo.add_argument("--weights", default="default", help="model weights ('default', 'tiny' or a path)")
+    demo.add_argument("--stay", action="store_true", help="keep the daemon and its web console up after the video "
+                      "(until Ctrl-C)")
     demo.set_defaults(handler=_demo)
 
     run = commands.add_parser("run", help="run the daemon",

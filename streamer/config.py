@@ -10,6 +10,8 @@ an operator fixes the whole file in one pass instead of one error per restart.
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
@@ -155,6 +157,37 @@ class MetricsConfig(_Section):
     port: Annotated[int, Field(ge=0, le=65535, description="Port (0 = any free port).")] = 9108
 
 
+class WebConfig(_Section):
+    """The operator's web console (streamer/web): a supervisor child, a client of the PUB and control sockets."""
+
+    enabled: Annotated[bool, Field(description="Serve the web console (and encode preview frames for it).")] = True
+    host: Annotated[str, Field(min_length=1, description="Address to listen on; beyond loopback needs a token.")] = (
+        "127.0.0.1"
+    )
+    port: Annotated[int, Field(ge=0, le=65535, description="Port (0 = any free port).")] = 8080
+    token: Annotated[
+        str | None, Field(min_length=16, description="Full access (view and change prompts); or GROUNDWATCH_WEB_TOKEN.")
+    ] = None
+    read_token: Annotated[
+        str | None, Field(min_length=16, description="Optional view-only access: no prompt changes.")
+    ] = None
+    preview_fps: Annotated[float, Field(gt=0, le=30, description="Preview frames per second per stream, at most.")] = 5
+    preview_short_side: Annotated[int, Field(ge=32, le=2160, description="Previews are scaled down to this.")] = 360
+    preview_quality: Annotated[int, Field(ge=10, le=100, description="JPEG quality of the previews.")] = 75
+    viewer_queue: Annotated[
+        int, Field(ge=1, le=100_000, description="Events queued per viewer before its oldest are dropped.")
+    ] = 2000
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
 class SupervisorConfig(_Section):
     restart_initial_seconds: Annotated[float, Field(gt=0, le=300, description="First restart delay.")] = 0.5
     restart_max_seconds: Annotated[float, Field(gt=0, le=3600, description="Restart delay cap.")] = 30
@@ -247,6 +280,7 @@ class Config(_Section):
     supervisor: SupervisorConfig = SupervisorConfig()
     mqtt: MqttConfig | None = None
     webhooks: list[WebhookConfig] = []
+    web: WebConfig = WebConfig()
 
     @field_validator("streams")
     @classmethod
@@ -358,6 +392,24 @@ def _access_errors(data: dict, base_dir: Path) -> list[str]:
     return errors
 
 
+def _web_access(web: WebConfig) -> tuple[WebConfig, list[str]]:
+    """The console's token from the environment when the file has none, and the rule that binding beyond loopback
+    needs one (the daemon refuses to start otherwise)."""
+    errors = []
+    if web.token is None and os.environ.get("GROUNDWATCH_WEB_TOKEN"):
+        web = web.model_copy(update={"token": os.environ["GROUNDWATCH_WEB_TOKEN"]})
+    if web.enabled and not web.is_loopback and not web.token:
+        errors.append(f"web.host: {web.host!r} is beyond loopback; set web.token (or GROUNDWATCH_WEB_TOKEN), or "
+                      "bind 127.0.0.1")
+    if web.token and len(web.token) < 16:
+        errors.append("GROUNDWATCH_WEB_TOKEN: at least 16 characters")
+    if web.read_token and not web.token:
+        errors.append("web.read_token: needs web.token too (the full-access token)")
+    if web.read_token and web.token == web.read_token:
+        errors.append("web.read_token: must differ from web.token")
+    return web, errors
+
+
 def parse_config(data: dict, source: str = "<config>", base_dir: Path | None = None) -> Config:
     """Validate a parsed TOML document; relative file paths resolve against `base_dir`. Every problem of the
     document is reported at once."""
@@ -380,6 +432,10 @@ def parse_config(data: dict, source: str = "<config>", base_dir: Path | None = N
                 message = err["msg"].removeprefix("Value error, ")
                 errors.append(f"{where}: {message}{_shown(err.get('input'))}")
     errors += _document_errors(data, base_dir)
+    web = None
+    if config is not None:
+        web, web_errors = _web_access(config.web)
+        errors += web_errors
     if errors:
         raise ConfigError(_report(source, errors))
     streams = [stream if stream.is_live else stream.model_copy(update={"url": str(_file_path(stream.url, base_dir))})
@@ -393,7 +449,7 @@ def parse_config(data: dict, source: str = "<config>", base_dir: Path | None = N
             update={"curve_secret_key_file": str(_key_path(publish.curve_secret_key_file, base_dir))})
     return config.model_copy(
         update={"streams": streams, "record": config.record.model_copy(update={"directory": str(record_dir)}),
-                "publish": publish}
+                "web": web, "publish": publish}
     )
 
 

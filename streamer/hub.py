@@ -3,7 +3,8 @@
 Children PUSH `[topic, JSON body]` to the hub's PULL socket. The hub numbers each stream's events (`seq`,
 one counter per stream over every kind) by splicing `v` and `seq` into the body, publishes it on the PUB socket
 (topic in its own frame) and appends the same bytes to the stream's event log. It also publishes a heartbeat
-per stream. PUB never blocks: a subscriber that stops reading loses events once its high-water mark is full,
+per stream. Preview frames for the web console (`[<stream>/preview, header, JPEG]`, see streamer/web/preview.py)
+pass straight through to PUB: not numbered (no `seq`) and never written to the event log. PUB never blocks: a subscriber that stops reading loses events once its high-water mark is full,
 and sees the loss as a gap in `seq`; the pipeline runs on at full speed.
 
 The PUB socket is an XPUB: a new subscriber gets each stream's last status and last error at once (see
@@ -47,6 +48,7 @@ class Hub:
         self.heartbeat_seconds = heartbeat_seconds
         self.seq: dict[str, int] = {}
         self.published = 0
+        self.previews_published = 0
         self._rates = RateMeter(stats) if stats is not None else None
         self._next_heartbeat = time.monotonic() + heartbeat_seconds
         self._record_reported: dict[str, float] = {}  # stream -> when its recording failure was last published
@@ -78,6 +80,10 @@ class Hub:
                 frames = self.pull.recv_multipart(flags=zmq.NOBLOCK)
             except zmq.Again:
                 break
+            if len(frames) == 3 and frames[0].endswith(b"/preview"):
+                self.pub.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)  # not an event: no seq, no log
+                self.previews_published += 1
+                continue
             try:
                 self.publish_body(frames[0], frames[1])
             except (ValueError, IndexError, UnicodeDecodeError) as exc:  # a bug in a child; never stop publishing
@@ -186,6 +192,8 @@ def hub_main(*, pull_endpoint: str, pub_endpoint: str, high_water_mark: int, hea
         recorder = Recorder(record_directory, stats.stream_ids, flush_seconds, stamp=run_stamp)
     hub = Hub(pull_endpoint=pull_endpoint, pub_endpoint=pub_endpoint, high_water_mark=high_water_mark,
               heartbeat_seconds=heartbeat_seconds, stats=stats, recorder=recorder, curve_keys=curve_keys)
+    for stream in stats.stream_ids:
+        stats.set(stream, "hub_started", time.time())  # the supervisor holds producers back until then
     try:
         hub.run(stop)
     finally:

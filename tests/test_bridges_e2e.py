@@ -64,10 +64,14 @@ def http_server(hanging: bool = False) -> ThreadingHTTPServer:
 
 
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory):
+def daemon(tmp_path_factory, request):
     root = tmp_path_factory.mktemp("bridges")
     broker = Mosquitto(root / "broker").start()
+    request.addfinalizer(broker.stop)  # whatever fails below, the broker and the servers go
     good, hanging = http_server(), http_server(hanging=True)
+    request.addfinalizer(good.shutdown)
+    request.addfinalizer(hanging.shutdown)
+    request.addfinalizer(Hook.release.set)  # first: lets the hanging handler threads end
     publish, control = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
     config = root / "config.toml"
     config.write_text(f"""
@@ -100,6 +104,9 @@ heartbeat_seconds = 0.5
 directory = "recordings"
 
 [metrics]
+enabled = false
+
+[web]
 enabled = false
 
 [supervisor]
@@ -144,9 +151,6 @@ queue_size = 5
         log_file.close()
         collector.close()
         recorder.close()
-        broker.stop()
-        good.shutdown()
-        hanging.shutdown()
         if os.environ.get("GROUNDWATCH_TEST_LOG"):
             print(log_path.read_text())
 
@@ -362,6 +366,9 @@ heartbeat_seconds = 0.3
 directory = "recordings"
 
 [metrics]
+enabled = false
+
+[web]
 enabled = false
 
 [supervisor]

@@ -89,7 +89,7 @@ def test_loop_and_realtime_on_a_camera_are_refused():
 def test_finished_file_ends_while_a_camera_always_has_a_frame(mailbox_factory, stats_factory):
     """On a loaded machine a camera always had a frame waiting, and a finished file next to it never got its
     `end_of_file` (the worker only finished streams on a round with nothing to process)."""
-    from test_streamer import make_worker
+    from fakes import make_worker
 
     streams = [{"id": "file", "live": False, "prompt": "thing ."}, {"id": "cam", "live": True, "prompt": "thing ."}]
     worker, mailboxes, _, sender, _ = make_worker(mailbox_factory, stats_factory, streams)

@@ -24,7 +24,8 @@ from streamer.media import write_video
 from streamer.watchdog import BatchSizer, DetectorWatchdog, FaultInjection, is_out_of_memory
 
 from rtsp_server import free_port
-from test_streamer import REPO, frame_with_value, mailbox_factory, make_worker, stats_factory  # noqa: F401
+from fakes import frame_with_value, make_worker
+from test_streamer import REPO
 
 
 class FakeClock:

@@ -32,6 +32,10 @@ let eventsFilter = { stream: "", kind: "", phrase: "" };
 const live = new LiveConnection({
   onState(next) { connectionState = next; renderConnection(); },
   onHello(snapshot) {
+    // A new connection may be to a restarted daemon, whose frame indices start again at 0: forget the old run's
+    // boxes and trails so they are never drawn over the new run's pictures.
+    state.detections.clear();
+    state.trails.clear();
     for (const [id, beat] of Object.entries(snapshot.heartbeats || {})) streamState(id).heartbeat = beat;
     for (const [id, status] of Object.entries(snapshot.statuses || {})) applyStatus(streamState(id), status);
     const seen = new Set(state.events.map(eventKey));
@@ -90,7 +94,7 @@ function handleEvent(event) {
   if (route.name === "stream" && route.stream === event.stream && onTimeline(event)) prependTimeline(event);
 }
 
-async function handlePreview({ header, jpeg }) {
+async function handlePreview({ header, jpeg, cached }) {
   let bitmap;
   try { bitmap = await decodePreview(jpeg); } catch (err) { return; }
   const previous = state.frames.get(header.stream);
@@ -101,6 +105,7 @@ async function handlePreview({ header, jpeg }) {
   previous?.bitmap.close();
   state.frames.set(header.stream, { bitmap, header });
   paint(header.stream);
+  if (cached) return;  // the stream's last picture, sent to a page that just opened: not a latency sample
   const samples = state.latency.get(header.stream) || [];
   samples.push(Date.now() - header.decoded_at * 1000);  // decode in the daemon -> pixels on this screen
   if (samples.length > LATENCY_SAMPLES) samples.shift();

@@ -66,6 +66,7 @@ class ImageTruth:
 
 def coco_ap(truths: Sequence[ImageTruth], detections: Sequence[ImageDetections]) -> dict[str, float]:
     """COCO-style AP (IoU 0.50:0.95), AP50 and AP75 with pycocotools; categories are the label strings."""
+    # pycocotools is imported on use: only the COCO metric needs it.
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -212,7 +213,7 @@ def tracking_sets(model, num_videos: int = 2, num_frames: int = 40, seed: int = 
 
 
 def _nms_per_label(boxes, scores, labels, threshold: float, iou: float = 0.5) -> np.ndarray:
-    from torchvision.ops import batched_nms
+    from torchvision.ops import batched_nms  # torchvision is imported on use: only evaluation needs NMS
 
     keep = np.nonzero(scores >= threshold)[0]
     if not len(keep):

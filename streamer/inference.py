@@ -23,6 +23,7 @@ from streamer.frames import Frame, FrameMailbox
 from streamer.process import EXIT_FATAL, EventSender, child_setup
 from streamer.prompts import DEFAULT_MAX_PROMPT_TOKENS, check_prompt
 from streamer.stats import STATE_CODES, STATE_NAMES, StreamStats
+from tracker.config import TrackerConfig
 
 log = logging.getLogger("groundwatch.inference")
 
@@ -100,7 +101,7 @@ def build_detector(model_config: ModelConfig) -> GdinoDetector:
     return GdinoDetector.from_config(model_config)
 
 
-def build_tracker(tracker_config: "tracker.TrackerConfig"):
+def build_tracker(tracker_config: TrackerConfig):
     import tracker
 
     return tracker.Tracker(tracker_config)
@@ -409,7 +410,7 @@ class InferenceWorker:
 
 
 def worker_main(*, streams: list[StreamConfig], mailbox_specs: dict[str, dict], stats_spec: dict,
-                events_endpoint: str, model: ModelConfig, tracker: "tracker.TrackerConfig", batch_size: int, stop,
+                events_endpoint: str, model: ModelConfig, tracker: TrackerConfig, batch_size: int, stop,
                 control, replies, ready, parent_pid: int) -> None:
     """Entry point of the inference worker process (spawned by the supervisor). `streams` carry their current
     prompts (a restarted worker starts with the prompts set since start-up)."""

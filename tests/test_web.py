@@ -104,7 +104,8 @@ def test_worker_sends_a_preview_after_the_detections_of_its_frame(tmp_path):
     follow its detections; the pixels are encoded before the mailbox slot is released. No console, no previews."""
     import itertools
 
-    import test_streamer as helpers
+    import fakes as helpers
+    from tracker import TrackerConfig
 
     always_due = itertools.count(0, 10).__next__
     for previews in (PreviewEncoder(PreviewSettings(fps=1), clock=always_due), None):
@@ -113,8 +114,8 @@ def test_worker_sends_a_preview_after_the_detections_of_its_frame(tmp_path):
         sender = _ListSender()
         try:
             worker = InferenceWorker(detector=helpers.FakeDetector(), streams=[
-                {"id": "a", "live": False, "prompt": "thing ."}], mailboxes={"a": mailbox}, stats=stats,
-                sender=sender, tracker_factory=lambda: build_tracker({}), previews=previews)
+                helpers.stream_config("a", False, "thing .")], mailboxes={"a": mailbox}, stats=stats,
+                sender=sender, tracker_factory=lambda: build_tracker(TrackerConfig()), previews=previews)
             for value in (1, 2, 3):
                 mailbox.put(helpers.frame_with_value(value * 60), frame_index=value, pts=value / 10, ts=value / 10,
                             live=False)

@@ -1,6 +1,6 @@
-"""``groundwatch detect`` and ``groundwatch convert``: the model's command-line tools.
+"""``groundwatch detect``, ``groundwatch convert`` and ``groundwatch export``: the model's command-line tools.
 
-``streamer.cli`` dispatches to :func:`detect_main` and :func:`convert_main` with the arguments after the
+``streamer.cli`` dispatches to :func:`detect_main`, :func:`convert_main` and :func:`export_main` with the arguments after the
 subcommand. Both return an exit status: 0 on success, 1 when the weights or a run fail, 2 for bad arguments or
 inputs. Errors print one line to stderr, no traceback (set ``GROUNDWATCH_DEBUG=1`` to get the traceback).
 """
@@ -73,7 +73,14 @@ def detect_parser() -> argparse.ArgumentParser:
     parser.add_argument("-o", "--output", default="runs/detect", metavar="OUTDIR",
                         help="where annotated images and JSON files go (default runs/detect)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
-    parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default float32)")
+    parser.add_argument("--dtype", default="float32",
+                        help="float32, bfloat16, float16 or auto (bfloat16 on a CPU with AMX/AVX-512 BF16; default "
+                             "float32)")
+    parser.add_argument("--backend", default="torch", choices=("auto", "torch", "onnxruntime", "openvino"),
+                        help="where the image graph runs (default torch); onnxruntime/openvino export it on first use "
+                             "(extras groundwatch[onnx], groundwatch[openvino])")
+    parser.add_argument("--onnx", default=None, metavar="FILE",
+                        help="an exported image graph (groundwatch export) for --backend onnxruntime/openvino")
     return parser
 
 
@@ -157,10 +164,15 @@ def detect_main(argv: list[str] | None = None) -> int:
         from gdino.processing import ImageError
         from gdino.text import PromptError
 
+        from gdino import backends
+
         try:
-            model = gdino.load(args.weights, device=args.device, dtype=args.dtype)
-        except ValueError as exc:  # bad device/dtype request
+            backend = backends.resolve_backend(args.backend, args.device)
+            dtype = backends.resolve_dtype(args.dtype, args.device) if backend == "torch" else "float32"
+            model = gdino.load(args.weights, device=args.device, dtype=dtype)
+        except (ValueError, backends.BackendError) as exc:  # bad device/dtype/backend request
             raise _InputError(str(exc)) from None
+        model = backends.open_model(model, backend, device=args.device, onnx_path=args.onnx)
         outdir = Path(args.output)
         outdir.mkdir(parents=True, exist_ok=True)
         for path, image, (image_out, json_out) in zip(args.images, images, _output_names(args.images, outdir)):
@@ -192,6 +204,66 @@ def detect_main(argv: list[str] | None = None) -> int:
             json_out.write_text(json.dumps(record, indent=2) + "\n")
             print(f"{path}: {len(found)} detection{'s' if len(found) != 1 else ''} -> {image_out}, {json_out}")
     except Exception as exc:  # one readable line, never a traceback (GROUNDWATCH_DEBUG=1 re-raises)
+        return _fail(prog, exc)
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------------------------
+# export
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        height, width = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not HEIGHTxWIDTH: {text!r}") from None
+    return height, width
+
+
+def export_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="groundwatch export",
+        description="Export Grounding DINO to ONNX: the image graph (per frame) takes the text encoding as inputs; "
+                    "--text also writes the text graph. See docs/export.md.",
+    )
+    parser.add_argument("weights", metavar="WEIGHTS", help="'default', an official .pth, a Hugging Face folder or a "
+                                                           "groundwatch folder")
+    parser.add_argument("--format", default="onnx", choices=("onnx",), help="onnx (the only format)")
+    parser.add_argument("-o", "--output", default="model.onnx", help="the image graph's file (default model.onnx)")
+    parser.add_argument("--size", type=_size, default=None, metavar="HxW",
+                        help="input size after the model's resize, e.g. 480x640 (default: the model's short side "
+                             "at 4:3)")
+    parser.add_argument("--text", default=None, metavar="FILE", help="also export the text graph (BERT + feat_map)")
+    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17; at least 16 for GridSample)")
+    return parser
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    """``groundwatch export WEIGHTS --format onnx -o model.onnx [--size HxW] [--text text.onnx]``."""
+    prog = "groundwatch export"
+    args = _parse(export_parser(), argv)
+    if isinstance(args, int):
+        return args
+    try:
+        import gdino
+        from gdino import export
+
+        model = gdino.load(args.weights)
+        if args.size is None:
+            short = model.config.input_short_side
+            height, width = short, min(model.config.input_max_side, round(short * 4 / 3))
+        else:
+            height, width = args.size
+        opset = args.opset or export.DEFAULT_OPSET
+        digest = export.weights_hash(model)
+        info = export.to_onnx(model, args.output, height=height, width=width, opset=opset, weights_sha256=digest)
+        print(f"{args.weights} -> {info.path}: image graph for {height}x{width} inputs, opset {opset}, "
+              f"weights sha256 {digest[:16]}...")
+        if args.text:
+            path = export.text_to_onnx(model, args.text, opset=opset, weights_sha256=digest)
+            print(f"{args.weights} -> {path}: text graph")
+    except Exception as exc:
         return _fail(prog, exc)
     return EXIT_OK
 

@@ -7,7 +7,7 @@
     groundwatch prompt STREAM PROMPT [--control ENDPOINT]         change a stream's prompt while it runs
     groundwatch replay VIDEO --events LOG -o out.mp4              overlays and trails drawn over the video
     groundwatch keys DIRECTORY                                    a CURVE key pair for non-loopback endpoints
-    groundwatch detect|convert|train|eval ...                     the model's own tools (gdino)
+    groundwatch detect|convert|export|train|eval ...              the model's own tools (gdino)
 """
 
 from __future__ import annotations
@@ -44,6 +44,8 @@ def _run(args) -> int:
     def announce(s: Supervisor) -> None:
         print(f"groundwatch: events on {config.publish.endpoint} (subscribe: groundwatch subscribe "
               f"{config.publish.endpoint}); control on {config.publish.control_endpoint}", flush=True)
+        if s.web_url:
+            print(f"groundwatch: console at {s.web_url}", flush=True)
         if s.metrics_url:
             print(f"groundwatch: metrics at {s.metrics_url}", flush=True)
         for stream, path in s.record_paths.items():
@@ -61,7 +63,7 @@ def _run(args) -> int:
 def _demo(args) -> int:
     from streamer.demo import run_demo
 
-    return run_demo(output_directory=args.output, weights=args.weights)
+    return run_demo(output_directory=args.output, weights=args.weights, stay=args.stay)
 
 
 def _server_key(args, command: str) -> bytes | None:
@@ -163,10 +165,11 @@ def _keys(args) -> int:
 
 def _delegate(command: str, argv: list[str]) -> int:
     # Imported only here: the daemon's commands work whether or not the model's tools are installed.
-    if command in ("detect", "convert"):
+    if command in ("detect", "convert", "export"):
         from gdino import cli as gdino_cli
 
-        entry = gdino_cli.detect_main if command == "detect" else gdino_cli.convert_main
+        entry = {"detect": gdino_cli.detect_main, "convert": gdino_cli.convert_main,
+                 "export": gdino_cli.export_main}[command]
     else:
         from gdino.train import cli as train_cli
 
@@ -196,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
                                            "model, print the events it published, and draw them over the video.")
     demo.add_argument("-o", "--output", default="runs/demo", help="where the recording and replay go")
     demo.add_argument("--weights", default="default", help="model weights ('default', 'tiny' or a path)")
+    demo.add_argument("--stay", action="store_true", help="keep the daemon and its web console up after the video "
+                      "(until Ctrl-C)")
     demo.set_defaults(handler=_demo)
 
     run = commands.add_parser("run", help="run the daemon",
@@ -261,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     keys.set_defaults(handler=_keys)
 
     for name, help_text in (("detect", "detect objects in images (gdino)"), ("convert", "convert checkpoints"),
+                            ("export", "export the model to ONNX"),
                             ("train", "train the model"), ("eval", "evaluate the model")):
         delegated = commands.add_parser(name, help=help_text, add_help=False,
                                         description=f"{help_text[0].upper()}{help_text[1:]}: "
@@ -272,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("detect", "convert", "train", "eval"):
+    if argv and argv[0] in ("detect", "convert", "export", "train", "eval"):
         return _delegate(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     return args.handler(args)

@@ -100,10 +100,12 @@ def subscribe(endpoint: str, stream: str | None = None, kind: str | None = None,
                 continue
             while count is None or received < count:
                 try:
-                    topic, payload = socket.recv_multipart(flags=zmq.NOBLOCK)
+                    frames = socket.recv_multipart(flags=zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                event = decode_payload(payload)
+                if len(frames) != 2:  # a web console preview ([topic, header, JPEG]): not an event
+                    continue
+                event = decode_payload(frames[1])
                 last_event = time.monotonic()
                 if kind and event.get("kind") != kind:
                     continue

@@ -10,6 +10,8 @@ an operator fixes the whole file in one pass instead of one error per restart.
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
@@ -77,7 +79,18 @@ class ModelConfig(_Section):
         "default"
     )
     device: Annotated[str, Field(pattern=r"^(cpu|cuda(:\d+)?)$", description="cpu, cuda or cuda:N.")] = "cpu"
-    dtype: Annotated[Literal["float32", "float16", "bfloat16"], Field(description="Inference dtype.")] = "float32"
+    dtype: Annotated[Literal["float32", "float16", "bfloat16", "auto"], Field(
+        description="Inference dtype of the torch backend; 'auto' = bfloat16 on a CPU with AMX or AVX-512 BF16, "
+                    "float32 elsewhere.")] = "float32"
+    backend: Annotated[Literal["auto", "torch", "onnxruntime", "openvino"], Field(
+        description="Where the image graph runs: torch, onnxruntime (extra groundwatch[onnx]) or openvino (extra "
+                    "groundwatch[openvino]); 'auto' = torch (docs/export.md).")] = "torch"
+    onnx: Annotated[str | None, Field(
+        description="An exported image graph (groundwatch export) for onnxruntime/openvino; unset = export on "
+                    "first use into cache_dir.")] = None
+    cache_dir: Annotated[str | None, Field(
+        description="Where exported graphs are cached, per weights hash; unset = $GROUNDWATCH_CACHE or "
+                    "~/.cache/groundwatch.")] = None
     box_threshold: Annotated[float, Field(ge=0, le=1, description="Minimum box score.")] = 0.35
     text_threshold: Annotated[float, Field(ge=0, le=1, description="Minimum token score for a phrase.")] = 0.25
     batch_size: Annotated[int, Field(ge=1, le=64, description="Most frames per inference call, across streams.")] = 4
@@ -87,6 +100,10 @@ class ModelConfig(_Section):
     max_prompt_tokens: Annotated[int, Field(ge=8, le=16_384, description=(
         "Longest prompt in tokens (the text encoder reads 256 per pass; each pass costs a detector run)."))] = (
         DEFAULT_MAX_PROMPT_TOKENS)
+    watchdog_seconds: Annotated[float, Field(ge=0, le=3600, description="A detector call running longer gets the "
+                                             "inference worker restarted (a hung GPU); 0 = never.")] = 120
+    oom_recover_seconds: Annotated[float, Field(gt=0, le=86400, description="After an out-of-memory halved the "
+                                                "batch size, double it again after this long without one.")] = 60
 
 
 class LiveConfig(_Section):
@@ -108,6 +125,10 @@ class PublishConfig(_Section):
         int, Field(ge=1, le=10_000_000, description="Events queued per subscriber before it loses events.")
     ] = 10_000
     heartbeat_seconds: Annotated[float, Field(ge=0.05, le=3600, description="Heartbeat period per stream.")] = 1.0
+    curve_secret_key_file: Annotated[
+        str | None, Field(min_length=1, description="The daemon's CURVE key pair (`groundwatch keys`); required "
+                                                    "when an endpoint binds beyond loopback.")
+    ] = None
 
     @field_validator("endpoint", "control_endpoint")
     @classmethod
@@ -133,6 +154,37 @@ class MetricsConfig(_Section):
     enabled: Annotated[bool, Field(description="Serve Prometheus metrics over HTTP.")] = True
     host: Annotated[str, Field(min_length=1, description="Address to listen on.")] = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535, description="Port (0 = any free port).")] = 9108
+
+
+class WebConfig(_Section):
+    """The operator's web console (streamer/web): a supervisor child, a client of the PUB and control sockets."""
+
+    enabled: Annotated[bool, Field(description="Serve the web console (and encode preview frames for it).")] = True
+    host: Annotated[str, Field(min_length=1, description="Address to listen on; beyond loopback needs a token.")] = (
+        "127.0.0.1"
+    )
+    port: Annotated[int, Field(ge=0, le=65535, description="Port (0 = any free port).")] = 8080
+    token: Annotated[
+        str | None, Field(min_length=16, description="Full access (view and change prompts); or GROUNDWATCH_WEB_TOKEN.")
+    ] = None
+    read_token: Annotated[
+        str | None, Field(min_length=16, description="Optional view-only access: no prompt changes.")
+    ] = None
+    preview_fps: Annotated[float, Field(gt=0, le=30, description="Preview frames per second per stream, at most.")] = 5
+    preview_short_side: Annotated[int, Field(ge=32, le=2160, description="Previews are scaled down to this.")] = 360
+    preview_quality: Annotated[int, Field(ge=10, le=100, description="JPEG quality of the previews.")] = 75
+    viewer_queue: Annotated[
+        int, Field(ge=1, le=100_000, description="Events queued per viewer before its oldest are dropped.")
+    ] = 2000
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
 
 
 class SupervisorConfig(_Section):
@@ -227,6 +279,7 @@ class Config(_Section):
     supervisor: SupervisorConfig = SupervisorConfig()
     mqtt: MqttConfig | None = None
     webhooks: list[WebhookConfig] = []
+    web: WebConfig = WebConfig()
 
     @field_validator("streams")
     @classmethod
@@ -306,7 +359,54 @@ def _document_errors(data: dict, base_dir: Path) -> list[str]:
             if isinstance(name, str) and name not in stream_ids:
                 known = ", ".join(sorted(i for i in stream_ids if isinstance(i, str)))
                 errors.append(f"webhooks[{index}].streams: no stream {name!r} (streams: {known})")
+    errors += _access_errors(data, base_dir)
     return errors
+
+
+def _key_path(path: str, base_dir: Path) -> Path:
+    key = Path(path).expanduser()
+    return key if key.is_absolute() else (base_dir / key).resolve()
+
+
+def _access_errors(data: dict, base_dir: Path) -> list[str]:
+    """Endpoints beyond loopback need the CURVE key pair, and the pair must load (see `streamer.auth`)."""
+    from streamer.auth import KeyFileError, is_loopback, load_secret
+
+    publish = data.get("publish") if isinstance(data.get("publish"), dict) else {}
+    key_file = publish.get("curve_secret_key_file")
+    if isinstance(key_file, str) and key_file:
+        try:
+            load_secret(_key_path(key_file, base_dir))
+        except KeyFileError as exc:
+            return [f"publish.curve_secret_key_file: {exc}"]
+        return []
+    errors = []
+    defaults = PublishConfig()
+    for name in ("endpoint", "control_endpoint"):
+        endpoint = publish.get(name, getattr(defaults, name))
+        if isinstance(endpoint, str) and not is_loopback(endpoint):
+            errors.append(f"publish.{name}: {endpoint} is reachable beyond this machine; that needs "
+                          "publish.curve_secret_key_file (write a pair with `groundwatch keys DIRECTORY`), "
+                          "or bind to tcp://127.0.0.1")
+    return errors
+
+
+def _web_access(web: WebConfig) -> tuple[WebConfig, list[str]]:
+    """The console's token from the environment when the file has none, and the rule that binding beyond loopback
+    needs one (the daemon refuses to start otherwise)."""
+    errors = []
+    if web.token is None and os.environ.get("GROUNDWATCH_WEB_TOKEN"):
+        web = web.model_copy(update={"token": os.environ["GROUNDWATCH_WEB_TOKEN"]})
+    if web.enabled and not web.is_loopback and not web.token:
+        errors.append(f"web.host: {web.host!r} is beyond loopback; set web.token (or GROUNDWATCH_WEB_TOKEN), or "
+                      "bind 127.0.0.1")
+    if web.token and len(web.token) < 16:
+        errors.append("GROUNDWATCH_WEB_TOKEN: at least 16 characters")
+    if web.read_token and not web.token:
+        errors.append("web.read_token: needs web.token too (the full-access token)")
+    if web.read_token and web.token == web.read_token:
+        errors.append("web.read_token: must differ from web.token")
+    return web, errors
 
 
 def parse_config(data: dict, source: str = "<config>", base_dir: Path | None = None) -> Config:
@@ -331,6 +431,10 @@ def parse_config(data: dict, source: str = "<config>", base_dir: Path | None = N
                 message = err["msg"].removeprefix("Value error, ")
                 errors.append(f"{where}: {message}{_shown(err.get('input'))}")
     errors += _document_errors(data, base_dir)
+    web = None
+    if config is not None:
+        web, web_errors = _web_access(config.web)
+        errors += web_errors
     if errors:
         raise ConfigError(_report(source, errors))
     streams = [stream if stream.is_live else stream.model_copy(update={"url": str(_file_path(stream.url, base_dir))})
@@ -338,8 +442,13 @@ def parse_config(data: dict, source: str = "<config>", base_dir: Path | None = N
     record_dir = Path(config.record.directory).expanduser()
     if not record_dir.is_absolute():
         record_dir = base_dir / record_dir
+    publish = config.publish
+    if publish.curve_secret_key_file is not None:
+        publish = publish.model_copy(
+            update={"curve_secret_key_file": str(_key_path(publish.curve_secret_key_file, base_dir))})
     return config.model_copy(
-        update={"streams": streams, "record": config.record.model_copy(update={"directory": str(record_dir)})}
+        update={"streams": streams, "record": config.record.model_copy(update={"directory": str(record_dir)}),
+                "web": web, "publish": publish}
     )
 
 

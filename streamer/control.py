@@ -21,6 +21,7 @@ from typing import Annotated, Any, Callable, Literal, Union
 import zmq
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError, field_validator
 
+from streamer.auth import serve_curve
 from streamer.prompts import prompt_problem
 
 log = logging.getLogger("groundwatch.control")
@@ -83,8 +84,10 @@ Handler = Callable[[Any, Reply], "dict | object"]
 class ControlServer:
     """Serves the control endpoint. `serve()` answers every waiting request without blocking."""
 
-    def __init__(self, endpoint: str, context: zmq.Context | None = None) -> None:
+    def __init__(self, endpoint: str, context: zmq.Context | None = None,
+                 curve_keys: tuple[bytes, bytes] | None = None) -> None:
         self.socket = (context or zmq.Context.instance()).socket(zmq.ROUTER)
+        serve_curve(self.socket, curve_keys)  # beyond loopback: a CURVE server (streamer.auth)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.MAXMSGSIZE, 4 * MAX_REQUEST_BYTES)  # larger frames drop the peer, unread
         self.socket.setsockopt(zmq.SNDHWM, 1000)

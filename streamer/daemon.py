@@ -7,6 +7,7 @@ Processes (all spawned, never forked: torch and ZeroMQ do not survive a fork):
     decoder  one per stream: PyAV -> RGB frames -> the stream's shared-memory mailbox
     mqtt     with [mqtt]: event bus -> MQTT broker (Frigate topics, Home Assistant discovery); prompts from MQTT
     webhooks with [[webhooks]]: event bus -> signed JSON POSTs
+    web      with [web] enabled (the default): the operator's console (streamer/web), a client of PUB and control
 
 Shutdown (SIGINT, SIGTERM, or every file done): decoders stop first, then the worker drains what they decoded
 and ends open tracks, then the hub publishes and records what is in flight and closes the logs. Each stage has
@@ -32,6 +33,7 @@ from typing import Callable
 
 import zmq
 
+from streamer.auth import load_secret
 from streamer.config import Config
 from streamer.control import (DEFERRED, ControlServer, PingRequest, Reply, SetPromptRequest, StatusRequest,
                               StopRequest)
@@ -40,11 +42,22 @@ from streamer.events import make_event
 from streamer.frames import FrameMailbox, remove_stale_mailboxes
 from streamer.hub import hub_main
 from streamer.inference import worker_main
+from streamer.lastvalue import StateWatch
 from streamer.process import EXIT_DEGRADED, EXIT_DONE, EXIT_FATAL, EventSender, SharedFlag
 from streamer.recording import run_stamp
 from streamer.stats import RateMeter, StreamStats, snapshot
 
 log = logging.getLogger("groundwatch")
+
+
+def remove_stale_runtime_dirs() -> None:
+    """Delete `groundwatch-<pid>-*` folders in the temp directory whose daemon no longer runs (kill -9)."""
+    for path in Path(tempfile.gettempdir()).glob("groundwatch-*-*"):
+        parts = path.name.split("-")
+        if len(parts) < 3 or not parts[1].isdigit() or not path.is_dir():
+            continue
+        if int(parts[1]) != os.getpid() and not Path(f"/proc/{parts[1]}").exists():
+            shutil.rmtree(path, ignore_errors=True)
 
 
 class StartupError(RuntimeError):
@@ -83,17 +96,23 @@ class Supervisor:
         self.worker_ready = SharedFlag(self.context)
         self.worker_control = self.worker_replies = None
         self._new_worker_queues()
+        self.detect_stamp = self.context.Value("d", 0.0, lock=False)  # see streamer.watchdog
         self.children: list[Child] = []
         self.stop_reason: str | None = None
         self.exit_code = 0
         self.run_stamp = f"{run_stamp()}-{os.getpid()}"
         self.started = time.time()
         self.metrics_url: str | None = None
+        self.web_url: str | None = None
+        self.web_listener = None
         self._metrics_server = None
         self._request_id = 0
         self._rates = None
         self._latest_rates: dict[str, dict] = {}
         self._closed = False
+        self._state_watch: StateWatch | None = None
+        key_file = config.publish.curve_secret_key_file
+        self.curve_keys = load_secret(key_file) if key_file else None  # checked by the config already
         self.control: ControlServer | None = None
         self._pending: dict[int, tuple[float, Callable[[dict], None]]] = {}  # worker requests awaiting a reply
 
@@ -116,7 +135,7 @@ class Supervisor:
         `EndpointError` when an endpoint is taken, before anything is started."""
         config = self.config
         try:
-            self.control = ControlServer(config.publish.control_endpoint)
+            self.control = ControlServer(config.publish.control_endpoint, curve_keys=self.curve_keys)
             probe = zmq.Context.instance().socket(zmq.PUB)  # the hub binds it; fail here, not in a restart loop
             probe.setsockopt(zmq.LINGER, 0)
             try:
@@ -128,10 +147,19 @@ class Supervisor:
                 self.control.close()
             raise EndpointError(f"cannot bind {config.publish.control_endpoint} / {config.publish.endpoint}: {exc} "
                                 "(is another groundwatch running? change [publish] endpoints)") from None
+        self._bind_web()
         self._register_commands()
+        remove_stale_mailboxes()  # what a daemon killed with SIGKILL left: only ones whose pid no longer runs
+        remove_stale_runtime_dirs()
         self._check_record_directory()
-        remove_stale_mailboxes()
-        self.runtime_dir = tempfile.mkdtemp(prefix="groundwatch-")
+        try:
+            self._start_metrics()  # the last endpoint: checked before any shared memory or folder is created
+        except OSError as exc:
+            self.control.close()
+            raise StartupError(f"cannot serve metrics on {self.config.metrics.host}:{self.config.metrics.port}: "
+                               f"{exc.strerror or exc} (is another groundwatch running? change [metrics] port, "
+                               "or port = 0 for any free port)") from None
+        self.runtime_dir = tempfile.mkdtemp(prefix=f"groundwatch-{os.getpid()}-")
         self.events_endpoint = f"ipc://{self.runtime_dir}/events"
         self.stats = StreamStats.create(self.stream_ids)
         self._rates = RateMeter(self.stats)
@@ -143,7 +171,6 @@ class Supervisor:
                 stream.id, slots, stream.max_width, stream.max_height, self.context.Lock()
             )
         self.sender = EventSender(self.events_endpoint)
-        self._start_metrics()
 
         pid = os.getpid()
         stats_spec = self.stats.spec()
@@ -152,14 +179,16 @@ class Supervisor:
             high_water_mark=config.publish.high_water_mark, heartbeat_seconds=config.publish.heartbeat_seconds,
             stats_spec=stats_spec, record_directory=config.record.directory if config.record.enabled else None,
             flush_seconds=config.record.flush_seconds, run_stamp=self.run_stamp, stop=self.stage_stops[2],
-            parent_pid=pid), self.stage_stops[2]))
+            parent_pid=pid, curve_secret_key_file=config.publish.curve_secret_key_file), self.stage_stops[2]))
         self.children.append(Child("worker", 1, worker_main, lambda: dict(
             streams=[s.model_copy(update={"prompt": self.prompts[s.id]}) for s in config.streams],
             mailbox_specs={s: m.spec() for s, m in self.mailboxes.items()}, stats_spec=stats_spec,
             events_endpoint=self.events_endpoint, model=config.model,
             tracker=config.tracker, batch_size=config.model.batch_size, stop=self.stage_stops[1],
             control=self.worker_control, replies=self.worker_replies, ready=self.worker_ready,
-            parent_pid=pid), self.stage_stops[1]))
+            parent_pid=pid, oom_recover_seconds=config.model.oom_recover_seconds, detect_stamp=self.detect_stamp,
+            preview=self._preview_settings()),
+            self.stage_stops[1]))
         for stream in config.streams:
             self.children.append(Child(f"decoder-{stream.id}", 0, decoder_main, lambda s=stream: dict(
                 stream=s, mailbox_spec=self.mailboxes[s.id].spec(), stats_spec=stats_spec,
@@ -168,6 +197,8 @@ class Supervisor:
                 self.stage_stops[0], stream=stream.id))
         for child in sorted(self.children, key=lambda c: -c.stage):  # hub first: its sockets must be bound
             self._spawn(child)
+        self._state_watch = StateWatch(config.publish.endpoint, self.stream_ids,
+                                       self.curve_keys[0] if self.curve_keys else None)
         for child in self._bridge_children(stats_spec, pid):
             self.children.append(child)
             self._spawn(child)
@@ -182,15 +213,49 @@ class Supervisor:
             children.append(Child("mqtt", 3, mqtt_main, lambda: dict(
                 config=config.mqtt, prompts=dict(self.prompts), events_endpoint=config.publish.endpoint,
                 control_endpoint=config.publish.control_endpoint, internal_endpoint=self.events_endpoint,
-                stats_spec=stats_spec, stop=self.stage_stops[3], parent_pid=pid), self.stage_stops[3]))
+                stats_spec=stats_spec, stop=self.stage_stops[3], parent_pid=pid,
+                server_key=self.curve_keys[0] if self.curve_keys else None), self.stage_stops[3]))
         if config.webhooks:
             from streamer.webhooks import webhooks_main
 
             children.append(Child("webhooks", 3, webhooks_main, lambda: dict(
                 webhooks=list(config.webhooks), stream_ids=list(self.stream_ids),
                 events_endpoint=config.publish.endpoint, internal_endpoint=self.events_endpoint,
-                stats_spec=stats_spec, stop=self.stage_stops[3], parent_pid=pid), self.stage_stops[3]))
+                stats_spec=stats_spec, stop=self.stage_stops[3], parent_pid=pid,
+                server_key=self.curve_keys[0] if self.curve_keys else None), self.stage_stops[3]))
+        if self.web_listener is not None:
+            from streamer.web.server import web_main
+            from streamer.web.settings import build_web_settings
+
+            web_settings = build_web_settings(config, server_key=self.curve_keys[0] if self.curve_keys else None)
+            children.append(Child("web", 3, web_main, lambda: dict(
+                settings=web_settings, listener=self.web_listener, stop=self.stage_stops[3], parent_pid=pid),
+                self.stage_stops[3]))
         return children
+
+    def _bind_web(self) -> None:
+        """Bind the console's port here, once: a taken port fails the start, and restarts reuse the socket."""
+        web = self.config.web
+        if not web.enabled:
+            return
+        from streamer.web.server import bind_listener
+
+        try:
+            self.web_listener = bind_listener(web.host, web.port)
+        except OSError as exc:
+            self.control.close()
+            raise EndpointError(f"cannot bind the web console to {web.host}:{web.port}: {exc.strerror or exc} "
+                                "(is another groundwatch running? change [web] port, or enabled = false)") from None
+        host, port = self.web_listener.getsockname()[:2]
+        self.web_url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
+
+    def _preview_settings(self):
+        if not self.config.web.enabled:
+            return None  # nobody to show them to: the worker encodes no previews
+        from streamer.web.preview import PreviewSettings
+
+        web = self.config.web
+        return PreviewSettings(fps=web.preview_fps, short_side=web.preview_short_side, quality=web.preview_quality)
 
     def _check_record_directory(self) -> None:
         """Refuse to start when recordings cannot be written at all (a full disk later is survived and reported,
@@ -243,6 +308,7 @@ class Supervisor:
             for mailbox in self.mailboxes.values():
                 mailbox.recover_reading()
             self.worker_ready.clear()
+            self.detect_stamp.value = 0.0
             if child.process is not None:
                 self._new_worker_queues()
         child.process = self.context.Process(target=child.target, kwargs=child.kwargs(), name=f"gw-{child.name}",
@@ -265,6 +331,8 @@ class Supervisor:
                     self._spawn(child)
                 continue
             process = child.process
+            if child.name == "worker" and process is not None and process.is_alive():
+                self._watch_detector(process)
             if process is None or process.is_alive():
                 continue
             code = process.exitcode
@@ -290,6 +358,23 @@ class Supervisor:
                 self.sender.send(make_event(stream, "error", message=message, error_type="process_crashed",
                                             fatal=False, process=child.name))
 
+    def _watch_detector(self, process) -> None:
+        """Kill a worker whose detector call overran `model.watchdog_seconds`; it is restarted like a crash."""
+        from streamer.watchdog import DetectorWatchdog
+
+        limit = self.config.model.watchdog_seconds
+        elapsed = DetectorWatchdog.overrun(self.detect_stamp, limit)
+        if elapsed is None:
+            return
+        message = f"a detector call has run {elapsed:.1f} s (model.watchdog_seconds = {limit:g}); killing the worker"
+        log.error(message)
+        for stream in self.stream_ids:
+            self.sender.send(make_event(stream, "error", message=message, error_type="detector_hung", fatal=False,
+                                        process="worker"))
+        self.detect_stamp.value = 0.0
+        process.kill()
+        process.join(5)
+
     def _all_done(self) -> bool:
         if not self.config.supervisor.exit_when_done:
             return False
@@ -311,7 +396,11 @@ class Supervisor:
 
     def run(self, on_ready: Callable[["Supervisor"], None] | None = None) -> int:
         """Start, supervise until asked to stop (or every file is done), shut down. Returns the exit code."""
-        self.start()  # raises before starting anything when an endpoint is taken
+        try:
+            self.start()  # raises StartupError before creating anything when an endpoint is taken
+        except BaseException:
+            self._abandon_start()
+            raise
         if on_ready is not None:
             on_ready(self)
         poller = zmq.Poller()
@@ -326,6 +415,8 @@ class Supervisor:
                 if now >= next_rates:
                     next_rates = now + 1.0
                     self._latest_rates = {s: self._rates.rates(s, now) for s in self.stream_ids}
+                    if self._state_watch is not None:
+                        self._state_watch.drain()
                 if now >= next_check:
                     next_check = now + 0.2
                     self._check_children()
@@ -348,6 +439,8 @@ class Supervisor:
         for stream in self.config.streams:
             figures = snapshot(self.stats, stream.id, self._latest_rates.get(stream.id))
             figures.update(prompt=self.prompts[stream.id], source="live" if stream.is_live else "file")
+            if self._state_watch is not None:
+                figures.update(self._state_watch.state(stream.id))
             streams[stream.id] = figures
         processes = {
             child.name: {"pid": child.process.pid if child.process else None,
@@ -356,7 +449,8 @@ class Supervisor:
         }
         return {"ok": True, "uptime": round(time.time() - self.started, 3), "pid": os.getpid(),
                 "worker_ready": self.worker_ready.is_set(), "streams": streams, "processes": processes,
-                "publish": self.config.publish.endpoint, "metrics": self.metrics_url, "recordings": self.record_paths}
+                "publish": self.config.publish.endpoint, "metrics": self.metrics_url, "recordings": self.record_paths,
+                "web": self.web_url}
 
     def _register_commands(self) -> None:
         """The control socket's commands (docs/events.md). Others register theirs on `self.control` too."""
@@ -422,6 +516,19 @@ class Supervisor:
         logging.shutdown()
         os._exit(128 + signum)
 
+    def _abandon_start(self) -> None:
+        """A start that failed half-way (shared memory full...): leave nothing behind."""
+        for child in self.children:
+            if child.process is not None and child.process.pid is not None and child.process.is_alive():
+                child.process.kill()
+                child.process.join(5)
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+        if self.control is not None:
+            self.control.close()
+        self._remove_created()
+
     def _remove_created(self) -> None:
         """Delete the shared memory and the runtime folder (safe to call twice, and from a signal handler)."""
         for path in [m.path for m in getattr(self, "mailboxes", {}).values()] + (
@@ -452,6 +559,10 @@ class Supervisor:
                     child.process.join(5)
         self.sender.close()
         self.control.close()
+        if self.web_listener is not None:
+            self.web_listener.close()
+        if self._state_watch is not None:
+            self._state_watch.close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
         for mailbox in self.mailboxes.values():

@@ -29,7 +29,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_demo(output_directory: str | Path = "runs/demo", weights: str = "default") -> int:
+def _web_port(preferred: int = 8080) -> int:
+    """The console's usual port when it is free, else any free one (a daemon may already hold 8080)."""
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", preferred))
+            return preferred
+        except OSError:
+            return _free_port()
+
+
+def run_demo(output_directory: str | Path = "runs/demo", weights: str = "default", stay: bool = False) -> int:
     import tomllib
 
     from streamer.daemon import Supervisor
@@ -43,6 +53,9 @@ def run_demo(output_directory: str | Path = "runs/demo", weights: str = "default
                            control_endpoint=f"tcp://127.0.0.1:{_free_port()}")
     data["record"]["directory"] = str(output_directory / "recordings")
     data["model"]["weights"] = weights
+    data.setdefault("web", {})["port"] = _web_port()
+    if stay:  # keep the daemon, and so the console, up after the video until Ctrl-C
+        data.setdefault("supervisor", {})["exit_when_done"] = False
     config = parse_config(data, source=str(DEMO_CONFIG), base_dir=ASSETS)
     stream = config.streams[0]
 
@@ -66,8 +79,14 @@ def run_demo(output_directory: str | Path = "runs/demo", weights: str = "default
           f"(watch them: groundwatch subscribe {config.publish.endpoint})", flush=True)
     supervisor = Supervisor(config)
     supervisor.install_signal_handlers()
+
+    def announce(s: Supervisor) -> None:
+        if s.web_url:
+            after = "until Ctrl-C" if stay else "while the video runs (--stay keeps it up afterwards)"
+            print(f"groundwatch demo: console at {s.web_url} (open it in a browser; up {after})", flush=True)
+
     started = time.perf_counter()
-    code = supervisor.run()
+    code = supervisor.run(on_ready=announce)
     elapsed = time.perf_counter() - started
     listener.join(2)
     if code != 0:

@@ -3,8 +3,12 @@
 Children PUSH `[topic, JSON body]` to the hub's PULL socket. The hub numbers each stream's events (`seq`,
 one counter per stream over every kind) by splicing `v` and `seq` into the body, publishes it on the PUB socket
 (topic in its own frame) and appends the same bytes to the stream's event log. It also publishes a heartbeat
-per stream. PUB never blocks: a subscriber that stops reading loses events once its high-water mark is full,
+per stream. Preview frames for the web console (`[<stream>/preview, header, JPEG]`, see streamer/web/preview.py)
+pass straight through to PUB: not numbered (no `seq`) and never written to the event log. PUB never blocks: a subscriber that stops reading loses events once its high-water mark is full,
 and sees the loss as a gap in `seq`; the pipeline runs on at full speed.
+
+The PUB socket is an XPUB: a new subscriber gets each stream's last status and last error at once (see
+`streamer.lastvalue`). Beyond loopback it is a CURVE server (see `streamer.auth`).
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ import time
 
 import zmq
 
+from streamer.auth import serve_curve
 from streamer.events import encode_payload, make_event, splice_header, topic
+from streamer.lastvalue import LastValueCache
 from streamer.process import child_setup
 from streamer.recording import Recorder
 from streamer.stats import RateMeter, StreamStats, snapshot
@@ -25,20 +31,24 @@ log = logging.getLogger("groundwatch.hub")
 class Hub:
     def __init__(self, *, pull_endpoint: str, pub_endpoint: str, high_water_mark: int, heartbeat_seconds: float,
                  stats: StreamStats | None, recorder: Recorder | None, context: zmq.Context | None = None,
-                 pull_high_water_mark: int = 100_000) -> None:
+                 pull_high_water_mark: int = 100_000, curve_keys: tuple[bytes, bytes] | None = None) -> None:
         self.context = context or zmq.Context.instance()
         self.pull = self.context.socket(zmq.PULL)
         self.pull.setsockopt(zmq.RCVHWM, pull_high_water_mark)
         self.pull.setsockopt(zmq.LINGER, 0)
         self.pull.bind(pull_endpoint)
-        self.pub = self.context.socket(zmq.PUB)
+        self.pub = self.context.socket(zmq.XPUB)
         self.pub.setsockopt(zmq.SNDHWM, high_water_mark)
         self.pub.setsockopt(zmq.LINGER, 0)
+        self.pub.setsockopt(zmq.XPUB_VERBOSE, 1)  # every subscription, not only a topic's first: each gets the cache
+        serve_curve(self.pub, curve_keys)
         self.pub.bind(pub_endpoint)
+        self.last_values = LastValueCache()
         self.stats, self.recorder = stats, recorder
         self.heartbeat_seconds = heartbeat_seconds
         self.seq: dict[str, int] = {}
         self.published = 0
+        self.previews_published = 0
         self._rates = RateMeter(stats) if stats is not None else None
         self._next_heartbeat = time.monotonic() + heartbeat_seconds
         self._record_reported: dict[str, float] = {}  # stream -> when its recording failure was last published
@@ -55,6 +65,7 @@ class Hub:
         self.seq[stream] = seq
         payload = splice_header(body, seq)
         self.pub.send_multipart((topic_frame, payload), flags=zmq.NOBLOCK)
+        self.last_values.see(stream, topic_frame, payload)
         if self.recorder is not None:
             self.recorder.append(stream, payload)
         self.published += 1
@@ -69,6 +80,10 @@ class Hub:
                 frames = self.pull.recv_multipart(flags=zmq.NOBLOCK)
             except zmq.Again:
                 break
+            if len(frames) == 3 and frames[0].endswith(b"/preview"):
+                self.pub.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)  # not an event: no seq, no log
+                self.previews_published += 1
+                continue
             try:
                 self.publish_body(frames[0], frames[1])
             except (ValueError, IndexError, UnicodeDecodeError) as exc:  # a bug in a child; never stop publishing
@@ -77,12 +92,31 @@ class Hub:
             count += 1
         return count
 
+    def serve_subscriptions(self, limit: int = 1000) -> int:
+        """Answer new subscriptions with the cached last values they match. Returns how many subscriptions."""
+        count = 0
+        while count < limit:
+            try:
+                message = self.pub.recv(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            count += 1
+            if message[:1] != b"\x01":  # an unsubscription
+                continue
+            for topic_frame, payload in self.last_values.matching(message[1:]):
+                try:
+                    self.pub.send_multipart((topic_frame, payload), flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+        return count
+
     def heartbeat(self, now: float) -> None:
         if self.stats is None:
             return
         wall = time.time()
         for stream in self.stats.stream_ids:
             figures = snapshot(self.stats, stream, self._rates.rates(stream, now))
+            figures.update(self.last_values.state(stream))
             self.publish(make_event(stream, "heartbeat", ts=wall, uptime=round(wall - self.started, 3), **figures))
 
     def tick(self) -> None:
@@ -122,9 +156,11 @@ class Hub:
     def run(self, stop) -> None:
         poller = zmq.Poller()
         poller.register(self.pull, zmq.POLLIN)
+        poller.register(self.pub, zmq.POLLIN)  # subscriptions
         while not stop.is_set():
             if poller.poll(50):
                 self.drain()
+                self.serve_subscriptions()
             self.tick()
         # Producers were stopped before us (see Supervisor.shutdown): take what they left in flight.
         quiet_since = time.monotonic()
@@ -142,15 +178,20 @@ class Hub:
 
 def hub_main(*, pull_endpoint: str, pub_endpoint: str, high_water_mark: int, heartbeat_seconds: float,
              stats_spec: dict, record_directory: str | None, flush_seconds: float, run_stamp: str, stop,
-             parent_pid: int) -> None:
+             parent_pid: int, curve_secret_key_file: str | None = None) -> None:
     """Entry point of the hub process (spawned by the supervisor)."""
     child_setup("hub", parent_pid)
+    curve_keys = None
+    if curve_secret_key_file is not None:
+        from streamer.auth import load_secret
+
+        curve_keys = load_secret(curve_secret_key_file)
     stats = StreamStats.attach(stats_spec)
     recorder = None
     if record_directory is not None:
         recorder = Recorder(record_directory, stats.stream_ids, flush_seconds, stamp=run_stamp)
     hub = Hub(pull_endpoint=pull_endpoint, pub_endpoint=pub_endpoint, high_water_mark=high_water_mark,
-              heartbeat_seconds=heartbeat_seconds, stats=stats, recorder=recorder)
+              heartbeat_seconds=heartbeat_seconds, stats=stats, recorder=recorder, curve_keys=curve_keys)
     try:
         hub.run(stop)
     finally:

@@ -23,6 +23,7 @@ from streamer.frames import Frame, FrameMailbox
 from streamer.process import EXIT_FATAL, EventSender, child_setup
 from streamer.prompts import DEFAULT_MAX_PROMPT_TOKENS, check_prompt
 from streamer.stats import STATE_CODES, STATE_NAMES, StreamStats
+from streamer.watchdog import BatchSizer, DetectorWatchdog, is_out_of_memory, with_injected_faults
 from tracker.config import TrackerConfig
 
 log = logging.getLogger("groundwatch.inference")
@@ -52,15 +53,20 @@ class GdinoDetector:
     def __init__(self, *, weights: str = "default", device: str = "cpu", dtype: str = "float32",
                  box_threshold: float = 0.35, text_threshold: float = 0.25, threads: int = 0,
                  short_side: int = 800, max_side: int = 1333,
-                 max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS) -> None:
+                 max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS, backend: str = "torch",
+                 onnx: str | None = None, cache_dir: str | None = None) -> None:
         # Imported here, not at the top: torch and the model are loaded only in the worker process.
         import torch
 
         import gdino
-        from gdino import predict
+        from gdino import backends, predict
 
         if threads:
             torch.set_num_threads(threads)
+        backend = backends.resolve_backend(backend, device)
+        # The exported graphs are float32; dtype applies to the torch backend ("auto": bfloat16 on a CPU with
+        # AMX or AVX-512 BF16).
+        dtype = backends.resolve_dtype(dtype, device) if backend == "torch" else "float32"
         if weights == "tiny":
             # Random weights of the tiny config: plumbing tests and the pipeline benchmark, never for answers.
             from gdino.config import tiny
@@ -69,6 +75,8 @@ class GdinoDetector:
             model = gdino.build(tiny()).to(device=device, dtype=getattr(torch, dtype)).eval()
         else:
             model = gdino.load(weights, device=device, dtype=dtype)
+        model = backends.open_model(model, backend, device=device, onnx_path=onnx, cache_dir=cache_dir,
+                                    threads=threads)
         self.model, self.predict, self._torch = model, predict, torch
         self.box_threshold, self.text_threshold = box_threshold, text_threshold
         self.short_side, self.max_side = short_side, max_side
@@ -79,7 +87,13 @@ class GdinoDetector:
         return cls(weights=config.weights, device=config.device, dtype=config.dtype,
                    box_threshold=config.box_threshold, text_threshold=config.text_threshold,
                    threads=config.threads, short_side=config.short_side, max_side=config.max_side,
-                   max_prompt_tokens=config.max_prompt_tokens)
+                   max_prompt_tokens=config.max_prompt_tokens, backend=config.backend, onnx=config.onnx,
+                   cache_dir=config.cache_dir)
+
+    def release_memory(self) -> None:
+        """After an out-of-memory error: give cached GPU blocks back before a smaller batch is tried."""
+        if str(self.device).startswith("cuda"):
+            self._torch.cuda.empty_cache()
 
     def encode(self, prompt: str):
         """Tokenised and encoded once per prompt (several passes past the text encoder's window). A prompt
@@ -99,6 +113,15 @@ class GdinoDetector:
 
 def build_detector(model_config: ModelConfig) -> GdinoDetector:
     return GdinoDetector.from_config(model_config)
+
+
+def build_preview_encoder(settings):
+    """Previews only when the web console is on (`settings` is a `PreviewSettings`, or None)."""
+    if settings is None:
+        return None
+    from streamer.web.preview import PreviewEncoder
+
+    return PreviewEncoder(settings)
 
 
 def build_tracker(tracker_config: TrackerConfig):
@@ -125,7 +148,8 @@ class InferenceWorker:
 
     def __init__(self, *, detector: Detector, streams: list[StreamConfig], mailboxes: dict[str, FrameMailbox],
                  stats: StreamStats, sender: EventSender, tracker_factory, batch_size: int = 4,
-                 idle_sleep: float = 0.003) -> None:
+                 idle_sleep: float = 0.003, oom_recover_seconds: float = 60.0,
+                 watchdog: DetectorWatchdog | None = None, previews=None) -> None:
         self.detector, self.stats, self.sender = detector, stats, sender
         self.tracker_factory, self.batch_size, self.idle_sleep = tracker_factory, batch_size, idle_sleep
         self.streams = {
@@ -133,9 +157,13 @@ class InferenceWorker:
             for s in streams
         }
         self.encodings: dict[str, Any] = {}
+        self.sizer = BatchSizer(batch_size, oom_recover_seconds)  # self.batch_size follows it
+        self.skipped_in_a_row = 0  # frames skipped for out of memory since the last success
+        self.watchdog = watchdog
         self.consecutive_failures = 0
         self.max_consecutive_failures = 10
         self._rotation = 0
+        self.previews = previews  # a streamer.web.preview.PreviewEncoder when the web console is on
         # Prompt changes are encoded here, off the frame loop: a long prompt never stalls the streams.
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prompt-encoder")
         self._encoding_jobs: list[tuple[Future, int, str, str, float]] = []
@@ -237,8 +265,10 @@ class InferenceWorker:
                 continue
             started = time.perf_counter()
             try:
-                results = self.detector.detect([frame.pixels for _, frame in items], encoding)
+                results = self._detect(items, encoding)
                 self.consecutive_failures = 0
+                # Encoded before the slots are released: after `release` a decoder may overwrite the pixels.
+                previews = [self._encode_preview(state, frame) for state, frame in items]
             except Exception as exc:
                 # One bad batch costs its frames, not the worker; a detector that keeps failing (out of
                 # memory on every call) is restarted by the supervisor instead of spinning here.
@@ -247,15 +277,74 @@ class InferenceWorker:
                 for stream_id in {state.stream_id for state, _ in items}:
                     self._send(make_event(stream_id, "error", message=f"detector failed: {type(exc).__name__}: "
                                           f"{exc}", error_type="inference_failed", fatal=False))
-                if self.consecutive_failures >= self.max_consecutive_failures:
-                    raise
+                if self.consecutive_failures >= self.max_consecutive_failures or is_out_of_memory(exc):
+                    raise  # out of memory gets here only once `_detect` gave up on skipping frames
                 continue
             finally:
                 for state, frame in items:
                     state.mailbox.release(frame)
             inference_ms = (time.perf_counter() - started) * 1000 / len(items)
-            for (state, frame), result in zip(items, results):
-                self._emit_frame(state, frame, result, inference_ms)
+            for (state, frame), result, preview in zip(items, results, previews):
+                if result is not None:  # None: skipped, out of memory even alone
+                    self._emit_frame(state, frame, result, inference_ms)
+                    if preview is not None:  # after its detections: a viewer has the boxes when the picture comes
+                        self.sender.send_frames(preview)
+
+    def _encode_preview(self, state: StreamState, frame: Frame) -> list[bytes] | None:
+        if self.previews is None:
+            return None
+        try:
+            return self.previews.maybe_encode(state.stream_id, frame.frame_index, frame.pixels, ts=frame.ts,
+                                              pts=frame.pts, decoded_at=frame.decoded_at)
+        except Exception:  # a preview is never worth a frame's events
+            log.exception("preview encoding failed")
+            return None
+
+    def _detect_watched(self, frames: list[np.ndarray], encoding: Any) -> list[FrameDetections]:
+        if self.watchdog is not None:
+            self.watchdog.begin()
+        try:
+            return self.detector.detect(frames, encoding)
+        finally:
+            if self.watchdog is not None:
+                self.watchdog.end()
+
+    def _detect(self, items: list[tuple[StreamState, Frame]], encoding: Any) -> list[FrameDetections | None]:
+        """Detect on `items` in batches of the current size. Out of memory halves the size and runs the same
+        frames again; a frame that does not fit alone is skipped (None) with an `out_of_memory` error event."""
+        results: list[FrameDetections | None] = [None] * len(items)
+        start = 0
+        while start < len(items):
+            chunk = items[start:start + self.sizer.size]
+            try:
+                found = self._detect_watched([frame.pixels for _, frame in chunk], encoding)
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                release = getattr(self.detector, "release_memory", None)
+                if release is not None:
+                    release()
+                if len(chunk) > 1:
+                    self.batch_size = self.sizer.shrink()
+                    log.warning("out of memory on a batch of %d frames: batch size now %d", len(chunk),
+                                self.batch_size)
+                    continue
+                self.sizer.shrink()  # at 1 already: restarts the quiet period
+                self.skipped_in_a_row += 1
+                if self.skipped_in_a_row >= self.max_consecutive_failures:
+                    raise  # memory never comes back: a fresh worker (a fresh CUDA context) is the next step
+                state, frame = chunk[0]
+                log.error("out of memory on one frame of %s: frame %d skipped", state.stream_id, frame.frame_index)
+                self._send(make_event(state.stream_id, "error", message=f"out of memory even at batch size 1: "
+                                      f"frame {frame.frame_index} skipped ({exc})", error_type="out_of_memory",
+                                      fatal=False, frame=frame.frame_index))
+                start += 1
+                continue
+            results[start:start + len(chunk)] = found
+            start += len(chunk)
+            self.skipped_in_a_row = 0
+        self.batch_size = self.sizer.maybe_grow()
+        return results
 
     def _emit_frame(self, state: StreamState, frame: Frame, result: FrameDetections, inference_ms: float) -> None:
         boxes_xyxy = np.asarray(result.boxes_xyxy, dtype=np.float32).reshape(-1, 4)  # (N, 4) pixels
@@ -411,7 +500,8 @@ class InferenceWorker:
 
 def worker_main(*, streams: list[StreamConfig], mailbox_specs: dict[str, dict], stats_spec: dict,
                 events_endpoint: str, model: ModelConfig, tracker: TrackerConfig, batch_size: int, stop,
-                control, replies, ready, parent_pid: int) -> None:
+                control, replies, ready, parent_pid: int, oom_recover_seconds: float = 60.0,
+                detect_stamp=None, preview=None) -> None:
     """Entry point of the inference worker process (spawned by the supervisor). `streams` carry their current
     prompts (a restarted worker starts with the prompts set since start-up)."""
     child_setup("worker", parent_pid)
@@ -420,7 +510,7 @@ def worker_main(*, streams: list[StreamConfig], mailbox_specs: dict[str, dict], 
     mailboxes = {stream_id: FrameMailbox.attach(spec) for stream_id, spec in mailbox_specs.items()}
     started = time.perf_counter()
     try:
-        detector = build_detector(model)
+        detector = with_injected_faults(build_detector(model))
     except Exception as exc:
         log.error("cannot load the model: %s", exc)
         for stream in streams:
@@ -432,7 +522,10 @@ def worker_main(*, streams: list[StreamConfig], mailbox_specs: dict[str, dict], 
 
     tracker_package.warm_up()
     worker = InferenceWorker(detector=detector, streams=streams, mailboxes=mailboxes, stats=stats, sender=sender,
-                             tracker_factory=lambda: build_tracker(tracker), batch_size=batch_size)
+                             tracker_factory=lambda: build_tracker(tracker), batch_size=batch_size,
+                             oom_recover_seconds=oom_recover_seconds,
+                             watchdog=DetectorWatchdog(detect_stamp) if detect_stamp is not None else None,
+                             previews=build_preview_encoder(preview))
     worker.prepare_prompts()
     log.info("model ready in %.1f s", time.perf_counter() - started)
     ready.set()

@@ -28,6 +28,7 @@ from typing import Iterable
 import zmq
 
 from streamer.auth import client_curve, connectable
+from streamer.lastvalue import ResendFilter
 from streamer.config import MqttConfig
 from streamer.events import make_event
 from streamer.process import EventSender, child_setup
@@ -288,11 +289,15 @@ class BridgeState:
         return self._state(topic, _json(status), stream)
 
     def seed_status(self, stream: str, figures: dict) -> list[Message]:
-        """A stream's state from the daemon's `status` reply, unless a status event already said more."""
+        """A stream's state and source from the daemon's `status` reply, where no event has said them yet
+        (events and heartbeats are newer than this reply: what they said stays)."""
         topic = f"{self.prefix}/{stream}/status"
-        if stream not in self.streams or topic in self.retained:
+        if stream not in self.streams:
             return []
-        status = {key: figures[key] for key in ("state", "source") if key in figures}
+        current = json.loads(self.retained[topic].payload) if topic in self.retained else {}
+        status = {**{key: figures[key] for key in ("state", "source") if key in figures}, **current}
+        if status == current:
+            return []
         return self._state(topic, _json(status), stream)
 
     def set_prompt(self, stream: str, prompt: str) -> list[Message]:
@@ -425,6 +430,7 @@ class MqttBridge:
         self._reported: str | None = None  # the error last reported, so a retry loop reports it once
 
         self.context = zmq.Context.instance()
+        self._resends = ResendFilter()
         self.sub = self.context.socket(zmq.SUB)
         self.sub.setsockopt(zmq.RCVHWM, 100_000)
         self.sub.setsockopt(zmq.LINGER, 0)
@@ -619,7 +625,7 @@ class MqttBridge:
                 event = json.loads(payload)
             except ValueError:
                 continue
-            if isinstance(event, dict):
+            if isinstance(event, dict) and self._resends.fresh(event):  # a cached copy already seen: dropped
                 self._queue(self.state.handle(event, payload))
         return count
 
@@ -650,7 +656,7 @@ class MqttBridge:
 
     def step(self, poller: zmq.Poller, timeout_ms: int = 20) -> None:
         if poller.poll(timeout_ms):
-            self.receive()
+            self.receive(limit=1000)  # a burst is read in slices, with the broker served in between
         while True:
             try:
                 self._handle_notice(self._notices.get_nowait())

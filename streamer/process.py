@@ -98,5 +98,14 @@ class EventSender:
             self.dropped += 1
             return False
 
+    def send_frames(self, frames: list[bytes]) -> bool:
+        """A message that is not an event (a preview frame: `streamer.web.preview`); dropped like one."""
+        try:
+            self.socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            return True
+        except zmq.Again:
+            self.dropped += 1
+            return False
+
     def close(self) -> None:
         self.socket.close()

@@ -145,3 +145,19 @@ class Recorder:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+def retained_copy(port: int, topic: str, timeout: float = 15.0) -> bytes:
+    """The broker's retained message on `topic`, as a new subscriber gets it (flagged retained). Asks again with
+    a fresh subscriber until one comes (a publisher may still be on its way), or fails after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        subscriber = Recorder(port, [topic])
+        try:
+            found = subscriber.wait_for(lambda m: m[0] == topic and m[2], 1.0, f"retained {topic}")
+            return found[0][1]
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+        finally:
+            subscriber.close()

@@ -84,3 +84,20 @@ def test_loop_and_realtime_on_a_camera_are_refused():
     data = {"streams": [{"id": "cam", "url": "rtsp://127.0.0.1:1/x", "prompt": "a person .", "loop": True}]}
     with pytest.raises(ConfigError, match="loop and realtime are for files"):
         parse_config(data)
+
+
+def test_finished_file_ends_while_a_camera_always_has_a_frame(mailbox_factory, stats_factory):
+    """On a loaded machine a camera always had a frame waiting, and a finished file next to it never got its
+    `end_of_file` (the worker only finished streams on a round with nothing to process)."""
+    from fakes import make_worker
+
+    streams = [{"id": "file", "live": False, "prompt": "thing ."}, {"id": "cam", "live": True, "prompt": "thing ."}]
+    worker, mailboxes, _, sender, _ = make_worker(mailbox_factory, stats_factory, streams)
+    for value in range(3):
+        mailboxes["file"].put(frame_with_value(value), frame_index=value, pts=value / 10, ts=value / 10, live=False)
+    mailboxes["file"].finish(1)
+    for round_ in range(6):
+        mailboxes["cam"].put(frame_with_value(round_), frame_index=round_, pts=0, ts=time.time(), live=True)
+        assert worker.step() > 0  # never an idle round
+    ends = [e for e in sender.events if e["stream"] == "file" and e["kind"] == "status"]
+    assert [(e["state"], e["reason"]) for e in ends] == [("offline", "end_of_file")]

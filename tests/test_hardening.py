@@ -442,3 +442,58 @@ prompt = "a person ."
         assert "Traceback" not in daemon.log()
     finally:
         daemon.kill()
+
+
+# -- defect 9: a taken metrics port left shared memory and a temp folder behind ---------------------------------
+
+
+def test_taken_metrics_port_is_a_clear_error_and_stale_leftovers_are_removed(tmp_path):
+    """The metrics port in use gave a traceback and left a 37 MB shared-memory buffer and a groundwatch-* temp
+    folder behind; after kill -9 such leftovers piled up. Every endpoint is checked before anything is created,
+    and what a dead daemon left (its pid no longer runs) is removed at the next start."""
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer runs
+    stale_shm = Path("/dev/shm") / f"groundwatch-{dead.pid}-cam"
+    stale_shm.write_bytes(b"\0" * 1024)
+    stale_dir = Path(tempfile.gettempdir()) / f"groundwatch-{dead.pid}-abc123"
+    stale_dir.mkdir()
+    (stale_dir / "events").write_bytes(b"")
+    live_dir = Path(tempfile.mkdtemp(prefix=f"groundwatch-{os.getpid()}-"))  # a running daemon's: kept
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        daemon = Daemon(tmp_path, f"""
+[[streams]]
+id = "cam"
+url = "{dead_rtsp_url()}"
+prompt = "a person ."
+""", f"""
+[metrics]
+port = {taken.getsockname()[1]}
+""")
+        before_dirs = set(Path(tempfile.gettempdir()).glob("groundwatch-*"))
+        daemon.start()
+        try:
+            assert daemon.wait_exit(60) == 2, daemon.log()
+            log = daemon.log()
+            assert "metrics" in log and str(taken.getsockname()[1]) in log and "Traceback" not in log, log
+            assert not list(Path("/dev/shm").glob(f"groundwatch-{daemon.process.pid}-*"))
+            assert not [d for d in Path(tempfile.gettempdir()).glob(f"groundwatch-{daemon.process.pid}-*")]
+            assert not stale_shm.exists() and not stale_dir.exists()
+            assert live_dir.exists()
+            assert set(Path(tempfile.gettempdir()).glob("groundwatch-*")) <= before_dirs
+        finally:
+            daemon.kill()
+    finally:
+        taken.close()
+        stale_shm.unlink(missing_ok=True)
+        import shutil
+
+        shutil.rmtree(stale_dir, ignore_errors=True)
+        shutil.rmtree(live_dir, ignore_errors=True)

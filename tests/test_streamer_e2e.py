@@ -159,6 +159,9 @@ directory = "recordings"
 [metrics]
 port = 0
 
+[web]
+enabled = false  # its own tests: test_web.py, test_web_browser.py
+
 [supervisor]
 exit_when_done = false
 """)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import threading
 import time
@@ -32,6 +33,7 @@ from streamer.web.bus import Bus, Viewer
 from streamer.web.preview import PreviewEncoder, PreviewSettings, encode_jpeg, preview_size
 from streamer.web.recordings import NotFound, VideoCache, list_recordings, recording_events
 from streamer.web.settings import WebSettings, WebStream
+from tracker import TrackerConfig
 
 MINIMAL = {"streams": [{"id": "cam", "url": "rtsp://127.0.0.1:1/x", "prompt": "a person ."}]}
 
@@ -105,7 +107,6 @@ def test_worker_sends_a_preview_after_the_detections_of_its_frame(tmp_path):
     import itertools
 
     import fakes as helpers
-    from tracker import TrackerConfig
 
     always_due = itertools.count(0, 10).__next__
     for previews in (PreviewEncoder(PreviewSettings(fps=1), clock=always_due), None):
@@ -138,6 +139,38 @@ def test_worker_sends_a_preview_after_the_detections_of_its_frame(tmp_path):
         for message, value in zip(shown[1::2], (1, 2, 3)):
             picture = cv2.imdecode(np.frombuffer(message[2], np.uint8), cv2.IMREAD_GRAYSCALE)
             assert abs(int(picture.mean()) - value * 60) <= 3  # that frame's pixels, not a later one's
+
+
+def test_a_file_finishes_beside_a_camera_that_always_has_a_frame():
+    """A file stream next to a live one never went offline (end_of_file) while the worker was busy: the worker
+    only looked for finished files in rounds with no frame at all, and a camera always has one; the console then
+    showed the finished file as online forever."""
+    import fakes as helpers
+
+    stats = StreamStats(f"/dev/shm/groundwatch-{time.time_ns()}-webtest", ["cam", "file"], _create=True)
+    mailboxes = {name: FrameMailbox.create(f"test-finish-{name}-{time.time_ns()}", 4, 32, 24, threading.Lock())
+                 for name in ("cam", "file")}
+    sender = _ListSender()
+    try:
+        worker = InferenceWorker(detector=helpers.FakeDetector(), streams=[
+            helpers.stream_config("cam", True, "thing ."), helpers.stream_config("file", False, "thing .")],
+            mailboxes=mailboxes, stats=stats, sender=sender,
+            tracker_factory=lambda: build_tracker(TrackerConfig()), batch_size=2)
+        for index in range(2):
+            mailboxes["file"].put(helpers.frame_with_value(50), frame_index=index, pts=index / 10, ts=index / 10,
+                                  live=False)
+        mailboxes["file"].finish(1)  # end of file
+        for index in range(10):  # the camera has a new frame every round
+            mailboxes["cam"].put(helpers.frame_with_value(90), frame_index=index, pts=0, ts=time.time(), live=True)
+            assert worker.step() >= 1
+    finally:
+        for mailbox in mailboxes.values():
+            mailbox.close()
+            mailbox.unlink()
+        stats.close()
+        stats.unlink()
+    statuses = [json.loads(m[1]) for m in sender.messages if m[0] == b"file/status"]
+    assert [(e["state"], e["reason"]) for e in statuses] == [("offline", "end_of_file")]
 
 
 class _ListSender:
@@ -236,6 +269,39 @@ def test_slow_viewer_loses_previews_not_events_and_never_blocks():
     assert taken.count("event: preview") == 1 and '"frame":19' in taken
     assert taken.index('"kind": "detections", "frame": 19') < taken.index("event: preview")
     assert bus.counters()["previews_dropped"] == 19
+
+
+def test_a_page_opened_later_gets_the_last_picture_with_its_boxes():
+    """A finished file used to show "waiting for video" forever to a page opened after its last preview."""
+    async def scenario():
+        bus = Bus("inproc://unused")
+        for frame in (7, 8):
+            bus.dispatch([b"door/detections", json.dumps({"v": 1, "stream": "door", "kind": "detections",
+                                                          "frame": frame}).encode()])
+        bus.dispatch([b"door/preview", json.dumps({"stream": "door", "frame": 8}).encode(), b"\xff\xd8"])
+        return bus.add_viewer({"door"}).take().decode(), bus.add_viewer(set()).take()
+
+    shown, nothing = asyncio.run(scenario())
+    assert '"frame": 8' in shown and '"frame": 7' not in shown and 'event: preview\ndata: {"cached":true,' in shown
+    assert nothing == b""
+
+
+def test_cached_copies_from_the_hub_reach_pages_once():
+    """The hub re-sends each stream's last status to every new subscriber (last-value cache); the console relayed
+    every copy, so each page that opened elsewhere added the same status to every open page's events list."""
+    async def scenario():
+        bus = Bus("inproc://unused")
+        viewer = bus.add_viewer(set())
+        status = {"v": 1, "seq": 4, "stream": "door", "kind": "status", "state": "offline"}
+        bus.dispatch([b"door/status", json.dumps({**status, "cached": True}).encode()])  # ours, on connecting
+        bus.dispatch([b"door/status", json.dumps({**status, "cached": True}).encode()])  # another subscriber's
+        bus.dispatch([b"door/status", json.dumps({**status, "seq": 9}).encode()])
+        bus.dispatch([b"door/status", json.dumps({**status, "seq": 9, "cached": True}).encode()])
+        return viewer.take().decode(), bus
+
+    relayed, bus = asyncio.run(scenario())
+    assert relayed.count('"seq": 4') == 1 and relayed.count('"seq": 9') == 1
+    assert [e["seq"] for e in bus.recent] == [4, 9]
 
 
 def test_bus_keeps_state_for_new_pages_and_counts_malformed_messages():
@@ -375,3 +441,63 @@ def test_login_form_sets_an_httponly_cookie(served):
         reply = client.get("/api/streams")  # the cookie now goes with every request
         assert reply.status_code == 200 and reply.json()["role"] == "viewer"
         assert reply.json()["can_change_prompts"] is False
+
+
+def test_demo_prints_the_console_address(tmp_path, monkeypatch, capsys):
+    """`groundwatch demo` must tell a new user where the page is (the daemon binds it; 8080 when free)."""
+    from streamer.daemon import Supervisor
+
+    def run(self, on_ready=None):  # the daemon's own binding and announcement, without a model
+        self._bind_web()
+        try:
+            on_ready(self)
+        finally:
+            self.web_listener.close()
+        return 1
+
+    monkeypatch.setattr(Supervisor, "run", run)
+    monkeypatch.setattr(Supervisor, "install_signal_handlers", lambda self: None)
+    assert cli.main(["demo", "--weights", "tiny", "-o", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if "console at" in line)
+    assert line.startswith("groundwatch demo: console at http://127.0.0.1:") and "--stay" in line
+
+
+def _serve_forever(settings, listener, stop) -> None:
+    from streamer.web.server import serve
+
+    serve(settings, listener, stop)
+
+
+def test_a_killed_web_process_cannot_hang_the_supervisors_shutdown(tmp_path):
+    """The web process used to sleep in `stop.wait()`; killed there (a crash, an OOM kill), it left the
+    multiprocessing Event counting a sleeper that never wakes, and the supervisor's `stop.set()` at shutdown
+    blocked forever."""
+    import multiprocessing
+    import signal
+
+    from streamer.web.server import bind_listener
+
+    context = multiprocessing.get_context("spawn")
+    stop = context.Event()
+    settings = WebSettings(publish_endpoint=f"ipc://{tmp_path}/pub", control_endpoint=f"ipc://{tmp_path}/control",
+                           record_directory=None, streams=())
+    listener = bind_listener("127.0.0.1", 0)
+    process = context.Process(target=_serve_forever, args=(settings, listener, stop), daemon=True)
+    process.start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/api/events"
+    deadline = time.monotonic() + 60
+    while True:  # serving: its stop watcher is running
+        try:
+            httpx.get(url, timeout=2)
+            break
+        except httpx.TransportError:
+            assert time.monotonic() < deadline, "the web process did not start"
+            time.sleep(0.2)
+    os.kill(process.pid, signal.SIGKILL)
+    process.join(10)
+    setter = threading.Thread(target=stop.set, daemon=True)
+    setter.start()
+    setter.join(5)
+    listener.close()
+    assert not setter.is_alive(), "stop.set() blocked: a dead process still counts as waiting on the Event"

@@ -40,16 +40,34 @@ KEEPALIVE_SECONDS = 15.0
 COUNTERS_SECONDS = 2.0
 
 
+MAX_BODY_BYTES = 64 * 1024
+
+
+async def read_limited(request: Request, limit: int) -> bytes | None:
+    """The body, or None once it passes `limit` bytes (read no further: a huge body costs nothing)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return None
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
 def build_app(settings: WebSettings, *, bus: Bus | None = None) -> Starlette:
-    bus = bus or Bus(settings.publish_endpoint, settings.viewer_queue)
+    bus = bus or Bus(settings.publish_endpoint, settings.viewer_queue, server_key=settings.server_key)
     videos = VideoCache()
 
     async def control(message: dict, timeout: float) -> dict:
-        return await asyncio.to_thread(client.request, settings.control_endpoint, message, timeout)
+        return await asyncio.to_thread(client.request, settings.control_endpoint, message, timeout,
+                                       settings.server_key)
 
     def stream_or_404(stream_id: str):
         stream = settings.stream(stream_id)
@@ -124,9 +142,9 @@ def build_app(settings: WebSettings, *, bus: Bus | None = None) -> Starlette:
             return _error(403, "this token may view but not change prompts")
         if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
             return _error(415, "send the prompt as JSON: {\"prompt\": \"a person .\"}")
-        raw = await request.body()
-        if len(raw) > 64 * 1024:
-            return _error(413, "request too large")
+        raw = await read_limited(request, MAX_BODY_BYTES)
+        if raw is None:
+            return _error(413, f"request too large (at most {MAX_BODY_BYTES} bytes)")
         try:
             data = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
@@ -170,9 +188,9 @@ def build_app(settings: WebSettings, *, bus: Bus | None = None) -> Starlette:
 
     async def login(request: Request) -> Response:
         # The form is urlencoded; parsed with the standard library (Starlette's form parser needs another package).
-        raw = await request.body()
+        raw = await read_limited(request, 4096)
         try:
-            token = parse_qs(raw.decode("utf-8"), max_num_fields=4).get("token", [None])[0] if len(raw) < 4096 else None
+            token = parse_qs(raw.decode("utf-8"), max_num_fields=4).get("token", [None])[0] if raw else None
         except (UnicodeDecodeError, ValueError):
             token = None
         role = role_of(token, settings.token, settings.read_token)

@@ -18,6 +18,8 @@ from collections import deque
 import zmq
 import zmq.asyncio
 
+from streamer.auth import client_curve
+
 log = logging.getLogger("groundwatch.web")
 
 RECENT_EVENTS = 500  # kept for a page that opens now: its events list and timelines start filled
@@ -72,12 +74,17 @@ class Viewer:
 
 
 class Bus:
-    def __init__(self, endpoint: str, queue_size: int = 2000) -> None:
-        self.endpoint, self.queue_size = endpoint, queue_size
+    def __init__(self, endpoint: str, queue_size: int = 2000, server_key: bytes | None = None) -> None:
+        self.endpoint, self.queue_size, self.server_key = endpoint, queue_size, server_key
         self.viewers: set[Viewer] = set()
         self.recent: deque[dict] = deque(maxlen=RECENT_EVENTS)  # not detections/heartbeats: they come fast
         self.last_heartbeat: dict[str, dict] = {}
         self.last_status: dict[str, dict] = {}
+        # What each stream showed last (its newest preview and that frame's detections), for a page that opens
+        # later: a finished file or a stalled camera still shows its last picture, with its boxes.
+        self.last_shown: dict[str, tuple[bytes | None, bytes]] = {}
+        self._latest_detections: dict[str, tuple[int, bytes]] = {}
+        self._last_seq: dict[tuple[str, str], int] = {}  # (stream, kind) -> seq of the newest status/error seen
         self.last_event_at = 0.0  # monotonic; 0 = nothing yet
         self.received = {"events": 0, "previews": 0, "malformed": 0}
         self.previews_dropped_closed = 0  # by viewers that have gone
@@ -89,6 +96,12 @@ class Bus:
 
     def add_viewer(self, previews: set[str]) -> Viewer:
         viewer = Viewer(previews=previews, queue_size=self.queue_size)
+        for stream in previews:
+            if stream in self.last_shown:
+                detections, preview = self.last_shown[stream]
+                if detections is not None:
+                    viewer.offer_event(detections)
+                viewer.offer_preview(stream, preview)
         self.viewers.add(viewer)
         return viewer
 
@@ -116,6 +129,7 @@ class Bus:
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.RCVHWM, 1000)
         self._socket.setsockopt(zmq.SUBSCRIBE, b"")
+        client_curve(self._socket, self.server_key)
         self._socket.connect(self.endpoint)
         self._task = asyncio.get_running_loop().create_task(self._run())
 
@@ -146,9 +160,14 @@ class Bus:
         if len(frames) == 3 and frames[0].endswith(b"/preview"):
             header = json.loads(frames[1])
             stream = header["stream"]
-            chunk = sse(b'{"header":' + json.dumps(header, separators=(",", ":")).encode() + b',"jpeg":"'
-                        + base64.b64encode(frames[2]) + b'"}', "preview")
+            body = (b'"header":' + json.dumps(header, separators=(",", ":")).encode() + b',"jpeg":"'
+                    + base64.b64encode(frames[2]) + b'"}')
+            chunk = sse(b"{" + body, "preview")
             self.received["previews"] += 1
+            latest = self._latest_detections.get(stream)
+            # Marked "cached" for pages that open later: an old picture, not a measure of latency.
+            self.last_shown[stream] = (latest[1] if latest and latest[0] == header.get("frame") else None,
+                                       sse(b'{"cached":true,' + body, "preview"))
             for viewer in self.viewers:
                 viewer.offer_preview(stream, chunk)
             return
@@ -160,8 +179,15 @@ class Bus:
         if not isinstance(event, dict) or event.get("v") != 1:
             self.received["malformed"] += 1
             return
-        self.received["events"] += 1
         kind, stream = event.get("kind"), event.get("stream")
+        if kind in ("status", "error"):
+            # The hub re-sends each stream's last status and error (`"cached": true`, same seq) whenever anyone
+            # subscribes: relay a copy once, never again.
+            key, seq = (stream, kind), event.get("seq", 0)
+            if event.get("cached") and self._last_seq.get(key, -1) >= seq:
+                return
+            self._last_seq[key] = seq
+        self.received["events"] += 1
         if kind == "heartbeat":
             self.last_heartbeat[stream] = event
         elif kind != "detections":
@@ -171,5 +197,7 @@ class Bus:
         if b"\n" in payload or b"\r" in payload:  # SSE data is one line; JSON escapes them inside strings
             payload = json.dumps(event, separators=(",", ":")).encode()
         chunk = sse(payload)
+        if kind == "detections":
+            self._latest_detections[stream] = (event.get("frame"), chunk)
         for viewer in self.viewers:
             viewer.offer_event(chunk)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+import time
 
 from streamer.process import child_setup
 from streamer.web.settings import WebSettings
@@ -40,7 +41,11 @@ def serve(settings: WebSettings, listener: socket.socket, stop) -> None:
     server = Server(config)
 
     def watch() -> None:
-        stop.wait()
+        # Polled, never `stop.wait()`: a process killed while sleeping in a multiprocessing Event's wait leaves
+        # the Event's condition counting a sleeper that never wakes, and the supervisor's `stop.set()` at
+        # shutdown would then block forever.
+        while not stop.is_set():
+            time.sleep(0.2)
         server.should_exit = True
 
     threading.Thread(target=watch, name="web-stop", daemon=True).start()

@@ -28,13 +28,16 @@ class WebSettings:
     preview_fps: float = 5.0
     heartbeat_seconds: float = 1.0
     loopback: bool = True
+    server_key: bytes | None = None  # the daemon's CURVE public key when its sockets are beyond loopback
 
     def stream(self, stream_id: str) -> WebStream | None:
         return next((s for s in self.streams if s.id == stream_id), None)
 
 
-def build_web_settings(config) -> WebSettings:
+def build_web_settings(config, server_key: bytes | None = None) -> WebSettings:
     """The only place the web console reads the daemon's `Config`."""
+    from streamer.auth import connectable  # a daemon bound to tcp://*:P is reached on loopback
+
     record_directory = config.record.directory if config.record.enabled else None
     streams = []
     for stream in config.streams:
@@ -43,7 +46,9 @@ def build_web_settings(config) -> WebSettings:
             video_directory = str(Path(config.record.directory) / stream.id / "video")
         streams.append(WebStream(stream.id, stream.is_live, None if stream.is_live else stream.url, video_directory))
     web = config.web
-    return WebSettings(publish_endpoint=config.publish.endpoint, control_endpoint=config.publish.control_endpoint,
+    return WebSettings(publish_endpoint=connectable(config.publish.endpoint),
+                       control_endpoint=connectable(config.publish.control_endpoint),
                        streams=tuple(streams), record_directory=record_directory, token=web.token,
                        read_token=web.read_token, viewer_queue=web.viewer_queue, preview_fps=web.preview_fps,
-                       heartbeat_seconds=config.publish.heartbeat_seconds, loopback=web.is_loopback)
+                       heartbeat_seconds=config.publish.heartbeat_seconds, loopback=web.is_loopback,
+                       server_key=server_key)

@@ -90,7 +90,7 @@ function handleEvent(event) {
   if (route.name === "stream" && route.stream === event.stream && onTimeline(event)) prependTimeline(event);
 }
 
-async function handlePreview({ header, jpeg }) {
+async function handlePreview({ header, jpeg, cached }) {
   let bitmap;
   try { bitmap = await decodePreview(jpeg); } catch (err) { return; }
   const previous = state.frames.get(header.stream);
@@ -101,6 +101,7 @@ async function handlePreview({ header, jpeg }) {
   previous?.bitmap.close();
   state.frames.set(header.stream, { bitmap, header });
   paint(header.stream);
+  if (cached) return;  // the stream's last picture, sent to a page that just opened: not a latency sample
   const samples = state.latency.get(header.stream) || [];
   samples.push(Date.now() - header.decoded_at * 1000);  // decode in the daemon -> pixels on this screen
   if (samples.length > LATENCY_SAMPLES) samples.shift();

@@ -1,0 +1,303 @@
+"""ONNX export (image graph with the text encoding as inputs, text graph) and the ONNX Runtime / OpenVINO backends.
+
+Parity is against groundwatch's own PyTorch model on the same weights, one exported file per model and size
+serving every batch size and prompt length. Tolerances: float32, 1e-4 absolute on boxes (normalised cxcywh) and
+on logits relative to their largest magnitude (ONNX Runtime); OpenVINO fuses and reorders more, stated below.
+The full-size models are exported once per session (module fixtures) and marked slow.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import gdino
+from gdino import backends, export
+from gdino import checkpoint as ck
+from gdino import config as configs
+from gdino.cli import detect_main, export_main
+from gdino.model import GroundingDino
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+ATOL = 1e-4  # ONNX Runtime, float32: boxes absolute, logits relative to max |logit|
+OPENVINO_ATOL = 2e-4  # OpenVINO's CPU plugin fuses LayerNorm/MatMul chains differently: measured <= 6e-5 here
+PROMPTS = ("red circle .", "red circle . blue square . a small green triangle .",
+           "person . white van . dog with a red leash . a yellow bicycle leaning on a wall . traffic light .")
+
+
+def assert_outputs_match(mine, ref, atol: float) -> None:
+    finite = torch.isfinite(ref.logits)
+    assert torch.equal(torch.isfinite(mine.logits), finite), "masked token positions differ"
+    scale = max(1.0, float(ref.logits[finite].abs().max()))
+    logit_err = (mine.logits[finite] - ref.logits[finite]).abs().max() / scale
+    box_err = (mine.boxes - ref.boxes).abs().max()
+    assert logit_err <= atol, f"logits differ by {logit_err:.2e} (relative to {scale:.1f})"
+    assert box_err <= atol, f"boxes differ by {box_err:.2e}"
+
+
+def assert_selection_tolerant_match(mine, ref, atol: float) -> None:
+    """Random full-size weights put query-selection candidates within float32 rounding of one another (see
+    tests/test_gdino_parity.py): compare the queries selected at the same rank, require 99% of them to be."""
+    finite = torch.isfinite(ref.logits)
+    assert torch.equal(torch.isfinite(mine.logits), finite)
+    scale = max(1.0, float(ref.logits[finite].abs().max()))
+    logit_err = torch.where(finite, (mine.logits - ref.logits).abs(), 0).amax(-1) / scale  # (B, Q)
+    box_err = (mine.boxes - ref.boxes).abs().amax(-1)
+    same = box_err <= atol
+    assert same.float().mean() >= 0.99, f"{int((~same).sum())} of {same.numel()} queries differ"
+    assert logit_err[same].max() <= 10 * atol, f"logits differ by {logit_err[same].max():.2e}"
+
+
+def run_torch(model, images, prompt):
+    with torch.no_grad():
+        return model(images, prompt)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tiny random model: fast
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    torch.manual_seed(0)
+    config = configs.tiny(pretrained_text=None)
+    model = GroundingDino(config).eval()
+    with torch.no_grad():  # the fusion gammas and last box layers start near zero and would hide those paths
+        for name, param in model.named_parameters():
+            if name.endswith(("gamma_v", "gamma_l")):
+                param.normal_(0.0, 0.5)
+            if "bbox_embed" in name and ".layers.2." in name:
+                param.normal_(0.0, 0.05)
+    root = tmp_path_factory.mktemp("tiny_export")
+    weights = ck.save(model.state_dict(), config, root / "weights")
+    model = gdino.load(weights)
+    info = export.to_onnx(model, root / "image.onnx", height=128, width=160)
+    return {"model": model, "weights": weights, "info": info, "root": root}
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_tiny_exported_graph_matches_torch(tiny, backend):
+    if backend == "openvino":
+        pytest.importorskip("openvino")
+    model, info = tiny["model"], tiny["info"]
+    exported = backends.open_model(model, backend, onnx_path=info.path)
+    atol = ATOL if backend == "onnxruntime" else OPENVINO_ATOL
+    torch.manual_seed(1)
+    for batch in (1, 2):
+        for prompt in PROMPTS:  # 4, 13 and 27 tokens through one file
+            images = torch.randn(batch, 3, 128, 160)
+            mine, ref = exported(images, prompt), run_torch(model, images, prompt)
+            assert mine.logits.shape == ref.logits.shape == (batch, model.config.num_queries, ref.text.num_tokens)
+            assert_outputs_match(mine, ref, atol)
+
+
+def test_tiny_padded_batch_matches_torch(tiny):
+    """Frames of different sizes in one batch are padded; the graph takes the pixel mask like the model."""
+    model, info = tiny["model"], tiny["info"]
+    exported = backends.open_model(model, "onnxruntime", onnx_path=info.path)
+    torch.manual_seed(2)
+    images = torch.randn(2, 3, 128, 160)
+    mask = torch.ones(2, 128, 160, dtype=torch.bool)
+    mask[1, 96:, :] = False
+    mask[1, :, 120:] = False
+    images[1][:, ~mask[1]] = 0
+    with torch.no_grad():
+        ref = model(images, PROMPTS[1], pixel_mask=mask)
+    assert_outputs_match(exported(images, PROMPTS[1], pixel_mask=mask), ref, ATOL)
+
+
+def test_detect_through_backend_equals_torch(tiny):
+    """The detection path (resize, forward, post-processing) gives the same boxes and phrases on every backend."""
+    import shutil
+
+    model, cache = tiny["model"], tiny["root"] / "cache"
+    cached = backends.cached_export_path(cache, tiny["info"].weights_hash, 128, 160)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(tiny["info"].path, cached)  # the fixture's file, where the cache looks: no second export
+    exported = backends.open_model(model, "onnxruntime", cache_dir=cache)
+    rng = np.random.default_rng(0)
+    frame = rng.integers(0, 256, (96, 120, 3), dtype=np.uint8)
+    mine = exported.detect(frame, PROMPTS[1], box_threshold=0.05, text_threshold=0.05, short_side=128,
+                           max_side=160)
+    ref = model.detect(frame, PROMPTS[1], box_threshold=0.05, text_threshold=0.05, short_side=128, max_side=160)
+    assert len(ref) > 0
+    assert mine.phrases == ref.phrases
+    np.testing.assert_allclose(mine.boxes_xyxy, ref.boxes_xyxy, atol=1e-3)
+    np.testing.assert_allclose(mine.scores, ref.scores, atol=1e-4)
+
+
+def test_cache_exports_once_per_weights_and_size(tiny):
+    model, cache = tiny["model"], tiny["root"] / "cache_once"
+    first = backends.open_model(model, "onnxruntime", cache_dir=cache)
+    images = torch.randn(1, 3, 96, 128)
+    first(images, PROMPTS[0])
+    [path] = list(cache.rglob("*.onnx"))
+    assert path == backends.cached_export_path(cache, export.weights_hash(model), 96, 128)
+    stamp = path.stat().st_mtime_ns
+    second = backends.open_model(model, "onnxruntime", cache_dir=cache)
+    assert_outputs_match(second(images, PROMPTS[2]), run_torch(model, images, PROMPTS[2]), ATOL)
+    assert path.stat().st_mtime_ns == stamp, "the cached file was exported again"
+
+
+def test_export_cli_writes_both_graphs(tiny, tmp_path, capsys):
+    ort = pytest.importorskip("onnxruntime")
+    image_path, text_path = tmp_path / "model.onnx", tmp_path / "text.onnx"
+    status = export_main([str(tiny["weights"]), "--format", "onnx", "-o", str(image_path), "--size", "96x128",
+                          "--text", str(text_path)])
+    assert status == 0, capsys.readouterr().err
+    metadata = export.read_metadata(image_path)
+    assert metadata[export.METADATA_HASH] == export.weights_hash(tiny["model"])
+    assert (metadata["height"], metadata["width"]) == ("96", "128")
+    session = ort.InferenceSession(str(image_path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == list(export.IMAGE_INPUTS)
+    assert session.get_inputs()[2].shape == ["batch", "tokens", tiny["model"].config.hidden_dim]
+    # The text graph gives encode_text's features.
+    model = tiny["model"]
+    text = model.encode_text(PROMPTS[2])
+    text_session = ort.InferenceSession(str(text_path), providers=["CPUExecutionProvider"])
+    [features] = text_session.run(None, {"input_ids": text.input_ids.numpy(),
+                                         "attention_mask": text.attention_mask.numpy(),
+                                         "position_ids": text.position_ids.numpy()})
+    np.testing.assert_allclose(features, text.features.detach().numpy(), atol=1e-4)
+
+
+def test_detect_cli_with_onnxruntime(tiny, tmp_path, capsys):
+    import cv2
+
+    image = np.random.default_rng(3).integers(0, 256, (60, 90, 3), dtype=np.uint8)
+    cv2.imwrite(str(tmp_path / "frame.png"), image)
+    for backend in ("torch", "onnxruntime"):
+        status = detect_main([str(tmp_path / "frame.png"), "-p", PROMPTS[1], "-w", str(tiny["weights"]),
+                              "--backend", backend, "-o", str(tmp_path / backend), "--box-threshold", "0.05"])
+        assert status == 0, capsys.readouterr().err
+    import json
+
+    torch_json = json.loads((tmp_path / "torch" / "frame_detections.json").read_text())["detections"]
+    onnx_json = json.loads((tmp_path / "onnxruntime" / "frame_detections.json").read_text())["detections"]
+    assert [d["phrase"] for d in torch_json] == [d["phrase"] for d in onnx_json]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_export_of_weights_that_do_not_load(tmp_path, capsys):
+    broken = tmp_path / "broken.pth"
+    broken.write_bytes(b"not a checkpoint at all")
+    assert export_main([str(broken), "-o", str(tmp_path / "model.onnx")]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "groundwatch export: error:" in err and "broken.pth" in err
+    assert not (tmp_path / "model.onnx").exists()
+
+
+def test_exported_file_from_other_weights_is_refused(tiny, tmp_path, capsys):
+    """A file exported from other weights than the config names would run and give wrong answers: refused."""
+    torch.manual_seed(7)
+    other = GroundingDino(configs.tiny(pretrained_text=None)).eval()
+    with pytest.raises(backends.ExportMismatchError, match="exported from other weights"):
+        backends.open_model(other, "onnxruntime", onnx_path=tiny["info"].path)
+    # ... and through the CLI, one line, exit 1.
+    import cv2
+
+    cv2.imwrite(str(tmp_path / "frame.png"), np.zeros((40, 50, 3), np.uint8))
+    other_weights = ck.save(other.state_dict(), other.config, tmp_path / "other")
+    status = detect_main([str(tmp_path / "frame.png"), "-p", "a .", "-w", str(other_weights), "--backend",
+                          "onnxruntime", "--onnx", str(tiny["info"].path), "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert status == 1 and "exported from other weights" in err and "Traceback" not in err
+
+
+def test_exported_file_for_another_size_is_refused(tiny):
+    exported = backends.open_model(tiny["model"], "onnxruntime", onnx_path=tiny["info"].path)
+    with pytest.raises(backends.ExportMismatchError, match="128x160"):
+        exported(torch.randn(1, 3, 96, 128), PROMPTS[0])
+
+
+def test_file_that_is_not_an_export_is_refused(tiny, tmp_path):
+    fake = tmp_path / "fake.onnx"
+    fake.write_bytes(b"\x00garbage")
+    with pytest.raises(export.ExportError, match="not an ONNX file"):
+        backends.open_model(tiny["model"], "onnxruntime", onnx_path=fake)
+
+
+@pytest.mark.parametrize("backend,extra", [("onnxruntime", "groundwatch[onnx]"), ("openvino", "groundwatch[openvino]")])
+def test_backend_not_installed_names_the_extra(tiny, monkeypatch, backend, extra):
+    monkeypatch.setitem(sys.modules, backend, None)  # import fails as if the package were not installed
+    with pytest.raises(backends.BackendNotInstalled, match=extra.replace("[", r"\[").replace("]", r"\]")):
+        backends.open_model(tiny["model"], backend)
+
+
+def test_old_opset_is_refused(tiny, tmp_path):
+    with pytest.raises(export.ExportError, match="GridSample"):
+        export.to_onnx(tiny["model"], tmp_path / "old.onnx", height=64, width=64, opset=13)
+
+
+def test_fast_bfloat16_probe_and_auto_dtype(monkeypatch):
+    monkeypatch.setenv("GROUNDWATCH_FAST_BF16", "1")
+    assert backends.resolve_dtype("auto", "cpu") == "bfloat16"
+    monkeypatch.setenv("GROUNDWATCH_FAST_BF16", "0")
+    assert backends.resolve_dtype("auto", "cpu") == "float32"
+    assert backends.resolve_dtype("float32", "cpu") == "float32"
+    monkeypatch.delenv("GROUNDWATCH_FAST_BF16")
+    flags = backends._cpuinfo_flags()
+    if flags:  # Linux: the probe agrees with the kernel's flags
+        assert backends.cpu_has_fast_bfloat16() == bool({"amx_bf16", "avx512_bf16"} & flags)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Full size: random Swin-T OGC at 480x640 and the default model at its scale (slow)
+
+
+@pytest.fixture(scope="module")
+def swint(tmp_path_factory):
+    torch.manual_seed(0)
+    model = GroundingDino(configs.swint_ogc()).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("gamma_v", "gamma_l")):
+                param.normal_(0.0, 0.5)
+            if "bbox_embed" in name and ".layers.2." in name:
+                param.normal_(0.0, 0.05)
+    info = export.to_onnx(model, tmp_path_factory.mktemp("swint") / "image.onnx", height=480, width=640)
+    yield model, info
+    del model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_swint_ogc_exported_matches_torch(swint, backend):
+    if backend == "openvino":
+        pytest.importorskip("openvino")
+    model, info = swint
+    exported = backends.open_model(model, backend, onnx_path=info.path)
+    atol = ATOL if backend == "onnxruntime" else OPENVINO_ATOL
+    torch.manual_seed(4)
+    for batch, prompt in ((1, PROMPTS[1]), (2, PROMPTS[0]), (1, PROMPTS[2])):
+        images = torch.randn(batch, 3, 480, 640)
+        assert_selection_tolerant_match(exported(images, prompt), run_torch(model, images, prompt), atol)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_default_model_exported_matches_torch(tmp_path_factory, backend):
+    if backend == "openvino":
+        pytest.importorskip("openvino")
+    from gdino.shapes import render_scene
+
+    model = gdino.load("default")
+    size = (model.config.input_short_side, 256)  # 192x256: a 4:3 frame at the model's scale
+    info = export.to_onnx(model, tmp_path_factory.mktemp("default") / "image.onnx", height=size[0], width=size[1])
+    exported = backends.open_model(model, backend, onnx_path=info.path)
+    atol = ATOL if backend == "onnxruntime" else OPENVINO_ATOL
+    from gdino import processing
+
+    frames = [render_scene(10**12 + 60 + k, (240, 320), num_objects=(1, 3))[0] for k in range(2)]
+    images, _, _ = processing.preprocess(frames, short_side=size[0], max_side=size[1])
+    for batch in (1, 2):
+        for prompt in ("green star . black cross .", "purple square . black ring . red circle . blue triangle ."):
+            assert_outputs_match(exported(images[:batch], prompt), run_torch(model, images[:batch], prompt), atol)

@@ -1,0 +1,277 @@
+"""State for late subscribers and access control beyond loopback (issue 11, "Missing").
+
+A subscriber that connected after a stream failed used to learn only `offline` from the next heartbeat, not
+why; every socket was open to whoever could reach it. Hub-level tests here; the real daemon below (CURVE keys,
+bound to 0.0.0.0 for the test only, reached through loopback).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+
+from streamer import cli
+from streamer.auth import is_loopback, load_public, write_key_pair
+from streamer.client import GapCounter, request, status, subscribe, wait_ready
+from streamer.events import decode_payload
+from streamer.hub import Hub
+from streamer.media import write_video
+
+from rtsp_server import free_port
+from test_streamer import REPO
+
+
+def receive_all(socket, wait: float = 1.0) -> list[dict]:
+    events = []
+    while socket.poll(int(wait * 1000)):
+        events.append(decode_payload(socket.recv_multipart()[1]))
+        wait = 0.3
+    return events
+
+
+def pump(hub: Hub, seconds: float = 0.5) -> None:
+    """Run the hub's loop body for a while (subscriptions arrive asynchronously)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        hub.drain()
+        hub.serve_subscriptions()
+        time.sleep(0.01)
+
+
+def test_late_subscriber_gets_last_status_and_error(tmp_path, stats_factory):
+    """The report: a subscriber connecting after a stream failed learned only `offline`. Now it gets the
+    stream's last status (with its reason) and last error at once, marked `cached`, with their original seq;
+    heartbeats carry `reason` and `last_error`."""
+    stats = stats_factory(["bad", "ok"])
+    hub = Hub(pull_endpoint=f"ipc://{tmp_path}/pull", pub_endpoint=f"ipc://{tmp_path}/pub", high_water_mark=1000,
+              heartbeat_seconds=1000, stats=stats, recorder=None)
+    try:
+        hub.publish({"stream": "bad", "kind": "status", "ts": 0.0, "wall": 1.0, "state": "online", "source": "file"})
+        hub.publish({"stream": "bad", "kind": "error", "ts": 0.0, "wall": 2.0, "message": "cannot open bad.mp4",
+                     "error_type": "open_failed", "fatal": True})
+        hub.publish({"stream": "bad", "kind": "status", "ts": 0.0, "wall": 3.0, "state": "offline",
+                     "reason": "error", "source": "file"})
+        hub.publish({"stream": "ok", "kind": "status", "ts": 0.0, "wall": 3.0, "state": "online", "source": "file"})
+        hub.publish({"stream": "ok", "kind": "detections", "ts": 0.0, "wall": 3.0, "frame": 0, "detections": []})
+        late = []
+        for prefix in (b"", b"", b"bad/", b"ok/detections"):  # the same prefix twice: both get the cache
+            socket = zmq.Context.instance().socket(zmq.SUB)
+            socket.setsockopt(zmq.LINGER, 0)
+            socket.setsockopt(zmq.SUBSCRIBE, prefix)
+            socket.connect(f"ipc://{tmp_path}/pub")
+            late.append(socket)
+            pump(hub)
+        everything = [e for e in receive_all(late[1]) if e["stream"] == "bad"]
+        assert [(e["kind"], e.get("state"), e["seq"], e.get("cached")) for e in everything[:2]] == [
+            ("status", "offline", 3, True), ("error", None, 2, True)]
+        # later subscriptions to "bad/" re-send to every subscriber of it (ZeroMQ's XPUB cannot address one
+        # subscriber): flagged, so readers can drop what they already have
+        assert all(e.get("cached") for e in everything)
+        assert everything[0]["reason"] == "error" and everything[1]["error_type"] == "open_failed"
+        assert {e["stream"] for e in receive_all(late[2])} == {"bad"}
+        assert receive_all(late[3], wait=0.3) == []  # no cached detections: only status and error are state
+        first = receive_all(late[0])
+        assert ("bad", "status") in {(e["stream"], e["kind"]) for e in first}
+
+        hub.heartbeat(time.monotonic())
+        beats = {e["stream"]: e for e in receive_all(late[2]) + receive_all(late[0]) if e["kind"] == "heartbeat"}
+        assert beats["bad"]["reason"] == "error"
+        assert beats["bad"]["last_error"]["error_type"] == "open_failed" and beats["bad"]["last_error"]["fatal"]
+        assert beats["bad"]["last_error"]["message"] == "cannot open bad.mp4"
+        assert beats["ok"]["last_error"] is None
+        for socket in late:
+            socket.close()
+    finally:
+        hub.close()
+
+
+def test_gap_counter_ignores_cached_resends():
+    """A cached re-send keeps its old seq; it must not read as a daemon restart or a loss."""
+    gaps = GapCounter()
+    for event in ({"stream": "s", "seq": 5}, {"stream": "s", "seq": 2, "cached": True}, {"stream": "s", "seq": 6}):
+        gaps.see(event)
+    assert gaps.lost == 0 and gaps.last["s"] == 6
+
+
+@pytest.mark.parametrize("endpoint,loopback", [
+    ("tcp://127.0.0.1:5555", True), ("tcp://127.0.0.2:1", True), ("tcp://localhost:1", True),
+    ("tcp://[::1]:1", True), ("ipc:///tmp/x", True), ("tcp://0.0.0.0:1", False), ("tcp://*:1", False),
+    ("tcp://eth0:1", False), ("tcp://192.168.1.5:1", False), ("tcp://[::]:1", False)])
+def test_loopback_endpoints(endpoint, loopback):
+    assert is_loopback(endpoint) == loopback
+
+
+def write_config(root: Path, publish: str, control: str, key_file: str | None, streams: str) -> Path:
+    config = root / "config.toml"
+    key = f'curve_secret_key_file = "{key_file}"\n' if key_file else ""
+    config.write_text(streams + f"""
+[model]
+weights = "tiny"
+short_side = 96
+max_side = 128
+
+[publish]
+endpoint = "{publish}"
+control_endpoint = "{control}"
+heartbeat_seconds = 0.5
+{key}
+[record]
+directory = "recordings"
+
+[metrics]
+enabled = false
+
+[supervisor]
+exit_when_done = false
+""")
+    return config
+
+
+def test_binding_beyond_loopback_without_keys_is_refused(tmp_path, capsys):
+    """Every socket was unauthenticated: a daemon bound to 0.0.0.0 served anyone who could reach it."""
+    video = write_video(tmp_path / "v.mp4", np.zeros((2, 24, 32, 3), np.uint8))
+    streams = f'[[streams]]\nid = "a"\nurl = "{video}"\nprompt = "a thing ."\n'
+    config = write_config(tmp_path, f"tcp://0.0.0.0:{free_port()}", f"tcp://127.0.0.1:{free_port()}", None, streams)
+    assert cli.main(["run", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "publish.endpoint" in err and "curve_secret_key_file" in err and "groundwatch keys" in err
+    config = write_config(tmp_path, f"tcp://127.0.0.1:{free_port()}", f"tcp://*:{free_port()}", None, streams)
+    assert cli.main(["run", str(config)]) == 2
+    assert "publish.control_endpoint" in capsys.readouterr().err
+    (tmp_path / "public.key").write_text("not a certificate\n")
+    config = write_config(tmp_path, f"tcp://0.0.0.0:{free_port()}", f"tcp://127.0.0.1:{free_port()}",
+                          str(tmp_path / "public.key"), streams)
+    assert cli.main(["run", str(config)]) == 2
+    assert "curve_secret_key_file" in capsys.readouterr().err
+
+
+def test_keys_command_writes_a_pair_and_never_overwrites(tmp_path, capsys):
+    assert cli.main(["keys", str(tmp_path / "k")]) == 0
+    public, secret = tmp_path / "k" / "server.key", tmp_path / "k" / "server.key_secret"
+    assert len(load_public(public)) == 40 and load_public(public) == load_public(secret)
+    assert oct(secret.stat().st_mode & 0o777) == "0o600"
+    before = secret.read_bytes()
+    assert cli.main(["keys", str(tmp_path / "k")]) == 1
+    assert secret.read_bytes() == before and "exists" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def curve_daemon(tmp_path_factory):
+    """A real daemon bound to 0.0.0.0 with CURVE keys: a good looped file and a file that cannot be opened."""
+    root = tmp_path_factory.mktemp("curve")
+    public, secret = write_key_pair(root / "keys")
+    write_video(root / "good.mp4", np.zeros((10, 48, 64, 3), np.uint8), fps=10)
+    (root / "garbage.mp4").write_bytes(np.random.default_rng(0).integers(0, 256, 5000, np.uint8).tobytes())
+    streams = """
+[[streams]]
+id = "good"
+url = "good.mp4"
+prompt = "a thing ."
+loop = true
+realtime = true
+fps = 2
+
+[[streams]]
+id = "garbage"
+url = "garbage.mp4"
+prompt = "a thing ."
+"""
+    publish_port, control_port = free_port(), free_port()
+    config = write_config(root, f"tcp://0.0.0.0:{publish_port}", f"tcp://0.0.0.0:{control_port}", str(secret),
+                          streams)
+    log = open(root / "daemon.log", "w")
+    process = subprocess.Popen([sys.executable, "-m", "streamer.cli", "run", str(config)], cwd=root,
+                               env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=log, stderr=subprocess.STDOUT)
+    control = f"tcp://127.0.0.1:{control_port}"
+    key = load_public(public)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if status(control, timeout=2, server_key=key)["worker_ready"]:
+                    break
+            except TimeoutError:
+                pass
+            assert process.poll() is None, (root / "daemon.log").read_text()
+            assert time.monotonic() < deadline, "daemon not ready"
+            time.sleep(0.3)
+        yield {"publish": f"tcp://127.0.0.1:{publish_port}", "control": control, "key": key, "public": public,
+               "process": process, "root": root}
+    finally:
+        process.terminate()
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+        log.close()
+
+
+def test_client_without_the_key_gets_nothing(curve_daemon):
+    """Without the server's public key neither the control socket nor the event bus answer."""
+    with pytest.raises(TimeoutError):
+        request(curve_daemon["control"], {"cmd": "status"}, timeout=2)
+    wrong = zmq.curve_keypair()[0]
+    with pytest.raises(TimeoutError):
+        request(curve_daemon["control"], {"cmd": "status"}, timeout=2, server_key=wrong)
+    assert list(subscribe(curve_daemon["publish"], timeout=3)) == []
+    assert list(subscribe(curve_daemon["publish"], timeout=3, server_key=wrong)) == []
+
+
+def test_client_with_the_key_works(curve_daemon, capsys):
+    events = list(subscribe(curve_daemon["publish"], stream="good", timeout=10, count=3,
+                            server_key=curve_daemon["key"]))
+    assert len(events) == 3
+    assert cli.main(["status", "--control", curve_daemon["control"], "--server-key",
+                     str(curve_daemon["public"])]) == 0
+    assert "good" in capsys.readouterr().out
+    assert cli.main(["status", "--control", curve_daemon["control"], "--timeout", "1"]) == 1
+    assert "no daemon at" in capsys.readouterr().err
+
+
+def test_subscriber_joining_after_a_stream_failed_learns_why(curve_daemon, capsys):
+    """The garbage file failed at start-up, long before this subscriber connects: it still gets the stream's
+    last status (offline, reason error) and the error itself, and `status` and heartbeats say why."""
+    control, key = curve_daemon["control"], curve_daemon["key"]
+    deadline = time.monotonic() + 60
+    while status(control, timeout=5, server_key=key)["streams"]["garbage"]["state"] != "offline":
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+    time.sleep(1.0)
+    events = list(subscribe(curve_daemon["publish"], stream="garbage", timeout=3, count=3, server_key=key))
+    kinds = [(e["kind"], e.get("cached")) for e in events]
+    assert ("status", True) in kinds and ("error", True) in kinds, kinds
+    [offline] = [e for e in events if e["kind"] == "status" and e.get("cached")]
+    assert offline["state"] == "offline" and offline["reason"] == "error"
+    [error] = [e for e in events if e["kind"] == "error" and e.get("cached")]
+    assert error["error_type"] == "open_failed" and error["fatal"]
+    figures = status(control, timeout=5, server_key=key)["streams"]["garbage"]
+    assert figures["reason"] == "error" and figures["last_error"]["error_type"] == "open_failed"
+    assert "garbage.mp4" in figures["last_error"]["message"]
+    [beat] = list(subscribe(curve_daemon["publish"], stream="garbage", kind="heartbeat", timeout=5, count=1,
+                            server_key=key))
+    assert beat["reason"] == "error" and beat["last_error"]["error_type"] == "open_failed"
+    # and the CLI's subscriber shows it too
+    assert cli.main(["subscribe", curve_daemon["publish"], "--stream", "garbage", "--kind", "error", "--count", "1",
+                     "--timeout", "5", "--server-key", str(curve_daemon["public"])]) == 0
+    assert '"open_failed"' in capsys.readouterr().out
+
+
+def test_resend_filter_drops_only_copies_already_seen():
+    """Clients with side effects (MQTT messages, webhooks) must not act twice on a re-sent status or error."""
+    from streamer.lastvalue import ResendFilter
+
+    resends = ResendFilter()
+    assert resends.fresh({"stream": "s", "seq": 7, "kind": "error", "cached": True})  # joined late: news to it
+    assert resends.fresh({"stream": "s", "seq": 8})
+    assert not resends.fresh({"stream": "s", "seq": 7, "kind": "error", "cached": True})  # a copy it has
+    assert resends.fresh({"stream": "t", "seq": 3, "cached": True})  # another stream
+    assert resends.fresh({"stream": "s", "seq": 1})  # the daemon restarted: seq starts again
+    assert resends.fresh({"stream": "s", "seq": 2, "cached": True})

@@ -27,13 +27,13 @@ import torch
 
 import gdino
 from gdino import config as configs
-from gdino.evaluate import evaluate_shapes
+from gdino.evaluate import evaluate_shapes, evaluate_world, format_world_report
 from gdino.train import data
 from gdino.train.loop import LoopConfig, OptimConfig, Trainer, config_from_dict
 from gdino.train.losses import build_criterion
 
 DATA_KEYS = {
-    "shapes": {"kind", "image_size", "seed", "split", "referring", "clutter", "max_objects", "num_negatives",
+    "shapes": {"kind", "image_size", "seed", "split", "referring", "clutter", "max_objects", "num_negatives", "world",
                "hard_negatives"},
     "coco": {"kind", "annotations", "image_root", "image_size", "max_size", "seed", "max_phrases"},
     "odvg": {"kind", "jsonl", "image_root", "label_map", "image_size", "max_size", "seed", "max_phrases"},
@@ -188,9 +188,20 @@ def eval_main(argv: list[str] | None = None, score_tracking=None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", help="also write the report to this file")
+    parser.add_argument("--world", choices=("classic", "wide"), default="classic",
+                        help="wide: the wide world (gdino.world), training vs held-out background families and "
+                             "per phrase template; --num-images per detection set, --referring-images per template")
     args = parser.parse_args(argv)
 
     model = load_for_eval(args.weights, args.device)
+    if args.world == "wide":
+        report = evaluate_world(model, num_images=args.num_images, referring_images=args.referring_images or 40,
+                                seed=args.seed, image_size=args.image_size, batch_size=args.batch_size)
+        print(format_world_report(report))
+        print(f"({report['meta']})")
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=2))
+        return 0
     report = evaluate_shapes(model, num_images=args.num_images, seed=args.seed, image_size=args.image_size,
                              referring_images=args.referring_images, tracking_videos=args.tracking_videos,
                              batch_size=args.batch_size, score_tracking=score_tracking)
@@ -205,7 +216,8 @@ def format_report(report: dict) -> str:
     for name in ("held_out", "compositional"):
         if name in report:
             r = report[name]
-            lines.append(f"{name:14s} AP {r['AP']:.3f}  AP50 {r['AP50']:.3f}  AP75 {r['AP75']:.3f}")
+            lines.append(f"{name:14s} AP {r['AP']:.3f}  AP50 {r['AP50']:.3f}  AP75 {r['AP75']:.3f}  "
+                         f"AP90 {r.get('AP90', float('nan')):.3f}")
     if "referring" in report:
         lines.append(f"{'referring':14s} top-1 accuracy (IoU>=0.5) {report['referring']['accuracy']:.3f}")
     if "tracking" in report:

@@ -27,6 +27,7 @@ from streamer.prompts import DEFAULT_MAX_PROMPT_TOKENS, check_prompt
 from streamer.stats import STATE_CODES, STATE_NAMES, StreamStats
 from streamer.watchdog import BatchSizer, DetectorWatchdog, is_out_of_memory, with_injected_faults
 from streamer.zones import normalize_phrase
+from tracker.config import TrackerConfig
 
 log = logging.getLogger("groundwatch.inference")
 
@@ -145,7 +146,7 @@ def build_preview_encoder(settings):
     return PreviewEncoder(settings)
 
 
-def build_tracker(tracker_config: "tracker.TrackerConfig"):
+def build_tracker(tracker_config: TrackerConfig):
     import tracker
 
     return tracker.Tracker(tracker_config)
@@ -613,7 +614,7 @@ class InferenceWorker:
 
 
 def worker_main(*, streams: list[StreamConfig], mailbox_specs: dict[str, dict], stats_spec: dict,
-                events_endpoint: str, model: ModelConfig, tracker: "tracker.TrackerConfig", batch_size: int, stop,
+                events_endpoint: str, model: ModelConfig, tracker: TrackerConfig, batch_size: int, stop,
                 control, replies, ready, parent_pid: int, oom_recover_seconds: float = 60.0,
                 detect_stamp=None, preview=None,
                 open_tracks_spec: dict | None = None, alerts: dict | None = None) -> None:

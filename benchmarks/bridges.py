@@ -21,6 +21,7 @@ import multiprocessing
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -177,8 +178,18 @@ class _Hang(BaseHTTPRequestHandler):
         pass
 
 
-def run_daemon(base: dict, extra: dict, work: Path, name: str) -> float:
-    """Frames/s of one daemon run, steady window from the recording (as benchmarks/pipeline.py)."""
+def _cpu_seconds(pid: int) -> float | None:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError):
+        return None
+
+
+def run_daemon(base: dict, extra: dict, work: Path, name: str) -> tuple[float, dict[str, float]]:
+    """Frames/s of one daemon run, steady window from the recording (as benchmarks/pipeline.py), and the CPU
+    seconds each child used (read from /proc until it exits): on a loaded machine the bridges' CPU next to the
+    worker's is the steadier measure of what they cost."""
     from streamer.config import parse_config
     from streamer.daemon import Supervisor
     from streamer.recording import read_events
@@ -190,12 +201,26 @@ def run_daemon(base: dict, extra: dict, work: Path, name: str) -> float:
     data["record"] = dict(data["record"], directory=str(work / name))
     config = parse_config(data, base_dir=DEMO_CONFIG.parent)
     supervisor = Supervisor(config)
-    code = supervisor.run()
+    cpu: dict[str, float] = {}
+    done = threading.Event()
+
+    def sample(s: Supervisor) -> None:
+        def loop():
+            while not done.is_set():
+                for child in s.children:
+                    if child.process is not None and (seconds := _cpu_seconds(child.process.pid)) is not None:
+                        cpu[child.name] = seconds
+                time.sleep(0.2)
+
+        threading.Thread(target=loop, daemon=True).start()
+
+    code = supervisor.run(on_ready=sample)
+    done.set()
     assert code == 0, supervisor.stop_reason
     detections = [e for e in read_events(supervisor.record_paths[config.streams[0].id]) if e["kind"] == "detections"]
     first_wall = detections[0]["wall"]
     after_first = [e for e in detections if e["wall"] > first_wall + 0.05]
-    return len(after_first) / (detections[-1]["wall"] - first_wall)
+    return len(after_first) / (detections[-1]["wall"] - first_wall), cpu
 
 
 def main() -> None:
@@ -213,6 +238,7 @@ def main() -> None:
                             cwd=REPO).stdout.strip()
     print(f"# bridges benchmark: {platform.node()}, {os.cpu_count()} CPUs, commit {commit}, "
           f"{time.strftime('%Y-%m-%d %H:%M')}, load average {os.getloadavg()[0]:.1f}")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still stops the broker (finally below)
     work = Path(tempfile.mkdtemp(prefix="groundwatch-bench-bridges-"))
     broker = Mosquitto(work / "broker").start()
     hanging = ThreadingHTTPServer(("127.0.0.1", 0), _Hang)
@@ -236,15 +262,21 @@ def main() -> None:
             "off": {},
             "mqtt": {"mqtt": {"port": broker.port, "homeassistant": True}},
             "hanging webhook": {"webhooks": [{"url": f"http://127.0.0.1:{hanging.server_address[1]}/hook",
-                                              "kinds": ["detections", "track"], "timeout_seconds": 600,
+                                              "kinds": ["detections", "track"], "timeout_seconds": 300,
                                               "queue_size": 100}]},
         }
         results: dict[str, list[float]] = {name: [] for name in variants}
+        shares: dict[str, list[float]] = {name: [] for name in variants}
         for round_index in range(args.rounds):
             for name, extra in variants.items():
-                fps = run_daemon(base, extra, work, f"{name.replace(' ', '-')}-{round_index}")
+                fps, cpu = run_daemon(base, extra, work, f"{name.replace(' ', '-')}-{round_index}")
                 results[name].append(fps)
-                print(f"  round {round_index + 1} {name}: {fps:.2f} frames/s", flush=True)
+                bridge_cpu = cpu.get("mqtt", 0.0) + cpu.get("webhooks", 0.0)
+                shares[name].append(bridge_cpu / max(cpu.get("worker", 0.0), 1e-9))
+                print(f"  round {round_index + 1} {name}: {fps:.2f} frames/s; CPU seconds "
+                      + ", ".join(f"{k} {v:.1f}" for k, v in sorted(cpu.items())), flush=True)
+        for name in ("mqtt", "hanging webhook"):
+            print(f"  {name}: bridge CPU / worker CPU = {max(shares[name]):.2%} (worst round)")
         best = {name: max(values) for name, values in results.items()}
         print(f"pipeline ({args.weights} model, bundled video x{args.loops}, best of {args.rounds}): "
               f"off {best['off']:.2f} frames/s, MQTT bridge on {best['mqtt']:.2f} "

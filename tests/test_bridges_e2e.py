@@ -106,6 +106,9 @@ directory = "recordings"
 [metrics]
 enabled = false
 
+[web]
+enabled = false
+
 [supervisor]
 exit_when_done = false
 restart_initial_seconds = 0.3
@@ -363,6 +366,9 @@ heartbeat_seconds = 0.3
 directory = "recordings"
 
 [metrics]
+enabled = false
+
+[web]
 enabled = false
 
 [supervisor]

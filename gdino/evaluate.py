@@ -65,7 +65,11 @@ class ImageTruth:
 
 
 def coco_ap(truths: Sequence[ImageTruth], detections: Sequence[ImageDetections]) -> dict[str, float]:
-    """COCO-style AP (IoU 0.50:0.95), AP50 and AP75 with pycocotools; categories are the label strings."""
+    """COCO-style AP (IoU 0.50:0.95), AP50, AP75 and AP90 with pycocotools; categories are the label strings.
+
+    Boxes are COCO boxes in xyxy form (pixel i spans [i, i + 1)); AP90 shows whether boxes are right to the
+    pixel, which AP50 cannot."""
+    # pycocotools is imported on use: only the COCO metric needs it.
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -82,14 +86,14 @@ def coco_ap(truths: Sequence[ImageTruth], detections: Sequence[ImageDetections])
             results.append({"image_id": image_id, "category_id": category_id[label], "score": float(score),
                             "bbox": [float(box[0]), float(box[1]), float(box[2] - box[0]), float(box[3] - box[1])]})
     if not annotations:
-        return {"AP": float("nan"), "AP50": float("nan"), "AP75": float("nan")}
+        return {"AP": float("nan"), "AP50": float("nan"), "AP75": float("nan"), "AP90": float("nan")}
     gt = COCO()
     gt.dataset = {"images": images, "annotations": annotations,
                   "categories": [{"id": i, "name": n} for n, i in category_id.items()]}
     with contextlib.redirect_stdout(io.StringIO()):
         gt.createIndex()
         if not results:
-            return {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}
+            return {"AP": 0.0, "AP50": 0.0, "AP75": 0.0, "AP90": 0.0}
         dt = gt.loadRes(results)
         evaluator = COCOeval(gt, dt, "bbox")
         evaluator.params.maxDets = [1, 10, 100]
@@ -97,7 +101,11 @@ def coco_ap(truths: Sequence[ImageTruth], detections: Sequence[ImageDetections])
         evaluator.accumulate()
         evaluator.summarize()
     stats = evaluator.stats
-    return {"AP": float(stats[0]), "AP50": float(stats[1]), "AP75": float(stats[2])}
+    # precision: (IoU thresholds, recall points, categories, area ranges, max detections); -1 where undefined.
+    thresholds = np.asarray(evaluator.params.iouThrs)
+    at_90 = evaluator.eval["precision"][int(np.argmin(np.abs(thresholds - 0.9))), :, :, 0, -1]
+    ap90 = float(at_90[at_90 > -1].mean()) if (at_90 > -1).any() else float("nan")
+    return {"AP": float(stats[0]), "AP50": float(stats[1]), "AP75": float(stats[2]), "AP90": ap90}
 
 
 def referring_accuracy(predicted_xyxy: Sequence[np.ndarray], target_xyxy: Sequence[np.ndarray],
@@ -212,7 +220,7 @@ def tracking_sets(model, num_videos: int = 2, num_frames: int = 40, seed: int = 
 
 
 def _nms_per_label(boxes, scores, labels, threshold: float, iou: float = 0.5) -> np.ndarray:
-    from torchvision.ops import batched_nms
+    from torchvision.ops import batched_nms  # torchvision is imported on use: only evaluation needs NMS
 
     keep = np.nonzero(scores >= threshold)[0]
     if not len(keep):
@@ -246,3 +254,88 @@ def evaluate_shapes(model, num_images: int = 200, seed: int = 0, image_size: int
                       "seconds": round(time.time() - started, 1)}
     model.train(was_training)
     return report
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The wide world (gdino.world): in-distribution vs held-out background families, per phrase template
+
+
+def world_detection_set(num_images: int, seed: int, image_size: int, backgrounds: Sequence[str]) -> list:
+    """Held-out wide-world scenes (seeds >= ``shapes.EVAL_SEED_OFFSET``) on ``backgrounds``, with category-list
+    prompts (present categories plus 2-4 absent ones)."""
+    from gdino import world
+
+    items = []
+    for i in range(num_images):
+        scene_seed = shapes.EVAL_SEED_OFFSET + seed * 100_003 + 60_000 + i
+        scene = world.render(scene_seed, (image_size, image_size), backgrounds=tuple(backgrounds))
+        prompt = shapes.category_prompt(scene.objects, np.random.default_rng([scene_seed, 3]), num_negatives=(2, 4),
+                                        split="train")
+        items.append((scene.image, scene.objects, prompt))
+    return items
+
+
+def world_referring_set(num_images: int, seed: int, image_size: int, template: str, backgrounds: Sequence[str]
+                        ) -> list:
+    """``num_images`` held-out scenes, each with one expression of ``template`` naming exactly one object; as
+    (image, objects, prompt) with the referent as ``prompt.object_phrase``'s 0. Scenes where the template
+    names nothing are skipped (twins are frequent, so relations and comparisons find a referent)."""
+    from gdino import world
+
+    items = []
+    index = 0
+    while len(items) < num_images and index < num_images * 40:
+        scene_seed = shapes.EVAL_SEED_OFFSET + seed * 100_003 + 70_000 + (world.TEMPLATES.index(template) * 5_000) \
+            + index
+        index += 1
+        scene = world.render(scene_seed, (image_size, image_size), backgrounds=tuple(backgrounds), twins=0.8)
+        rng = np.random.default_rng([scene_seed, 5])
+        options = [e for e in world.candidates(scene.objects, template, rng, image_size) if len(e.targets) == 1]
+        if not options:
+            continue
+        expression = options[int(rng.integers(len(options)))]
+        prompt = world.caption([expression])
+        prompt.object_phrase = [0 if k == expression.targets[0] else -1 for k in range(len(scene.objects))]
+        items.append((scene.image, scene.objects, prompt))
+    return items
+
+
+def evaluate_world(model, num_images: int = 100, referring_images: int = 40, seed: int = 0, image_size: int = 192,
+                   batch_size: int = 8) -> dict[str, dict]:
+    """Wide-world figures side by side: category-list AP/AP50/AP75/AP90 and referring top-1 per phrase template,
+    on the training background families (``in_distribution``) and on the held-out ones (``held_out``)."""
+    from gdino import world
+
+    was_training = model.training
+    model.eval()
+    started = time.time()
+    families = {"in_distribution": world.TRAIN_BACKGROUNDS, "held_out": tuple(sorted(world.HELD_OUT_BACKGROUNDS))}
+    report: dict[str, dict] = {"detection": {}, "referring": {}}
+    for name, backgrounds in families.items():
+        report["detection"][name] = evaluate_detection(
+            model, world_detection_set(num_images, seed, image_size, backgrounds), batch_size)
+    for template in world.TRAIN_TEMPLATES + world.HELD_OUT_TEMPLATES:
+        row = {"held_out_template": template in world.HELD_OUT_TEMPLATES}
+        for name, backgrounds in families.items():
+            items = world_referring_set(referring_images, seed, image_size, template, backgrounds)
+            row[name] = evaluate_referring(model, items, batch_size)["accuracy"] if items else float("nan")
+            row[f"{name}_images"] = len(items)
+        report["referring"][template] = row
+    report["meta"] = {"num_images": num_images, "referring_images": referring_images, "seed": seed,
+                      "image_size": image_size, "seconds": round(time.time() - started, 1)}
+    model.train(was_training)
+    return report
+
+
+def format_world_report(report: dict) -> str:
+    """The wide-world report as two Markdown tables (the model card's layout)."""
+    lines = ["| backgrounds | AP | AP50 | AP75 | AP90 |", "|---|---|---|---|---|"]
+    for name, row in report["detection"].items():
+        lines.append(f"| {name} | {row['AP']:.3f} | {row['AP50']:.3f} | {row['AP75']:.3f} | {row['AP90']:.3f} |")
+    lines += ["", "| phrase template | held-out template | top-1, training backgrounds | top-1, held-out backgrounds |",
+              "|---|---|---|---|"]
+    for template, row in report["referring"].items():
+        lines.append(f"| {template} | {'yes' if row['held_out_template'] else 'no'} | "
+                     f"{row['in_distribution']:.3f} ({row['in_distribution_images']}) | "
+                     f"{row['held_out']:.3f} ({row['held_out_images']}) |")
+    return "\n".join(lines)

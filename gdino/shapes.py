@@ -5,8 +5,11 @@ textured background with desaturated clutter (grey and beige blobs, hexagons and
 Every image, video and prompt is a pure function of its seed, so a training run, a held-out set and the
 daemon's demo video can all be regenerated bit for bit.
 
-Ground truth boxes are ``xyxy`` in pixels of the rendered image (float, ``x2``/``y2`` exclusive edges of the
-drawn shape). An object's ``category`` is "<colour> <shape>" ("red circle"), its ``phrase`` the full
+Ground truth boxes are COCO boxes in ``xyxy`` form: the tight box of the pixels the object covers with
+alpha >= 0.5 after anti-aliasing, pixel ``i`` spanning ``[i, i + 1)``, so ``x2 = x1 + width`` and both are whole
+numbers (``pixel_box``). Shape geometry (``center``, ``extent``) is in OpenCV's convention, pixel ``i``'s centre
+at ``i``; the box is measured on the rendered coverage, never derived from the geometry, so the two conventions
+cannot drift apart. An object's ``category`` is "<colour> <shape>" ("red circle"), its ``phrase`` the full
 description "<size> <colour> <shape>" ("small blue star").
 
 Seeds: training code draws scene seeds below ``EVAL_SEED_OFFSET``; held-out sets use seeds at or above it, so a
@@ -151,6 +154,11 @@ def _shape_polygon(shape: str, center: tuple[float, float], extent: float, angle
     elif shape == "hexagon":  # clutter only
         k = np.arange(6) * np.pi / 3
         pts = np.stack([np.cos(k), np.sin(k)], 1) * r
+    elif shape == "pentagon":  # clutter only
+        k = np.arange(5) * 2 * np.pi / 5 - np.pi / 2
+        pts = np.stack([np.cos(k), np.sin(k)], 1) * r
+    elif shape == "bar":  # clutter only: a long thin rectangle
+        pts = np.array([[-1, -0.18], [1, -0.18], [1, 0.18], [-1, 0.18]], np.float64) * r
     else:
         return None
     theta = math.radians(angle)
@@ -162,8 +170,10 @@ _SHIFT = 4  # cv2 sub-pixel bits: coordinates are drawn at 1/16 pixel precision
 _SCALE = 1 << _SHIFT
 
 
-def _draw(canvas: np.ndarray, shape: str, center, extent: float, angle: float, colour, anti_alias: bool) -> None:
-    """Draw one shape onto ``canvas`` (H, W, C) in place."""
+def _draw(canvas: np.ndarray, shape: str, center, extent: float, angle: float, colour, anti_alias: bool,
+          thickness_scale: int = 1) -> None:
+    """Draw one shape onto ``canvas`` (H, W, C) in place with OpenCV (clutter; objects go through ``paint``).
+    ``thickness_scale``: the canvas is that many times finer than the frame (a ring keeps its frame thickness)."""
     line = cv2.LINE_AA if anti_alias else cv2.LINE_8
     colour = tuple(int(c) for c in colour)
     cx, cy = center
@@ -173,7 +183,7 @@ def _draw(canvas: np.ndarray, shape: str, center, extent: float, angle: float, c
         if shape == "circle":
             cv2.circle(canvas, c, int(round(r * _SCALE)), colour, -1, line, _SHIFT)
         else:
-            thickness = max(2, int(round(r * 0.38)))
+            thickness = max(2, int(round(r / thickness_scale * 0.38))) * thickness_scale
             mid = r - thickness / 2.0
             cv2.circle(canvas, c, int(round(mid * _SCALE)), colour, thickness, line, _SHIFT)
         return
@@ -190,9 +200,59 @@ def _shape_box(shape: str, center, extent: float, angle: float) -> tuple[float, 
     return (float(pts[:, 0].min()), float(pts[:, 1].min()), float(pts[:, 0].max()), float(pts[:, 1].max()))
 
 
-def _clip_box(box, height: int, width: int) -> tuple[float, float, float, float]:
-    x1, y1, x2, y2 = box
-    return (min(max(x1, 0.0), width), min(max(y1, 0.0), height), min(max(x2, 0.0), width), min(max(y2, 0.0), height))
+_SUPERSAMPLE = 8  # coverage is measured on an 8x8 grid of sub-pixels per pixel
+
+
+def coverage(shape: str, center, extent: float, angle: float, height: int, width: int) -> np.ndarray:
+    """Anti-aliased coverage of one shape on an (H, W) frame: uint8, 255 = fully covered.
+
+    OpenCV's own anti-aliasing (``LINE_AA``) smears polygon edges about a pixel outwards and snaps them, so the
+    drawn shape is neither where its geometry says nor sub-pixel exact. Coverage is instead the fraction of an
+    8x8 grid of sub-pixels inside the shape, drawn without anti-aliasing at 8x on a crop around the shape: a
+    straight edge at x covers pixel i (spanning [i - 0.5, i + 0.5] in OpenCV's convention) by its true overlap.
+    """
+    out = np.zeros((height, width), np.uint8)
+    bx1, by1, bx2, by2 = _shape_box(shape, center, extent, angle)
+    x0, y0 = max(int(math.floor(bx1)) - 2, 0), max(int(math.floor(by1)) - 2, 0)
+    x1, y1 = min(int(math.ceil(bx2)) + 3, width), min(int(math.ceil(by2)) + 3, height)
+    if x1 <= x0 or y1 <= y0:
+        return out
+    scale = _SUPERSAMPLE
+    fine = np.zeros(((y1 - y0) * scale, (x1 - x0) * scale), np.uint8)
+    # Sub-pixel u of the crop has its centre at x0 - 0.5 + (u + 0.5) / scale in frame coordinates.
+    fine_center = ((center[0] - x0 + 0.5) * scale - 0.5, (center[1] - y0 + 0.5) * scale - 0.5)
+    _draw(fine, shape, fine_center, extent * scale, angle, (1,), False, thickness_scale=scale)
+    block = fine.reshape(y1 - y0, scale, x1 - x0, scale).sum(axis=(1, 3), dtype=np.int32)
+    out[y0:y1, x0:x1] = np.round(block * (255.0 / (scale * scale))).astype(np.uint8)
+    return out
+
+
+def paint(canvas: np.ndarray, shape: str, center, extent: float, angle: float, colour) -> np.ndarray:
+    """Blend one shape in ``colour`` onto ``canvas`` (H, W, 3) uint8 in place by its coverage; returns the
+    coverage (H, W) uint8."""
+    alpha_u8 = coverage(shape, center, extent, angle, canvas.shape[0], canvas.shape[1])
+    rows, cols = np.nonzero(alpha_u8)
+    if rows.size:
+        alpha = alpha_u8[rows, cols, None].astype(np.float32) / 255.0
+        pixels = canvas[rows, cols].astype(np.float32)
+        blended = pixels + (np.asarray(colour, np.float32) - pixels) * alpha
+        canvas[rows, cols] = np.clip(np.round(blended), 0, 255).astype(np.uint8)
+    return alpha_u8
+
+
+def mask_box(mask: np.ndarray) -> tuple[float, float, float, float] | None:
+    """COCO box xyxy of the True pixels of an (H, W) bool mask (x2 = last column + 1); None when empty."""
+    columns = np.flatnonzero(mask.any(axis=0))
+    if columns.size == 0:
+        return None
+    rows = np.flatnonzero(mask.any(axis=1))
+    return (float(columns[0]), float(rows[0]), float(columns[-1] + 1), float(rows[-1] + 1))
+
+
+def pixel_box(shape: str, center, extent: float, angle: float, height: int, width: int
+              ) -> tuple[float, float, float, float] | None:
+    """The ground-truth box: tight COCO box of the pixels with coverage >= 0.5, within the frame."""
+    return mask_box(coverage(shape, center, extent, angle, height, width) >= 128)
 
 
 def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
@@ -305,8 +365,9 @@ def render_scene(
                 break
         else:
             continue  # no room left: the scene gets fewer objects
-        _draw(img, shape, center, extent, angle, _object_colour(rng, colour), True)
-        objects.append(ShapeObject(shape, colour, size_name, _clip_box(box, height, width), center, extent, angle))
+        truth_box = mask_box(paint(img, shape, center, extent, angle, _object_colour(rng, colour)) >= 128)
+        if truth_box is not None:
+            objects.append(ShapeObject(shape, colour, size_name, truth_box, center, extent, angle))
     return img, objects
 
 
@@ -434,13 +495,11 @@ def iter_video(
             box = _shape_box(obj.shape, (cx, cy), obj.extent, angle)
             if box[2] <= 0 or box[3] <= 0 or box[0] >= width or box[1] >= height:
                 continue
-            mask = np.zeros((height, width), np.uint8)
-            _draw(mask, obj.shape, (cx, cy), obj.extent, angle, (1,), False)
-            _draw(img, obj.shape, (cx, cy), obj.extent, angle, mover.rgb, True)
+            mask = paint(img, obj.shape, (cx, cy), obj.extent, angle, mover.rgb) >= 128
             key = obj.track_id
             if key not in full_masks:
                 full_masks[key] = _full_area(obj.shape, obj.extent)
-            drawn.append((mover, mask.astype(bool), (cx, cy), angle, box))
+            drawn.append((mover, mask, (cx, cy), angle, mask_box(mask)))
         img = np.clip(img.astype(np.float64) + frame_noise, 0, 255).astype(np.uint8)
         # Visibility: pixels of the shape in frame and not covered by anything drawn above it.
         covered = np.zeros((height, width), bool)
@@ -448,8 +507,8 @@ def iter_video(
         for mover, mask, center, angle, box in reversed(drawn):
             vis = _visible_fraction(covered, mask, full_masks[mover.obj.track_id])
             covered |= mask
-            clipped = _clip_box(box, height, width)
-            if vis <= min_visibility or clipped[2] - clipped[0] < 2 or clipped[3] - clipped[1] < 2:
+            clipped = box  # the whole shape's pixels within the frame (not only its unoccluded part)
+            if box is None or vis <= min_visibility or clipped[2] - clipped[0] < 2 or clipped[3] - clipped[1] < 2:
                 continue
             visible_objects.append(dataclasses.replace(mover.obj, box_xyxy=clipped, center=center, angle=angle,
                                                        visibility=min(1.0, vis)))
@@ -469,9 +528,7 @@ def iter_video(
 def _full_area(shape: str, extent: float) -> float:
     """Pixel count of a shape drawn whole (no clipping, no occlusion), measured on its own canvas."""
     pad = int(math.ceil(extent)) + 4
-    canvas = np.zeros((pad, pad), np.uint8)
-    _draw(canvas, shape, (pad / 2, pad / 2), extent, 0.0, (1,), False)
-    return float(np.count_nonzero(canvas))
+    return float(np.count_nonzero(coverage(shape, (pad / 2, pad / 2), extent, 0.0, pad, pad) >= 128))
 
 
 def render_video(
@@ -696,10 +753,10 @@ def referring_scene(
                 pass
             else:
                 continue
-        _draw(img, s, center, extent, angle, _object_colour(rng, c), True)
+        drawn_box = mask_box(paint(img, s, center, extent, angle, _object_colour(rng, c)) >= 128)
         if k == 0:
             target_index = len(objects)
-        objects.append(ShapeObject(s, c, z, _clip_box(box, height, width), center, extent, angle))
+        objects.append(ShapeObject(s, c, z, drawn_box or box, center, extent, angle))
     prompt = referring_prompt(objects, target_index, full=True)
     if prompt is None:  # a look-alike with the very same description: drop it from the truth by redrawing
         return referring_scene(seed + 7919, size, split=split, clutter=clutter)

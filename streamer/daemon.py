@@ -43,14 +43,12 @@ from streamer.frames import FrameMailbox, remove_stale_mailboxes
 from streamer.hub import hub_main
 from streamer.inference import worker_main
 from streamer.lastvalue import StateWatch
-from streamer.process import EXIT_DONE, EXIT_FATAL, EventSender, SharedFlag
+from streamer.opentracks import OpenTracks
+from streamer.process import EXIT_DEGRADED, EXIT_DONE, EXIT_FATAL, EventSender, SharedFlag
 from streamer.recording import run_stamp
 from streamer.stats import RateMeter, StreamStats, snapshot
 
 log = logging.getLogger("groundwatch")
-
-
-EXIT_DEGRADED = 3  # the run ended normally but lost part of its recording (see docs/events.md, "Exit status")
 
 
 def remove_stale_runtime_dirs() -> None:
@@ -117,6 +115,7 @@ class Supervisor:
         key_file = config.publish.curve_secret_key_file
         self.curve_keys = load_secret(key_file) if key_file else None  # checked by the config already
         self.control: ControlServer | None = None
+        self._after_hub_restart: list[dict] = []  # events to publish once a restarted hub can be heard
         self._pending: dict[int, tuple[float, Callable[[dict], None]]] = {}  # worker requests awaiting a reply
 
     # -- set-up --------------------------------------------------------------------------------------------
@@ -165,6 +164,7 @@ class Supervisor:
         self.runtime_dir = tempfile.mkdtemp(prefix=f"groundwatch-{os.getpid()}-")
         self.events_endpoint = f"ipc://{self.runtime_dir}/events"
         self.stats = StreamStats.create(self.stream_ids)
+        self.open_tracks = OpenTracks.create(self.stream_ids)
         self._rates = RateMeter(self.stats)
         self.mailboxes: dict[str, FrameMailbox] = {}
         for stream in config.streams:
@@ -190,7 +190,7 @@ class Supervisor:
             tracker=config.tracker, batch_size=config.model.batch_size, stop=self.stage_stops[1],
             control=self.worker_control, replies=self.worker_replies, ready=self.worker_ready,
             parent_pid=pid, oom_recover_seconds=config.model.oom_recover_seconds, detect_stamp=self.detect_stamp,
-            preview=self._preview_settings()),
+            preview=self._preview_settings(), open_tracks_spec=self.open_tracks.spec()),
             self.stage_stops[1]))
         for stream in config.streams:
             self.children.append(Child(f"decoder-{stream.id}", 0, decoder_main, lambda s=stream: dict(
@@ -200,6 +200,8 @@ class Supervisor:
                 self.stage_stops[0], stream=stream.id))
         for child in sorted(self.children, key=lambda c: -c.stage):  # hub first: its sockets must be bound
             self._spawn(child)
+            if child.name == "hub":
+                self._wait_hub_published()
         self._state_watch = StateWatch(config.publish.endpoint, self.stream_ids,
                                        self.curve_keys[0] if self.curve_keys else None)
         for child in self._bridge_children(stats_spec, pid):
@@ -307,9 +309,12 @@ class Supervisor:
             on_reply({"ok": False, "error": "the inference worker restarted; try again"})
 
     def _spawn(self, child: Child) -> None:
+        if child.name == "hub":
+            for stream in self.stream_ids:
+                self.stats.set(stream, "hub_started", 0.0)  # set again by the new hub once it has bound
         if child.name == "worker":
-            for mailbox in self.mailboxes.values():
-                mailbox.recover_reading()
+            for stream in self.config.streams:  # a file's frames the dead worker held are processed again
+                self.mailboxes[stream.id].recover_reading(redeliver=not stream.is_live)
             self.worker_ready.clear()
             self.detect_stamp.value = 0.0
             if child.process is not None:
@@ -357,9 +362,42 @@ class Supervisor:
             child.restart_at = now + delay
             message = f"process {child.name} exited with code {code}; restarting in {delay:.1f} s"
             log.error(message)
-            for stream in [child.stream] if child.stream else self.stream_ids:
-                self.sender.send(make_event(stream, "error", message=message, error_type="process_crashed",
-                                            fatal=False, process=child.name))
+            events = [make_event(stream, "error", message=message, error_type="process_crashed", fatal=False,
+                                 process=child.name) for stream in ([child.stream] if child.stream else self.stream_ids)]
+            if child.name == "hub":
+                self._after_hub_restart.extend(events)  # the dead hub cannot publish them; its successor will
+                for stream in self.stream_ids:
+                    self.stats.set(stream, "hub_started", 0.0)
+            else:
+                for event in events:
+                    self.sender.send(event)
+
+    # A subscriber reconnects to a (re)bound PUB socket within ZeroMQ's reconnect interval (100 ms); events
+    # published before that are lost to it. Nothing is produced until the hub has bound and this much has passed.
+    HUB_JOIN_SECONDS = 0.5
+
+    def _hub_published_since(self) -> float:
+        """Wall time at which the running hub bound its sockets (0 until it has)."""
+        return self.stats.get(self.stream_ids[0], "hub_started")
+
+    def _wait_hub_published(self, timeout: float = 120.0) -> None:
+        """At start: let the hub bind and subscribers that wait for it connect before anything is produced, so
+        they get the first `online` status (the hub is the only process that publishes)."""
+        deadline = time.monotonic() + timeout
+        hub = next(c for c in self.children if c.name == "hub")
+        while not self._hub_published_since() and time.monotonic() < deadline and hub.process.is_alive():
+            time.sleep(0.02)
+        time.sleep(self.HUB_JOIN_SECONDS)
+
+    def _send_after_hub_restart(self) -> None:
+        """Publish the restarted hub's crash report once subscribers have had time to reconnect to it."""
+        if not self._after_hub_restart:
+            return
+        since = self._hub_published_since()
+        if since and time.time() - since >= self.HUB_JOIN_SECONDS:
+            events, self._after_hub_restart = self._after_hub_restart, []
+            for event in events:
+                self.sender.send(event)
 
     def _watch_detector(self, process) -> None:
         """Kill a worker whose detector call overran `model.watchdog_seconds`; it is restarted like a crash."""
@@ -423,6 +461,7 @@ class Supervisor:
                 if now >= next_check:
                     next_check = now + 0.2
                     self._check_children()
+                    self._send_after_hub_restart()
                     if self._all_done():
                         self.request_stop("every stream finished")
         finally:
@@ -535,7 +574,8 @@ class Supervisor:
     def _remove_created(self) -> None:
         """Delete the shared memory and the runtime folder (safe to call twice, and from a signal handler)."""
         for path in [m.path for m in getattr(self, "mailboxes", {}).values()] + (
-                [self.stats.path] if getattr(self, "stats", None) is not None else []):
+                [self.stats.path] if getattr(self, "stats", None) is not None else []) + (
+                [self.open_tracks.path] if getattr(self, "open_tracks", None) is not None else []):
             try:
                 os.unlink(path)
             except FileNotFoundError:
@@ -577,6 +617,7 @@ class Supervisor:
             log.warning("run degraded: event logs could not be written (failed writes, events lost): %s",
                         ", ".join(f"{s} {int(e)}/{int(n)}" for s, (e, n) in degraded.items()))
         self.stats.close()
+        self.open_tracks.close()
         self._remove_created()
         self.worker_control.close()
         self.worker_replies.close()

@@ -13,6 +13,7 @@ starts again from the late frame instead of bursting to catch up.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
@@ -294,7 +295,29 @@ class Decoder:
         options = {"rtsp_transport": "tcp", "timeout": str(int(self.read_timeout * 1e6))}
         if not self.url.lower().startswith(("rtsp://", "rtsps://")):
             options = {"rw_timeout": str(int(self.read_timeout * 1e6))}
-        return av.open(self.url, options=options, timeout=(self.open_timeout, self.read_timeout))
+        # PyAV's read timeout applies to each read; on an RTSP stall FFmpeg's first interrupted read still hands
+        # back the partial packet it holds, and only the next one fails. Half the setting per read keeps the
+        # detection within read_timeout_seconds of the last data.
+        return av.open(self.url, options=options, timeout=(self.open_timeout, self.read_timeout / 2))
+
+    def describe_failure(self, exc: Exception) -> str:
+        """What went wrong with a live source, in words (FFmpeg's errno text means nothing to an operator)."""
+        host = self.url.split("://", 1)[-1].split("/", 1)[0].rsplit("@", 1)[-1]
+        code = getattr(exc, "errno", None)
+        if isinstance(exc, (av.error.ExitError, TimeoutError)) or code == errno.ETIMEDOUT:
+            return f"no data from the source for {self.read_timeout:g} s (stalled or unreachable)"
+        if isinstance(exc, ConnectionRefusedError) or code == errno.ECONNREFUSED:
+            return f"connection refused (nothing listening at {host})"
+        if isinstance(exc, ConnectionResetError) or code in (errno.ECONNRESET, errno.EPIPE):
+            return "the connection was reset by the source"
+        if code in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+            return f"no route to {host}"
+        if isinstance(exc, av.error.InvalidDataError):
+            return "the source sent no valid video (not a video stream, or it stopped answering mid-message)"
+        if isinstance(exc, av.error.HTTPError):
+            return f"the server refused the stream: {getattr(exc, 'strerror', exc)}"
+        text = getattr(exc, "strerror", None) or str(exc)
+        return f"{text[:1].lower()}{text[1:]}" if text else type(exc).__name__
 
     def _run_live(self) -> int:
         attempt = 0
@@ -309,7 +332,7 @@ class Decoder:
             try:
                 container = self._open_live()
             except (av.FFmpegError, OSError) as exc:
-                reason = f"cannot connect: {exc}"
+                reason = f"cannot connect: {self.describe_failure(exc)}"
                 container = None
             if container is not None:
                 last_sent = 0.0
@@ -334,7 +357,7 @@ class Decoder:
                         self.stats.set(self.stream_id, "last_frame_wall", now)
                     reason = "end of stream (the server closed the connection)"
                 except (av.FFmpegError, OSError) as exc:
-                    reason = f"read failed: {exc}"
+                    reason = f"read failed: {self.describe_failure(exc)}"
                 finally:
                     try:
                         container.close()

@@ -176,11 +176,13 @@ class FrameMailbox:
             record["state"] = READY
         return True
 
-    def recover_reading(self) -> None:
-        """Free the slots a crashed worker held (the supervisor calls this before restarting it)."""
+    def recover_reading(self, redeliver: bool = False) -> None:
+        """Take back the slots a crashed worker held (the supervisor calls this before restarting it): freed,
+        or, with `redeliver` (files: every frame counts), READY again so the next worker processes them. Their
+        `seq` is kept, so they come out first and in order."""
         with self.lock:
             states = self.header["state"]
-            states[states == READING] = FREE
+            states[states == READING] = READY if redeliver else FREE
 
     def finish(self, reason: int = 0) -> None:
         """No more frames will come (reason: a key of END_REASONS)."""

@@ -192,6 +192,8 @@ def hub_main(*, pull_endpoint: str, pub_endpoint: str, high_water_mark: int, hea
         recorder = Recorder(record_directory, stats.stream_ids, flush_seconds, stamp=run_stamp)
     hub = Hub(pull_endpoint=pull_endpoint, pub_endpoint=pub_endpoint, high_water_mark=high_water_mark,
               heartbeat_seconds=heartbeat_seconds, stats=stats, recorder=recorder, curve_keys=curve_keys)
+    for stream in stats.stream_ids:
+        stats.set(stream, "hub_started", time.time())  # the supervisor holds producers back until then
     try:
         hub.run(stop)
     finally:

@@ -20,10 +20,12 @@ import numpy as np
 from streamer.config import ModelConfig, StreamConfig
 from streamer.events import make_event, round_box
 from streamer.frames import Frame, FrameMailbox
+from streamer.opentracks import OpenTracks
 from streamer.process import EXIT_FATAL, EventSender, child_setup
 from streamer.prompts import DEFAULT_MAX_PROMPT_TOKENS, check_prompt
 from streamer.stats import STATE_CODES, STATE_NAMES, StreamStats
 from streamer.watchdog import BatchSizer, DetectorWatchdog, is_out_of_memory, with_injected_faults
+from tracker.config import TrackerConfig
 
 log = logging.getLogger("groundwatch.inference")
 
@@ -60,8 +62,8 @@ class GdinoDetector:
         import gdino
         from gdino import backends, predict
 
-        if threads:
-            torch.set_num_threads(threads)
+        self.threads, self._threads_checked = threads, False
+        self._hold_threads(torch)
         backend = backends.resolve_backend(backend, device)
         # The exported graphs are float32; dtype applies to the torch backend ("auto": bfloat16 on a CPU with
         # AMX or AVX-512 BF16).
@@ -101,13 +103,32 @@ class GdinoDetector:
         with self._torch.inference_mode():
             return self.predict.encode(self.model, prompt)
 
+    def _hold_threads(self, torch) -> None:
+        """Apply `threads` to torch (and so to its OpenMP pool) and to Numba's pool. Starting Numba's threading
+        layer (the first call of the CPU attention kernel) resets the process's OpenMP thread count, so this
+        runs again whenever torch no longer reads the setting."""
+        if not self.threads:
+            return
+        import numba
+        from threadpoolctl import threadpool_limits
+
+        torch.set_num_threads(self.threads)
+        numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))
+        # Every OpenMP and BLAS runtime loaded so far: Numba's OpenMP layer brings its own libgomp, apart
+        # from torch's.
+        threadpool_limits(limits=self.threads)
+
     def detect(self, frames: Sequence[np.ndarray], encoding) -> list[FrameDetections]:
         # remove_combined: one phrase per box, from its own sub-sentence: the tracker associates within a
         # phrase, and "red car" must not become "red car white van" when both are near the threshold.
         with self._torch.inference_mode():
-            return self.predict.detect(self.model, frames, encoding, box_threshold=self.box_threshold,
-                                       text_threshold=self.text_threshold, remove_combined=True,
-                                       short_side=self.short_side, max_side=self.max_side)
+            found = self.predict.detect(self.model, frames, encoding, box_threshold=self.box_threshold,
+                                        text_threshold=self.text_threshold, remove_combined=True,
+                                        short_side=self.short_side, max_side=self.max_side)
+        if self.threads and (not self._threads_checked or self._torch.get_num_threads() != self.threads):
+            self._threads_checked = True  # the first call has started every thread pool it uses
+            self._hold_threads(self._torch)
+        return found
 
 
 def build_detector(model_config: ModelConfig) -> GdinoDetector:
@@ -123,7 +144,7 @@ def build_preview_encoder(settings):
     return PreviewEncoder(settings)
 
 
-def build_tracker(tracker_config: "tracker.TrackerConfig"):
+def build_tracker(tracker_config: TrackerConfig):
     import tracker
 
     return tracker.Tracker(tracker_config)
@@ -139,6 +160,7 @@ class StreamState:
     finished: bool = False
     frames: int = 0
     prompt_error: str | None = None  # the prompt could not be encoded: frames are skipped until a new prompt
+    id_base: int = 0  # added to the tracker's ids: unique within the stream for the run (see last_track_id)
     extra: dict = field(default_factory=dict)
 
 
@@ -148,13 +170,17 @@ class InferenceWorker:
     def __init__(self, *, detector: Detector, streams: list[StreamConfig], mailboxes: dict[str, FrameMailbox],
                  stats: StreamStats, sender: EventSender, tracker_factory, batch_size: int = 4,
                  idle_sleep: float = 0.003, oom_recover_seconds: float = 60.0,
-                 watchdog: DetectorWatchdog | None = None, previews=None) -> None:
+                 watchdog: DetectorWatchdog | None = None, previews=None,
+                 open_tracks: "OpenTracks | None" = None) -> None:
         self.detector, self.stats, self.sender = detector, stats, sender
         self.tracker_factory, self.batch_size, self.idle_sleep = tracker_factory, batch_size, idle_sleep
         self.streams = {
             s.id: StreamState(s.id, s.is_live, mailboxes[s.id], s.prompt, tracker_factory())
             for s in streams
         }
+        self.open_tracks = open_tracks
+        for state in self.streams.values():
+            state.id_base = int(stats.get(state.stream_id, "last_track_id"))
         self.encodings: dict[str, Any] = {}
         self.sizer = BatchSizer(batch_size, oom_recover_seconds)  # self.batch_size follows it
         self.skipped_in_a_row = 0  # frames skipped for out of memory since the last success
@@ -173,6 +199,20 @@ class InferenceWorker:
         if prompt not in self.encodings:
             self.encodings[prompt] = self.detector.encode(prompt)
         return self.encodings[prompt]
+
+    def end_predecessor_tracks(self) -> None:
+        """A restarted worker ends the tracks its predecessor left open (`reason: worker_restarted`): their ids
+        are never updated again, and a subscriber must not wait for them."""
+        if self.open_tracks is None:
+            return
+        for state in self.streams.values():
+            left = self.open_tracks.take(state.stream_id)
+            for track in left:
+                ts = track.pop("ts")
+                self._send(make_event(state.stream_id, "track", ts=ts if ts else None, event="ended",
+                                      reason="worker_restarted", **track))
+            if left:
+                self.stats.add(state.stream_id, "track_events", len(left))
 
     def prepare_prompts(self) -> None:
         """Encode every stream's prompt at start. A prompt that cannot be encoded costs its own stream (an
@@ -204,6 +244,7 @@ class InferenceWorker:
         previous, state.prompt = state.prompt, prompt
         state.prompt_error = None
         state.tracker = self.tracker_factory()
+        state.id_base = int(self.stats.get(stream_id, "last_track_id"))  # the new tracker counts from 1 again
         self.stats.add(stream_id, "prompt_changes")
         state_name = STATE_NAMES.get(self.stats.get(stream_id, "state"), "online")
         self._send(make_event(stream_id, "status", state=state_name, reason="prompt_changed", prompt=prompt,
@@ -277,17 +318,23 @@ class InferenceWorker:
                     self._send(make_event(stream_id, "error", message=f"detector failed: {type(exc).__name__}: "
                                           f"{exc}", error_type="inference_failed", fatal=False))
                 if self.consecutive_failures >= self.max_consecutive_failures or is_out_of_memory(exc):
-                    raise  # out of memory gets here only once `_detect` gave up on skipping frames
-                continue
-            finally:
+                    # Out of memory gets here only once `_detect` gave up on skipping frames. The frames stay
+                    # READING: the next worker gets them again.
+                    raise
                 for state, frame in items:
                     state.mailbox.release(frame)
+                continue
             inference_ms = (time.perf_counter() - started) * 1000 / len(items)
             for (state, frame), result, preview in zip(items, results, previews):
-                if result is not None:  # None: skipped, out of memory even alone
-                    self._emit_frame(state, frame, result, inference_ms)
-                    if preview is not None:  # after its detections: a viewer has the boxes when the picture comes
-                        self.sender.send_frames(preview)
+                # Released only once its events are out: a file frame whose worker dies before that is still
+                # READING, and the supervisor hands it to the next worker (FrameMailbox.recover_reading).
+                try:
+                    if result is not None:  # None: skipped, out of memory even alone
+                        self._emit_frame(state, frame, result, inference_ms)
+                        if preview is not None:  # after its detections: a viewer has the boxes with the picture
+                            self.sender.send_frames(preview)
+                finally:
+                    state.mailbox.release(frame)
 
     def _encode_preview(self, state: StreamState, frame: Frame) -> list[bytes] | None:
         if self.previews is None:
@@ -352,7 +399,14 @@ class InferenceWorker:
         update = state.tracker.update(boxes_xyxy, scores, phrases, frame.frame_index)
         track_of_detection = np.full(len(phrases), -1, dtype=np.int64)
         matched = update.detection_indices >= 0
-        track_of_detection[update.detection_indices[matched]] = update.ids[matched]
+        track_of_detection[update.detection_indices[matched]] = update.ids[matched] + state.id_base
+        if len(update):
+            top = state.id_base + int(update.ids.max())
+            if top > self.stats.get(state.stream_id, "last_track_id"):
+                self.stats.set(state.stream_id, "last_track_id", top)
+        if self.open_tracks is not None:
+            self.open_tracks.write(state.stream_id, frame.frame_index, frame.ts, update.ids + state.id_base,
+                                   update.boxes_xyxy, update.scores, update.labels, update.ages, update.hits)
         height, width = frame.pixels.shape[:2]
         detections = [
             {
@@ -392,15 +446,18 @@ class InferenceWorker:
                     continue
                 self._send(
                     make_event(state.stream_id, "track", ts=ts, frame=frame_index, event=kind,
-                               track_id=int(track_id), box=round_box(update.boxes_xyxy[row]),
+                               track_id=int(track_id) + state.id_base, box=round_box(update.boxes_xyxy[row]),
                                score=round(float(update.scores[row]), 4), phrase=update.labels[row],
                                age=int(update.ages[row]), hits=int(update.hits[row]))
                 )
                 count += 1
+        if reason and self.open_tracks is not None:  # the tracker finished: nothing of it is open any more
+            self.open_tracks.clear(state.stream_id)
         for track in update.ended_tracks:
             fields = {"reason": reason} if reason else {}
             self._send(
-                make_event(state.stream_id, "track", ts=ts, frame=frame_index, event="ended", track_id=track.id,
+                make_event(state.stream_id, "track", ts=ts, frame=frame_index, event="ended",
+                           track_id=track.id + state.id_base,
                            box=round_box(track.box_xyxy), score=round(track.score, 4), phrase=track.label,
                            age=track.age, hits=track.hits, **fields)
             )
@@ -417,7 +474,9 @@ class InferenceWorker:
             if state.finished or not state.mailbox.finished or state.mailbox.pending():
                 continue
             state.finished = True
-            self._emit_track_events(state, state.tracker.finish(), ts=None, reason="end_of_stream")
+            # A file stopped by the shutdown is not at its end: say so, as for live streams.
+            reason = "shutdown" if state.mailbox.end_reason == "shutdown" else "end_of_stream"
+            self._emit_track_events(state, state.tracker.finish(), ts=None, reason=reason)
             if state.mailbox.end_reason == "end_of_file":
                 self._send(make_event(state.stream_id, "status", state="offline", reason="end_of_file",
                                       source="file", frames=state.frames))
@@ -498,9 +557,10 @@ class InferenceWorker:
 
 
 def worker_main(*, streams: list[StreamConfig], mailbox_specs: dict[str, dict], stats_spec: dict,
-                events_endpoint: str, model: ModelConfig, tracker: "tracker.TrackerConfig", batch_size: int, stop,
+                events_endpoint: str, model: ModelConfig, tracker: TrackerConfig, batch_size: int, stop,
                 control, replies, ready, parent_pid: int, oom_recover_seconds: float = 60.0,
-                detect_stamp=None, preview=None) -> None:
+                detect_stamp=None, preview=None,
+                open_tracks_spec: dict | None = None) -> None:
     """Entry point of the inference worker process (spawned by the supervisor). `streams` carry their current
     prompts (a restarted worker starts with the prompts set since start-up)."""
     child_setup("worker", parent_pid)
@@ -520,11 +580,13 @@ def worker_main(*, streams: list[StreamConfig], mailbox_specs: dict[str, dict], 
     import tracker as tracker_package
 
     tracker_package.warm_up()
+    open_tracks = OpenTracks.attach(open_tracks_spec) if open_tracks_spec else None
     worker = InferenceWorker(detector=detector, streams=streams, mailboxes=mailboxes, stats=stats, sender=sender,
                              tracker_factory=lambda: build_tracker(tracker), batch_size=batch_size,
                              oom_recover_seconds=oom_recover_seconds,
                              watchdog=DetectorWatchdog(detect_stamp) if detect_stamp is not None else None,
-                             previews=build_preview_encoder(preview))
+                             previews=build_preview_encoder(preview), open_tracks=open_tracks)
+    worker.end_predecessor_tracks()
     worker.prepare_prompts()
     log.info("model ready in %.1f s", time.perf_counter() - started)
     ready.set()

@@ -31,11 +31,13 @@ COLUMNS = (
     "worker_events_dropped",
     "prompt_changes",
     "worker_finished",  # 1 once the worker has processed every frame of a finished stream
+    "last_track_id",  # the highest track id published: a new tracker (prompt change, restarted worker) goes on
     # hub
     "events_published",
     "record_errors",  # event-log writes that failed (disk full, read-only...); retried
     "record_lost",  # events that never reached the log (backlog overflow while failing, or still failing at exit)
     "record_failing",  # 1 while the stream's event log cannot be written
+    "hub_started",  # wall time at which the running hub bound its sockets (0 while none has)
     # mqtt bridge (docs/mqtt.md): the connection state is copied to every stream's row
     "mqtt_state",  # BRIDGE_STATE_CODES
     "mqtt_published",  # messages handed to the broker for this stream

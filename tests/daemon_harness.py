@@ -33,7 +33,7 @@ class Daemon:
         self.publish = f"tcp://127.0.0.1:{free_port()}"
         self.control = f"tcp://127.0.0.1:{free_port()}"
         self.config = self.root / "config.toml"
-        sections = {"model", "live", "publish", "record", "metrics", "supervisor", "web"}
+        sections = {"model", "tracker", "live", "publish", "record", "metrics", "supervisor", "web"}
         defaults = {
             "model": 'weights = "tiny"\nshort_side = 64\nmax_side = 96\nbatch_size = 2\nbox_threshold = 0.9\n',
             "live": "open_timeout_seconds = 2\nread_timeout_seconds = 2\nreconnect_initial_seconds = 0.3\n"
@@ -42,6 +42,7 @@ class Daemon:
                        f"heartbeat_seconds = {heartbeat_seconds}\n",
             "record": f'directory = "{record_directory}"\nflush_seconds = 0.2\n',
             "metrics": "port = 0\n",
+            "tracker": "",
             "supervisor": "exit_when_done = false\nshutdown_timeout_seconds = 20\n",
             "web": "enabled = false\nport = 0\n",  # the console has its own tests (test_web*.py)
         }
@@ -53,7 +54,7 @@ class Daemon:
             elif current is not None:
                 added[current] += line + "\n"
         text = streams.strip() + "\n"
-        for name in ("model", "live", "publish", "record", "metrics", "supervisor", "web"):
+        for name in ("model", "tracker", "live", "publish", "record", "metrics", "supervisor", "web"):
             keys = {line.split("=")[0].strip() for line in added[name].splitlines() if "=" in line}
             kept = "".join(line + "\n" for line in defaults[name].splitlines() if line.split("=")[0].strip() not in keys)
             text += f"\n[{name}]\n{kept}{added[name]}"

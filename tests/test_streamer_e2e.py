@@ -61,9 +61,12 @@ class Collector:
                 continue
             while True:
                 try:
-                    topic, payload = self.socket.recv_multipart(flags=zmq.NOBLOCK)
+                    frames = self.socket.recv_multipart(flags=zmq.NOBLOCK)
                 except zmq.Again:
                     break
+                if len(frames) != 2:  # a web console preview, not an event (docs/events.md)
+                    continue
+                topic, payload = frames
                 event = decode_payload(payload)
                 assert topic.decode() == f"{event['stream']}/{event['kind']}"
                 with self.lock:

@@ -166,6 +166,8 @@ port = {web_port}
 """)
     collector = Collector(publish)
     process, log_file = start_daemon(config, root)
+    state = {"process": process, "root": root, "server": server, "control": control, "collector": collector,
+             "config": config, "logs": [log_file]}
     try:
         wait_ready(control, timeout=180)
         url = status(control)["web"]
@@ -174,10 +176,11 @@ port = {web_port}
 
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-            yield {"process": process, "root": root, "server": server, "control": control, "url": url,
-                   "collector": collector, "browser": browser, "config": config, "log": log_file}
+            state.update(url=url, browser=browser)
+            yield state  # a test may restart the daemon: state["process"] is the one running
             browser.close()
     finally:
+        process = state["process"]
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
             try:
@@ -185,7 +188,8 @@ port = {web_port}
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(10)
-        log_file.close()
+        for log in state["logs"]:
+            log.close()
         collector.close()
         server.kill()
         if os.environ.get("GROUNDWATCH_TEST_LOG"):
@@ -221,15 +225,19 @@ def pixels(capture: dict) -> np.ndarray:
 
 
 def assert_box_drawn(image: np.ndarray, detection: dict, event: dict) -> None:
-    """The box's colour must be on the canvas along the box's left and top edges, where the event puts them."""
+    """The box's colour must be on the canvas along a vertical and a horizontal edge of the box, where the event
+    puts them (the left and bottom edges, or the right and top ones when those are off the canvas)."""
     height, width = image.shape[:2]
     sx, sy = width / event["width"], height / event["height"]
     x1, y1, x2, y2 = (round(v * s) for v, s in zip(detection["box"], (sx, sy, sx, sy)))
     color = expected_color(detection["track_id"]) if detection["track_id"] is not None else None
-    mid_y, mid_x = (y1 + y2) // 2, (x1 + x2) // 2
-    left = image[max(0, mid_y - 1):mid_y + 2, max(0, x1 - 2):x1 + 2].reshape(-1, 3)
-    bottom = image[max(0, y2 - 2):y2 + 2, max(0, mid_x - 1):mid_x + 2].reshape(-1, 3)
-    for name, patch in (("left", left), ("bottom", bottom)):
+    x_edge = x1 if x1 >= 2 else x2
+    y_edge = y2 if y2 <= height - 3 else y1
+    mid_y, mid_x = (max(y1, 0) + min(y2, height)) // 2, (max(x1, 0) + min(x2, width)) // 2
+    vertical = image[max(0, mid_y - 1):mid_y + 2, max(0, x_edge - 2):x_edge + 2].reshape(-1, 3)
+    horizontal = image[max(0, y_edge - 2):y_edge + 2, max(0, mid_x - 1):mid_x + 2].reshape(-1, 3)
+    for name, patch in (("vertical", vertical), ("horizontal", horizontal)):
+        assert patch.size, f"the {name} edge of {detection} is off the canvas"
         if color is not None:
             distance = np.abs(patch - color).max(axis=1).min()
             assert distance <= 12, f"no box colour {color} at the {name} edge of {detection} (closest {distance})"
@@ -252,7 +260,7 @@ def test_grid_shows_live_video_that_changes(daemon, page):
             break
         assert time.monotonic() < deadline, "the live canvas stopped changing"
         time.sleep(0.3)
-    page.wait_for_function("document.querySelector(\"[data-badge='cam']\").dataset.state === 'online'")
+    page.wait_for_function("document.querySelector(\"[data-badge='cam']\")?.dataset.state === 'online'")
     figures = page.locator("[data-figures='cam']").inner_text()
     assert "fps" in figures and "on screen" in figures and " ms" in figures  # decode-to-screen latency shown
 
@@ -359,17 +367,17 @@ def test_offline_stream_says_so(daemon, page):
     """A finished file and a camera that went away: the grid says which state each is in, and why."""
     daemon["collector"].wait_for(300, "demo", "status", state="offline", reason="end_of_file")
     page.goto(daemon["url"])
-    page.wait_for_function("document.querySelector(\"[data-badge='demo']\").dataset.state === 'offline'")
+    page.wait_for_function("document.querySelector(\"[data-badge='demo']\")?.dataset.state === 'offline'")
     assert "end_of_file" in page.locator("[data-reason='demo']").inner_text()
     server = daemon["server"]
     server.kill()
     try:
-        page.wait_for_function("document.querySelector(\"[data-badge='cam']\").dataset.state === 'reconnecting'",
+        page.wait_for_function("document.querySelector(\"[data-badge='cam']\")?.dataset.state === 'reconnecting'",
                                timeout=30_000)
         assert "attempt" in page.locator("[data-reason='cam']").inner_text()
     finally:
         server.start()
-    page.wait_for_function("document.querySelector(\"[data-badge='cam']\").dataset.state === 'online'",
+    page.wait_for_function("document.querySelector(\"[data-badge='cam']\")?.dataset.state === 'online'",
                            timeout=60_000)
 
 
@@ -388,7 +396,7 @@ def test_recording_replays_with_its_overlays(daemon, page):
     for target in (with_boxes[-1], with_boxes[0]):  # seek forwards, then back
         page.evaluate("(t) => { const v = document.querySelector('video'); v.pause(); v.currentTime = t; }",
                       target["pts"] + 0.01)
-        page.wait_for_function(f"document.querySelector('canvas[data-replay-overlay]').dataset.frame == "
+        page.wait_for_function(f"document.querySelector('canvas[data-replay-overlay]')?.dataset.frame == "
                                f"{target['frame']}", timeout=15_000)
         capture = canvas_capture(page, "canvas[data-replay-overlay]")
         assert capture["boxes"] == len(target["detections"])
@@ -397,7 +405,7 @@ def test_recording_replays_with_its_overlays(daemon, page):
             assert_box_drawn(image, detection, target)
     # It plays: the overlay follows the video on its own.
     page.evaluate("(() => { const v = document.querySelector('video'); v.currentTime = 0; v.play(); })()")
-    page.wait_for_function(f"document.querySelector('canvas[data-replay-overlay]').dataset.frame > {min(recorded)}",
+    page.wait_for_function(f"document.querySelector('canvas[data-replay-overlay]')?.dataset.frame > {min(recorded)}",
                            timeout=15_000)
 
 
@@ -419,12 +427,34 @@ def test_web_process_crash_is_restarted_and_the_page_reconnects(daemon, page):
     page.wait_for_selector("article[data-card='cam'] canvas[data-frame]", timeout=60_000)
     before = status(daemon["control"])
     os.kill(before["processes"]["web"]["pid"], signal.SIGKILL)
-    page.wait_for_function("document.getElementById('connection').dataset.state !== 'live'", timeout=15_000)
-    page.wait_for_function("document.getElementById('connection').dataset.state === 'live'", timeout=60_000)
+    page.wait_for_function("document.getElementById('connection')?.dataset.state !== 'live'", timeout=15_000)
+    page.wait_for_function("document.getElementById('connection')?.dataset.state === 'live'", timeout=60_000)
     frame = canvas_capture(page, "article[data-card='cam'] canvas")["frame"]
-    page.wait_for_function(f"Number(document.querySelector(\"article[data-card='cam'] canvas\").dataset.frame) > {frame}",
+    page.wait_for_function(f"Number(document.querySelector(\"article[data-card='cam'] canvas\")?.dataset.frame) > {frame}",
                            timeout=30_000)
     after = status(daemon["control"])
     assert after["processes"]["web"]["restarts"] == before["processes"]["web"]["restarts"] + 1
     assert after["pid"] == before["pid"] and daemon["process"].poll() is None
     assert after["processes"]["worker"]["restarts"] == before["processes"]["worker"]["restarts"]
+
+
+def test_the_page_reconnects_after_a_daemon_restart(daemon, page):
+    """The daemon stops and starts again (an upgrade, a reboot): the open page says it lost the daemon, then
+    comes back by itself, with live pictures, without a reload."""
+    page.goto(daemon["url"])
+    page.wait_for_selector("article[data-card='cam'] canvas[data-frame]", timeout=60_000)
+    page.evaluate("window.__same_page = true")
+    process = daemon["process"]
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(60) == 0
+    page.wait_for_function("document.getElementById('connection').dataset.state !== 'live'", timeout=15_000)
+    process, log_file = start_daemon(daemon["config"], daemon["root"], "daemon-restarted.log")
+    daemon["process"] = process
+    daemon["logs"].append(log_file)
+    wait_ready(daemon["control"], timeout=180)
+    page.wait_for_function("document.getElementById('connection').dataset.state === 'live'", timeout=60_000)
+    frame = canvas_capture(page, "article[data-card='cam'] canvas")["frame"]
+    # Frame indices start again at 0 in the new run: any newly drawn frame differs from the last one.
+    page.wait_for_function(f"Number(document.querySelector(\"article[data-card='cam'] canvas\")?.dataset.frame)"
+                           f" !== {frame}", timeout=60_000)
+    assert page.evaluate("window.__same_page") is True  # it reconnected; nobody reloaded it

@@ -41,6 +41,21 @@ class TrackerConfig:
     """A confirmed track unseen for more than this many frames is removed (emits `ended`)."""
     velocity_smoothing: float = 0.4
     """Weight of the newest observed displacement in the constant-velocity estimate (1 = no smoothing)."""
+    motion: str = "velocity"
+    """How a track's box is predicted for association: "kalman" (a constant-velocity Kalman filter on centre,
+    aspect ratio and height, noise proportional to the box height, as ByteTrack's) or "velocity" (the last box
+    moved by an exponentially smoothed velocity, `velocity_smoothing`)."""
+    kalman_position_noise: float = 1.0 / 20
+    """Kalman filter: standard deviation of position noise (process and measurement) per pixel of box height."""
+    kalman_velocity_noise: float = 1.0 / 160
+    """Kalman filter: standard deviation of the per-frame velocity change per pixel of box height."""
+    recovery: bool = True
+    """Observation-centric recovery (OC-SORT): confirmed tracks left unmatched after the two ByteTrack stages get
+    a second chance against the free high-confidence detections, by IoU (>= `recovery_iou`) with their last
+    observed box instead of their prediction."""
+    recovery_iou: float = 0.3
+    """Minimum IoU with the last observed box in recovery: stricter than `match_iou`, as a box that has not
+    moved with its track is more easily another object's."""
     max_predict_frames: int = 20
     """Constant-velocity extrapolation stops after this many unseen frames, so a lost box does not fly away."""
     class_agnostic: bool = False
@@ -53,7 +68,7 @@ class TrackerConfig:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 problems.append((name, f"must be in [0, 1] (got {value!r})"))
-        for name in ("match_iou", "low_match_iou", "tentative_match_iou"):
+        for name in ("match_iou", "low_match_iou", "tentative_match_iou", "recovery_iou"):
             value = getattr(self, name)
             if not 0.0 < value <= 1.0:
                 problems.append((name, f"must be in (0, 1] (got {value!r})"))
@@ -63,5 +78,10 @@ class TrackerConfig:
             value = getattr(self, name)
             if value < least:
                 problems.append((name, f"must be at least {least} (got {value!r})"))
+        if self.motion not in ("kalman", "velocity"):
+            problems.append(("motion", f"must be 'kalman' or 'velocity' (got {self.motion!r})"))
+        for name in ("kalman_position_noise", "kalman_velocity_noise"):
+            if not getattr(self, name) > 0.0:
+                problems.append((name, f"must be positive (got {getattr(self, name)!r})"))
         if problems:
             raise TrackerConfigError(problems)

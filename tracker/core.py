@@ -190,11 +190,133 @@ def _stage_weights(
     return weights
 
 
+# Motion models (TrackerConfig.motion).
+_MOTION_VELOCITY = 0
+_MOTION_KALMAN = 1
+
+
+@njit(cache=True, nogil=True)
+def _kalman_initiate(mean, cov, slot, box_xyxy, d, position_noise, velocity_noise):
+    """Start the filter of `slot` at detection `d`: state (cx, cy, aspect, height, and their velocities), the
+    uncertainty proportional to the box height as in ByteTrack's filter."""
+    width = box_xyxy[d, 2] - box_xyxy[d, 0]
+    height = box_xyxy[d, 3] - box_xyxy[d, 1]
+    mean[slot, 0] = box_xyxy[d, 0] + width / 2
+    mean[slot, 1] = box_xyxy[d, 1] + height / 2
+    mean[slot, 2] = width / height
+    mean[slot, 3] = height
+    for i in range(4, 8):
+        mean[slot, i] = 0.0
+    for i in range(8):
+        for j in range(8):
+            cov[slot, i, j] = 0.0
+    position = 2.0 * position_noise * height
+    velocity = 10.0 * velocity_noise * height
+    cov[slot, 0, 0] = position * position
+    cov[slot, 1, 1] = position * position
+    cov[slot, 2, 2] = 1e-4
+    cov[slot, 3, 3] = position * position
+    cov[slot, 4, 4] = velocity * velocity
+    cov[slot, 5, 5] = velocity * velocity
+    cov[slot, 6, 6] = 1e-10
+    cov[slot, 7, 7] = velocity * velocity
+
+
+@njit(cache=True, nogil=True)
+def _kalman_predict(mean, cov, slot, steps, freeze_height, position_noise, velocity_noise, out_mean, out_cov):
+    """`steps` constant-velocity steps of `slot`'s filter into out_mean[slot] (8,), out_cov[slot] (8, 8).
+
+    Process noise scales with the box height (a big box's pixels move more). `freeze_height` zeroes the height
+    velocity first, as ByteTrack does for a track it has lost, so an unseen box does not grow or vanish."""
+    for i in range(8):
+        out_mean[slot, i] = mean[slot, i]
+        for j in range(8):
+            out_cov[slot, i, j] = cov[slot, i, j]
+    if freeze_height:
+        out_mean[slot, 7] = 0.0
+    for _ in range(steps):
+        height = out_mean[slot, 3]
+        for i in range(4):
+            out_mean[slot, i] += out_mean[slot, i + 4]
+        # P <- F P F^T with F = [[I, I], [0, I]]: rows then columns, i += i + 4.
+        for i in range(4):
+            for j in range(8):
+                out_cov[slot, i, j] += out_cov[slot, i + 4, j]
+        for j in range(4):
+            for i in range(8):
+                out_cov[slot, i, j] += out_cov[slot, i, j + 4]
+        position = position_noise * height
+        velocity = velocity_noise * height
+        out_cov[slot, 0, 0] += position * position
+        out_cov[slot, 1, 1] += position * position
+        out_cov[slot, 2, 2] += 1e-4
+        out_cov[slot, 3, 3] += position * position
+        out_cov[slot, 4, 4] += velocity * velocity
+        out_cov[slot, 5, 5] += velocity * velocity
+        out_cov[slot, 6, 6] += 1e-10
+        out_cov[slot, 7, 7] += velocity * velocity
+
+
+@njit(cache=True, nogil=True)
+def _kalman_update(predicted_mean, predicted_cov, slot, box_xyxy, d, position_noise, mean, cov):
+    """Correct `slot`'s prediction with detection `d`; the result goes to mean[slot], cov[slot]."""
+    width = box_xyxy[d, 2] - box_xyxy[d, 0]
+    height = box_xyxy[d, 3] - box_xyxy[d, 1]
+    measured = np.empty(4)
+    measured[0] = box_xyxy[d, 0] + width / 2
+    measured[1] = box_xyxy[d, 1] + height / 2
+    measured[2] = width / height
+    measured[3] = height
+    noise = position_noise * predicted_mean[slot, 3]
+    innovation_cov = np.empty((4, 4))  # S = H P H^T + R, the top-left block plus measurement noise
+    for i in range(4):
+        for j in range(4):
+            innovation_cov[i, j] = predicted_cov[slot, i, j]
+    innovation_cov[0, 0] += noise * noise
+    innovation_cov[1, 1] += noise * noise
+    innovation_cov[2, 2] += 1e-2
+    innovation_cov[3, 3] += noise * noise
+    cross = np.empty((8, 4))  # P H^T: the first four columns of P
+    for i in range(8):
+        for j in range(4):
+            cross[i, j] = predicted_cov[slot, i, j]
+    gain = np.linalg.solve(innovation_cov, cross.T).T  # (8, 4) K = P H^T S^-1 (S symmetric)
+    residual = np.empty(4)
+    for j in range(4):
+        residual[j] = measured[j] - predicted_mean[slot, j]
+    for i in range(8):
+        value = predicted_mean[slot, i]
+        for j in range(4):
+            value += gain[i, j] * residual[j]
+        mean[slot, i] = value
+    # P <- P - K S K^T = P - K (P H^T)^T
+    for i in range(8):
+        for j in range(8):
+            value = predicted_cov[slot, i, j]
+            for k in range(4):
+                value -= gain[i, k] * cross[j, k]
+            cov[slot, i, j] = value
+
+
+@njit(cache=True, nogil=True)
+def _kalman_box(mean, slot, out, row):
+    """The filter's box of `slot` as xyxy into out[row]."""
+    height = mean[slot, 3]
+    width = mean[slot, 2] * height
+    out[row, 0] = mean[slot, 0] - width / 2
+    out[row, 1] = mean[slot, 1] - height / 2
+    out[row, 2] = mean[slot, 0] + width / 2
+    out[row, 3] = mean[slot, 1] + height / 2
+
+
 @njit(cache=True, nogil=True)
 def _take_detection(
     slot, d, now, boxes_xyxy, scores, labels, track_box, track_velocity, track_label, track_score, track_hits,
     track_last_frame, track_detection, velocity_smoothing,
+    motion, kalman_mean, kalman_cov, predicted_mean, predicted_cov, position_noise,
 ):
+    if motion == _MOTION_KALMAN:
+        _kalman_update(predicted_mean, predicted_cov, slot, boxes_xyxy, d, position_noise, kalman_mean, kalman_cov)
     gap = now - track_last_frame[slot]
     if gap < 1:
         gap = 1
@@ -216,10 +338,10 @@ def _take_detection(
 def _step(
     boxes_xyxy, scores, labels, now,
     track_box, track_velocity, track_label, track_score, track_hits, track_first_frame, track_last_frame,
-    track_status, track_id, track_detection,
+    track_status, track_id, track_detection, kalman_mean, kalman_cov,
     high_score, low_score, new_track_score, match_iou, low_match_iou, tentative_match_iou,
-    min_hits, max_age, velocity_smoothing, max_predict_frames, class_agnostic,
-    next_id, counters, event_kinds, event_slots, reported_slots,
+    min_hits, max_age, velocity_smoothing, max_predict_frames, class_agnostic, motion, position_noise, velocity_noise,
+    recovery, recovery_iou, next_id, counters, event_kinds, event_slots, reported_slots,
 ):
     """Advance one stream by one frame. Detections: boxes (D, 4) xyxy, scores (D,), label codes (D,).
 
@@ -278,8 +400,12 @@ def _step(
             low[low_count] = d
             low_count += 1
 
-    # Constant-velocity prediction; confirmed tracks are candidates for stage 1, tentative ones for stage 3.
+    # Prediction (constant velocity, smoothed or Kalman-filtered); confirmed tracks are candidates for stage 1,
+    # tentative ones for stage 3.
     predicted = np.empty((capacity, 4))
+    kalman_rows = capacity if motion == _MOTION_KALMAN else 0
+    predicted_mean = np.empty((kalman_rows, 8))
+    predicted_cov = np.empty((kalman_rows, 8, 8))
     confirmed = np.empty(capacity, dtype=np.int64)
     tentative = np.empty(capacity, dtype=np.int64)
     confirmed_count = 0
@@ -289,8 +415,13 @@ def _step(
         if status == _FREE:
             continue
         steps = min(now - track_last_frame[slot], max_predict_frames)
-        for c in range(4):
-            predicted[slot, c] = track_box[slot, c] + track_velocity[slot, c] * steps
+        if motion == _MOTION_KALMAN:
+            _kalman_predict(kalman_mean, kalman_cov, slot, steps, status == _LOST, position_noise, velocity_noise,
+                            predicted_mean, predicted_cov)
+            _kalman_box(predicted_mean, slot, predicted, slot)
+        else:
+            for c in range(4):
+                predicted[slot, c] = track_box[slot, c] + track_velocity[slot, c] * steps
         # A shrinking box extrapolated too far would invert; keep at least the last size in that case.
         if predicted[slot, 2] <= predicted[slot, 0] or predicted[slot, 3] <= predicted[slot, 1]:
             for c in range(4):
@@ -318,6 +449,7 @@ def _step(
             _take_detection(
                 slot, d, now, boxes_xyxy, scores, labels, track_box, track_velocity, track_label, track_score,
                 track_hits, track_last_frame, track_detection, velocity_smoothing,
+                motion, kalman_mean, kalman_cov, predicted_mean, predicted_cov, position_noise,
             )
             track_matched[slot] = True
             detection_taken[d] = True
@@ -344,9 +476,46 @@ def _step(
                 _take_detection(
                     slot, d, now, boxes_xyxy, scores, labels, track_box, track_velocity, track_label,
                     track_score, track_hits, track_last_frame, track_detection, velocity_smoothing,
+                    motion, kalman_mean, kalman_cov, predicted_mean, predicted_cov, position_noise,
                 )
                 track_matched[slot] = True
                 detection_taken[d] = True
+
+    # Stage 2b, observation-centric recovery (OC-SORT's OCR): confirmed tracks still unmatched against the
+    # high-confidence detections still free, by IoU with the track's last observed box instead of its
+    # prediction. After a sharp turn, a stop or a bounce the prediction has flown the wrong way; where the
+    # object was last seen has not.
+    if recovery:
+        remaining_count = 0
+        for a in range(confirmed_count):
+            slot = confirmed[a]
+            if not track_matched[slot]:
+                remaining[remaining_count] = slot
+                remaining_count += 1
+        free = np.empty(high_count, dtype=np.int64)
+        free_count = 0
+        for b in range(high_count):
+            if not detection_taken[high[b]]:
+                free[free_count] = high[b]
+                free_count += 1
+        if remaining_count > 0 and free_count > 0:
+            weights = _stage_weights(
+                track_box, track_label, remaining, remaining_count, boxes_xyxy, labels, free, free_count,
+                class_agnostic,
+            )
+            assignment = match_weights(weights, recovery_iou)
+            for a in range(remaining_count):
+                b = assignment[a]
+                if b >= 0:
+                    slot = remaining[a]
+                    d = free[b]
+                    _take_detection(
+                        slot, d, now, boxes_xyxy, scores, labels, track_box, track_velocity, track_label,
+                        track_score, track_hits, track_last_frame, track_detection, velocity_smoothing,
+                        motion, kalman_mean, kalman_cov, predicted_mean, predicted_cov, position_noise,
+                    )
+                    track_matched[slot] = True
+                    detection_taken[d] = True
 
     # Stage 3: leftover high-confidence detections against tentative tracks.
     leftover = np.empty(high_count, dtype=np.int64)
@@ -369,6 +538,7 @@ def _step(
                 _take_detection(
                     slot, d, now, boxes_xyxy, scores, labels, track_box, track_velocity, track_label,
                     track_score, track_hits, track_last_frame, track_detection, velocity_smoothing,
+                    motion, kalman_mean, kalman_cov, predicted_mean, predicted_cov, position_noise,
                 )
                 track_matched[slot] = True
                 detection_taken[d] = True
@@ -418,6 +588,8 @@ def _step(
         for c in range(4):
             track_box[slot, c] = boxes_xyxy[d, c]
             track_velocity[slot, c] = 0.0
+        if motion == _MOTION_KALMAN:
+            _kalman_initiate(kalman_mean, kalman_cov, slot, boxes_xyxy, d, position_noise, velocity_noise)
         track_label[slot] = labels[d]
         track_score[slot] = scores[d]
         track_hits[slot] = 1
@@ -471,6 +643,11 @@ class Tracker:
             float(self.config.velocity_smoothing),
             int(self.config.max_predict_frames),
             bool(self.config.class_agnostic),
+            _MOTION_KALMAN if self.config.motion == "kalman" else _MOTION_VELOCITY,
+            float(self.config.kalman_position_noise),
+            float(self.config.kalman_velocity_noise),
+            bool(self.config.recovery),
+            float(self.config.recovery_iou),
         )
         self._allocate(max(int(initial_capacity), 1))
         self._next_id = 1
@@ -498,6 +675,8 @@ class Tracker:
         self._status = np.zeros(capacity, dtype=np.int8)
         self._id = np.full(capacity, -1, dtype=np.int64)
         self._detection = np.full(capacity, -1, dtype=np.int64)
+        self._kalman_mean = np.zeros((capacity, 8))  # (N, 8) cx, cy, aspect w/h, height and their velocities
+        self._kalman_cov = np.zeros((capacity, 8, 8))
         self._event_kinds = np.zeros(capacity, dtype=np.int8)
         self._event_slots = np.zeros(capacity, dtype=np.int64)
         self._reported = np.zeros(capacity, dtype=np.int64)
@@ -509,7 +688,7 @@ class Tracker:
             capacity *= 2
         arrays = (
             "_box", "_velocity", "_label", "_score", "_hits", "_first_frame", "_last_frame", "_status", "_id",
-            "_detection",
+            "_detection", "_kalman_mean", "_kalman_cov",
         )
         saved = {name: getattr(self, name) for name in arrays}
         self._allocate(capacity)
@@ -595,7 +774,7 @@ class Tracker:
         next_id, event_count, reported_count, dropped = _step(
             boxes, score_values, label_codes, self._clock,
             self._box, self._velocity, self._label, self._score, self._hits, self._first_frame, self._last_frame,
-            self._status, self._id, self._detection,
+            self._status, self._id, self._detection, self._kalman_mean, self._kalman_cov,
             *self._params,
             self._next_id, self._counters, self._event_kinds, self._event_slots, self._reported,
         )

@@ -51,6 +51,15 @@ class SceneConfig:
     false_positives_per_frame: float = 1.0
     """Mean of the Poisson number of spurious detections per frame."""
     false_positive_score: tuple[float, float] = (0.1, 0.65)
+    turn_probability: float = 0.0
+    """Per object and frame: probability of a sharp turn, the velocity rotated by 60 to 150 degrees at once."""
+    stop_probability: float = 0.0
+    """Per moving object and frame: probability of stopping dead for `stop_frames`, then starting again at once
+    at 60-100 % of `max_speed` in a new direction (stop-and-go, sudden starts)."""
+    stop_frames: tuple[int, int] = (5, 30)
+    bounce: bool = False
+    """Objects that have been inside bounce off the frame edges (the velocity component reflected) instead of
+    leaving."""
     seed: int = 0
 
 
@@ -172,6 +181,7 @@ def generate(config: SceneConfig | None = None) -> SyntheticSequence:
 
     frames = []
     ever_inside = np.zeros(total, dtype=bool)
+    stopped_for = np.zeros(total, dtype=np.int64)  # frames left standing still (stop-and-go)
     for frame_index in range(config.num_frames):
         # Objects due to (re-)enter come in from an edge.
         for k in np.flatnonzero(~present & (enter_at == frame_index)):
@@ -228,6 +238,28 @@ def generate(config: SceneConfig | None = None) -> SyntheticSequence:
         velocity += rng.normal(0, config.acceleration, velocity.shape)
         speed = np.linalg.norm(velocity, axis=1, keepdims=True)
         velocity *= np.minimum(1.0, config.max_speed / np.maximum(speed, 1e-9))
+        # Manoeuvres draw from the generator only when enabled, so the other scenes stay bit for bit the same.
+        if config.turn_probability > 0:
+            for k in np.flatnonzero(rng.random(total) < config.turn_probability):
+                angle = rng.uniform(np.pi / 3, np.pi * 5 / 6) * rng.choice((-1.0, 1.0))
+                cos, sin = np.cos(angle), np.sin(angle)
+                velocity[k] = [cos * velocity[k, 0] - sin * velocity[k, 1], sin * velocity[k, 0] + cos * velocity[k, 1]]
+        if config.stop_probability > 0:
+            starting = np.flatnonzero(stopped_for == 1)
+            for k in starting:  # a sudden start: full speed at once, in a new direction
+                angle = rng.uniform(0, 2 * np.pi)
+                velocity[k] = rng.uniform(0.6, 1.0) * config.max_speed * np.array([np.cos(angle), np.sin(angle)])
+            stopped_for = np.maximum(stopped_for - 1, 0)
+            stopping = np.flatnonzero((stopped_for == 0) & present & ever_inside
+                                      & (rng.random(total) < config.stop_probability))
+            stopped_for[stopping] = rng.integers(config.stop_frames[0], config.stop_frames[1] + 1, stopping.shape[0])
+            velocity[stopped_for > 0] = 0.0
+        if config.bounce:
+            half = size / 2
+            for axis, limit in ((0, config.width), (1, config.height)):
+                low = ever_inside & (centre[:, axis] - half[:, axis] < 0) & (velocity[:, axis] < 0)
+                high = ever_inside & (centre[:, axis] + half[:, axis] > limit) & (velocity[:, axis] > 0)
+                velocity[low | high, axis] *= -1.0
         centre += velocity * present[:, None]
 
         # Objects that were inside and are now wholly outside have left; some are scheduled to come back.
@@ -257,12 +289,36 @@ def crowded(seed: int = 0, **overrides) -> SceneConfig:
     )
 
 
+def turns(seed: int = 0, **overrides) -> SceneConfig:
+    """Fast objects that turn sharply (60-150 degrees at once, every 25 frames on average) and bounce off the
+    edges: what a constant-velocity prediction overshoots."""
+    return replace(SceneConfig(num_objects=12, max_speed=10.0, turn_probability=0.04, bounce=True, seed=seed),
+                   **overrides)
+
+
+def stop_and_go(seed: int = 0, **overrides) -> SceneConfig:
+    """Objects that stop dead for 5-30 frames and start again at full speed in a new direction."""
+    return replace(SceneConfig(num_objects=12, max_speed=9.0, stop_probability=0.03, seed=seed), **overrides)
+
+
+def bounces(seed: int = 0, **overrides) -> SceneConfig:
+    """Fast objects in a small frame bouncing off its edges (cut by the edge as they turn), never leaving."""
+    return replace(SceneConfig(num_objects=10, width=640, height=480, max_speed=12.0, min_size=30.0, max_size=100.0,
+                               bounce=True, seed=seed), **overrides)
+
+
+MANOEUVRE_SCENES = ("turns", "stop_and_go", "bounces")
+
+
 def benchmark_scenes(seed: int = 0) -> dict[str, SceneConfig]:
-    """The scenes the quality benchmark reports on, by name."""
+    """The scenes the quality benchmark reports on, by name (`MANOEUVRE_SCENES` are the manoeuvring ones)."""
     return {
         "default": SceneConfig(seed=seed),
         "crossing": crossing(seed),
         "crowded": crowded(seed),
         "fast": SceneConfig(max_speed=14.0, min_size=30.0, max_size=90.0, num_objects=15, seed=seed),
         "noisy": SceneConfig(drop_rate=0.3, jitter=0.06, false_positives_per_frame=4.0, seed=seed),
+        "turns": turns(seed),
+        "stop_and_go": stop_and_go(seed),
+        "bounces": bounces(seed),
     }

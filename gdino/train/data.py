@@ -79,7 +79,10 @@ class ShapesDataset:
 
     def __init__(self, seed: int = 0, image_size: int = 256, split: str = "train", referring: float = 0.25,
                  clutter: float = 1.0, max_objects: int = 6, num_negatives: tuple[int, int] = (1, 5),
-                 held_out: bool = False, length: int = 10**9, hard_negatives: float = 0.0):
+                 held_out: bool = False, length: int = 10**9, hard_negatives: float = 0.0, world: str = "classic"):
+        if world not in ("classic", "wide"):
+            raise ValueError(f"world={world!r}: expected 'classic' (gdino.shapes) or 'wide' (gdino.world)")
+        self.world = world
         self.seed = seed
         self.image_size = image_size
         self.split = split
@@ -102,6 +105,8 @@ class ShapesDataset:
         seed = self.scene_seed(index)
         rng = np.random.default_rng([seed, 17])
         size = (self.image_size, self.image_size)
+        if self.world == "wide":
+            return self._wide_sample(seed, rng, size)
         if rng.uniform() < self.referring:
             image, objects, prompt = shapes.referring_scene(seed, size, split=self.split, clutter=self.clutter)
             kind = "referring"
@@ -112,6 +117,41 @@ class ShapesDataset:
                                             hard_negatives=self.hard_negatives)
             kind = "category"
         return shapes_sample(image, objects, prompt, meta={"seed": seed, "kind": kind})
+
+
+    def _wide_sample(self, seed: int, rng: np.random.Generator, size: tuple[int, int]) -> Sample:
+        """A wide-world scene (``gdino.world``, training background families only) with either a category-list
+        prompt or one to three referring expressions of the training templates, naming disjoint objects."""
+        from gdino import world
+
+        scene = world.render(seed, size, split=self.split, clutter=self.clutter, num_objects=(1, self.max_objects))
+        meta = {"seed": seed, "background": scene.background}
+        if rng.uniform() < self.referring:
+            chosen: list[world.Expression] = []
+            taken: set[int] = set()
+            templates = world.TRAIN_TEMPLATES + world.PLURAL_TEMPLATES
+            for _ in range(int(rng.integers(1, 4))):
+                for _attempt in range(4):
+                    template = templates[int(rng.integers(len(templates)))]
+                    options = [e for e in world.candidates(scene.objects, template, rng, min(size))
+                               if not taken.intersection(e.targets)]
+                    if options:
+                        expression = options[int(rng.integers(len(options)))]
+                        chosen.append(expression)
+                        taken.update(expression.targets)
+                        break
+            if chosen:
+                prompt = world.caption(chosen)
+                keep = sorted(taken)
+                boxes = np.array([scene.objects[i].box_xyxy for i in keep], np.float32).reshape(-1, 4)
+                phrase_of = {i: k for k, e in enumerate(chosen) for i in e.targets}
+                target = Target(from_pixels_xyxy(boxes, *size), [[prompt.spans[phrase_of[i]]] for i in keep])
+                return Sample(scene.image, prompt.caption, target, [prompt.phrases[phrase_of[i]] for i in keep],
+                              dict(meta, kind="expressions", templates=[e.template for e in chosen],
+                                   objects=scene.objects))
+        prompt = shapes.category_prompt(scene.objects, rng, num_negatives=self.num_negatives, split=self.split,
+                                        hard_negatives=self.hard_negatives)
+        return shapes_sample(scene.image, scene.objects, prompt, meta=dict(meta, kind="category"))
 
 
 def shapes_sample(image: np.ndarray, objects, prompt: shapes.Prompt, meta: dict | None = None) -> Sample:

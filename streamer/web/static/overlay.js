@@ -89,14 +89,16 @@ export function drawDetections(ctx, event, trails) {
     const x2 = Math.round(d.box[2] * sx), y2 = Math.round(d.box[3] * sy);
     ctx.strokeStyle = color;
     ctx.lineWidth = tracked ? 2 * thin : thin;
-    ctx.strokeRect(x1, y1, x2 - x1, y2 - y1);
+    const half = ctx.lineWidth % 2 ? 0.5 : 0;  // an odd width centred on a pixel's middle covers whole pixels
+    ctx.strokeRect(x1 + half, y1 + half, x2 - x1, y2 - y1);
     const label = `${tracked ? "#" + d.track_id + " " : ""}${d.phrase} ${Number(d.score).toFixed(2)}`;
     const width = ctx.measureText(label).width + 6;
     const top = y1 - font - 4 >= 0 ? y1 - font - 4 : y1;
+    const left = Math.max(0, Math.min(x1, canvas.width - width));  // the whole label on the canvas
     ctx.fillStyle = color;
-    ctx.fillRect(x1, top, width, font + 4);
+    ctx.fillRect(left, top, width, font + 4);
     ctx.fillStyle = "#000";
-    ctx.fillText(label, x1 + 3, top + 2);
+    ctx.fillText(label, left + 3, top + 2);
   }
   ctx.restore();
 }

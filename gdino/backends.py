@@ -87,10 +87,18 @@ def resolve_dtype(dtype: str, device: str) -> str:
 
 
 def resolve_backend(backend: str, device: str) -> str:
-    """``"auto"``: ``torch`` (see docs/export.md for the measurements behind the choice)."""
+    """``"auto"``: on the CPU the fastest installed backend whose parity with PyTorch float32 holds - OpenVINO,
+    then ONNX Runtime, then torch (benchmarks/cpu_backends.py, docs/benchmarks.md); on a GPU torch."""
     if backend not in BACKENDS:
         raise BackendError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
     if backend == "auto":
+        if torch.device(device).type != "cpu":
+            return "torch"
+        import importlib.util
+
+        for candidate in ("openvino", "onnxruntime"):
+            if importlib.util.find_spec(EXTRAS[candidate][0]) is not None and importlib.util.find_spec("onnx"):
+                return candidate
         return "torch"
     if backend != "torch" and torch.device(device).type != "cpu":
         raise BackendError(f"backend {backend!r} runs on the CPU here; use device = 'cpu' or backend = 'torch'")
@@ -144,6 +152,9 @@ class _OnnxRuntimeRunner:
         if threads:
             options.intra_op_num_threads = threads
         options.log_severity_level = 3
+        # No busy-waiting between runs: the text encoder, the tracker and the daemon's other processes share the
+        # cores, and spinning threads would take them (measured: they slowed PyTorch alternating with it 5x).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def __call__(self, feeds: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -217,9 +228,6 @@ class ExportedGroundingDino:
 
     def encode_text(self, captions):
         return self.model.encode_text(captions)
-
-    def prompt_passes(self, prompt):
-        return self.model.prompt_passes(prompt)
 
     def parameters(self):
         return self.model.parameters()

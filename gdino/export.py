@@ -98,8 +98,12 @@ class _TextGraph(nn.Module):
 
 def _float32_copy(model: nn.Module) -> nn.Module:
     """A float32 CPU copy in eval mode whose deformable attention is the GridSample reference."""
+    from .model import MSDeformAttn
+
     exported = copy.deepcopy(model).to(device="cpu", dtype=torch.float32).eval()
-    exported.set_attention_backend("reference")
+    for module in exported.modules():
+        if isinstance(module, MSDeformAttn):
+            module.backend = "reference"  # kernels.ms_deform_attn's GridSample path, the one that traces to ONNX
     return exported
 
 

@@ -1,7 +1,7 @@
 """bfloat16 on the CPU: autocast through the inference fast path, and ``dtype="bfloat16"`` judged on detections.
 
 Quality is judged where it matters, on detections above threshold against float32: the same phrases, boxes within
-0.01 of the image size, at least 98% of detections matched.
+0.01 of the image size, at least 98% of detections matched (``tests/detection_match.py``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from gdino import config as configs
 from gdino.model import GroundingDino
 
 PROMPT = "red circle . blue square . a small green triangle ."
-SWINT_THRESHOLD = 0.5  # random weights: keeps a few dozen detections over three scenes
 
 
 def test_forward_under_cpu_autocast_bfloat16():
@@ -80,26 +79,44 @@ def test_bfloat16_default_model_detections_match_float32():
 
 @pytest.mark.slow
 def test_bfloat16_swint_random_detections_match_float32():
-    """Swin-T OGC (random weights, the fusion and box paths made to carry signal) at 480x640 in bfloat16 against
-    float32, judged the same way on the detections above a threshold that keeps a few dozen of them."""
+    """Swin-T OGC (random weights) at 480x640 in bfloat16 against float32. Random BERT features saturate every
+    query's sigmoid score at 1.0, so the threshold is put on the logit scale instead: a detection is a query whose
+    best logit exceeds float32's 97th percentile (about 27 of 900), named by its best token; matched as above
+    (same token, box within 0.01), at least 98% of them, in either direction."""
+    from gdino import processing
     from gdino.shapes import category_prompt, render_scene
 
     torch.manual_seed(0)
     model_fp32 = GroundingDino(configs.swint_ogc()).eval()
     with torch.no_grad():
         for name, param in model_fp32.named_parameters():
-            if name.endswith(("gamma_v", "gamma_l")):
-                param.normal_(0.0, 0.5)
-            if "bbox_embed" in name and ".layers.2." in name:
+            if "bbox_embed" in name and ".layers.2." in name:  # zero-initialised: would make every box the anchor
                 param.normal_(0.0, 0.05)
     model_bf16 = GroundingDino(configs.swint_ogc()).eval()
     model_bf16.load_state_dict(model_fp32.state_dict())
     model_bf16 = model_bf16.to(torch.bfloat16)
-    scenes = []
-    for seed in range(3):
+    matched = total = 0
+    for seed in range(2):
         image, objects = render_scene(10**12 + 900 + seed, (480, 640), num_objects=(2, 4))
-        scenes.append((image, category_prompt(objects, seed, num_negatives=2).caption))
-    rate, total = _match_rate(model_fp32, model_bf16, scenes, box_threshold=SWINT_THRESHOLD, short_side=480,
-                              max_side=640)
-    assert total >= 10
-    assert rate >= 0.98, f"{rate:.1%} of {total} detections matched"
+        caption = category_prompt(objects, seed, num_negatives=2).caption
+        pixels, _, _ = processing.preprocess([image], short_side=480, max_side=640)
+        with torch.no_grad():
+            reference = model_fp32(pixels, caption)
+            found = model_bf16(pixels.bfloat16(), caption)
+        best_fp32, token_fp32 = reference.logits[0].max(-1)
+        best_bf16, token_bf16 = found.logits[0].float().max(-1)
+        threshold = torch.quantile(best_fp32, 0.97)
+        keep_fp32, keep_bf16 = best_fp32 > threshold, best_bf16 > threshold
+        boxes_fp32, boxes_bf16 = reference.boxes[0][keep_fp32], found.boxes[0].float()[keep_bf16]
+        labels_fp32, labels_bf16 = token_fp32[keep_fp32].tolist(), token_bf16[keep_bf16].tolist()
+        used = torch.zeros(len(boxes_bf16), dtype=torch.bool)
+        for box, label in zip(boxes_fp32, labels_fp32):
+            error = (boxes_bf16 - box).abs().amax(-1)
+            for j in error.argsort().tolist():
+                if not used[j] and labels_bf16[j] == label and error[j] <= 0.01:
+                    used[j] = True
+                    matched += 1
+                    break
+        total += max(len(boxes_fp32), len(boxes_bf16))
+    assert total >= 40
+    assert matched / total >= 0.98, f"{matched} of {total} detections matched"

@@ -166,6 +166,8 @@ port = {web_port}
 """)
     collector = Collector(publish)
     process, log_file = start_daemon(config, root)
+    state = {"process": process, "root": root, "server": server, "control": control, "collector": collector,
+             "config": config, "logs": [log_file]}
     try:
         wait_ready(control, timeout=180)
         url = status(control)["web"]
@@ -174,10 +176,11 @@ port = {web_port}
 
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-            yield {"process": process, "root": root, "server": server, "control": control, "url": url,
-                   "collector": collector, "browser": browser, "config": config, "log": log_file}
+            state.update(url=url, browser=browser)
+            yield state  # a test may restart the daemon: state["process"] is the one running
             browser.close()
     finally:
+        process = state["process"]
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
             try:
@@ -185,7 +188,8 @@ port = {web_port}
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(10)
-        log_file.close()
+        for log in state["logs"]:
+            log.close()
         collector.close()
         server.kill()
         if os.environ.get("GROUNDWATCH_TEST_LOG"):
@@ -432,3 +436,25 @@ def test_web_process_crash_is_restarted_and_the_page_reconnects(daemon, page):
     assert after["processes"]["web"]["restarts"] == before["processes"]["web"]["restarts"] + 1
     assert after["pid"] == before["pid"] and daemon["process"].poll() is None
     assert after["processes"]["worker"]["restarts"] == before["processes"]["worker"]["restarts"]
+
+
+def test_the_page_reconnects_after_a_daemon_restart(daemon, page):
+    """The daemon stops and starts again (an upgrade, a reboot): the open page says it lost the daemon, then
+    comes back by itself, with live pictures, without a reload."""
+    page.goto(daemon["url"])
+    page.wait_for_selector("article[data-card='cam'] canvas[data-frame]", timeout=60_000)
+    page.evaluate("window.__same_page = true")
+    process = daemon["process"]
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(60) == 0
+    page.wait_for_function("document.getElementById('connection').dataset.state !== 'live'", timeout=15_000)
+    process, log_file = start_daemon(daemon["config"], daemon["root"], "daemon-restarted.log")
+    daemon["process"] = process
+    daemon["logs"].append(log_file)
+    wait_ready(daemon["control"], timeout=180)
+    page.wait_for_function("document.getElementById('connection').dataset.state === 'live'", timeout=60_000)
+    frame = canvas_capture(page, "article[data-card='cam'] canvas")["frame"]
+    # Frame indices start again at 0 in the new run: any newly drawn frame differs from the last one.
+    page.wait_for_function(f"Number(document.querySelector(\"article[data-card='cam'] canvas\")?.dataset.frame)"
+                           f" !== {frame}", timeout=60_000)
+    assert page.evaluate("window.__same_page") is True  # it reconnected; nobody reloaded it

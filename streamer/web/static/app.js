@@ -32,6 +32,10 @@ let eventsFilter = { stream: "", kind: "", phrase: "" };
 const live = new LiveConnection({
   onState(next) { connectionState = next; renderConnection(); },
   onHello(snapshot) {
+    // A new connection may be to a restarted daemon, whose frame indices start again at 0: forget the old run's
+    // boxes and trails so they are never drawn over the new run's pictures.
+    state.detections.clear();
+    state.trails.clear();
     for (const [id, beat] of Object.entries(snapshot.heartbeats || {})) streamState(id).heartbeat = beat;
     for (const [id, status] of Object.entries(snapshot.statuses || {})) applyStatus(streamState(id), status);
     const seen = new Set(state.events.map(eventKey));

@@ -258,6 +258,7 @@ def main() -> None:
         base = tomllib.loads(DEMO_CONFIG.read_text())
         base["model"]["weights"] = args.weights
         base["streams"][0]["url"] = str(video)
+        base["web"] = {"enabled": False}  # the console's previews would cost every variant alike: measure bridges
         variants = {
             "off": {},
             "mqtt": {"mqtt": {"port": broker.port, "homeassistant": True}},

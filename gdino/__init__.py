@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, infer_config, load_state, read_checkpoint
 from .config import GroundingDinoConfig
 
 DEFAULT_WEIGHTS = Path(__file__).parent / "assets" / "default"
@@ -45,7 +45,7 @@ def _check_target(device, dtype) -> tuple[torch.device, torch.dtype]:
 
 def build(config: GroundingDinoConfig):
     """A randomly initialised model (the text encoder from MiniLM when the config asks for it)."""
-    from .model import GroundingDino
+    from .model import GroundingDino  # the model imports timm (seconds): `import gdino` stays light without it
 
     return GroundingDino(config)
 
@@ -57,8 +57,7 @@ def load(path: str | os.PathLike = "default", device: str | torch.device = "cpu"
     Key accounting is strict: a checkpoint with missing, unexpected or misshapen keys raises a
     ``CheckpointError`` that lists them. Nothing is fetched from the network.
     """
-    from .checkpoint import infer_config, load_state, read_checkpoint
-    from .model import GroundingDino
+    from .model import GroundingDino  # the model imports timm (seconds): `import gdino` stays light without it
 
     device, dtype = _check_target(device, dtype)
     source = DEFAULT_WEIGHTS if str(path) == "default" else Path(path)

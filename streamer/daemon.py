@@ -44,14 +44,11 @@ from streamer.hub import hub_main
 from streamer.inference import worker_main
 from streamer.lastvalue import StateWatch
 from streamer.opentracks import OpenTracks
-from streamer.process import EXIT_DONE, EXIT_FATAL, EventSender, SharedFlag
+from streamer.process import EXIT_DEGRADED, EXIT_DONE, EXIT_FATAL, EventSender, SharedFlag
 from streamer.recording import run_stamp
 from streamer.stats import RateMeter, StreamStats, snapshot
 
 log = logging.getLogger("groundwatch")
-
-
-EXIT_DEGRADED = 3  # the run ended normally but lost part of its recording (see docs/events.md, "Exit status")
 
 
 def remove_stale_runtime_dirs() -> None:

@@ -25,6 +25,7 @@ from streamer.process import EXIT_FATAL, EventSender, child_setup
 from streamer.prompts import DEFAULT_MAX_PROMPT_TOKENS, check_prompt
 from streamer.stats import STATE_CODES, STATE_NAMES, StreamStats
 from streamer.watchdog import BatchSizer, DetectorWatchdog, is_out_of_memory, with_injected_faults
+from tracker.config import TrackerConfig
 
 log = logging.getLogger("groundwatch.inference")
 
@@ -143,7 +144,7 @@ def build_preview_encoder(settings):
     return PreviewEncoder(settings)
 
 
-def build_tracker(tracker_config: "tracker.TrackerConfig"):
+def build_tracker(tracker_config: TrackerConfig):
     import tracker
 
     return tracker.Tracker(tracker_config)
@@ -556,7 +557,7 @@ class InferenceWorker:
 
 
 def worker_main(*, streams: list[StreamConfig], mailbox_specs: dict[str, dict], stats_spec: dict,
-                events_endpoint: str, model: ModelConfig, tracker: "tracker.TrackerConfig", batch_size: int, stop,
+                events_endpoint: str, model: ModelConfig, tracker: TrackerConfig, batch_size: int, stop,
                 control, replies, ready, parent_pid: int, oom_recover_seconds: float = 60.0,
                 detect_stamp=None, preview=None,
                 open_tracks_spec: dict | None = None) -> None:

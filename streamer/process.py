@@ -22,6 +22,9 @@ EXIT_DONE = 0  # finished (end of file reached) or asked to stop: never restarte
 EXIT_ORPHANED = 1  # the supervisor was already gone when the child started
 EXIT_FATAL = 3  # can never work (a corrupt file, a model that cannot load): not restarted; its error is out
 
+# Exit status of `groundwatch run` itself (the supervisor), besides 0 (done) and 1 (the model could not load).
+EXIT_DEGRADED = 3  # the run ended normally but lost part of its recording (see docs/events.md, "Exit status")
+
 
 def child_setup(name: str, parent_pid: int) -> None:
     """Run first in a child: die with the parent, leave Ctrl-C to the supervisor, name the process."""

@@ -25,7 +25,7 @@ from streamer.watchdog import BatchSizer, DetectorWatchdog, FaultInjection, is_o
 
 from rtsp_server import free_port
 from fakes import frame_with_value, make_worker
-from test_streamer import REPO
+from daemon_harness import REPO
 
 
 class FakeClock:

@@ -25,7 +25,7 @@ from streamer.hub import Hub
 from streamer.media import write_video
 
 from rtsp_server import free_port
-from test_streamer import REPO
+from daemon_harness import REPO
 
 
 def receive_all(socket, wait: float = 1.0) -> list[dict]:

@@ -23,7 +23,7 @@ import zmq
 
 from streamer import cli
 from streamer.client import GapCounter, subscription_prefix
-from streamer.config import ConfigError, StreamConfig, load_config, parse_config
+from streamer.config import ConfigError, load_config, parse_config
 from streamer.decoder import EXIT_DONE, EXIT_FATAL, Decoder, backoff_delay, fit_size
 from streamer.events import decode_payload, encode_payload, unpack_internal
 from streamer.hub import Hub

@@ -29,7 +29,7 @@ class FixedBatch:
         return self.samples[index % len(self.samples)]
 
 
-def _model():
+def small_model():
     from gdino.model import GroundingDino
 
     torch.manual_seed(0)

@@ -17,12 +17,20 @@ A training config is TOML with four tables (every key optional; unknown keys are
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tomllib
 from pathlib import Path
 
 import torch
+
+import gdino
+from gdino import config as configs
+from gdino.evaluate import evaluate_shapes, evaluate_world, format_world_report
+from gdino.train import data
+from gdino.train.loop import LoopConfig, OptimConfig, Trainer, config_from_dict
+from gdino.train.losses import build_criterion
 
 DATA_KEYS = {
     "shapes": {"kind", "image_size", "seed", "split", "referring", "clutter", "max_objects", "num_negatives", "world",
@@ -53,8 +61,6 @@ def read_config(path: str | Path) -> dict:
     for table, keys in (("model", MODEL_KEYS), ("loss", LOSS_KEYS), ("eval", EVAL_KEYS)):
         for key in sorted(set(config.get(table, {})) - keys):
             problems.append(f"[{table}] unknown key {key!r}")
-    from gdino.train.loop import LoopConfig, OptimConfig
-    import dataclasses
 
     for table, cls in (("optim", OptimConfig), ("loop", LoopConfig)):
         known = {f.name for f in dataclasses.fields(cls)}
@@ -67,8 +73,7 @@ def read_config(path: str | Path) -> dict:
 
 def build_model(model_cfg: dict):
     """A fresh model from a preset, or a loaded one (``weights``) to fine-tune."""
-    from gdino import config as configs
-    from gdino.model import GroundingDino
+    from gdino.model import GroundingDino  # the model imports timm (seconds): only when one is built
 
     weights = model_cfg.get("weights")
     if weights:
@@ -86,7 +91,6 @@ def build_model(model_cfg: dict):
 
 def build_dataset(data_cfg: dict):
     """The one place the config's [data] table is read."""
-    from gdino.train import data
 
     cfg = dict(data_cfg)
     kind = cfg.pop("kind", "shapes")
@@ -123,8 +127,6 @@ def train_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to log.jsonl)")
     args = parser.parse_args(argv)
 
-    from gdino.train.loop import LoopConfig, OptimConfig, Trainer, config_from_dict
-    from gdino.train.losses import build_criterion
 
     config = read_config(args.config)
     optim = config_from_dict(OptimConfig, config.get("optim", {}), "optim")
@@ -141,8 +143,6 @@ def train_main(argv: list[str] | None = None) -> int:
     evaluate = None
     eval_cfg = config.get("eval")
     if eval_cfg is not None and config.get("data", {}).get("kind", "shapes") == "shapes":
-        from gdino.evaluate import evaluate_shapes
-
         image_size = int(eval_cfg.get("image_size", config.get("data", {}).get("image_size", 256)))
 
         def evaluate(model, step):
@@ -165,8 +165,6 @@ def train_main(argv: list[str] | None = None) -> int:
 def load_for_eval(weights: str, device: str = "cpu"):
     """``default``, a checkpoint folder (any ``gdino.load`` layout) or a training step directory (its
     ``weights`` folder), through ``gdino.load``."""
-    import gdino
-
     path = gdino.DEFAULT_WEIGHTS if weights == "default" else Path(weights)
     if (path / "weights").is_dir():
         path = path / "weights"
@@ -194,8 +192,6 @@ def eval_main(argv: list[str] | None = None, score_tracking=None) -> int:
                         help="wide: the wide world (gdino.world), training vs held-out background families and "
                              "per phrase template; --num-images per detection set, --referring-images per template")
     args = parser.parse_args(argv)
-
-    from gdino.evaluate import evaluate_shapes, evaluate_world, format_world_report
 
     model = load_for_eval(args.weights, args.device)
     if args.world == "wide":

@@ -16,7 +16,9 @@ from typing import Callable
 import numpy as np
 import torch
 
+from gdino import checkpoint
 from gdino.train.data import Batch, collate
+from gdino.train.denoising import build_denoising
 from gdino.train.losses import SetCriterion
 from gdino.train.targets import positive_maps
 
@@ -95,7 +97,6 @@ def loss_on_batch(model, criterion: SetCriterion, batch: Batch, device) -> dict[
     boxes = [t.boxes_cxcywh.to(device) for t in batch.targets]
     denoising = None
     if criterion.denoising and model.training:
-        from gdino.train.denoising import build_denoising
 
         settings = criterion.denoising
         denoising = build_denoising(boxes, maps, text.features, total_queries=settings["queries"],
@@ -114,8 +115,6 @@ def text_encoder_is_shipped_separately(model) -> bool:
 def save_weights(model: torch.nn.Module, directory: str | Path, skip_text_encoder: bool | None = None) -> Path:
     """A groundwatch checkpoint folder (``gdino.checkpoint.save``: safetensors in the official key layout plus
     the model config). A frozen pretrained text encoder is left out (see above)."""
-    from gdino import checkpoint
-
     if skip_text_encoder is None:
         skip_text_encoder = text_encoder_is_shipped_separately(model)
     state = {k: v for k, v in model.state_dict().items() if not (skip_text_encoder and k.startswith("bert."))}
@@ -125,8 +124,6 @@ def save_weights(model: torch.nn.Module, directory: str | Path, skip_text_encode
 def load_weights(model: torch.nn.Module, directory: str | Path) -> None:
     """Load a folder written by ``save_weights`` into ``model`` (resuming): ``gdino.checkpoint.load_state``'s
     strict accounting, the same as ``gdino.load``."""
-    from gdino import checkpoint
-
     state, _, _ = checkpoint.read_checkpoint(directory)
     checkpoint.load_state(model, state, what=str(directory))
 
@@ -217,7 +214,7 @@ class Trainer:
         log_path = self.out_dir / "log.jsonl"
         bar = None
         if self.progress:
-            from tqdm import tqdm
+            from tqdm import tqdm  # only for a progress bar on a terminal
 
             bar = tqdm(total=optim.steps, initial=self.step, dynamic_ncols=True, mininterval=5.0)
         self._set_train_mode()

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gdino.boxes import cxcywh_to_xyxy, generalized_iou_matrix
-from gdino.train.matcher import HungarianMatcher
+from gdino.train.matcher import HungarianMatcher, build_matcher
 
 
 def sigmoid_focal_loss(
@@ -153,7 +153,6 @@ class SetCriterion(nn.Module):
 
 def build_criterion(cfg: dict) -> SetCriterion:
     """The one place the training config's loss weights are read."""
-    from gdino.train.matcher import build_matcher
 
     return SetCriterion(
         build_matcher(cfg),

@@ -62,6 +62,9 @@ directory = "{root / 'recordings'}"
 [metrics]
 enabled = false
 
+[web]
+enabled = false
+
 [supervisor]
 exit_when_done = true
 """)
@@ -70,7 +73,7 @@ exit_when_done = true
         process = subprocess.Popen([sys.executable, "-m", "streamer.cli", "run", str(config)], cwd=root, env=env,
                                    stdout=log, stderr=subprocess.STDOUT)
         try:
-            process.wait(timeout=600)
+            process.wait(timeout=780)
         finally:
             if process.poll() is None:
                 process.kill()
@@ -82,6 +85,7 @@ exit_when_done = true
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # three daemons on the default model, two of them exporting on first use
 def test_daemon_gives_the_same_detections_on_every_backend(tmp_path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("openvino")

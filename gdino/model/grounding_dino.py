@@ -14,7 +14,7 @@ from .. import predict
 from ..backbone import SwinBackbone
 from ..config import GroundingDinoConfig
 from ..text import PromptError, TextEncoding, get_tokenizer, normalize_caption, tokenize
-from .layers import MLP, MSDeformAttn, contrastive_logits, inverse_sigmoid, sine_position_map
+from .layers import MLP, contrastive_logits, inverse_sigmoid, sine_position_map
 from .text_encoder import build_text_encoder
 from .transformer import Transformer
 
@@ -117,12 +117,6 @@ class GroundingDino(nn.Module):
         features = self.feat_map(hidden.to(self.feat_map.weight.dtype))
         return TextEncoding(captions, input_ids, tokens.token_mask.to(device), position_ids, attention_mask,
                             features, tokens.offsets)
-
-    def set_attention_backend(self, backend: str) -> None:
-        """Route every deformable attention through one ``kernels.ms_deform_attn`` backend (``gdino.export``)."""
-        for module in self.modules():
-            if isinstance(module, MSDeformAttn):
-                module.backend = backend
 
     def clear_text_cache(self) -> None:
         self._text_cache.clear()

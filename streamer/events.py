@@ -17,6 +17,15 @@ from typing import Any
 
 SCHEMA_VERSION = 1
 COUNTS_KIND = "zone_counts"  # worker -> hub only, never published: the live zone and line counts for heartbeats
+# Status reasons that report a change of settings, not of the stream's state. A late subscriber or a page must
+# still learn why a stream is in its state, so such a status never replaces the one that said why.
+SETTINGS_REASONS = ("prompt_changed", "rules_changed", "zones_changed")
+
+
+def replaces_status(previous: dict | None, event: dict) -> bool:
+    """Whether `event` becomes a stream's "last status" in place of `previous` (see `SETTINGS_REASONS`)."""
+    return (previous is None or event.get("reason") not in SETTINGS_REASONS
+            or previous.get("state") != event.get("state"))
 
 
 def topic(stream: str, kind: str) -> bytes:

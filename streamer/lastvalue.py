@@ -18,6 +18,7 @@ import json
 import zmq
 
 from streamer.auth import client_curve, connectable
+from streamer.events import replaces_status
 
 CACHED_KINDS = (b"status", b"error")
 
@@ -37,21 +38,25 @@ class LastValueCache:
         self.values: dict[bytes, bytes] = {}  # topic -> the payload as published
         self.reason: dict[str, str | None] = {}
         self.last_error: dict[str, dict | None] = {}
+        self.statuses: dict[str, dict] = {}
 
     def see(self, stream: str, topic_frame: bytes, payload: bytes) -> None:
         """Keep the event if it is a status or an error (called for every published event: cheap otherwise)."""
         kind = topic_frame[topic_frame.rfind(b"/") + 1:]
         if kind not in CACHED_KINDS:
             return
-        self.values[topic_frame] = payload
         try:
             event = json.loads(payload)
         except ValueError:
             return
         if kind == b"status":
+            if not replaces_status(self.statuses.get(stream), event):
+                return  # a prompt/rules/zones change: the cached status still says why the stream is in its state
+            self.statuses[stream] = event
             self.reason[stream] = event.get("reason")
         else:
             self.last_error[stream] = summarise_error(event)
+        self.values[topic_frame] = payload
 
     def matching(self, prefix: bytes) -> list[tuple[bytes, bytes]]:
         """What to re-send for a new subscription to `prefix`: (topic, payload marked cached), status first."""

@@ -78,6 +78,10 @@ def test_bfloat16_default_model_detections_match_float32():
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="open (issue 20): with the whole Swin-T model cast to bfloat16 (random weights, "
+                   "480x640) only 2 of 54 logit-thresholded detections matched float32 on the first full run; the "
+                   "default model's test above passes. Needs autocast-style float32 norms/softmax or a better-posed "
+                   "check; strict, so a fix shows up as an unexpected pass")
 def test_bfloat16_swint_random_detections_match_float32():
     """Swin-T OGC (random weights) at 480x640 in bfloat16 against float32. Random BERT features saturate every
     query's sigmoid score at 1.0, so the threshold is put on the logit scale instead: a detection is a query whose

@@ -689,9 +689,13 @@ shutdown_timeout_seconds = 120
         elif event["kind"] == "track" and event["event"] == "ended":
             open_at_crash.discard(event["track_id"])
     restarted = {e["track_id"] for e in tracks if e["event"] == "ended" and e.get("reason") == "worker_restarted"}
-    assert open_at_crash and restarted == open_at_crash
-    later = [e["track_id"] for e in events[crash:] if e["kind"] == "track" and e["event"] == "started"]
-    assert later and min(later) > max(open_at_crash)
+    # Every track open at the crash ends with worker_restarted. The set may hold a few more: tracks the killed
+    # worker started whose `started` event died with it in its socket, or reached the hub after the supervisor's
+    # crash report (two senders, no order between them); they end too, with ids below every later track's.
+    assert open_at_crash and open_at_crash <= restarted
+    later = [e["track_id"] for e in events[crash:] if e["kind"] == "track" and e["event"] == "started"
+             and e["track_id"] not in restarted]
+    assert later and min(later) > max(restarted)
 
 
 def test_track_ids_stay_unique_across_prompt_changes(mailbox_factory, stats_factory):

@@ -275,3 +275,36 @@ def test_resend_filter_drops_only_copies_already_seen():
     assert resends.fresh({"stream": "t", "seq": 3, "cached": True})  # another stream
     assert resends.fresh({"stream": "s", "seq": 1})  # the daemon restarted: seq starts again
     assert resends.fresh({"stream": "s", "seq": 2, "cached": True})
+
+
+def test_settings_change_never_hides_why_a_stream_is_offline():
+    """A prompt change on a finished file used to become the stream's last status (state offline, reason
+    prompt_changed): a late subscriber, the heartbeats and the console then showed "prompt_changed" as the reason
+    the file was offline instead of `end_of_file`. A settings change keeps the status that said why; a real state
+    change still replaces it."""
+    import json as _json
+
+    from streamer.lastvalue import LastValueCache
+    from streamer.web.bus import Bus
+
+    def status(seq, state, reason, **fields):
+        return _json.dumps({"v": 1, "seq": seq, "stream": "demo", "kind": "status", "ts": 1.0, "wall": float(seq),
+                            "state": state, "reason": reason, **fields}).encode()
+
+    cache = LastValueCache()
+    bus = Bus("tcp://127.0.0.1:1")
+    sequence = [status(1, "online", "started"), status(2, "offline", "end_of_file"),
+                status(3, "offline", "prompt_changed", prompt="a ball ."), status(4, "offline", "rules_changed")]
+    for payload in sequence:
+        cache.see("demo", b"demo/status", payload)
+        bus.dispatch([b"demo/status", payload])
+    assert cache.state("demo")["reason"] == "end_of_file"
+    [(_, resent)] = cache.matching(b"demo/")
+    assert _json.loads(resent)["reason"] == "end_of_file"
+    assert bus.snapshot()["statuses"]["demo"]["reason"] == "end_of_file"
+    # A change of state after a settings change is taken as usual.
+    for payload in (status(5, "online", "prompt_changed"), status(6, "reconnecting", "stalled")):
+        cache.see("demo", b"demo/status", payload)
+        bus.dispatch([b"demo/status", payload])
+    assert cache.state("demo")["reason"] == "stalled"
+    assert bus.snapshot()["statuses"]["demo"]["reason"] == "stalled"

@@ -19,6 +19,7 @@ import zmq
 import zmq.asyncio
 
 from streamer.auth import client_curve
+from streamer.events import replaces_status
 
 log = logging.getLogger("groundwatch.web")
 
@@ -191,7 +192,7 @@ class Bus:
         if kind == "heartbeat":
             self.last_heartbeat[stream] = event
         elif kind != "detections":
-            if kind == "status":
+            if kind == "status" and replaces_status(self.last_status.get(stream), event):
                 self.last_status[stream] = event
             self.recent.append(event)
         if b"\n" in payload or b"\r" in payload:  # SSE data is one line; JSON escapes them inside strings

@@ -56,9 +56,15 @@ function streamState(id) {
   return state.streams.get(id);
 }
 
+// A change of settings is not a change of state: the status that said why a stream is in its state stays shown
+// (streamer/events.py SETTINGS_REASONS).
+const SETTINGS_REASONS = new Set(["prompt_changed", "rules_changed", "zones_changed"]);
+
 function applyStatus(stream, event) {
-  stream.status = event;
   if (event.reason === "prompt_changed" && event.prompt) stream.prompt = event.prompt;
+  const previous = stream.status;
+  if (previous && SETTINGS_REASONS.has(event.reason) && previous.state === event.state) return;
+  stream.status = event;
 }
 
 // -- live data ---------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@
     groundwatch zones STREAM FILE.toml [--control ENDPOINT]       replace a stream's [[zones]] and [[lines]]
     groundwatch rules FILE.toml [--control ENDPOINT]              replace every [[rules]] while it runs
     groundwatch replay VIDEO --events LOG -o out.mp4              overlays and trails drawn over the video
+    groundwatch redact VIDEO --prompt "face ." -o out.mp4          blur (pixelate, fill, inpaint) what words describe
     groundwatch keys DIRECTORY                                    a CURVE key pair for non-loopback endpoints
     groundwatch detect|convert|export|train|eval ...              the model's own tools (gdino)
 """
@@ -205,6 +206,12 @@ def _replay(args) -> int:
     return 0
 
 
+def _redact(args) -> int:
+    from streamer.editing.redact import main as redact_main
+
+    return redact_main(args)
+
+
 def _keys(args) -> int:
     from streamer.auth import write_key_pair
 
@@ -329,6 +336,16 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--force", action="store_true",
                      help="draw a log that does not match the video (another frame shape, more frames)")
     rep.set_defaults(handler=_replay)
+
+    redact = commands.add_parser("redact", help="blur, pixelate, fill or remove what words describe in a video",
+                                 description="Redact what a prompt describes in every frame of a video: the "
+                                             "detector's boxes, followed by the tracker through its misses and a "
+                                             "few frames beyond each track's ends. Audio, frame count and "
+                                             "timestamps are kept; the output appears only once complete.")
+    from streamer.editing.redact import add_arguments as redact_arguments
+
+    redact_arguments(redact)
+    redact.set_defaults(handler=_redact)
 
     keys = commands.add_parser("keys", help="write a CURVE key pair for endpoints beyond loopback",
                                description="Write a ZeroMQ CURVE key pair: DIRECTORY/NAME.key (public, for "

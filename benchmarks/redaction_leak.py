@@ -15,14 +15,19 @@ import argparse
 import os
 import platform
 import subprocess
+import sys
 import time
+from pathlib import Path
 
-import torch
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[0] = str(ROOT)  # not benchmarks/, whose tracker.py would shadow the tracker package
 
-import gdino
-from gdino import shapes
-from streamer.editing.leak import shapes_leak
-from streamer.editing.planner import PlannerConfig
+import torch  # noqa: E402
+
+import gdino  # noqa: E402
+from gdino import shapes  # noqa: E402
+from streamer.editing.leak import shapes_leak  # noqa: E402
+from streamer.editing.planner import PlannerConfig  # noqa: E402
 
 
 def main() -> None:
@@ -41,8 +46,8 @@ def main() -> None:
                          config=PlannerConfig())
     elapsed = time.perf_counter() - started
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    print(f"machine {platform.processor() or platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}, "
-          f"commit {commit}, {elapsed:.0f} s")
+    machine = platform.processor() or platform.machine()
+    print(f"machine {machine}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}, commit {commit}, {elapsed:.0f} s")
     print(f"{args.videos} videos x {args.frames} frames (192x256), {report.dropped_frames} of {report.frames} frames' "
           f"detections dropped, {report.pairs} (frame, object) pairs, padding {args.padding}")
     per_frame = report.rate("per_frame")

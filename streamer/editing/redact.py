@@ -368,6 +368,12 @@ def main(args) -> int:
     try:
         if not args.prompt.strip():
             raise RedactError("the prompt is empty: describe what to redact, e.g. --prompt 'face . licence plate .'")
+        from gdino.text import PromptError, normalize_caption
+
+        try:
+            normalize_caption(args.prompt)  # a prompt without words is refused before the model loads
+        except PromptError as exc:
+            raise RedactError(str(exc)) from None
         if args.padding < 0:
             raise RedactError(f"--padding must be >= 0, got {args.padding}")
         if args.inpaint_model and args.mode != "inpaint":
@@ -377,6 +383,8 @@ def main(args) -> int:
                                    extend_frames=args.extend, max_gap=args.max_gap)
         except ValueError as exc:
             raise RedactError(str(exc)) from None
+        if args.weights not in ("default", "tiny") and not Path(args.weights).expanduser().exists():
+            raise RedactError(f"cannot load the detector: weights not found: {args.weights}")
         check_output(video, output)
         if args.report:
             check_output(video, Path(args.report).with_suffix(".mp4"))
@@ -391,10 +399,11 @@ def main(args) -> int:
             except InpaintModelError as exc:
                 raise RedactError(str(exc)) from None
         import gdino
+        from gdino.checkpoint.formats import CheckpointError
 
         try:
             model = gdino.load(args.weights, device=args.device)
-        except (OSError, ValueError, RuntimeError) as exc:
+        except (CheckpointError, OSError, ValueError, RuntimeError) as exc:
             raise RedactError(f"cannot load the detector {args.weights!r}: {exc}") from None
         plans = plan_video(model, video, args.prompt, config=config, text_threshold=args.text_threshold,
                            batch_size=args.batch_size, progress=not args.quiet)

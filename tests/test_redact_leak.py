@@ -1,0 +1,42 @@
+"""Leak rate of redaction on shapes-world videos with ground truth, real default-model detections.
+
+Objects move, cross (one hides the other), enter and leave; on top of the detector's own misses every detection
+of a random 10 % of frames is dropped. A (frame, object) pair leaks when the object's ground-truth box is not
+wholly inside the union of redacted (padded) boxes. Per-frame detections alone leak on every miss; the offline
+planner that `groundwatch redact` uses follows tracks through them. Full figures: benchmarks/redaction_leak.py
+and docs/benchmarks.md.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import gdino
+from gdino import shapes
+from streamer.editing.leak import shapes_leak
+from streamer.editing.planner import PlannerConfig
+
+ASSET = Path(gdino.__file__).parent / "assets" / "default"
+
+# What the tracked planner reaches on held-out videos with the default model (docs/benchmarks.md: 2.8 % on six
+# videos, 25 % per-frame). The issue's target is 0.2 %; this detector misses whole objects for many frames
+# (per-frame leak 25 %), which no planner can redact before it has seen them once.
+TRACKED_LEAK_LIMIT = 0.05
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (ASSET / "model.safetensors").is_file(), reason="default weights not shipped")
+def test_tracked_redaction_leaks_far_less_than_per_frame_detections():
+    torch.set_num_threads(2)
+    model = gdino.load("default")
+    seeds = [shapes.EVAL_SEED_OFFSET + 600_000 + v for v in range(2)]
+    report = shapes_leak(model, seeds, num_frames=40, drop_fraction=0.1, padding=0.2, config=PlannerConfig())
+    per_frame, tracked, live = report.rate("per_frame"), report.rate("tracked"), report.rate("live")
+    print(f"\nleak rate over {report.pairs} (frame, object) pairs, {report.dropped_frames}/{report.frames} frames "
+          f"dropped: per-frame {100 * per_frame:.2f} %, tracked {100 * tracked:.2f} %, live {100 * live:.2f} %")
+    assert report.pairs > 150 and report.dropped_frames > 0
+    assert per_frame > 0.05, "the detector misses too little for this test to show anything"
+    assert tracked <= TRACKED_LEAK_LIMIT, f"tracked redaction leaked {100 * tracked:.2f} %"
+    assert tracked <= per_frame / 4, (tracked, per_frame)
+    assert live < per_frame, (live, per_frame)

@@ -246,8 +246,8 @@ def write_redacted(video: str | Path, output: str | Path, plans: list[FramePlan]
                         frames += 1
                         if bar is not None:
                             bar.update(1)
-            except av.FFmpegError as exc:
-                raise RedactError(f"cannot decode {video}: {exc}") from None
+            except av.FFmpegError as exc:  # a corrupt packet, or a stream the output container cannot hold
+                raise RedactError(f"cannot redact {video} into {output.name}: {exc}") from None
             for out_packet in out_video.encode(None):
                 sink.mux(out_packet)
         finally:

@@ -16,13 +16,14 @@ The mailbox is a file in /dev/shm created by the supervisor, so it outlives a cr
 
 from __future__ import annotations
 
-import mmap
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from streamer.sharedmem import SHM_DIR, map_shared, shared_path, unlink_shared
 
 FREE, WRITING, READY, READING = 0, 1, 2, 3
 
@@ -47,7 +48,6 @@ CONTROL_DTYPE = np.dtype(
     ]
 )
 END_REASONS = {0: "unknown", 1: "end_of_file", 2: "error", 3: "shutdown"}
-SHM_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path("/tmp")
 
 
 @dataclass
@@ -71,22 +71,14 @@ class FrameMailbox:
         header_bytes = SLOT_DTYPE.itemsize * slots + CONTROL_DTYPE.itemsize
         self._data_offset = (header_bytes + 63) // 64 * 64
         size = self._data_offset + slots * capacity
-        flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if _create else 0)
-        fd = os.open(path, flags, 0o600)
-        try:
-            if _create:
-                os.ftruncate(fd, size)
-            self._map = mmap.mmap(fd, size)
-        finally:
-            os.close(fd)
+        self._map = map_shared(path, size, create=_create)
         self.header = np.ndarray((slots,), SLOT_DTYPE, buffer=self._map, offset=0)
         self.control = np.ndarray((), CONTROL_DTYPE, buffer=self._map, offset=SLOT_DTYPE.itemsize * slots)
         self._data = np.ndarray((slots, capacity), np.uint8, buffer=self._map, offset=self._data_offset)
 
     @classmethod
     def create(cls, name: str, slots: int, max_width: int, max_height: int, lock) -> "FrameMailbox":
-        path = str(SHM_DIR / f"groundwatch-{os.getpid()}-{name}")
-        return cls(path, slots, max_width * max_height * 3, lock, _create=True)
+        return cls(shared_path(name), slots, max_width * max_height * 3, lock, _create=True)
 
     @classmethod
     def attach(cls, spec: dict) -> "FrameMailbox":
@@ -105,10 +97,7 @@ class FrameMailbox:
             pass  # a caller still holds a frame view; the OS reclaims the mapping at exit
 
     def unlink(self) -> None:
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        unlink_shared(self.path)
 
     # -- decoder side ------------------------------------------------------------------------------------
 

@@ -27,7 +27,8 @@ from typing import Iterable
 
 import zmq
 
-from streamer.auth import client_curve, connectable
+from streamer.auth import connectable
+from streamer.busclient import BusSubscriber
 from streamer.lastvalue import ResendFilter
 from streamer.config import MqttConfig
 from streamer.events import make_event
@@ -429,16 +430,10 @@ class MqttBridge:
         self._prompt_requests: queue.SimpleQueue = queue.SimpleQueue()
         self._reported: str | None = None  # the error last reported, so a retry loop reports it once
 
-        self.context = zmq.Context.instance()
         self._resends = ResendFilter()
-        self.sub = self.context.socket(zmq.SUB)
-        self.sub.setsockopt(zmq.RCVHWM, 100_000)
-        self.sub.setsockopt(zmq.LINGER, 0)
-        for stream in self.stream_ids:
-            for kind in BRIDGED_KINDS:
-                self.sub.setsockopt(zmq.SUBSCRIBE, f"{stream}/{kind}".encode())
-        client_curve(self.sub, server_key)
-        self.sub.connect(connectable(events_endpoint))
+        self.bus = BusSubscriber(events_endpoint,
+                                 [f"{stream}/{kind}" for stream in self.stream_ids for kind in BRIDGED_KINDS],
+                                 server_key=server_key)
 
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=config.client_id,
                              reconnect_on_failure=True)
@@ -610,24 +605,13 @@ class MqttBridge:
             messages = [m for m in messages if not m.retain]
         self.outbox.extend(messages)
 
+    def _take_event(self, event: dict, payload: bytes) -> None:
+        if self._resends.fresh(event):  # a cached copy already seen: dropped
+            self._queue(self.state.handle(event, payload))
+
     def receive(self, limit: int = 10_000) -> int:
         """Events from the bus to the outbox, without blocking."""
-        count = 0
-        while count < limit:
-            try:
-                _topic, payload = self.sub.recv_multipart(flags=zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            except ValueError:
-                continue
-            count += 1
-            try:
-                event = json.loads(payload)
-            except ValueError:
-                continue
-            if isinstance(event, dict) and self._resends.fresh(event):  # a cached copy already seen: dropped
-                self._queue(self.state.handle(event, payload))
-        return count
+        return self.bus.receive(self._take_event, limit)
 
     def flush(self) -> int:
         """Hand queued messages to paho while connected and fewer than `max_inflight` are unsent."""
@@ -654,8 +638,8 @@ class MqttBridge:
                 self.stats.add(stream, "mqtt_dropped")
         return sent
 
-    def step(self, poller: zmq.Poller, timeout_ms: int = 20) -> None:
-        if poller.poll(timeout_ms):
+    def step(self, timeout_ms: int = 20) -> None:
+        if self.bus.poll(timeout_ms):
             self.receive(limit=1000)  # a burst is read in slices, with the broker served in between
         while True:
             try:
@@ -667,18 +651,13 @@ class MqttBridge:
 
     def run(self, stop) -> None:
         self.start()
-        poller = zmq.Poller()
-        poller.register(self.sub, zmq.POLLIN)
         while not stop.is_set():
-            self.step(poller)
+            self.step()
         # The hub stopped before us (Supervisor.shutdown): take what it published last, then leave cleanly.
-        quiet_since = time.monotonic()
-        while time.monotonic() - quiet_since < 0.3:
-            if poller.poll(50) and self.receive():
-                quiet_since = time.monotonic()
+        self.bus.drain(self._take_event)
         deadline = time.monotonic() + 3.0
         while self.connected and (self.outbox or self._sent > self._acked) and time.monotonic() < deadline:
-            self.step(poller, 20)
+            self.step(20)
         self.close()
 
     def close(self) -> None:
@@ -692,7 +671,7 @@ class MqttBridge:
             self.client.disconnect()
         self.client.loop_stop()
         self._set_state("off")
-        self.sub.close()
+        self.bus.close()
 
 
 def mqtt_main(*, config: MqttConfig, prompts: dict[str, str], events_endpoint: str, control_endpoint: str,

@@ -9,42 +9,21 @@ is all the successor needs: which ids were open, and their last known state, to 
 
 from __future__ import annotations
 
-import mmap
-import os
-
 import numpy as np
 
-from streamer.frames import SHM_DIR
+from streamer.sharedmem import PerStreamTable
 
 MAX_OPEN = 512  # per stream; more open tracks than this are not remembered (their ended events are not sent)
 ROW = np.dtype([("id", np.int64), ("frame", np.int64), ("ts", np.float64), ("box", np.float64, 4), ("score", np.float64),
                 ("age", np.int64), ("hits", np.int64), ("phrase", "S96")])
 
 
-class OpenTracks:
-    def __init__(self, path: str, stream_ids: list[str], *, _create: bool = False) -> None:
-        self.path, self.stream_ids = path, list(stream_ids)
-        self.row_of = {stream: index for index, stream in enumerate(self.stream_ids)}
-        size = max(len(stream_ids), 1) * MAX_OPEN * ROW.itemsize
-        fd = os.open(path, os.O_RDWR | (os.O_CREAT | os.O_EXCL if _create else 0), 0o600)
-        try:
-            if _create:
-                os.ftruncate(fd, size)
-            self._map = mmap.mmap(fd, size)
-        finally:
-            os.close(fd)
-        self.table = np.ndarray((max(len(stream_ids), 1), MAX_OPEN), ROW, buffer=self._map)
+class OpenTracks(PerStreamTable):
+    """The open tracks: `table` is (streams, MAX_OPEN) rows of `ROW`; a row with id 0 is empty."""
 
-    @classmethod
-    def create(cls, stream_ids: list[str]) -> "OpenTracks":
-        return cls(str(SHM_DIR / f"groundwatch-{os.getpid()}-tracks"), stream_ids, _create=True)
-
-    @classmethod
-    def attach(cls, spec: dict) -> "OpenTracks":
-        return cls(spec["path"], spec["stream_ids"])
-
-    def spec(self) -> dict:
-        return {"path": self.path, "stream_ids": self.stream_ids}
+    NAME = "tracks"
+    DTYPE = ROW
+    ROW_SHAPE = (MAX_OPEN,)
 
     def write(self, stream: str, frame: int, ts: float, ids, boxes_xyxy, scores, phrases, ages, hits) -> None:
         """The stream's confirmed tracks after `frame` (ids as published)."""
@@ -72,7 +51,3 @@ class OpenTracks:
                  "phrase": r["phrase"].decode(errors="replace")} for r in rows if r["id"] > 0]
         rows["id"] = 0
         return left
-
-    def close(self) -> None:
-        del self.table
-        self._map.close()

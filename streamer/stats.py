@@ -6,12 +6,9 @@ needed; readers (status, Prometheus, heartbeats) see values at most one update o
 
 from __future__ import annotations
 
-import mmap
-import os
-
 import numpy as np
 
-from streamer.frames import SHM_DIR
+from streamer.sharedmem import PerStreamTable
 
 COLUMNS = (
     # decoder
@@ -61,53 +58,25 @@ STATE_NAMES = {code: name for name, code in STATE_CODES.items()}
 _INDEX = {name: index for index, name in enumerate(COLUMNS)}
 
 
-class StreamStats:
-    def __init__(self, path: str, stream_ids: list[str], *, _create: bool = False) -> None:
-        self.path, self.stream_ids = path, list(stream_ids)
-        self.row_of = {stream: row for row, stream in enumerate(self.stream_ids)}
-        size = max(len(stream_ids), 1) * len(COLUMNS) * 8
-        fd = os.open(path, os.O_RDWR | (os.O_CREAT | os.O_EXCL if _create else 0), 0o600)
-        try:
-            if _create:
-                os.ftruncate(fd, size)
-            self._map = mmap.mmap(fd, size)
-        finally:
-            os.close(fd)
-        self.values = np.ndarray((max(len(stream_ids), 1), len(COLUMNS)), np.float64, buffer=self._map)
+class StreamStats(PerStreamTable):
+    """The per-stream counters: `table` is (streams, len(COLUMNS)) float64."""
 
-    @classmethod
-    def create(cls, stream_ids: list[str]) -> "StreamStats":
-        return cls(str(SHM_DIR / f"groundwatch-{os.getpid()}-stats"), stream_ids, _create=True)
-
-    @classmethod
-    def attach(cls, spec: dict) -> "StreamStats":
-        return cls(spec["path"], spec["stream_ids"])
-
-    def spec(self) -> dict:
-        return {"path": self.path, "stream_ids": self.stream_ids}
+    NAME = "stats"
+    DTYPE = np.dtype(np.float64)
+    ROW_SHAPE = (len(COLUMNS),)
 
     def add(self, stream: str, column: str, amount: float = 1.0) -> None:
-        self.values[self.row_of[stream], _INDEX[column]] += amount
+        self.table[self.row_of[stream], _INDEX[column]] += amount
 
     def set(self, stream: str, column: str, value: float) -> None:
-        self.values[self.row_of[stream], _INDEX[column]] = value
+        self.table[self.row_of[stream], _INDEX[column]] = value
 
     def get(self, stream: str, column: str) -> float:
-        return float(self.values[self.row_of[stream], _INDEX[column]])
+        return float(self.table[self.row_of[stream], _INDEX[column]])
 
     def row(self, stream: str) -> dict[str, float]:
-        values = self.values[self.row_of[stream]].tolist()
+        values = self.table[self.row_of[stream]].tolist()
         return dict(zip(COLUMNS, values))
-
-    def close(self) -> None:
-        del self.values
-        self._map.close()
-
-    def unlink(self) -> None:
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
 
 
 class RateMeter:

@@ -26,9 +26,7 @@ import uuid
 from collections import deque
 from pathlib import Path
 
-import zmq
-
-from streamer.auth import client_curve, connectable
+from streamer.busclient import BusSubscriber
 from streamer.config import WebhookConfig
 from streamer.events import make_event
 from streamer.process import EventSender, child_setup
@@ -210,52 +208,31 @@ class WebhookDispatcher:
         self.counters = Counters(stats, sender)
         self.endpoints = [Endpoint(index, config, self.counters, transport=transport)
                           for index, config in enumerate(webhooks)]
-        self.sub = zmq.Context.instance().socket(zmq.SUB)
-        self.sub.setsockopt(zmq.RCVHWM, 100_000)
-        self.sub.setsockopt(zmq.LINGER, 0)
         kinds = sorted({kind for config in webhooks for kind in config.kinds})
-        for stream in stream_ids:
-            for kind in kinds:  # filtered at the publisher: no detections event per frame unless asked for
-                self.sub.setsockopt(zmq.SUBSCRIBE, f"{stream}/{kind}".encode())
-        client_curve(self.sub, server_key)  # the daemon's CURVE public key when its endpoints need one
-        self.sub.connect(connectable(events_endpoint))
+        # Filtered at the publisher: no detections event per frame unless asked for.
+        self.bus = BusSubscriber(events_endpoint, [f"{stream}/{kind}" for stream in stream_ids for kind in kinds],
+                                 server_key=server_key)
+
+    def _offer(self, event: dict, _payload: bytes) -> None:
+        if event.get("cached"):
+            return  # a late subscriber's copy of a past status or error (docs/events.md): not news
+        for endpoint in self.endpoints:
+            if matches(endpoint.config, event):
+                endpoint.offer(event)
 
     def receive(self, limit: int = 10_000) -> int:
-        count = 0
-        while count < limit:
-            try:
-                _topic, payload = self.sub.recv_multipart(flags=zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            except ValueError:
-                continue
-            count += 1
-            try:
-                event = json.loads(payload)
-            except ValueError:
-                continue
-            if not isinstance(event, dict) or event.get("cached"):
-                continue  # a late subscriber's copy of a past status or error (docs/events.md): not news
-            for endpoint in self.endpoints:
-                if matches(endpoint.config, event):
-                    endpoint.offer(event)
-        return count
+        return self.bus.receive(self._offer, limit)
 
     def run(self, stop, grace_seconds: float = 5.0) -> None:
         for endpoint in self.endpoints:
             endpoint.thread.start()
-        poller = zmq.Poller()
-        poller.register(self.sub, zmq.POLLIN)
         while not stop.is_set():
-            if poller.poll(50):
+            if self.bus.poll(50):
                 self.receive()
-        quiet_since = time.monotonic()  # the hub stopped before us: take its last events
-        while time.monotonic() - quiet_since < 0.3:
-            if poller.poll(50) and self.receive():
-                quiet_since = time.monotonic()
+        self.bus.drain(self._offer)  # the hub stopped before us: take its last events
         for endpoint in self.endpoints:
             endpoint.stop(grace_seconds)
-        self.sub.close()
+        self.bus.close()
 
 
 def webhooks_main(*, webhooks: list[WebhookConfig], stream_ids: list[str], events_endpoint: str,

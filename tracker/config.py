@@ -56,6 +56,10 @@ class TrackerConfig:
     recovery_iou: float = 0.3
     """Minimum IoU with the last observed box in recovery: stricter than `match_iou`, as a box that has not
     moved with its track is more easily another object's."""
+    recovery_buffer: float = 0.3
+    """Recovery compares buffered boxes (C-BIoU, Yang et al. 2023): the last observed box and the detection each
+    grown by this fraction of their width and height on every side before the IoU, so an object that turned or
+    stopped while unseen for a few frames, near its last box but off it, is still found. 0: plain IoU."""
     max_predict_frames: int = 20
     """Constant-velocity extrapolation stops after this many unseen frames, so a lost box does not fly away."""
     class_agnostic: bool = False
@@ -80,6 +84,8 @@ class TrackerConfig:
                 problems.append((name, f"must be at least {least} (got {value!r})"))
         if self.motion not in ("kalman", "velocity"):
             problems.append(("motion", f"must be 'kalman' or 'velocity' (got {self.motion!r})"))
+        if not 0.0 <= self.recovery_buffer <= 2.0:
+            problems.append(("recovery_buffer", f"must be in [0, 2] (got {self.recovery_buffer!r})"))
         for name in ("kalman_position_noise", "kalman_velocity_noise"):
             if not getattr(self, name) > 0.0:
                 problems.append((name, f"must be positive (got {getattr(self, name)!r})"))

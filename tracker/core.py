@@ -162,30 +162,40 @@ class TrackerCounters:
 @njit(cache=True, nogil=True)
 def _stage_weights(
     predicted_xyxy, track_labels, track_slots, track_count, boxes_xyxy, labels, det_indices, det_count,
-    class_agnostic,
+    class_agnostic, buffer,
 ):
-    """IoU between predicted track boxes and detection boxes for one stage, 0 across labels: (T, D)."""
+    """IoU between predicted track boxes and detection boxes for one stage, 0 across labels: (T, D).
+
+    buffer > 0: buffered IoU (C-BIoU): each box first grown by `buffer` times its width and height on each side."""
     weights = np.zeros((track_count, det_count))
     for a in range(track_count):
         slot = track_slots[a]
-        ax1 = predicted_xyxy[slot, 0]
-        ay1 = predicted_xyxy[slot, 1]
-        ax2 = predicted_xyxy[slot, 2]
-        ay2 = predicted_xyxy[slot, 3]
+        grow_x = buffer * (predicted_xyxy[slot, 2] - predicted_xyxy[slot, 0])
+        grow_y = buffer * (predicted_xyxy[slot, 3] - predicted_xyxy[slot, 1])
+        ax1 = predicted_xyxy[slot, 0] - grow_x
+        ay1 = predicted_xyxy[slot, 1] - grow_y
+        ax2 = predicted_xyxy[slot, 2] + grow_x
+        ay2 = predicted_xyxy[slot, 3] + grow_y
         area_a = (ax2 - ax1) * (ay2 - ay1)
         label = track_labels[slot]
         for b in range(det_count):
             d = det_indices[b]
             if not class_agnostic and labels[d] != label:
                 continue
-            inter_w = min(ax2, boxes_xyxy[d, 2]) - max(ax1, boxes_xyxy[d, 0])
+            bw = boxes_xyxy[d, 2] - boxes_xyxy[d, 0]
+            bh = boxes_xyxy[d, 3] - boxes_xyxy[d, 1]
+            bx1 = boxes_xyxy[d, 0] - buffer * bw
+            by1 = boxes_xyxy[d, 1] - buffer * bh
+            bx2 = boxes_xyxy[d, 2] + buffer * bw
+            by2 = boxes_xyxy[d, 3] + buffer * bh
+            inter_w = min(ax2, bx2) - max(ax1, bx1)
             if inter_w <= 0.0:
                 continue
-            inter_h = min(ay2, boxes_xyxy[d, 3]) - max(ay1, boxes_xyxy[d, 1])
+            inter_h = min(ay2, by2) - max(ay1, by1)
             if inter_h <= 0.0:
                 continue
             intersection = inter_w * inter_h
-            area_b = (boxes_xyxy[d, 2] - boxes_xyxy[d, 0]) * (boxes_xyxy[d, 3] - boxes_xyxy[d, 1])
+            area_b = (bx2 - bx1) * (by2 - by1)
             weights[a, b] = intersection / (area_a + area_b - intersection)
     return weights
 
@@ -347,7 +357,19 @@ def _untaken(det_indices, det_count, detection_taken):
 
 
 @njit(cache=True, nogil=True)
-def _associate(track_boxes_xyxy, track_slots, track_count, det_indices, det_count, min_iou, state):
+def _unmatched(track_slots, track_count, track_matched):
+    """The tracks of `track_slots[:track_count]` no stage has matched yet: (slots, count)."""
+    remaining = np.empty(track_count, dtype=np.int64)
+    remaining_count = 0
+    for a in range(track_count):
+        if not track_matched[track_slots[a]]:
+            remaining[remaining_count] = track_slots[a]
+            remaining_count += 1
+    return remaining, remaining_count
+
+
+@njit(cache=True, nogil=True)
+def _associate(track_boxes_xyxy, track_slots, track_count, det_indices, det_count, min_iou, buffer, state):
     """One association stage: the tracks `track_slots[:track_count]`, compared by IoU of their
     `track_boxes_xyxy` (the prediction, or the last observation), take the detections `det_indices[:det_count]`
     by optimal assignment at IoU >= min_iou. `state` is the frame's shared tuple built in `_step`; matched tracks
@@ -360,7 +382,7 @@ def _associate(track_boxes_xyxy, track_slots, track_count, det_indices, det_coun
         return
     weights = _stage_weights(
         track_boxes_xyxy, track_label, track_slots, track_count, boxes_xyxy, labels, det_indices, det_count,
-        class_agnostic,
+        class_agnostic, buffer,
     )
     assignment = match_weights(weights, min_iou)
     for a in range(track_count):
@@ -384,7 +406,7 @@ def _step(
     track_status, track_id, track_detection, kalman_mean, kalman_cov,
     high_score, low_score, new_track_score, match_iou, low_match_iou, tentative_match_iou,
     min_hits, max_age, velocity_smoothing, max_predict_frames, class_agnostic, motion, position_noise, velocity_noise,
-    recovery, recovery_iou, next_id, counters, event_kinds, event_slots, reported_slots,
+    recovery, recovery_iou, recovery_buffer, next_id, counters, event_kinds, event_slots, reported_slots,
 ):
     """Advance one stream by one frame. Detections: boxes (D, 4) xyxy, scores (D,), label codes (D,).
 
@@ -486,7 +508,7 @@ def _step(
         motion, kalman_mean, kalman_cov, predicted_mean, predicted_cov, position_noise,
         class_agnostic, track_matched, detection_taken,
     )
-    _associate(predicted, confirmed, confirmed_count, high, high_count, match_iou, state)
+    _associate(predicted, confirmed, confirmed_count, high, high_count, match_iou, 0.0, state)
 
     # Stage 2: low-confidence detections against tracks matched on the previous frame but not yet here.
     remaining = np.empty(confirmed_count, dtype=np.int64)
@@ -496,25 +518,21 @@ def _step(
         if not track_matched[slot] and track_status[slot] == _TRACKED:
             remaining[remaining_count] = slot
             remaining_count += 1
-    _associate(predicted, remaining, remaining_count, low, low_count, low_match_iou, state)
+    _associate(predicted, remaining, remaining_count, low, low_count, low_match_iou, 0.0, state)
 
     # Stage 2b, observation-centric recovery (OC-SORT's OCR): confirmed tracks still unmatched against the
     # high-confidence detections still free, by IoU with the track's last observed box instead of its
     # prediction. After a sharp turn, a stop or a bounce the prediction has flown the wrong way; where the
-    # object was last seen has not.
+    # object was last seen has not. Both boxes are grown first (C-BIoU's buffered IoU): an object that turned
+    # while unseen for a few frames is near its last box but no longer on it.
     if recovery:
-        remaining_count = 0
-        for a in range(confirmed_count):
-            slot = confirmed[a]
-            if not track_matched[slot]:
-                remaining[remaining_count] = slot
-                remaining_count += 1
+        remaining, remaining_count = _unmatched(confirmed, confirmed_count, track_matched)
         free, free_count = _untaken(high, high_count, detection_taken)
-        _associate(track_box, remaining, remaining_count, free, free_count, recovery_iou, state)
+        _associate(track_box, remaining, remaining_count, free, free_count, recovery_iou, recovery_buffer, state)
 
     # Stage 3: leftover high-confidence detections against tentative tracks.
     leftover, leftover_count = _untaken(high, high_count, detection_taken)
-    _associate(predicted, tentative, tentative_count, leftover, leftover_count, tentative_match_iou, state)
+    _associate(predicted, tentative, tentative_count, leftover, leftover_count, tentative_match_iou, 0.0, state)
 
     # Lifecycle of existing tracks.
     event_count = 0
@@ -621,6 +639,7 @@ class Tracker:
             float(self.config.kalman_velocity_noise),
             bool(self.config.recovery),
             float(self.config.recovery_iou),
+            float(self.config.recovery_buffer),
         )
         self._allocate(max(int(initial_capacity), 1))
         self._next_id = 1

@@ -15,10 +15,9 @@ import logging
 import time
 from collections import deque
 
-import zmq
 import zmq.asyncio
 
-from streamer.auth import client_curve
+from streamer.busclient import subscribe_socket
 from streamer.events import replaces_status
 
 log = logging.getLogger("groundwatch.web")
@@ -125,13 +124,8 @@ class Bus:
     # -- the socket ------------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        context = zmq.asyncio.Context.instance()
-        self._socket = context.socket(zmq.SUB)
-        self._socket.setsockopt(zmq.LINGER, 0)
-        self._socket.setsockopt(zmq.RCVHWM, 1000)
-        self._socket.setsockopt(zmq.SUBSCRIBE, b"")
-        client_curve(self._socket, self.server_key)
-        self._socket.connect(self.endpoint)
+        self._socket = subscribe_socket(zmq.asyncio.Context.instance(), self.endpoint, [""],
+                                        server_key=self.server_key, high_water_mark=1000)
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def close(self) -> None:

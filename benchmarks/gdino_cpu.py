@@ -11,33 +11,14 @@ as its processor-then-model usage does.
 from __future__ import annotations
 
 import argparse
-import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-import gdino
-from gdino import config as configs
-from gdino.checkpoint import config_to_hf, hf_to_official
-
-PROMPT = "person . car . dog . bicycle . traffic light . backpack ."
-
-
-def build_pair(seed: int = 0):
-    import transformers
-
-    torch.manual_seed(seed)
-    cfg = configs.swint_ogc()
-    hf = transformers.GroundingDinoForObjectDetection(transformers.GroundingDinoConfig(**config_to_hf(cfg))).eval()
-    with torch.no_grad():  # make the zero/1e-4-initialised paths carry signal, as trained weights do
-        for name, param in hf.named_parameters():
-            if name.endswith(("vision_param", "text_param")):
-                param.normal_(0.0, 0.5)
-            if "bbox_embed" in name and ".layers.2." in name:
-                param.normal_(0.0, 0.05)
-    ours = gdino.build(cfg).eval()
-    ours.load_state_dict(hf_to_official(hf.state_dict()))
-    return ours, hf
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import PROMPT, header, median, swint_pair  # noqa: E402
 
 
 def time_call(fn) -> float:
@@ -53,8 +34,8 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-
-    ours, hf = build_pair()
+    print(header(args.threads))
+    ours, hf = swint_pair()
     text = ours.encode_text(PROMPT)
     input_ids = text.input_ids
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, prompt {PROMPT!r} ({input_ids.shape[1]} "
@@ -91,7 +72,7 @@ def main(argv=None) -> None:
         # selection agrees are compared separately.
         logit_same = torch.where(finite, (mine.logits - ref_logits).abs(), 0).amax(-1)[same].max().item()
         box_same = (mine.boxes - ref.pred_boxes).abs().amax(-1)[same].max().item()
-        ours_median, hf_median = statistics.median(ours_times), statistics.median(hf_times)
+        ours_median, hf_median = median(ours_times), median(hf_times)
         print(f"{size:>10} {ours_median:20.3f} {hf_median:21.3f} {hf_median / ours_median:8.2f}x "
               f"{logit_diff:13.2e} {box_diff:11.2e} {same_top:10.1%} {logit_same:14.2e} {box_same:12.2e}")
 

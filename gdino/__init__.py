@@ -76,4 +76,10 @@ def load(path: str | os.PathLike = "default", device: str | torch.device = "cpu"
     load_state(model, state, what=str(source))
     if vocab is not None:
         model.vocab_path = str(vocab)
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        # bfloat16 matmuls, float32 norms, residual streams, query selection and box refinement
+        # (gdino.model.precision): whole-model bfloat16 reorders the query selection's near-tied ranks.
+        from .model.precision import to_mixed_bfloat16
+
+        return to_mixed_bfloat16(model.to(device=device)).eval()
     return model.to(device=device, dtype=dtype).eval()

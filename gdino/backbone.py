@@ -73,7 +73,8 @@ class _PatchEmbed(nn.Module):
         if pad_h or pad_w:
             images = F.pad(images, (0, pad_w, 0, pad_h))
         x = self.proj(images)  # (B, C, H/4, W/4)
-        return self.norm(x.permute(0, 2, 3, 1))  # (B, H/4, W/4, C)
+        # Mixed precision (gdino.model.precision): the residual stream stays in the norm's float32.
+        return self.norm(x.permute(0, 2, 3, 1).to(self.norm.weight.dtype))  # (B, H/4, W/4, C)
 
 
 class _Stage(nn.Module):
@@ -137,5 +138,5 @@ class SwinBackbone(nn.Module):
                 normed = getattr(self, f"norm{stage}")(x)
                 outputs.append(normed.permute(0, 3, 1, 2).contiguous())
             if layer.downsample is not None:
-                x = layer.downsample(x)
+                x = layer.downsample(x).to(x.dtype)  # a float32 stream stays float32 in mixed precision
         return outputs

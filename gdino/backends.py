@@ -87,22 +87,55 @@ def resolve_dtype(dtype: str, device: str) -> str:
 
 
 def resolve_backend(backend: str, device: str) -> str:
-    """``"auto"``: on the CPU the fastest installed backend whose parity with PyTorch float32 holds - OpenVINO,
-    then ONNX Runtime, then torch (benchmarks/cpu_backends.py, docs/benchmarks.md); on a GPU torch."""
+    """``"auto"`` for float32: on the CPU the first installed of ``AUTO_FLOAT32_ORDER`` (see ``resolve``, which also
+    picks bfloat16 where the CPU has it); on a GPU torch."""
     if backend not in BACKENDS:
         raise BackendError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
     if backend == "auto":
-        if torch.device(device).type != "cpu":
-            return "torch"
-        import importlib.util
-
-        for candidate in ("openvino", "onnxruntime"):
-            if importlib.util.find_spec(EXTRAS[candidate][0]) is not None and importlib.util.find_spec("onnx"):
-                return candidate
-        return "torch"
+        return resolve(backend, "float32", device)[0]
     if backend != "torch" and torch.device(device).type != "cpu":
         raise BackendError(f"backend {backend!r} runs on the CPU here; use device = 'cpu' or backend = 'torch'")
     return backend
+
+
+def installed(backend: str) -> bool:
+    """Whether the runtime of an exported backend (and the ``onnx`` package that exports for it) can be imported."""
+    import importlib.util
+
+    return importlib.util.find_spec(EXTRAS[backend][0]) is not None and importlib.util.find_spec("onnx") is not None
+
+
+# backend = "auto" on the CPU: the first of these that is installed (float32; parity with PyTorch within 1e-4).
+AUTO_FLOAT32_ORDER = ("openvino", "onnxruntime", "torch")
+
+
+def resolve(backend: str, dtype: str, device: str) -> tuple[str, str]:
+    """The (backend, dtype) to run for a config's ``backend`` and ``dtype``, either of which may be ``"auto"``.
+
+    On a GPU: torch; ``dtype="auto"`` is float32 there. On the CPU, ``backend="auto"``:
+
+    - with fast bfloat16 (``cpu_has_fast_bfloat16``: AMX or AVX-512 BF16) and ``dtype`` ``"auto"`` or
+      ``"bfloat16"``: torch in mixed bfloat16 (``gdino.model.precision``; judged on detections,
+      tests/test_bfloat16.py);
+    - otherwise float32 on the first installed of ``AUTO_FLOAT32_ORDER`` (OpenVINO, ONNX Runtime, torch), whose
+      parity with PyTorch float32 holds within 1e-4 (tests/test_export.py).
+
+    An explicit backend keeps ``resolve_dtype``'s rule for torch; the exported backends run float32 graphs.
+    Speeds behind the order: docs/export.md.
+    """
+    if backend not in BACKENDS:
+        raise BackendError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    on_cpu = torch.device(device).type == "cpu"
+    if backend == "auto":
+        if not on_cpu:
+            return "torch", resolve_dtype(dtype, device)
+        if dtype in ("auto", "bfloat16") and (dtype == "bfloat16" or cpu_has_fast_bfloat16()):
+            return "torch", "bfloat16"
+        if dtype not in ("auto", "float32"):
+            return "torch", dtype
+        return next(b for b in AUTO_FLOAT32_ORDER if b == "torch" or installed(b)), "float32"
+    backend = resolve_backend(backend, device)
+    return backend, (resolve_dtype(dtype, device) if backend == "torch" else "float32")
 
 
 def require(backend: str):

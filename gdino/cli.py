@@ -167,8 +167,7 @@ def detect_main(argv: list[str] | None = None) -> int:
         from gdino import backends
 
         try:
-            backend = backends.resolve_backend(args.backend, args.device)
-            dtype = backends.resolve_dtype(args.dtype, args.device) if backend == "torch" else "float32"
+            backend, dtype = backends.resolve(args.backend, args.dtype, args.device)
             model = gdino.load(args.weights, device=args.device, dtype=dtype)
         except (ValueError, backends.BackendError) as exc:  # bad device/dtype/backend request
             raise _InputError(str(exc)) from None

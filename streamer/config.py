@@ -194,8 +194,9 @@ class ModelConfig(_Section):
                     "float32 elsewhere.")] = "float32"
     backend: Annotated[Literal["auto", "torch", "onnxruntime", "openvino"], Field(
         description="Where the image graph runs: torch, onnxruntime (extra groundwatch[onnx]) or openvino (extra "
-                    "groundwatch[openvino]); 'auto' = on the CPU the fastest installed one (OpenVINO, then ONNX "
-                    "Runtime, then torch; docs/export.md).")] = "torch"
+                    "groundwatch[openvino]); 'auto' = on the CPU the fastest whose parity holds: torch in mixed "
+                    "bfloat16 where the CPU has AMX/AVX-512 BF16 and dtype is auto, else OpenVINO, then ONNX "
+                    "Runtime, then torch (docs/export.md).")] = "torch"
     onnx: Annotated[str | None, Field(
         description="An exported image graph (groundwatch export) for onnxruntime/openvino; unset = export on "
                     "first use into cache_dir.")] = None

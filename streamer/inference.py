@@ -66,10 +66,9 @@ class GdinoDetector:
 
         self.threads, self._threads_checked = threads, False
         self._hold_threads(torch)
-        backend = backends.resolve_backend(backend, device)
-        # The exported graphs are float32; dtype applies to the torch backend ("auto": bfloat16 on a CPU with
-        # AMX or AVX-512 BF16).
-        dtype = backends.resolve_dtype(dtype, device) if backend == "torch" else "float32"
+        # "auto" backend/dtype: the fastest whose parity holds on this CPU (gdino.backends.resolve); the exported
+        # graphs are float32, dtype applies to the torch backend.
+        backend, dtype = backends.resolve(backend, dtype, device)
         if weights == "tiny":
             # Random weights of the tiny config: plumbing tests and the pipeline benchmark, never for answers.
             from gdino.config import tiny

@@ -77,28 +77,109 @@ def test_bfloat16_default_model_detections_match_float32():
     assert rate >= 0.98, f"{rate:.1%} of {total} detections matched"
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="open (issue 20): with the whole Swin-T model cast to bfloat16 (random weights, "
-                   "480x640) only 2 of 54 logit-thresholded detections matched float32 on the first full run; the "
-                   "default model's test above passes. Needs autocast-style float32 norms/softmax or a better-posed "
-                   "check; strict, so a fix shows up as an unexpected pass")
-def test_bfloat16_swint_random_detections_match_float32():
-    """Swin-T OGC (random weights) at 480x640 in bfloat16 against float32. Random BERT features saturate every
-    query's sigmoid score at 1.0, so the threshold is put on the logit scale instead: a detection is a query whose
-    best logit exceeds float32's 97th percentile (about 27 of 900), named by its best token; matched as above
-    (same token, box within 0.01), at least 98% of them, in either direction."""
-    from gdino import processing
-    from gdino.shapes import category_prompt, render_scene
-
+def _swint_random(same_content_queries: bool) -> GroundingDino:
     torch.manual_seed(0)
-    model_fp32 = GroundingDino(configs.swint_ogc()).eval()
+    model = GroundingDino(configs.swint_ogc()).eval()
     with torch.no_grad():
-        for name, param in model_fp32.named_parameters():
+        for name, param in model.named_parameters():
             if "bbox_embed" in name and ".layers.2." in name:  # zero-initialised: would make every box the anchor
                 param.normal_(0.0, 0.05)
-    model_bf16 = GroundingDino(configs.swint_ogc()).eval()
-    model_bf16.load_state_dict(model_fp32.state_dict())
-    model_bf16 = model_bf16.to(torch.bfloat16)
+        if same_content_queries:
+            weight = model.transformer.tgt_embed.weight
+            weight.copy_(weight[:1].expand_as(weight))
+    return model
+
+
+def _logit_detections_matched(reference, found, margin: float) -> tuple[int, int]:
+    """(matched, total) for one image, both ways: a detection clear of the threshold by ``margin`` on one side is
+    matched by a detection (above the threshold) of the other with the same best token and a box within 0.01."""
+    best_fp32, token_fp32 = reference.logits[0].max(-1)
+    best_other, token_other = found.logits[0].float().max(-1)
+    threshold = torch.quantile(best_fp32, 0.97)
+    sides = ((best_fp32, token_fp32, reference.boxes[0]), (best_other, token_other, found.boxes[0].float()))
+    matched = total = 0
+    for (best_a, token_a, boxes_a), (best_b, token_b, boxes_b) in (sides, sides[::-1]):
+        clear = best_a > threshold + margin
+        detected = best_b > threshold
+        candidates, labels = boxes_b[detected], token_b[detected].tolist()
+        used = torch.zeros(len(candidates), dtype=torch.bool)
+        for box, label in zip(boxes_a[clear], token_a[clear].tolist()):
+            error = (candidates - box).abs().amax(-1)
+            for j in error.argsort().tolist():
+                if not used[j] and labels[j] == label and error[j] <= 0.01:
+                    used[j] = True
+                    matched += 1
+                    break
+        total += int(clear.sum())
+    return matched, total
+
+
+def test_mixed_bfloat16_keeps_selection_and_heads_in_float32():
+    """``gdino.load(dtype="bfloat16")`` on the CPU is mixed precision (gdino.model.precision): bfloat16 matmul weights,
+    float32 norms, query selection, box refinement and heads. Whole-model bfloat16 rounded the query-selection scores
+    to bfloat16's step (0.125-0.25 at the scores of random Swin-T weights, whose ranks are 0.005 apart) and matched
+    2 of 54 random-weight Swin-T detections; the selection scores here must be clearly closer to float32's than
+    whole-model bfloat16's are."""
+    import copy
+
+    from gdino.model.precision import to_mixed_bfloat16
+
+    torch.manual_seed(0)
+    model = GroundingDino(configs.tiny(pretrained_text=None)).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("gamma_v", "gamma_l")):
+                param.normal_(0.0, 0.5)
+    mixed = to_mixed_bfloat16(copy.deepcopy(model))
+    whole = copy.deepcopy(model).to(torch.bfloat16)
+    assert mixed.transformer.encoder.layers[0].linear1.weight.dtype == torch.bfloat16
+    assert mixed.transformer.enc_output.weight.dtype == torch.float32
+    assert mixed.transformer.encoder.layers[0].self_attn.sampling_offsets.weight.dtype == torch.float32
+    images = torch.randn(2, 3, 128, 160)
+    with torch.no_grad():
+        reference = model(images, PROMPT)
+        out_mixed = mixed(images, PROMPT)
+        out_whole = whole(images.bfloat16(), PROMPT)
+    assert out_mixed.logits.dtype == out_mixed.boxes.dtype == out_mixed.encoder_output["logits"].dtype == torch.float32
+    scores = reference.encoder_output["logits"].max(-1)[0]
+    error_mixed = (out_mixed.encoder_output["logits"].max(-1)[0] - scores).abs().max()
+    error_whole = (out_whole.encoder_output["logits"].float().max(-1)[0] - scores).abs().max()
+    assert error_mixed <= 0.5 * error_whole, f"selection scores off by {error_mixed:.3g} (whole bf16 {error_whole:.3g})"
+    finite = torch.isfinite(reference.logits)
+    assert torch.equal(torch.isfinite(out_mixed.logits), finite)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2400)  # Swin-T forward passes took over 20 minutes in all on the loaded 2-core machine
+def test_bfloat16_swint_random_detections_match_float32():
+    """Swin-T OGC (random weights) at 480x640 in bfloat16 (``gdino.load``'s CPU mixed precision) against float32.
+
+    Random BERT features saturate every query's sigmoid score at 1.0, so the threshold is on the logit scale: a
+    detection is a query whose best logit exceeds float32's 97th percentile, named by its best token; matched as
+    above (same token, box within 0.01), at least 98% of them, both ways.
+
+    Two things make the plain comparison ill-posed on random weights, and the check removes them:
+
+    - the query selection gives the k-th ranked image token the k-th content query (``tgt_embed``), and random
+      weights rank ~6,000 tokens with scores ~20-50 only ~0.005 apart (1e-4 relative), 25x finer than bfloat16's
+      resolution: any bfloat16 run re-pairs ~95% of the anchors with other random content queries (measured: 6.4% of
+      ranks kept), so which boxes come out is decided by rounding. Here every content query is the same vector, so
+      the decoder does not depend on the order of the selected tokens, only on which are selected (99% the same);
+    - near-tied random logits sit on both sides of the threshold: only detections clear of it by 0.5 (logit units,
+      ~2.5% of the threshold) must be found on the other side (above the threshold).
+
+    Measured with this check (2 scenes): whole-model bfloat16 51/53 (96.2%, fails), mixed precision 53/53.
+    Without the margin: whole-model 43/54 one way, mixed 52/54. With distinct content queries and no margin (the
+    check before): whole-model 2/54, mixed 7/59 - rounding, not the model, decides that one.
+    """
+    import copy
+
+    from gdino import processing
+    from gdino.model.precision import to_mixed_bfloat16
+    from gdino.shapes import category_prompt, render_scene
+
+    model_fp32 = _swint_random(same_content_queries=True)
+    model_bf16 = to_mixed_bfloat16(copy.deepcopy(model_fp32))
     matched = total = 0
     for seed in range(2):
         image, objects = render_scene(10**12 + 900 + seed, (480, 640), num_objects=(2, 4))
@@ -106,21 +187,8 @@ def test_bfloat16_swint_random_detections_match_float32():
         pixels, _, _ = processing.preprocess([image], short_side=480, max_side=640)
         with torch.no_grad():
             reference = model_fp32(pixels, caption)
-            found = model_bf16(pixels.bfloat16(), caption)
-        best_fp32, token_fp32 = reference.logits[0].max(-1)
-        best_bf16, token_bf16 = found.logits[0].float().max(-1)
-        threshold = torch.quantile(best_fp32, 0.97)
-        keep_fp32, keep_bf16 = best_fp32 > threshold, best_bf16 > threshold
-        boxes_fp32, boxes_bf16 = reference.boxes[0][keep_fp32], found.boxes[0].float()[keep_bf16]
-        labels_fp32, labels_bf16 = token_fp32[keep_fp32].tolist(), token_bf16[keep_bf16].tolist()
-        used = torch.zeros(len(boxes_bf16), dtype=torch.bool)
-        for box, label in zip(boxes_fp32, labels_fp32):
-            error = (boxes_bf16 - box).abs().amax(-1)
-            for j in error.argsort().tolist():
-                if not used[j] and labels_bf16[j] == label and error[j] <= 0.01:
-                    used[j] = True
-                    matched += 1
-                    break
-        total += max(len(boxes_fp32), len(boxes_bf16))
+            found = model_bf16(pixels, caption)
+        hits, count = _logit_detections_matched(reference, found, margin=0.5)
+        matched, total = matched + hits, total + count
     assert total >= 40
     assert matched / total >= 0.98, f"{matched} of {total} detections matched"

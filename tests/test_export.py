@@ -218,6 +218,22 @@ def test_exported_file_for_another_size_is_refused(tiny):
         exported(torch.randn(1, 3, 96, 128), PROMPTS[0])
 
 
+def test_image_graph_declares_its_fixed_size_and_a_runtime_names_it(tiny):
+    """Height and width are fixed per file (docs/export.md says which traced steps fix them): the graph's inputs
+    declare the size, so a runtime fed another size names the input and both sizes. (Exported with height and
+    width declared dynamic, the traced file fails deep inside instead: ONNX Runtime stops at the first deformable
+    attention's Split, "Split size 320 exceeds the remaining size of the selected axis, 256".)"""
+    ort = pytest.importorskip("onnxruntime")
+    model, info = tiny["model"], tiny["info"]
+    session = ort.InferenceSession(str(info.path), providers=["CPUExecutionProvider"])
+    shapes = {i.name: i.shape for i in session.get_inputs()}
+    assert shapes["pixel_values"] == ["batch", 3, 128, 160] and shapes["pixel_mask"] == ["batch", 128, 160]
+    text = model.encode_text(PROMPTS[0])
+    feeds = export.image_inputs(torch.randn(1, 3, 96, 128), torch.ones(1, 96, 128, dtype=torch.bool), text)
+    with pytest.raises(Exception, match=r"pixel_values[\s\S]*Got: 96 Expected: 128"):
+        session.run(None, feeds)
+
+
 def test_file_that_is_not_an_export_is_refused(tiny, tmp_path):
     fake = tmp_path / "fake.onnx"
     fake.write_bytes(b"\x00garbage")
@@ -247,6 +263,33 @@ def test_fast_bfloat16_probe_and_auto_dtype(monkeypatch):
     flags = backends._cpuinfo_flags()
     if flags:  # Linux: the probe agrees with the kernel's flags
         assert backends.cpu_has_fast_bfloat16() == bool({"amx_bf16", "avx512_bf16"} & flags)
+
+
+@pytest.mark.parametrize("flags,runtimes,expected", [
+    ({"avx512f", "amx_tile", "amx_bf16"}, {"openvino", "onnxruntime"}, ("torch", "bfloat16")),
+    ({"avx512f", "avx512_bf16"}, set(), ("torch", "bfloat16")),
+    ({"avx512f", "avx2"}, {"openvino", "onnxruntime"}, ("openvino", "float32")),
+    ({"avx2"}, {"onnxruntime"}, ("onnxruntime", "float32")),
+    ({"avx2"}, set(), ("torch", "float32")),
+])
+def test_auto_backend_and_dtype_follow_the_cpu(monkeypatch, flags, runtimes, expected):
+    """backend = dtype = "auto" on the CPU: mixed bfloat16 torch where the CPU has AMX or AVX-512 BF16, else the
+    first installed of OpenVINO, ONNX Runtime (float32), else torch float32 (docs/export.md has the figures)."""
+    monkeypatch.delenv("GROUNDWATCH_FAST_BF16", raising=False)
+    monkeypatch.setattr(backends, "_cpuinfo_flags", lambda: set(flags))
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: "amx_tile" in flags, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: "avx512_bf16" in flags, raising=False)
+    monkeypatch.setattr(backends, "installed", lambda backend: backend in runtimes)
+    assert backends.resolve("auto", "auto", "cpu") == expected
+    # A float32 request keeps float32 parity: the fastest float32 backend installed.
+    float32_choice = next((b for b in ("openvino", "onnxruntime") if b in runtimes), "torch")
+    assert backends.resolve("auto", "float32", "cpu") == (float32_choice, "float32")
+    assert backends.resolve_backend("auto", "cpu") == float32_choice
+    # An explicit backend keeps its dtype rule; a GPU is always torch.
+    assert backends.resolve("onnxruntime", "auto", "cpu") == ("onnxruntime", "float32")
+    fast_bf16 = bool({"amx_bf16", "avx512_bf16"} & flags)
+    assert backends.resolve("torch", "auto", "cpu") == ("torch", "bfloat16" if fast_bf16 else "float32")
+    assert backends.resolve("auto", "auto", "cuda") == ("torch", "float32")
 
 
 # ----------------------------------------------------------------------------------------------------------------

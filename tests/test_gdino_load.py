@@ -48,7 +48,10 @@ def test_missing_weights_name_the_path(tmp_path):
 
 def test_bfloat16_load_runs(saved_tiny):
     model = gdino.load(saved_tiny[0], dtype="bfloat16")
-    assert model.feat_map.weight.dtype == torch.bfloat16
+    # Mixed precision on the CPU (gdino.model.precision): matmul weights bfloat16, norms and heads float32.
+    assert model.transformer.encoder.layers[0].linear1.weight.dtype == torch.bfloat16
+    assert model.transformer.encoder.layers[0].norm1.weight.dtype == torch.float32
+    assert model.bbox_embed[0].layers[0].weight.dtype == torch.float32
     with torch.no_grad():
         out = model(torch.randn(1, 3, 128, 160, dtype=torch.bfloat16), "red circle .")
     assert out.boxes.shape == (1, model.config.num_queries, 4)

@@ -3,6 +3,7 @@ branch with its per-prompt cache, and the convenience ``detect``/``refer`` over 
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -15,6 +16,7 @@ from ..backbone import SwinBackbone
 from ..config import GroundingDinoConfig
 from ..text import PromptError, TextEncoding, get_tokenizer, normalize_caption, tokenize
 from .layers import MLP, contrastive_logits, inverse_sigmoid, sine_position_map
+from .precision import float32_region, mixed_dtype
 from .text_encoder import build_text_encoder
 from .transformer import Transformer
 
@@ -196,18 +198,24 @@ class GroundingDino(nn.Module):
         if pixel_mask is None:
             pixel_mask = torch.ones((batch, height, width), dtype=torch.bool, device=images.device)
         text = self._as_text(text, batch)
-        sources, masks, positions = self._image_levels(images, pixel_mask.bool())
-        hidden_states, references, memory_text, encoder_output = self.transformer(sources, masks, positions, text,
-                                                                                  denoising)
+        mixed = mixed_dtype(self)  # gdino.model.precision: bfloat16 matmuls, float32 elsewhere
+        with torch.autocast(images.device.type, dtype=mixed) if mixed else contextlib.nullcontext():
+            sources, masks, positions = self._image_levels(images, pixel_mask.bool())
+            hidden_states, references, memory_text, encoder_output = self.transformer(sources, masks, positions,
+                                                                                      text, denoising)
 
         outputs, denoised = [], []
         num_dn = 0 if denoising is None else denoising.num_queries
-        for index, (hidden, reference) in enumerate(zip(hidden_states, references)):
-            logits = contrastive_logits(hidden, memory_text, text.token_mask)
-            boxes = (self.bbox_embed[index](hidden) + inverse_sigmoid(reference)).sigmoid()
-            outputs.append({"logits": logits[:, num_dn:], "boxes": boxes[:, num_dn:]})
-            if num_dn:
-                denoised.append({"logits": logits[:, :num_dn], "boxes": boxes[:, :num_dn]})
+        head_dtype = self.bbox_embed[0].layers[0].weight.dtype
+        with float32_region(images.device):  # the class and box heads: float32 in mixed precision
+            memory_text = memory_text.to(head_dtype)
+            for index, (hidden, reference) in enumerate(zip(hidden_states, references)):
+                hidden = hidden.to(head_dtype)
+                logits = contrastive_logits(hidden, memory_text, text.token_mask)
+                boxes = (self.bbox_embed[index](hidden) + inverse_sigmoid(reference)).sigmoid()
+                outputs.append({"logits": logits[:, num_dn:], "boxes": boxes[:, num_dn:]})
+                if num_dn:
+                    denoised.append({"logits": logits[:, :num_dn], "boxes": boxes[:, :num_dn]})
         encoder_output = dict(encoder_output)
         return GroundingDinoOutput(
             logits=outputs[-1]["logits"], boxes=outputs[-1]["boxes"], aux_outputs=outputs[:-1],

@@ -12,6 +12,8 @@ from torch import nn
 
 from kernels import ms_deform_attn
 
+from .precision import float32_region
+
 
 # The original IDEA-Research code, which the published weights were trained with, clamps at 1e-3; transformers
 # (and DETR) at 1e-5. The two differ only where a box coordinate or side is within 1e-3 of 0 or 1 (under about a
@@ -191,12 +193,24 @@ class MSDeformAttn(nn.Module):
                 value_valid: torch.Tensor | None) -> torch.Tensor:
         """query (B, Q, C); reference_points (B, Q, L, 2) xy or (B, Q, L, 4) cxcywh in [0, 1];
         value_input (B, S, C); value_valid (B, S) bool or None -> (B, Q, C)."""
-        batch, num_queries, dim = query.shape
-        heads, levels, points = self.num_heads, self.num_levels, self.num_points
+        batch, _, dim = query.shape
+        heads = self.num_heads
         value = self.value_proj(value_input)
         if value_valid is not None:
             value = value.masked_fill(~value_valid[..., None], 0.0)
         value = value.view(batch, -1, heads, dim // heads)  # (B, S, M, D)
+        with float32_region(query.device):  # where to sample and with what weight: float32 in mixed precision
+            query = query.to(self.sampling_offsets.weight.dtype)
+            weights, locations = self._sampling(query, reference_points, spatial_shapes)
+        # (B, Q, M, L, P, 2) xy in [0, 1]; the kernel keeps locations in float32.
+        output = ms_deform_attn(value, spatial_shapes, level_start_index, locations.float(), weights,
+                                backend=self.backend)
+        return self.output_proj(output.to(self.output_proj.weight.dtype))
+
+    def _sampling(self, query, reference_points, spatial_shapes):
+        """-> attention weights (B, Q, M, L, P) and sampling locations (B, Q, M, L, P, 2) xy in [0, 1]."""
+        batch, num_queries, _ = query.shape
+        heads, levels, points = self.num_heads, self.num_levels, self.num_points
         weights = self.attention_weights(query).view(batch, num_queries, heads, levels * points)
         weights = weights.softmax(-1).view(batch, num_queries, heads, levels, points)
         if reference_points.shape[-1] == 2:
@@ -216,10 +230,7 @@ class MSDeformAttn(nn.Module):
             offsets = self.sampling_offsets(query).view(batch, num_queries, heads, levels, points, 2)
             locations = (reference_points[:, :, None, :, None, :2]
                          + offsets / points * reference_points[:, :, None, :, None, 2:] * 0.5)
-        # (B, Q, M, L, P, 2) xy in [0, 1]; the kernel keeps locations in float32.
-        output = ms_deform_attn(value, spatial_shapes, level_start_index, locations.float(), weights,
-                                backend=self.backend)
-        return self.output_proj(output.to(query.dtype))
+        return weights, locations
 
 
 class BiAttention(nn.Module):

@@ -11,6 +11,7 @@ from ..config import GroundingDinoConfig
 from ..text import TextEncoding
 from .layers import (MLP, BiAttention, DropPath, MSDeformAttn, MultiheadAttention, contrastive_logits, feed_forward,
                      inverse_sigmoid, sine_embedding)
+from .precision import float32_region
 
 
 class FusionLayer(nn.Module):
@@ -171,8 +172,10 @@ class Decoder(nn.Module):
             queries = layer(queries, query_pos, reference_input, memory, memory_valid, spatial_shapes,
                             level_start_index, text, text_allowed, self_allowed, workspace)
             hidden_states.append(self.norm(queries))
-            delta = self.bbox_embed[index](queries)
-            reference_points = (delta + inverse_sigmoid(reference_points)).sigmoid().detach()
+            with float32_region(queries.device):  # box refinement: sigmoid/inverse-sigmoid across the layers
+                head = self.bbox_embed[index]
+                delta = head(queries.to(head.layers[0].weight.dtype))
+                reference_points = (delta + inverse_sigmoid(reference_points)).sigmoid().detach()
         return hidden_states, references
 
 
@@ -228,7 +231,8 @@ class Transformer(nn.Module):
         """
         batch = sources[0].shape[0]
         spatial_shapes_list = [tuple(src.shape[-2:]) for src in sources]
-        flat_sources = torch.cat([src.flatten(2).transpose(1, 2) for src in sources], 1)  # (B, S, C)
+        # (B, S, C); in mixed precision the encoder's residual stream is float32, like level_embed
+        flat_sources = torch.cat([src.flatten(2).transpose(1, 2) for src in sources], 1).to(self.level_embed.dtype)
         flat_valid = torch.cat([mask.flatten(1) for mask in masks], 1)  # (B, S)
         flat_pos = torch.cat([pos.flatten(2).transpose(1, 2) + self.level_embed[level].view(1, 1, -1)
                               for level, pos in enumerate(positions)], 1)
@@ -244,16 +248,22 @@ class Transformer(nn.Module):
         )
 
         # Language-guided query selection: the image tokens most similar to any text token become anchors.
-        anchors, usable = self.proposals(flat_valid, spatial_shapes_list, memory.dtype)
-        selected_memory = self.enc_output_norm(self.enc_output(memory.masked_fill(~usable, 0.0)))
-        encoder_logits = contrastive_logits(selected_memory, memory_text, text.token_mask)  # (B, S, T)
-        num_queries = min(self.config.num_queries, encoder_logits.shape[1])
-        top = torch.topk(encoder_logits.max(-1)[0], num_queries, dim=1)[1]  # (B, Q)
-        # The box head is per token: run it on the Q selected tokens only, not on all S.
-        top_memory = torch.gather(selected_memory, 1, top[..., None].expand(-1, -1, selected_memory.shape[-1]))
-        top_anchors = torch.gather(anchors, 1, top[..., None].expand(-1, -1, 4))
-        top_boxes_unsig = self.enc_out_bbox_embed(top_memory) + top_anchors  # (B, Q, 4)
-        reference_points = top_boxes_unsig.detach().sigmoid()
+        # In float32 under mixed precision: the k-th ranked token gets the k-th content query, and bfloat16's
+        # rounding of the scores (a step of 0.125 at 20) would reorder near-tied ranks.
+        with float32_region(memory.device):
+            head_dtype = self.enc_output.weight.dtype
+            memory_head, memory_text_head = memory.to(head_dtype), memory_text.to(head_dtype)
+            anchors, usable = self.proposals(flat_valid, spatial_shapes_list, head_dtype)
+            selected_memory = self.enc_output_norm(self.enc_output(memory_head.masked_fill(~usable, 0.0)))
+            encoder_logits = contrastive_logits(selected_memory, memory_text_head, text.token_mask)  # (B, S, T)
+            num_queries = min(self.config.num_queries, encoder_logits.shape[1])
+            top = torch.topk(encoder_logits.max(-1)[0], num_queries, dim=1)[1]  # (B, Q)
+            # The box head is per token: run it on the Q selected tokens only, not on all S.
+            top_memory = torch.gather(selected_memory, 1,
+                                      top[..., None].expand(-1, -1, selected_memory.shape[-1]))
+            top_anchors = torch.gather(anchors, 1, top[..., None].expand(-1, -1, 4))
+            top_boxes_unsig = self.enc_out_bbox_embed(top_memory) + top_anchors  # (B, Q, 4)
+            reference_points = top_boxes_unsig.detach().sigmoid()
         encoder_output = {
             "logits": torch.gather(encoder_logits, 1, top[..., None].expand(-1, -1, encoder_logits.shape[-1])),
             "boxes": top_boxes_unsig.sigmoid(),

@@ -113,6 +113,7 @@ def two_minutes(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # ~270 detections: about two minutes on a quiet 2-core machine, far more on a loaded one
 def test_every_interval_of_a_two_minute_video_is_found_within_half_a_second(model, two_minutes, tmp_path):
     """The issue's check: default fps, model and threshold; each true interval found with start and end within
     0.5 s, and no range where the red star never is (the blue star and the red circle are look-alikes)."""

@@ -8,6 +8,7 @@
     groundwatch zones STREAM FILE.toml [--control ENDPOINT]       replace a stream's [[zones]] and [[lines]]
     groundwatch rules FILE.toml [--control ENDPOINT]              replace every [[rules]] while it runs
     groundwatch replay VIDEO --events LOG -o out.mp4              overlays and trails drawn over the video
+    groundwatch redact VIDEO --prompt "face ." -o out.mp4          blur (pixelate, fill, inpaint) what words describe
     groundwatch keys DIRECTORY                                    a CURVE key pair for non-loopback endpoints
     groundwatch search PATH... --prompt "white van" [-o out.json]  time ranges where it appears, contact sheet
     groundwatch detect|convert|export|train|eval ...              the model's own tools (gdino)
@@ -206,6 +207,12 @@ def _replay(args) -> int:
     return 0
 
 
+def _redact(args) -> int:
+    from streamer.editing.redact import main as redact_main
+
+    return redact_main(args)
+
+
 def _search(args) -> int:
     from streamer.editing.search import SearchError, SearchOptions, Searcher, check_writable, write_results
 
@@ -300,6 +307,14 @@ def _delegate(command: str, argv: list[str]) -> int:
     return int(entry(argv) or 0)
 
 
+def _control_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of a command that asks the running daemon over its control socket and waits for it."""
+    parser.add_argument("--control", default=DEFAULT_CONTROL, help=f"control endpoint (default {DEFAULT_CONTROL})")
+    parser.add_argument("--timeout", type=float, default=5.0,
+                        help="seconds to wait for the daemon before saying there is none (default 5)")
+    parser.add_argument("--server-key", help="the daemon's public CURVE key (a .key file or its 40 characters)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="groundwatch", description="Watch video for objects described in words.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -335,11 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     stat = commands.add_parser("status", help="per-stream fps, latency, drops, reconnects",
                                description="Ask a running daemon for its per-stream figures and processes.")
-    stat.add_argument("--control", default=DEFAULT_CONTROL, help=f"control endpoint (default {DEFAULT_CONTROL})")
+    _control_arguments(stat)
     stat.add_argument("--json", action="store_true", help="the full reply as JSON")
-    stat.add_argument("--timeout", type=float, default=5.0,
-                      help="seconds to wait for the daemon before saying there is none (default 5)")
-    stat.add_argument("--server-key", help="the daemon's public CURVE key (a .key file or its 40 characters)")
     stat.set_defaults(handler=_status)
 
     prompt = commands.add_parser("prompt", help="change a stream's prompt while the daemon runs",
@@ -348,12 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
                                              "(reason prompt_changed).")
     prompt.add_argument("stream", help="the stream id from the config")
     prompt.add_argument("prompt", help="what to look for, phrases separated by ' . ', e.g. 'a person . a car .'")
-    prompt.add_argument("--control", default=DEFAULT_CONTROL, help=f"control endpoint (default {DEFAULT_CONTROL})")
-    prompt.add_argument("--timeout", type=float, default=5.0,
-                        help="seconds to wait for the daemon before saying there is none (default 5)")
+    _control_arguments(prompt)
     prompt.add_argument("--answer-timeout", type=float, default=60.0,
                         help="seconds a reachable daemon may take to encode the prompt and answer (default 60)")
-    prompt.add_argument("--server-key", help="the daemon's public CURVE key (a .key file or its 40 characters)")
     prompt.set_defaults(handler=_prompt)
 
     zones = commands.add_parser("zones", help="replace a stream's zones and lines while the daemon runs",
@@ -384,6 +393,16 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--force", action="store_true",
                      help="draw a log that does not match the video (another frame shape, more frames)")
     rep.set_defaults(handler=_replay)
+
+    redact = commands.add_parser("redact", help="blur, pixelate, fill or remove what words describe in a video",
+                                 description="Redact what a prompt describes in every frame of a video: the "
+                                             "detector's boxes, followed by the tracker through its misses and a "
+                                             "few frames beyond each track's ends. Audio, frame count and "
+                                             "timestamps are kept; the output appears only once complete.")
+    from streamer.editing.redact import add_arguments as redact_arguments
+
+    redact_arguments(redact)
+    redact.set_defaults(handler=_redact)
 
     search = commands.add_parser("search", help="find when what words describe appears in videos",
                                  description="Search video files or a recordings folder for what the prompt "

@@ -149,7 +149,8 @@ class SearchResult:
 
 
 def _iso(seconds: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{int((seconds % 1) * 1000):03d}Z"
+    whole, milliseconds = divmod(round(seconds * 1000), 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{milliseconds:03d}Z"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -215,7 +216,7 @@ def model_fingerprint(model) -> str:
         for name, tensor in model.state_dict().items():
             flat = tensor.detach().reshape(-1)
             digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-            if flat.numel() and (flat.is_floating_point() or not flat.dtype.is_complex):
+            if flat.numel():
                 values = flat[:: max(1, flat.numel() // 64)][:64].double()
                 digest.update(values.cpu().numpy().tobytes())
                 digest.update(np.float64(flat.double().sum().item()).tobytes())
@@ -262,17 +263,33 @@ class VideoFile:
         return float((frame.pts - self.origin) * self.time_base)
 
     def _frames(self, start: float = 0.0) -> Iterator[tuple[float, av.VideoFrame]]:
-        """(time, frame) in order from the keyframe at or before `start` (from the top when start <= 0)."""
-        with av.open(str(self.path)) as container:
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            if start > 0:
-                container.seek(int(start / self.time_base) + self.origin, stream=stream, backward=True,
-                               any_frame=False)
-            for frame in container.decode(stream):
-                if frame.pts is None:
-                    continue
-                yield self._time(frame), frame
+        """(time, frame) in order from the keyframe at or before `start` (from the top when start <= 0).
+
+        MPEG-TS (recorded segments) seeks by byte position and can land past `start`, even past the last frame:
+        then the seek is retried further back (1, 2, 4 ... s), down to decoding from the top, so no frame at or
+        after `start` is skipped.
+        """
+        backoff = 0.0
+        while True:
+            target = start - backoff
+            with av.open(str(self.path)) as container:
+                stream = container.streams.video[0]
+                stream.thread_type = "AUTO"
+                if target > 0:
+                    container.seek(int(target / self.time_base) + self.origin, stream=stream, backward=True,
+                                   any_frame=False)
+                first = True
+                for frame in container.decode(stream):
+                    if frame.pts is None:
+                        continue
+                    when = self._time(frame)
+                    if first and target > 0 and when > start + self.frame_duration / 2:
+                        break  # overshot: seek again, further back
+                    first = False
+                    yield when, frame
+                if not first or target <= 0:
+                    return  # done, or nothing at all from the top
+            backoff = max(1.0, backoff * 2)  # overshot, or the seek landed past the last frame
 
     def sample(self, fps: float, start: float = 0.0) -> Iterator[tuple[float, av.VideoFrame]]:
         """The first frame at or after each step k / fps, for the steps at or after `start`."""
@@ -297,7 +314,7 @@ class VideoFile:
         return out
 
     def frame_at(self, when: float) -> np.ndarray | None:
-        """The RGB frame shown at `when` (the last frame at or before it), or None past the end."""
+        """The RGB frame shown at `when`: the last frame at or before it (None only for a file without frames)."""
         last = None
         for frame_time, frame in self._frames(when):
             if frame_time > when + self.frame_duration / 2:

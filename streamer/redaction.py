@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -233,11 +234,14 @@ class BackgroundRecorder:
             item = self.queue.get()
             if item is None:
                 self.writer.close()
+                self.queue.task_done()
                 return
             try:
                 self.writer.write(*item)
             except Exception:  # the recording, never the worker
                 log.exception("redacted recording failed")
+            finally:
+                self.queue.task_done()
 
     def write(self, pixels_rgb: np.ndarray, ts: float) -> None:
         """`pixels_rgb` must be the caller's own array (the redacted copy), not a shared-memory slot."""
@@ -247,6 +251,12 @@ class BackgroundRecorder:
             self.dropped += 1
             if self.dropped in (1, 10, 100) or self.dropped % 1000 == 0:
                 self.errors.put(f"the redacted recording's encoder falls behind: {self.dropped} frames not recorded")
+
+    def drain(self, timeout: float = 2.0) -> None:
+        """Wait (at most `timeout`) until every queued frame is on disk: a clip is about to be cut."""
+        deadline = time.monotonic() + timeout
+        while self.queue.unfinished_tasks and self._thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.002)
 
     def take_errors(self) -> list[str]:
         messages = []
@@ -336,6 +346,11 @@ class StreamRedaction:
         for message in self.recorder.take_errors():
             if self.on_error is not None:
                 self.on_error(message)
+
+    def drain(self) -> None:
+        """Before a clip is cut from the recording: the frames queued for it are written."""
+        if self.recorder is not None:
+            self.recorder.drain()
 
     def close(self) -> None:
         if self.recorder is not None:

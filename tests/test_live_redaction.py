@@ -298,3 +298,34 @@ def test_a_recording_the_disk_refuses_is_reported_and_the_frames_go_on(mailbox_f
         "message"]
     assert len([e for e in sender.events if e["kind"] == "detections"]) == 3
     assert [p.name for p in tmp_path.iterdir()] == ["video"]
+
+
+def test_a_clip_due_at_once_is_cut_from_the_frames_just_queued_for_the_recording(mailbox_factory, stats_factory,
+                                                                                tmp_path):
+    """On a loaded machine a frame is processed after its clip is already due: the clip used to be cut before the
+    recorder's thread had written the frame ("no recorded video between ..."); now the queue is drained first."""
+    detector = SecretDetector()
+    rule = Rule(name="any", phrase="thing")
+    settings = AlertSettings(directory=str(tmp_path / "cam"), video_directory=str(tmp_path / "video"),
+                             pre_capture=1, post_capture=1)
+    alerts = {"cam": StreamAlerts("cam", "run", [], [], [rule], settings, live=True)}
+    stream = helpers.stream_config("cam", True, "thing .")
+    mailbox = mailbox_factory("cam", slots=4, width=WIDTH, height=HEIGHT)
+    sender = Sender()
+    worker = InferenceWorker(detector=detector, streams=[stream], mailboxes={"cam": mailbox},
+                             stats=stats_factory(["cam"]), sender=sender,
+                             tracker_factory=lambda: build_tracker(TrackerConfig(min_hits=1)), batch_size=1,
+                             redactions={"cam": redaction(tmp_path)}, alerts=alerts)
+    worker.prepare_prompts()
+    mailbox.put(scene(1), frame_index=1, pts=0.0, ts=time.time() - 60, live=True)  # decoded a minute ago
+    worker.step()
+    worker.redactions["cam"].close()
+    ready = [e for e in sender.events if e["kind"] == "alert" and e.get("event") in ("clip_ready", "clip_failed")]
+    assert [e["event"] for e in ready] == ["clip_ready"], ready
+    [picture] = decode_all(ready[0]["clip"])
+    assert not secret_leaks(picture)
+
+
+def decode_all(path) -> list[np.ndarray]:
+    with av.open(str(path)) as container:
+        return [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]

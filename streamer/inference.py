@@ -597,6 +597,8 @@ class InferenceWorker:
         alerts = self.alerts.get(state.stream_id)
         if alerts is None or not alerts.pending:
             return
+        if state.stream_id in self.redactions:
+            self.redactions[state.stream_id].drain()  # clips are cut from the redacted recording: on disk first
         for kind, fields in alerts.tick(state.extra.get("last_ts"), finished=finished):
             self._send(make_event(state.stream_id, kind, ts=state.extra.get("last_ts"), **fields))
 

@@ -18,6 +18,9 @@ are never written at all, since nothing but the worker writes pictures of a reda
 from __future__ import annotations
 
 import logging
+import queue
+import threading
+import time
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -211,6 +214,66 @@ class RedactedSegmentWriter:
         self._drop()
 
 
+class BackgroundRecorder:
+    """Runs a `RedactedSegmentWriter` on its own thread, so the encoder (libx264 releases the GIL while it works)
+    overlaps the detector instead of adding to each frame. The queue is bounded: when the encoder falls behind,
+    frames are dropped from the recording and counted (`dropped`), never waited for."""
+
+    def __init__(self, writer: RedactedSegmentWriter, queue_size: int = 16) -> None:
+        self.writer = writer
+        self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self.dropped = 0
+        # The writer's error messages, handed to the worker's thread (its event socket is not thread-safe).
+        self.errors: queue.SimpleQueue = queue.SimpleQueue()
+        writer.on_error = self.errors.put
+        self._thread = threading.Thread(target=self._run, name="redacted-recorder", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                self.writer.close()
+                self.queue.task_done()
+                return
+            try:
+                self.writer.write(*item)
+            except Exception:  # the recording, never the worker
+                log.exception("redacted recording failed")
+            finally:
+                self.queue.task_done()
+
+    def write(self, pixels_rgb: np.ndarray, ts: float) -> None:
+        """`pixels_rgb` must be the caller's own array (the redacted copy), not a shared-memory slot."""
+        try:
+            self.queue.put_nowait((pixels_rgb, ts))
+        except queue.Full:
+            self.dropped += 1
+            if self.dropped in (1, 10, 100) or self.dropped % 1000 == 0:
+                self.errors.put(f"the redacted recording's encoder falls behind: {self.dropped} frames not recorded")
+
+    def drain(self, timeout: float = 2.0) -> None:
+        """Wait (at most `timeout`) until every queued frame is on disk: a clip is about to be cut."""
+        deadline = time.monotonic() + timeout
+        while self.queue.unfinished_tasks and self._thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.002)
+
+    def take_errors(self) -> list[str]:
+        messages = []
+        while True:
+            try:
+                messages.append(self.errors.get_nowait())
+            except queue.Empty:
+                return messages
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Write what waits, flush the encoder and close the segment."""
+        if not self._thread.is_alive():
+            return
+        self.queue.put(None)
+        self._thread.join(timeout)
+
+
 class StreamRedaction:
     """One redacted stream in the worker: splits the detections, carries boxes, burns them in, records."""
 
@@ -221,9 +284,10 @@ class StreamRedaction:
         self.phrases = set(settings.phrases)
         self.boxes = RedactionBoxes(settings.carry_frames)
         self.recorder = None
+        self.on_error = on_error
         if settings.video_directory is not None:
-            self.recorder = RedactedSegmentWriter(settings.video_directory, settings.segment_seconds,
-                                                  on_error=on_error)
+            self.recorder = BackgroundRecorder(RedactedSegmentWriter(settings.video_directory,
+                                                                     settings.segment_seconds))
         self._watched: tuple[str, set[str]] = ("", set())
         self.frames_redacted = 0
         self.regions = 0  # boxes burnt in, over the run
@@ -275,8 +339,18 @@ class StreamRedaction:
         return out
 
     def record(self, pixels: np.ndarray, ts: float) -> None:
+        """Queue a redacted frame for the recording; report (on the caller's thread) what the recorder failed."""
+        if self.recorder is None:
+            return
+        self.recorder.write(pixels, ts)
+        for message in self.recorder.take_errors():
+            if self.on_error is not None:
+                self.on_error(message)
+
+    def drain(self) -> None:
+        """Before a clip is cut from the recording: the frames queued for it are written."""
         if self.recorder is not None:
-            self.recorder.write(pixels, ts)
+            self.recorder.drain()
 
     def close(self) -> None:
         if self.recorder is not None:

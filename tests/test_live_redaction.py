@@ -6,6 +6,7 @@ over a real RTSP server is tests/test_live_redaction_e2e.py."""
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 
 import av
@@ -269,3 +270,62 @@ def test_config_refuses_bad_redaction_settings_in_one_report(tmp_path):
                      base_dir=tmp_path)
     config = parse_config(_config(tmp_path, redact="face ."), base_dir=tmp_path)
     assert config.streams[0].redact == "face ." and config.streams[0].redact_padding == 0.2
+
+
+def test_a_recording_the_disk_refuses_is_reported_and_the_frames_go_on(mailbox_factory, stats_factory, tmp_path):
+    """The redacted recording cannot be written (its folder is a file): a `record_failed` error, events and
+    previews go on, and no picture is written anywhere else instead."""
+    (tmp_path / "video").write_bytes(b"in the way")
+    detector = SecretDetector()
+    stream = helpers.stream_config("cam", True, "thing .")
+    mailbox = mailbox_factory("cam", slots=4, width=WIDTH, height=HEIGHT)
+    sender = Sender()
+    from streamer.inference import build_redactions
+
+    settings = RedactionSettings(phrases=("secret",), prompt="secret .", video_directory=str(tmp_path / "video"))
+    worker = InferenceWorker(detector=detector, streams=[stream], mailboxes={"cam": mailbox},
+                             stats=stats_factory(["cam"]), sender=sender,
+                             tracker_factory=lambda: build_tracker(TrackerConfig()), batch_size=1,
+                             redactions=build_redactions({"cam": settings}, sender))
+    worker.prepare_prompts()
+    for k in range(1, 4):
+        mailbox.put(scene(k), frame_index=k, pts=k * 0.1, ts=1000.0 + k, live=True)
+        worker.step()
+        time.sleep(0.2)  # the recorder's thread meets the refusal; its message waits for the next frame
+    worker.redactions["cam"].close()
+    errors = [e for e in sender.events if e["kind"] == "error"]
+    assert errors and errors[0]["error_type"] == "record_failed" and "cannot write redacted video" in errors[0][
+        "message"]
+    assert len([e for e in sender.events if e["kind"] == "detections"]) == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["video"]
+
+
+def test_a_clip_due_at_once_is_cut_from_the_frames_just_queued_for_the_recording(mailbox_factory, stats_factory,
+                                                                                tmp_path):
+    """On a loaded machine a frame is processed after its clip is already due: the clip used to be cut before the
+    recorder's thread had written the frame ("no recorded video between ..."); now the queue is drained first."""
+    detector = SecretDetector()
+    rule = Rule(name="any", phrase="thing")
+    settings = AlertSettings(directory=str(tmp_path / "cam"), video_directory=str(tmp_path / "video"),
+                             pre_capture=1, post_capture=1)
+    alerts = {"cam": StreamAlerts("cam", "run", [], [], [rule], settings, live=True)}
+    stream = helpers.stream_config("cam", True, "thing .")
+    mailbox = mailbox_factory("cam", slots=4, width=WIDTH, height=HEIGHT)
+    sender = Sender()
+    worker = InferenceWorker(detector=detector, streams=[stream], mailboxes={"cam": mailbox},
+                             stats=stats_factory(["cam"]), sender=sender,
+                             tracker_factory=lambda: build_tracker(TrackerConfig(min_hits=1)), batch_size=1,
+                             redactions={"cam": redaction(tmp_path)}, alerts=alerts)
+    worker.prepare_prompts()
+    mailbox.put(scene(1), frame_index=1, pts=0.0, ts=time.time() - 60, live=True)  # decoded a minute ago
+    worker.step()
+    worker.redactions["cam"].close()
+    ready = [e for e in sender.events if e["kind"] == "alert" and e.get("event") in ("clip_ready", "clip_failed")]
+    assert [e["event"] for e in ready] == ["clip_ready"], ready
+    [picture] = decode_all(ready[0]["clip"])
+    assert not secret_leaks(picture)
+
+
+def decode_all(path) -> list[np.ndarray]:
+    with av.open(str(path)) as container:
+        return [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]

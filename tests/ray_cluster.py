@@ -98,7 +98,22 @@ class RayCluster:
         self.nodes.append(node)
         return node
 
-    def start(self, head_cpus: int = 2, head_resources: dict | None = None, timeout: float = 90.0) -> "RayCluster":
+    def start(self, head_cpus: int = 2, head_resources: dict | None = None, timeout: float = 180.0,
+              attempts: int = 3) -> "RayCluster":
+        """Start the head. Ray gives a node 30 s to register (hard-coded); on a machine loaded by other work
+        that can pass, and the head exits: it is started again, on fresh ports."""
+        for attempt in range(attempts):
+            try:
+                return self._start_head(head_cpus, head_resources, timeout)
+            except RuntimeError:
+                if attempt == attempts - 1:
+                    raise
+                self.stop()
+                self.nodes, self.port = [], free_port()
+                self.address = f"127.0.0.1:{self.port}"
+        return self
+
+    def _start_head(self, head_cpus: int, head_resources: dict | None, timeout: float) -> "RayCluster":
         self.directory.mkdir(parents=True, exist_ok=True)
         self._start(["--head", f"--port={self.port}", f"--num-cpus={head_cpus}", "--include-dashboard=false",
                      f"--ray-client-server-port={free_port()}", f"--node-manager-port={free_port()}",
@@ -111,33 +126,54 @@ class RayCluster:
         self.wait_nodes(1, timeout)
         return self
 
-    def add_node(self, cpus: int = 1, resources: dict | None = None, timeout: float = 90.0) -> RayNode:
+    def add_node(self, cpus: int = 1, resources: dict | None = None, timeout: float = 180.0,
+                 attempts: int = 3) -> RayNode:
+        """Join a worker node (started again when it times out registering, as `start` does for the head)."""
+        for attempt in range(attempts):
+            try:
+                return self._add_node(cpus, resources, timeout)
+            except RuntimeError:
+                if attempt == attempts - 1:
+                    raise
+                failed = self.nodes.pop()
+                for pid in failed.pids():
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+        raise AssertionError("unreachable")
+
+    def _add_node(self, cpus: int, resources: dict | None, timeout: float) -> RayNode:
         node = self._start([f"--address={self.address}", f"--num-cpus={cpus}", "--object-store-memory=100000000",
                             f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
                             f"--dashboard-agent-listen-port={free_port()}",
                             f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
                             f"--metrics-export-port={free_port()}"],
                            resources or {}, f"node{len(self.nodes)}")
-        self.wait_nodes(sum(1 for n in self.nodes if n.process.poll() is None), timeout)
+        self.wait_nodes(sum(1 for n in self.nodes if n.process.poll() is None), timeout, node)
         return node
 
     def alive_nodes(self) -> list[dict]:
         """The nodes the cluster's GCS knows alive (through the `ray` CLI's Python API, in a subprocess)."""
         probe = ("import json, ray; ray.init(address=%r, logging_level='ERROR', log_to_driver=False); "
                  "print(json.dumps([n['Resources'] for n in ray.nodes() if n['Alive']]))" % self.address)
-        result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60,
+        result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=180,
                                 env=dict(os.environ, RAY_USAGE_STATS_ENABLED="0"))
         if result.returncode != 0:
             return []
         return json.loads(result.stdout.strip().splitlines()[-1])
 
-    def wait_nodes(self, count: int, timeout: float) -> None:
+    def wait_nodes(self, count: int, timeout: float, starting: RayNode | None = None) -> None:
         deadline = time.monotonic() + timeout
+        starting = starting or self.nodes[0]
         while time.monotonic() < deadline:
             for node in self.nodes:
                 self._all_pids.update(node.pids())
-                if node.process.poll() is not None and node is self.nodes[0]:
-                    raise RuntimeError(f"ray head exited:\n{node.log_path.read_text()[-3000:]}")
+            if starting.process.poll() is not None:
+                raise RuntimeError(f"ray node exited while starting:\n{starting.log_path.read_text()[-3000:]}")
+            if not (starting.log_path.exists() and "Ray runtime started" in starting.log_path.read_text()):
+                time.sleep(0.5)
+                continue
             if len(self.alive_nodes()) >= count:
                 for node in self.nodes:
                     self._all_pids.update(node.pids())

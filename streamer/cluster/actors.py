@@ -311,11 +311,11 @@ class DetectorActor:
         for stream_id, code in (state_codes or {}).items():
             if stream_id in self.worker.streams:
                 self.stats.set(stream_id, "state", code)
-        batch, lost = [], []
+        batch, lost, unserved = [], [], []
         for item in items:
             state = self.worker.streams.get(item["stream"])
-            if state is None:  # released meanwhile: the driver hands the frame to the stream's new actor
-                lost.append((item["stream"], item["frame_index"]))
+            if state is None:  # not served here (any more): the driver hands the frame to the stream's actor
+                unserved.append((item["stream"], item["frame_index"]))
                 continue
             try:
                 pixels = ray.get(item["pixels"], timeout=30)  # zero-copy view into the object store
@@ -330,7 +330,7 @@ class DetectorActor:
             self.worker.process(batch)
         for state in self.worker.streams.values():
             self.worker._tick_alerts(state)
-        return self._reply(lost=lost)
+        return self._reply(lost=lost, unserved=unserved)
 
     def finish(self, stream_id: str, end_reason: str) -> dict:
         """The stream's decoder finished and every frame was processed: end its tracks, as on one machine."""

@@ -118,6 +118,7 @@ class StreamSlot:
     decoder_dropped: float = 0.0
     size: tuple[int, int] = (0, 0)
     offline_reason: str | None = None
+    moving_from: str | None = None  # while handed over between two live actors
 
 
 @dataclass
@@ -137,7 +138,8 @@ class ClusterDriver:
     def __init__(self, *, ray, streams: list[StreamConfig], cluster: ClusterConfig, model: ModelConfig,
                  tracker: TrackerConfig, live: LiveConfig, batch_size: int, stats, sender,
                  video_directories: dict[str, str | None], alerts: dict[str, dict] | None = None,
-                 placement_path: str | None = None, run_name: str = "groundwatch") -> None:
+                 placement_path: str | None = None, run_name: str = "groundwatch", ready=None) -> None:
+        self.ready = ready  # set once a detector actor has loaded the model (the supervisor's worker_ready)
         self.ray, self.cluster, self.model, self.tracker, self.live = ray, cluster, model, tracker, live
         self.batch_size, self.stats, self.sender = batch_size, stats, sender
         self.video_directories, self.alert_args = video_directories, dict(alerts or {})
@@ -298,7 +300,7 @@ class ClusterDriver:
                     stream.in_flight += 1
             codes = {s.config.id: self.stats.get(s.config.id, "state") for s in streams}
             ref = detector.handle.process.remote(items, codes)
-            detector.calls.append((ref, "process", items))
+            detector.calls.append((ref, "process", items, time.monotonic()))
 
     def _refs(self) -> dict:
         refs = {}
@@ -415,6 +417,8 @@ class ClusterDriver:
             return
         was_lost = detector.state == "lost"
         detector.state = "ready"
+        if self.ready is not None:
+            self.ready.set()
         log.info("%s ready on node %s (%s)", detector.name, detector.node["node_id"][:12], detector.node["host"])
         if was_lost:
             for stream_id in self.streams:
@@ -436,8 +440,10 @@ class ClusterDriver:
 
     def _on_call(self, detector: DetectorSlot, call, ref) -> None:
         ray = self.ray
+        if call not in detector.calls:
+            return  # the actor was found lost meanwhile: these frames are accounted for (`_detector_lost`)
         detector.calls.remove(call)
-        _, kind, items = call
+        _, kind, items, _ = call
         for item in items:
             self.streams[item["stream"]].in_flight -= 1
         try:
@@ -457,7 +463,9 @@ class ClusterDriver:
             self._on_released(reply)
             return
         lost = {tuple(x) for x in reply.get("lost", [])}
-        self._mark_completed(items, lost)
+        unserved = {tuple(x) for x in reply.get("unserved", [])}
+        self._mark_completed(items, lost | unserved)
+        self._requeue([[item for item in items if (item["stream"], item["frame_index"]) in unserved]])
         for stream_id, frame_index in sorted(lost):
             stream = self.streams[stream_id]
             if not stream.config.is_live:
@@ -493,7 +501,8 @@ class ClusterDriver:
         detector.state, detector.lost_at, detector.restarts = "lost", time.monotonic(), detector.restarts + 1
         node = detector.node.get("node_id", "?")
         log.error("%s on node %s lost (%s: %s)", detector.name, node[:12], type(exc).__name__, str(exc)[:200])
-        moved = [s for s in self.streams.values() if s.actor == detector.name]
+        moved = [s for s in self.streams.values()
+                 if s.actor == detector.name or (s.actor or "").startswith("moving:") and s.moving_from == detector.name]
         for stream in moved:
             self._end_open_tracks(stream, "worker_lost")
             stream.actor = None
@@ -545,8 +554,8 @@ class ClusterDriver:
     def _loads(self) -> dict[str, float]:
         loads = {}
         for stream_id, stream in self.streams.items():
-            if stream.done:
-                continue
+            if stream.done or stream.decoder_state == "offline":
+                continue  # a stream that cannot run asks nothing of a detector
             width, height = stream.size if stream.size != (0, 0) else (stream.config.max_width,
                                                                         stream.config.max_height)
             loads[stream_id] = stream_load(stream.config.fps, width, height)
@@ -558,29 +567,34 @@ class ClusterDriver:
         ready = [name for name, d in self.detectors.items() if d.state == "ready"]
         if not ready:
             return
-        current = {s: slot.actor for s, slot in self.streams.items() if slot.actor in ready}
+        current = {}
+        for stream_id, slot in self.streams.items():
+            actor = (slot.actor or "").removeprefix("moving:")  # a stream being handed over counts at its target
+            if actor in ready:
+                current[stream_id] = actor
         loads = self._loads()
         placed = rebalance(loads, ready, current) if rebalance_now else assign(loads, ready, current)
         for stream_id, actor in placed.items():
             stream = self.streams[stream_id]
-            if stream.actor == actor:
+            if stream.actor == actor or (stream.actor or "").startswith("moving:"):
                 continue
             if stream.actor is None:
                 self._adopt(stream, actor, None)
             else:  # a move between two live actors: hand the tracker over
                 source = self.detectors[stream.actor]
-                ref = source.handle.release.remote(stream_id)
-                source.calls.append((ref, "release", []))
-                stream.actor = f"moving:{actor}"
+                # The stream's tracks end here (`reason: rebalanced`) and start again on its new actor.
+                ref = source.handle.release.remote(stream_id, False)
+                source.calls.append((ref, "release", [], time.monotonic()))
+                stream.actor, stream.moving_from = f"moving:{actor}", source.name
 
     def _adopt(self, stream: StreamSlot, actor: str, handover) -> None:
         detector = self.detectors[actor]
-        stream.actor = actor
+        stream.actor, stream.moving_from = actor, None
         stream_id = stream.config.id
         ref = detector.handle.adopt.remote(stream.config, int(self.stats.get(stream_id, "last_track_id")),
                                            self.stats.get(stream_id, "state"), self.alert_args.get(stream_id),
                                            handover)
-        detector.calls.append((ref, "adopt", []))
+        detector.calls.append((ref, "adopt", [], time.monotonic()))
         log.info("%s served by %s on node %s", stream_id, actor, detector.node.get("node_id", "?")[:12])
 
     def _on_released(self, reply: dict) -> None:
@@ -592,8 +606,9 @@ class ClusterDriver:
             stream.open_tracks.clear()  # ended by the old actor (reason: rebalanced)
         if self.detectors[target].state == "ready":
             self._adopt(stream, target, reply.get("handover"))
-        else:
-            stream.actor = None
+        else:  # the target was lost meanwhile: the tracker handed over goes nowhere
+            self._end_open_tracks(stream, "worker_lost")
+            stream.actor = stream.moving_from = None
             self._reassign()
 
     def _finish_streams(self) -> None:
@@ -606,7 +621,7 @@ class ClusterDriver:
                 continue
             stream.done = True
             ref = detector.handle.finish.remote(stream.config.id, stream.end_reason or "end_of_file")
-            detector.calls.append((ref, "finish", []))
+            detector.calls.append((ref, "finish", [], time.monotonic()))
 
     def _on_command(self, entry, ref) -> None:
         self.pending_commands.remove(entry)
@@ -694,6 +709,17 @@ class ClusterDriver:
                     self._send(make_event(stream.config.id, "status", state="offline", reason="unplaceable",
                                           source=self._source(stream), detail=reason))
                     self.stats.set(stream.config.id, "state", STATE_CODES["offline"])
+        limit = self.model.watchdog_seconds
+        for detector in self.detectors.values():
+            oldest = min((call[3] for call in detector.calls), default=now)
+            if limit and detector.state == "ready" and now - oldest > limit:
+                # A call that never comes back (a hung GPU, a deadlock): as on one machine, the detector is killed
+                # and restarted (by Ray), its streams move meanwhile.
+                message = f"a call to {detector.name} has run {now - oldest:.0f} s " \
+                          f"(model.watchdog_seconds = {limit:g}); killing the actor"
+                log.error(message)
+                self.ray.kill(detector.handle, no_restart=False)
+                self._detector_lost(detector, TimeoutError(message), [])
         for detector in self.detectors.values():
             if detector.state == "starting" and now - detector.created_at > self.cluster.placement_timeout_seconds \
                     and not getattr(detector, "reported", False):
@@ -834,10 +860,9 @@ def cluster_main(*, streams: list[StreamConfig], cluster: ClusterConfig, model: 
         os._exit(EXIT_FATAL)  # the thread still inside ray.init must not hold the exit
     driver = ClusterDriver(ray=ray, streams=streams, cluster=cluster, model=model, tracker=tracker, live=live,
                            batch_size=batch_size, stats=stats, sender=sender, video_directories=video_directories,
-                           alerts=alerts, placement_path=placement_path, run_name=run_name)
+                           alerts=alerts, placement_path=placement_path, run_name=run_name, ready=ready)
     try:
         driver.start()
-        ready.set()
         driver.run(stop, control, replies)
     except ClusterError as exc:
         log.error("%s", exc)

@@ -102,10 +102,12 @@ class StreamAlerts:
 
     # -- per frame ------------------------------------------------------------------------------------------
 
-    def on_frame(self, update, pixels: np.ndarray, ts: float,
-                 id_base: int = 0) -> tuple[list[tuple[str, dict]], dict[int, dict]]:
+    def on_frame(self, update, pixels: np.ndarray | None, ts: float, id_base: int = 0,
+                 frame_size: tuple[int, int] | None = None) -> tuple[list[tuple[str, dict]], dict[int, dict]]:
         """After the tracker: zone, line and alert events, and the extra fields of each reported track (keyed by
-        the published track id: the tracker's id + `id_base`, unique within the stream for the run)."""
+        the published track id: the tracker's id + `id_base`, unique within the stream for the run).
+        `pixels` None: no picture of this frame may be kept (a redacted stream whose redaction failed); then
+        `frame_size` (width, height) gives the geometry."""
         events: list[tuple[str, dict]] = []
         ids = update.ids + id_base
         if not len(ids):
@@ -120,7 +122,7 @@ class StreamAlerts:
         scores = np.asarray(update.scores)[matched]
         phrases = [p for p, keep in zip(update.labels, matched.tolist()) if keep]
         self.top_score[m_rows] = np.maximum(self.top_score[m_rows], scores)
-        height, width = pixels.shape[:2]
+        height, width = pixels.shape[:2] if pixels is not None else frame_size[::-1]
         zone_events, line_events = self.zones.update(ts, m_ids, m_rows, boxes_xyxy, phrases, width, height)
         self._report_outside(width, height, events)
         if zone_events:
@@ -135,7 +137,7 @@ class StreamAlerts:
             fields.pop("row")
             fields["id"] = self.track_uid(fields["track_id"])
             events.append(("line", fields))
-        if self.snapshots is not None:
+        if self.snapshots is not None and pixels is not None:
             self.snapshots.offer(pixels, m_rows, boxes_xyxy, scores)
         firings = self.rules.evaluate(ts, m_ids, m_rows, phrases, self.top_score[m_rows], self.start_time[m_rows],
                                       self.zones, line_events)
@@ -278,7 +280,7 @@ class StreamAlerts:
         fields = {k: clip.alert[k] for k in ("rule", "alert_id", "id", "track_id", "phrase", "zone", "line",
                                              "direction")}
         try:
-            if self.live:
+            if self.live or not self.settings.source:  # a redacted file: its redacted recording
                 sources = segment_sources(self.settings.video_directory, clip.start, clip.end)
             else:
                 sources = [(Path(self.settings.source), 0.0)]
@@ -316,8 +318,10 @@ def stream_alert_args(config, stream, run: str, video_directory: str | None, pla
     places = places if places is not None else stream
     zones, lines = build_zones(places.zones, places.lines)
     directory = str(Path(config.record.directory) / stream.id) if config.record.enabled else None
+    # A redacted file's clips come from its redacted recording (record_video), never from the raw source file.
+    source = None if stream.is_live or getattr(stream, "redact", None) else stream.url
     settings = AlertSettings(
-        directory=directory, source=None if stream.is_live else stream.url, video_directory=video_directory,
+        directory=directory, source=source, video_directory=video_directory,
         snapshots=config.snapshots.enabled, snapshot_quality=config.snapshots.quality,
         snapshot_crop=config.snapshots.crop, snapshot_on_track_end=config.snapshots.on_track_end,
         clips=config.clips.enabled, pre_capture=config.clips.pre_capture, post_capture=config.clips.post_capture)

@@ -8,7 +8,9 @@
     groundwatch zones STREAM FILE.toml [--control ENDPOINT]       replace a stream's [[zones]] and [[lines]]
     groundwatch rules FILE.toml [--control ENDPOINT]              replace every [[rules]] while it runs
     groundwatch replay VIDEO --events LOG -o out.mp4              overlays and trails drawn over the video
+    groundwatch redact VIDEO --prompt "face ." -o out.mp4          blur (pixelate, fill, inpaint) what words describe
     groundwatch keys DIRECTORY                                    a CURVE key pair for non-loopback endpoints
+    groundwatch search PATH... --prompt "white van" [-o out.json]  time ranges where it appears, contact sheet
     groundwatch detect|convert|export|train|eval ...              the model's own tools (gdino)
 """
 
@@ -207,6 +209,66 @@ def _replay(args) -> int:
     return 0
 
 
+def _redact(args) -> int:
+    from streamer.editing.redact import main as redact_main
+
+    return redact_main(args)
+
+
+def _search(args) -> int:
+    from streamer.editing.search import SearchError, SearchOptions, Searcher, check_writable, write_results
+
+    output = Path(args.output)
+    sheet = None if args.no_sheet else Path(args.sheet) if args.sheet else output.with_suffix(".jpg")
+    try:
+        options = SearchOptions(fps=args.fps, box_threshold=args.threshold, text_threshold=args.text_threshold,
+                                merge_gap=args.merge_gap, min_hits=args.min_hits, refine=not args.no_refine,
+                                top=args.top)
+        from streamer.prompts import prompt_problem
+
+        if prompt_problem(args.prompt):
+            raise SearchError(prompt_problem(args.prompt))
+        for path in [output] + ([sheet] if sheet is not None else []):
+            check_writable(path)
+        from streamer.editing.search import VideoFile, collect_sources
+
+        # Missing or undecodable files are found now, before the model loads (minutes on a long list).
+        problems, sources = [], collect_sources(args.paths)
+        for source in sources:
+            try:
+                VideoFile(source.path)
+            except SearchError as exc:
+                problems.append(str(exc))
+        if len(problems) == len(sources):
+            raise SearchError("; ".join(problems))
+        import gdino
+        from gdino.checkpoint import CheckpointError
+
+        try:
+            model = gdino.load(args.weights, device=args.device)
+        except (CheckpointError, OSError) as exc:
+            raise SearchError(f"cannot load the model {args.weights!r}: {exc}") from None
+        searcher = Searcher(model, cache_dir=args.cache_dir, use_cache=not args.no_cache, progress=not args.quiet)
+        result = searcher.search(args.paths, args.prompt, options)
+        write_results(result, output, sheet)
+    except SearchError as exc:
+        print(f"groundwatch search: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("groundwatch search: interrupted (what was detected is cached: the same search resumes)",
+              file=sys.stderr)
+        return 130
+    for report in result.errors:
+        print(f"groundwatch search: skipped {report.error}", file=sys.stderr)
+    for item in result.ranges:
+        print(f"{item.file}\t{item.start:.2f}-{item.end:.2f} s\t{item.phrase}\t{item.score:.2f}")
+    cached = sum(r.status == "cached" for r in result.files)
+    print(f"groundwatch search: {len(result.ranges)} ranges in {len(result.files) - len(result.errors)} files"
+          f"{f' ({cached} from the cache)' if cached else ''} -> {output}"
+          f"{f', {sheet}' if sheet is not None else ''}", file=sys.stderr)
+    return 1 if result.errors else 0
+
+
 def _keys(args) -> int:
     from streamer.auth import write_key_pair
 
@@ -247,6 +309,14 @@ def _delegate(command: str, argv: list[str]) -> int:
     return int(entry(argv) or 0)
 
 
+def _control_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of a command that asks the running daemon over its control socket and waits for it."""
+    parser.add_argument("--control", default=DEFAULT_CONTROL, help=f"control endpoint (default {DEFAULT_CONTROL})")
+    parser.add_argument("--timeout", type=float, default=5.0,
+                        help="seconds to wait for the daemon before saying there is none (default 5)")
+    parser.add_argument("--server-key", help="the daemon's public CURVE key (a .key file or its 40 characters)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="groundwatch", description="Watch video for objects described in words.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -285,11 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     stat = commands.add_parser("status", help="per-stream fps, latency, drops, reconnects",
                                description="Ask a running daemon for its per-stream figures and processes.")
-    stat.add_argument("--control", default=DEFAULT_CONTROL, help=f"control endpoint (default {DEFAULT_CONTROL})")
+    _control_arguments(stat)
     stat.add_argument("--json", action="store_true", help="the full reply as JSON")
-    stat.add_argument("--timeout", type=float, default=5.0,
-                      help="seconds to wait for the daemon before saying there is none (default 5)")
-    stat.add_argument("--server-key", help="the daemon's public CURVE key (a .key file or its 40 characters)")
     stat.set_defaults(handler=_status)
 
     prompt = commands.add_parser("prompt", help="change a stream's prompt while the daemon runs",
@@ -298,12 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
                                              "(reason prompt_changed).")
     prompt.add_argument("stream", help="the stream id from the config")
     prompt.add_argument("prompt", help="what to look for, phrases separated by ' . ', e.g. 'a person . a car .'")
-    prompt.add_argument("--control", default=DEFAULT_CONTROL, help=f"control endpoint (default {DEFAULT_CONTROL})")
-    prompt.add_argument("--timeout", type=float, default=5.0,
-                        help="seconds to wait for the daemon before saying there is none (default 5)")
+    _control_arguments(prompt)
     prompt.add_argument("--answer-timeout", type=float, default=60.0,
                         help="seconds a reachable daemon may take to encode the prompt and answer (default 60)")
-    prompt.add_argument("--server-key", help="the daemon's public CURVE key (a .key file or its 40 characters)")
     prompt.set_defaults(handler=_prompt)
 
     zones = commands.add_parser("zones", help="replace a stream's zones and lines while the daemon runs",
@@ -334,6 +398,46 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--force", action="store_true",
                      help="draw a log that does not match the video (another frame shape, more frames)")
     rep.set_defaults(handler=_replay)
+
+    redact = commands.add_parser("redact", help="blur, pixelate, fill or remove what words describe in a video",
+                                 description="Redact what a prompt describes in every frame of a video: the "
+                                             "detector's boxes, followed by the tracker through its misses and a "
+                                             "few frames beyond each track's ends. Audio, frame count and "
+                                             "timestamps are kept; the output appears only once complete.")
+    from streamer.editing.redact import add_arguments as redact_arguments
+
+    redact_arguments(redact)
+    redact.set_defaults(handler=_redact)
+
+    search = commands.add_parser("search", help="find when what words describe appears in videos",
+                                 description="Search video files or a recordings folder for what the prompt "
+                                             "describes: sampled frames through the detector, hits grouped "
+                                             "into time ranges by the tracker, each range's start and end refined "
+                                             "at the full frame rate. Writes a JSON of ranges and a contact sheet "
+                                             "of each range's best frame. Results are cached per file and prompt: "
+                                             "a repeated search is instant, an interrupted one resumes.")
+    search.add_argument("paths", nargs="+", metavar="PATH", help="video files or folders (a recordings folder: "
+                                                                 "its segments, with wall-clock times)")
+    search.add_argument("--prompt", required=True, help="what to find, e.g. 'white van' or 'red car . person .'")
+    search.add_argument("-o", "--output", default="search.json", help="the JSON of ranges (default search.json)")
+    search.add_argument("--sheet", help="the contact sheet image (default: the output's name with .jpg)")
+    search.add_argument("--no-sheet", action="store_true", help="no contact sheet")
+    search.add_argument("--fps", type=float, default=2.0, help="frames sampled per second of video (default 2)")
+    search.add_argument("--top", type=int, help="keep the K ranges with the best scores")
+    search.add_argument("--threshold", type=float, default=0.35, help="box score threshold (default 0.35)")
+    search.add_argument("--text-threshold", type=float, default=0.25, help="phrase token threshold (default 0.25)")
+    search.add_argument("--merge-gap", type=float, default=1.0,
+                        help="sightings of one phrase closer than this many seconds are one range (default 1)")
+    search.add_argument("--min-hits", type=int, default=2,
+                        help="sampled frames with a hit a range needs (default 2; 1 keeps one-sample sightings)")
+    search.add_argument("--no-refine", action="store_true", help="ranges at the sampling rate only")
+    search.add_argument("--weights", default="default", help="model weights ('default' or a path)")
+    search.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    search.add_argument("--cache-dir", help="where results and sampled frames are cached "
+                                            "(default ~/.cache/groundwatch/search)")
+    search.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
+    search.add_argument("--quiet", action="store_true", help="no progress bar")
+    search.set_defaults(handler=_search)
 
     keys = commands.add_parser("keys", help="write a CURVE key pair for endpoints beyond loopback",
                                description="Write a ZeroMQ CURVE key pair: DIRECTORY/NAME.key (public, for "

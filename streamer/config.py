@@ -120,7 +120,8 @@ class StreamConfig(_Section):
         Field(description="auto: live for network URLs, file for paths. Live keeps only the freshest frame."),
     ] = "auto"
     fps: Annotated[float, Field(ge=0, le=240, description="Process at most this many frames per second; 0 = all.")] = 0
-    record_video: Annotated[bool, Field(description="Copy a live source's video to disk in segments.")] = False
+    record_video: Annotated[bool, Field(description="Copy a live source's video to disk in segments (with "
+                                               "`redact`: the redacted frames, re-encoded; files too).")] = False
     max_width: Annotated[int, Field(ge=16, le=8192, description="Larger frames are scaled down to fit.")] = 1920
     max_height: Annotated[int, Field(ge=16, le=8192, description="Larger frames are scaled down to fit.")] = 1080
     loop: Annotated[bool, Field(description="Files only: start again at the end (demos, soak tests).")] = False
@@ -138,6 +139,23 @@ class StreamConfig(_Section):
         if problem:
             raise ValueError(problem)
         return prompt
+    redact: Annotated[str | None, Field(min_length=1, description=(
+        "What to hide, in words ('face . licence plate .'): burnt into everything the daemon lets out for this "
+        "stream (recording, previews, snapshots, clips); see docs/editing.md, Live redaction."))] = None
+    redact_mode: Annotated[Literal["blur", "pixelate", "fill", "inpaint"], Field(
+        description="How redacted regions are hidden.")] = "blur"
+    redact_padding: Annotated[float, Field(ge=0, le=2, description=(
+        "Each redaction box grows by this fraction of its width and height on every side."))] = 0.2
+    redact_carry_frames: Annotated[int, Field(ge=0, le=300, description=(
+        "A redacted object the detector misses stays hidden at its predicted place for this many frames."))] = 5
+
+    @field_validator("redact")
+    @classmethod
+    def _redact_has_words(cls, redact: str | None) -> str | None:
+        problem = prompt_problem(redact) if redact is not None else None
+        if problem:
+            raise ValueError(problem)
+        return redact
     zones: Annotated[list[ZoneConfig], Field(max_length=MAX_ZONES,
                                              description="Areas of the picture (see [[streams.zones]]).")] = []
     lines: Annotated[list[LineConfig], Field(max_length=MAX_LINES,
@@ -581,6 +599,14 @@ def _document_errors(data: dict, base_dir: Path) -> list[str]:
                 check_prompt(prompt, max_tokens)
             except PromptProblem as exc:
                 errors.append(f"streams[{index}].prompt: {exc}")
+            redact = stream.get("redact")
+            if isinstance(redact, str) and redact and prompt_problem(redact) is None:
+                from streamer.redaction import detector_prompt
+
+                try:  # the detector reads both in one pass: together they must fit
+                    check_prompt(detector_prompt(prompt, redact), max_tokens)
+                except PromptProblem as exc:
+                    errors.append(f"streams[{index}].redact: with the prompt, {exc}")
     stream_ids = {stream.get("id") for stream in streams if isinstance(stream, dict)}
     webhooks = data.get("webhooks") if isinstance(data.get("webhooks"), list) else []
     for index, webhook in enumerate(webhooks):

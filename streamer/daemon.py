@@ -48,6 +48,7 @@ from streamer.lastvalue import StateWatch
 from streamer.opentracks import OpenTracks
 from streamer.process import EXIT_DEGRADED, EXIT_DONE, EXIT_FATAL, EventSender, SharedFlag
 from streamer.recording import run_stamp
+from streamer.redaction import build_redaction_settings
 from streamer.retention import build_retention
 from streamer.stats import RateMeter, StreamStats, snapshot
 
@@ -138,9 +139,16 @@ class Supervisor:
         return {s: str(directory / s / f"events-{self.run_stamp}.jsonl") for s in self.stream_ids}
 
     def video_directory(self, stream) -> str | None:
-        if not (stream.record_video and stream.is_live):
+        """Where a stream's recorded video goes: a live source's (copied packets), or a redacted stream's (the
+        worker's re-encoded redacted frames, files too)."""
+        if not (stream.record_video and (stream.is_live or stream.redact)):
             return None
         return str(Path(self.config.record.directory) / stream.id / "video")
+
+    def decoder_video_directory(self, stream) -> str | None:
+        """The decoder copies packets only of streams without `redact`: a redacted stream's raw pixels never
+        reach the disk, so its recording is the worker's (streamer/redaction.py)."""
+        return None if stream.redact else self.video_directory(stream)
 
     def start(self) -> None:
         """Bind the sockets, create the shared memory, spawn the processes (hub first). Raises
@@ -205,13 +213,15 @@ class Supervisor:
             parent_pid=pid, oom_recover_seconds=config.model.oom_recover_seconds, detect_stamp=self.detect_stamp,
             preview=self._preview_settings(), open_tracks_spec=self.open_tracks.spec(),
             alerts={s.id: stream_alert_args(config, s, self.run_stamp, self.video_directory(s),
-                                            places=self.places[s.id], rules=self.rules) for s in config.streams}),
+                                            places=self.places[s.id], rules=self.rules) for s in config.streams},
+            redactions={s.id: build_redaction_settings(s, self.video_directory(s), config.live.segment_seconds)
+                        for s in config.streams if s.redact}),
             self.stage_stops[1])])
         for stream in config.streams if self.cluster is None else ():  # on a cluster: decoder actors
             self.children.append(Child(f"decoder-{stream.id}", 0, decoder_main, lambda s=stream: dict(
                 stream=s, mailbox_spec=self.mailboxes[s.id].spec(), stats_spec=stats_spec,
                 events_endpoint=self.events_endpoint, live=config.live,
-                video_directory=self.video_directory(s), stop=self.stage_stops[0], parent_pid=pid),
+                video_directory=self.decoder_video_directory(s), stop=self.stage_stops[0], parent_pid=pid),
                 self.stage_stops[0], stream=stream.id))
         for child in sorted(self.children, key=lambda c: -c.stage):  # hub first: its sockets must be bound
             self._spawn(child)
@@ -229,6 +239,11 @@ class Supervisor:
             return
         from streamer.cluster.runner import ClusterError, check_reachable
 
+        redacted = [s.id for s in self.config.streams if s.redact]
+        if redacted:  # fail closed: the detector actors do not redact, and raw pixels must not reach the disk
+            self.control.close()
+            raise StartupError(f"streams {', '.join(redacted)}: redact is not supported with [cluster] yet; run "
+                               "them on one machine (without --cluster)")
         try:
             check_reachable(self.cluster.address, self.cluster.connect_timeout_seconds)
         except ClusterError as exc:
@@ -247,7 +262,7 @@ class Supervisor:
             batch_size=config.model.batch_size, stats_spec=stats_spec, events_endpoint=self.events_endpoint,
             stop=self.stage_stops[1], control=self.worker_control, replies=self.worker_replies,
             ready=self.worker_ready, parent_pid=pid, placement_path=self.placement_path,
-            video_directories={s.id: self.video_directory(s) for s in config.streams},
+            video_directories={s.id: self.decoder_video_directory(s) for s in config.streams},
             alerts={s.id: stream_alert_args(config, s, self.run_stamp, self.video_directory(s),
                                             places=self.places[s.id], rules=self.rules) for s in config.streams},
             run_name=f"gw-{self.run_stamp}"), self.stage_stops[1])

@@ -146,6 +146,20 @@ def build_preview_encoder(settings):
     return PreviewEncoder(settings)
 
 
+def build_redactions(settings: dict | None, sender) -> dict:
+    """stream id -> `redaction.StreamRedaction` for the streams with `redact` (`settings`: id -> RedactionSettings)."""
+    if not settings:
+        return {}
+    from streamer.redaction import build_stream_redaction
+
+    def on_error(stream_id: str):
+        return lambda message: sender.send(make_event(stream_id, "error", message=message,
+                                                      error_type="record_failed", fatal=False))
+
+    return {stream_id: build_stream_redaction(item, on_error=on_error(stream_id))
+            for stream_id, item in settings.items() if item is not None}
+
+
 def build_tracker(tracker_config: TrackerConfig):
     import tracker
 
@@ -173,7 +187,8 @@ class InferenceWorker:
                  stats: StreamStats, sender: EventSender, tracker_factory, batch_size: int = 4,
                  idle_sleep: float = 0.003, oom_recover_seconds: float = 60.0,
                  watchdog: DetectorWatchdog | None = None, previews=None,
-                 open_tracks: "OpenTracks | None" = None, alerts: dict | None = None) -> None:
+                 open_tracks: "OpenTracks | None" = None, alerts: dict | None = None,
+                 redactions: dict | None = None) -> None:
         self.detector, self.stats, self.sender = detector, stats, sender
         self.tracker_factory, self.batch_size, self.idle_sleep = tracker_factory, batch_size, idle_sleep
         self.streams = {
@@ -192,11 +207,22 @@ class InferenceWorker:
         self.max_consecutive_failures = 10
         self._rotation = 0
         self.previews = previews  # a streamer.web.preview.PreviewEncoder when the web console is on
+        # stream id -> redaction.StreamRedaction: these streams' pictures leave the worker only redacted
+        self.redactions = redactions or {}
         # Prompt changes are encoded here, off the frame loop: a long prompt never stalls the streams.
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prompt-encoder")
         self._encoding_jobs: list[tuple[Future, int, str, str, float]] = []
 
     # -- prompts -----------------------------------------------------------------------------------------
+
+    def detector_prompt(self, stream_id: str, prompt: str) -> str:
+        """What the detector runs for a stream: with `redact`, the redact phrases ride in the same pass."""
+        redaction = self.redactions.get(stream_id)
+        if redaction is None:
+            return prompt
+        from streamer.redaction import detector_prompt
+
+        return detector_prompt(prompt, redaction.settings.prompt)
 
     def encoding_for(self, prompt: str) -> Any:
         if prompt not in self.encodings:
@@ -222,7 +248,7 @@ class InferenceWorker:
         `error` event, frames skipped until a good prompt is set), never the worker and the other streams."""
         for state in self.streams.values():
             try:
-                self.encoding_for(state.prompt)
+                self.encoding_for(self.detector_prompt(state.stream_id, state.prompt))
                 state.prompt_error = None
             except Exception as exc:
                 self._prompt_failed(state, f"{type(exc).__name__}: {exc}" if not isinstance(exc, ValueError)
@@ -240,7 +266,7 @@ class InferenceWorker:
         """Switch a stream's prompt: encode it once; end the tracks of phrases that left the prompt."""
         state = self.streams[stream_id]
         started = time.perf_counter()
-        self.encoding_for(prompt)
+        self.encoding_for(self.detector_prompt(stream_id, prompt))
         encode_ms = (time.perf_counter() - started) * 1000
         # Tracks of phrases the new prompt keeps go on; only those of phrases that left it end.
         kept = prompt_phrases(prompt)
@@ -253,7 +279,8 @@ class InferenceWorker:
         state_name = STATE_NAMES.get(self.stats.get(stream_id, "state"), "online")
         self._send(make_event(stream_id, "status", state=state_name, reason="prompt_changed", prompt=prompt,
                               previous_prompt=previous))
-        unused = {p for p in self.encodings if p not in {s.prompt for s in self.streams.values()}}
+        unused = {p for p in self.encodings
+                  if p not in {self.detector_prompt(s.stream_id, s.prompt) for s in self.streams.values()}}
         for stale in unused:  # forget encodings nobody uses any more: prompts may change all day
             del self.encodings[stale]
         return {"stream": stream_id, "prompt": prompt, "previous_prompt": previous, "encode_ms": round(encode_ms, 2)}
@@ -297,7 +324,7 @@ class InferenceWorker:
     def process(self, batch: list[tuple[StreamState, Frame]]) -> None:
         groups: dict[str, list[tuple[StreamState, Frame]]] = {}
         for state, frame in batch:
-            groups.setdefault(state.prompt, []).append((state, frame))
+            groups.setdefault(self.detector_prompt(state.stream_id, state.prompt), []).append((state, frame))
         for prompt, items in groups.items():
             try:
                 encoding = self.encoding_for(prompt)
@@ -311,8 +338,11 @@ class InferenceWorker:
             try:
                 results = self._detect(items, encoding)
                 self.consecutive_failures = 0
+                # What may leave the worker of each frame: a redacted stream's redacted copy, or None.
+                results, pictures = self._redact(items, results)
                 # Encoded before the slots are released: after `release` a decoder may overwrite the pixels.
-                previews = [self._encode_preview(state, frame) for state, frame in items]
+                previews = [self._encode_preview(state, frame, picture)
+                            for (state, frame), picture in zip(items, pictures)]
             except Exception as exc:
                 # One bad batch costs its frames, not the worker; a detector that keeps failing (out of
                 # memory on every call) is restarted by the supervisor instead of spinning here.
@@ -331,22 +361,62 @@ class InferenceWorker:
                     state.mailbox.release(frame)
                 continue
             inference_ms = (time.perf_counter() - started) * 1000 / len(items)
-            for (state, frame), result, preview in zip(items, results, previews):
+            for (state, frame), result, preview, picture in zip(items, results, previews, pictures):
                 # Released only once its events are out: a file frame whose worker dies before that is still
                 # READING, and the supervisor hands it to the next worker (FrameMailbox.recover_reading).
                 try:
                     if result is not None:  # None: skipped, out of memory even alone
-                        self._emit_frame(state, frame, result, inference_ms)
+                        self._emit_frame(state, frame, result, inference_ms, picture)
                         if preview is not None:  # after its detections: a viewer has the boxes with the picture
                             self.sender.send_frames(preview)
+                        redaction = self.redactions.get(state.stream_id)
+                        if redaction is not None and picture is not None:
+                            redaction.record(picture, frame.ts)
                 finally:
                     state.mailbox.release(frame)
 
-    def _encode_preview(self, state: StreamState, frame: Frame) -> list[bytes] | None:
-        if self.previews is None:
+    def _redact(self, items: list[tuple[StreamState, Frame]], results: list) -> tuple[list, list]:
+        """Per frame: (the detections to track and publish, the picture that may leave the worker).
+
+        Unredacted streams: the detector's results and the frame's own pixels. Redacted streams: the watch
+        prompt's detections and the redacted copy, or None (nothing of the frame leaves) when the redaction
+        failed or the frame was never detected on: fail closed."""
+        kept, pictures = [], []
+        for (state, frame), result in zip(items, results):
+            redaction = self.redactions.get(state.stream_id)
+            if redaction is None:
+                kept.append(result)
+                pictures.append(frame.pixels)
+                continue
+            if result is None:
+                kept.append(None)
+                pictures.append(None)
+                continue
+            found = None
+            try:
+                found, boxes_xyxy, scores = redaction.split(result, state.prompt)
+                picture = redaction.apply(frame.pixels, boxes_xyxy, scores, frame.frame_index)
+            except Exception as exc:  # the frame is dropped, never let out raw; its events still go out
+                log.exception("%s: redaction failed on frame %d", state.stream_id, frame.frame_index)
+                redaction.failures += 1
+                self.stats.add(state.stream_id, "redaction_failed")
+                if redaction.failures in (1, 10, 100) or redaction.failures % 1000 == 0:
+                    self._send(make_event(state.stream_id, "error", message=f"redaction failed: {type(exc).__name__}: "
+                                          f"{exc}; the frame's pictures were dropped", error_type="redaction_failed",
+                                          fatal=False, frame=frame.frame_index, dropped=redaction.failures))
+                kept.append(found if found is not None else redaction.nothing())
+                pictures.append(None)
+                continue
+            self.stats.add(state.stream_id, "frames_redacted")
+            kept.append(found)
+            pictures.append(picture)
+        return kept, pictures
+
+    def _encode_preview(self, state: StreamState, frame: Frame, pixels: np.ndarray | None) -> list[bytes] | None:
+        if self.previews is None or pixels is None:
             return None
         try:
-            return self.previews.maybe_encode(state.stream_id, frame.frame_index, frame.pixels, ts=frame.ts,
+            return self.previews.maybe_encode(state.stream_id, frame.frame_index, pixels, ts=frame.ts,
                                               pts=frame.pts, decoded_at=frame.decoded_at)
         except Exception:  # a preview is never worth a frame's events
             log.exception("preview encoding failed")
@@ -398,7 +468,11 @@ class InferenceWorker:
         self.batch_size = self.sizer.maybe_grow()
         return results
 
-    def _emit_frame(self, state: StreamState, frame: Frame, result: FrameDetections, inference_ms: float) -> None:
+    def _emit_frame(self, state: StreamState, frame: Frame, result: FrameDetections, inference_ms: float,
+                    picture: np.ndarray | None = None) -> None:
+        """`picture`: what snapshots may be made of (the redacted copy on a redacted stream; None: nothing)."""
+        if picture is None and state.stream_id not in self.redactions:
+            picture = frame.pixels
         boxes_xyxy = np.asarray(result.boxes_xyxy, dtype=np.float32).reshape(-1, 4)  # (N, 4) pixels
         scores = np.asarray(result.scores, dtype=np.float32).reshape(-1)
         phrases = list(result.phrases)
@@ -433,7 +507,8 @@ class InferenceWorker:
         track_fields = None
         alerts = self.alerts.get(state.stream_id)
         if alerts is not None:
-            alert_events, track_fields = alerts.on_frame(update, frame.pixels, frame.ts, id_base=state.id_base)
+            alert_events, track_fields = alerts.on_frame(update, picture, frame.ts, id_base=state.id_base,
+                                                         frame_size=(width, height))
             for kind, fields in alert_events:
                 self._send(make_event(state.stream_id, kind, ts=frame.ts, frame=frame.frame_index, **fields))
         self._emit_track_events(state, update, ts=frame.ts, frame=frame, track_fields=track_fields)
@@ -498,6 +573,8 @@ class InferenceWorker:
             # A file stopped by the shutdown is not at its end: say so, as for live streams.
             reason = "shutdown" if state.mailbox.end_reason == "shutdown" else "end_of_stream"
             self._emit_track_events(state, state.tracker.finish(), ts=None, reason=reason)
+            if state.stream_id in self.redactions:
+                self.redactions[state.stream_id].close()  # its clips are cut from the redacted recording
             self._tick_alerts(state, finished=True)  # pending clips of a file are cut before it goes offline
             if state.mailbox.end_reason == "end_of_file":
                 self._send(make_event(state.stream_id, "status", state="offline", reason="end_of_file",
@@ -540,6 +617,8 @@ class InferenceWorker:
         # mid-mailbox; decoders are stopped first, so this is bounded by the mailbox size.
         while self.step():
             pass
+        for redaction in self.redactions.values():
+            redaction.close()  # the redacted recording's last packets, before the last clips are cut from it
         for state in self.streams.values():
             if not state.finished:
                 self._emit_track_events(state, state.tracker.finish(), ts=None, reason="shutdown")
@@ -577,10 +656,10 @@ class InferenceWorker:
                     stream_id, prompt = args["stream"], args["prompt"]
                     if stream_id not in self.streams:
                         raise KeyError(f"no stream {stream_id!r}")
-                    if prompt in self.encodings:
+                    if self.detector_prompt(stream_id, prompt) in self.encodings:
                         reply = {"ok": True, **self.set_prompt(stream_id, prompt)}
                     else:
-                        job = self._encoder.submit(self.detector.encode, prompt)
+                        job = self._encoder.submit(self.detector.encode, self.detector_prompt(stream_id, prompt))
                         self._encoding_jobs.append((job, request_id, stream_id, prompt, time.perf_counter()))
                         continue
                 elif command in ("set_zones", "set_rules"):
@@ -606,7 +685,7 @@ class InferenceWorker:
                 reason = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
                 replies.put((request_id, {"ok": False, "error": f"cannot use the prompt: {reason}"}))
                 continue
-            self.encodings[prompt] = encoding
+            self.encodings[self.detector_prompt(stream_id, prompt)] = encoding
             reply = {"ok": True, **self.set_prompt(stream_id, prompt)}
             reply["encode_ms"] = round((time.perf_counter() - started) * 1000, 2)
             replies.put((request_id, reply))
@@ -617,7 +696,8 @@ def worker_main(*, streams: list[StreamConfig], mailbox_specs: dict[str, dict], 
                 events_endpoint: str, model: ModelConfig, tracker: TrackerConfig, batch_size: int, stop,
                 control, replies, ready, parent_pid: int, oom_recover_seconds: float = 60.0,
                 detect_stamp=None, preview=None,
-                open_tracks_spec: dict | None = None, alerts: dict | None = None) -> None:
+                open_tracks_spec: dict | None = None, alerts: dict | None = None,
+                redactions: dict | None = None) -> None:
     """Entry point of the inference worker process (spawned by the supervisor). `streams` carry their current
     prompts (a restarted worker starts with the prompts set since start-up)."""
     child_setup("worker", parent_pid)
@@ -643,7 +723,8 @@ def worker_main(*, streams: list[StreamConfig], mailbox_specs: dict[str, dict], 
                              oom_recover_seconds=oom_recover_seconds,
                              watchdog=DetectorWatchdog(detect_stamp) if detect_stamp is not None else None,
                              previews=build_preview_encoder(preview), open_tracks=open_tracks,
-                             alerts={s: build_stream_alerts(**a) for s, a in (alerts or {}).items()})
+                             alerts={s: build_stream_alerts(**a) for s, a in (alerts or {}).items()},
+                             redactions=build_redactions(redactions, sender))
     worker.end_predecessor_tracks()
     worker.prepare_prompts()
     log.info("model ready in %.1f s", time.perf_counter() - started)

@@ -48,6 +48,9 @@ COLUMNS = (
     "webhook_retries",
     "webhook_dropped",  # queue full (endpoint too slow or away): the oldest waiting event was dropped
     "webhook_skipped",  # within cooldown_seconds of the last delivery
+    # worker, live redaction (streamer/redaction.py)
+    "frames_redacted",  # frames whose redacted picture was made (recorded, previewed, offered to snapshots)
+    "redaction_failed",  # frames dropped because their redaction failed: no picture of them left the worker
 )
 STATE_CODES = {"starting": 0.0, "online": 1.0, "reconnecting": 2.0, "offline": 3.0}
 BRIDGE_STATE_CODES = {"off": 0.0, "connecting": 1.0, "connected": 2.0, "disconnected": 3.0}
@@ -141,6 +144,8 @@ def snapshot(stats: StreamStats, stream: str, rates: dict[str, float] | None = N
     figures["record_errors"] = int(row["record_errors"])
     figures["events_not_recorded"] = int(row["record_lost"])
     figures["recording"] = "failing" if row["record_failing"] else "ok"
+    figures["frames_redacted"] = int(row["frames_redacted"])
+    figures["redaction_failed"] = int(row["redaction_failed"])
     figures["mqtt_state"] = BRIDGE_STATE_NAMES.get(row["mqtt_state"], "off")
     for column in BRIDGE_COUNTERS:
         figures[column] = int(row[column])

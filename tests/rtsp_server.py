@@ -5,6 +5,9 @@ starts, kills, stalls (SIGSTOP) and resumes that subprocess on a fixed loopback 
 
     /usr/bin/python3 tests/rtsp_server.py --port 8554 --width 160 --height 120 --fps 10
     -> rtsp://127.0.0.1:8554/live
+
+With `--file VIDEO.mp4` (H.264 in MP4) it serves that video's packets instead, paced at its own frame rate, as a
+camera would (a scene with known ground truth); each client that connects gets it from the start.
 """
 
 from __future__ import annotations
@@ -39,9 +42,11 @@ def gstreamer_available() -> bool:
 class RtspServer:
     """The test side: one server subprocess on a fixed port that can be killed and started again."""
 
-    def __init__(self, port: int | None = None, width: int = 160, height: int = 120, fps: int = 10) -> None:
+    def __init__(self, port: int | None = None, width: int = 160, height: int = 120, fps: int = 10,
+                 file: str | Path | None = None) -> None:
         self.port = port or free_port()
         self.width, self.height, self.fps = width, height, fps
+        self.file = file
         self.process: subprocess.Popen | None = None
 
     @property
@@ -51,7 +56,7 @@ class RtspServer:
     def start(self, timeout: float = 20.0) -> None:
         self.process = subprocess.Popen(
             [SYSTEM_PYTHON, __file__, "--port", str(self.port), "--width", str(self.width),
-             "--height", str(self.height), "--fps", str(self.fps)],
+             "--height", str(self.height), "--fps", str(self.fps)] + (["--file", str(self.file)] if self.file else []),
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         )
         deadline = time.monotonic() + timeout
@@ -86,6 +91,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=160)
     parser.add_argument("--height", type=int, default=120)
     parser.add_argument("--fps", type=int, default=10)
+    parser.add_argument("--file", default=None)
     args = parser.parse_args()
 
     import gi
@@ -99,12 +105,17 @@ def main() -> None:
     server.set_address("127.0.0.1")
     server.set_service(str(args.port))
     factory = GstRtspServer.RTSPMediaFactory()
-    factory.set_launch(
-        f"( videotestsrc is-live=true pattern=ball ! video/x-raw,width={args.width},height={args.height},"
-        f"framerate={args.fps}/1 ! x264enc tune=zerolatency speed-preset=ultrafast key-int-max={args.fps} "
-        f"! rtph264pay name=pay0 pt=96 config-interval=1 )"
-    )
-    factory.set_shared(True)
+    if args.file:
+        factory.set_launch(f'( filesrc location="{args.file}" ! qtdemux ! h264parse ! rtph264pay name=pay0 pt=96 '
+                           'config-interval=1 )')
+        factory.set_shared(False)  # every client from the start
+    else:
+        factory.set_launch(
+            f"( videotestsrc is-live=true pattern=ball ! video/x-raw,width={args.width},height={args.height},"
+            f"framerate={args.fps}/1 ! x264enc tune=zerolatency speed-preset=ultrafast key-int-max={args.fps} "
+            f"! rtph264pay name=pay0 pt=96 config-interval=1 )"
+        )
+        factory.set_shared(True)
     server.get_mount_points().add_factory("/live", factory)
     if server.attach(None) == 0:
         print("FAILED to attach", flush=True)

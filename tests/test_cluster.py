@@ -143,3 +143,16 @@ connect_timeout_seconds = 4
     events = [line for path in (tmp_path / "recordings" / "demo").glob("events-*.jsonl")
               for line in path.read_text().splitlines()]
     assert any('"error_type":"cluster_unreachable"' in line for line in events)
+
+
+def test_redacted_stream_refused_on_a_cluster(tmp_path):
+    """A stream with `redact` must never run where nothing redacts it: with [cluster] the daemon refuses to start
+    (exit status 2, the stream named) instead of recording or publishing its raw pictures."""
+    daemon = Daemon(tmp_path, stream_config() + 'redact = "a face ."\n')
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    result = subprocess.run([sys.executable, "-m", "streamer.cli", "run", str(daemon.config), "--cluster",
+                             f"127.0.0.1:{free_port()}"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "streams demo: redact is not supported with [cluster]" in result.stderr
+    assert not (tmp_path / "recordings" / "demo" / "video").exists()

@@ -55,3 +55,36 @@ def test_checkpoint_resume_continues_the_same_run(tmp_path):
     b = resumed.model.state_dict()
     worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
     assert worst < 1e-4, worst
+
+
+class _RunsCodeWhenUnpickled:
+    def __reduce__(self):
+        import pathlib
+
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def test_resume_never_unpickles_code_from_a_checkpoint(tmp_path):
+    """`--resume DIR` used to torch.load trainer.pt with weights_only=False: a checkpoint from anywhere could
+    run code when resumed. Only tensors and plain containers may be loaded."""
+    import pickle
+
+    import torch
+
+    source = ShapesDataset(seed=3, image_size=64, referring=0.0, max_objects=1)
+    optim = OptimConfig(steps=1, batch_size=1, lr=1e-3, lr_backbone=1e-3, lr_text=0.0, warmup=1)
+    loop = LoopConfig(out_dir=str(tmp_path / "run"), log_every=1, checkpoint_every=1, keep_checkpoints=1)
+    trainer = Trainer(small_model(), SetCriterion(HungarianMatcher()), source, optim, loop, progress=False)
+    trainer.run()
+    checkpoint = tmp_path / "run" / "step0000001"
+    state = torch.load(checkpoint / "trainer.pt", map_location="cpu", weights_only=True)
+    payload = _RunsCodeWhenUnpickled()
+    payload.marker = str(tmp_path / "code-ran")
+    state["history"] = [payload]
+    torch.save(state, checkpoint / "trainer.pt", pickle_protocol=pickle.DEFAULT_PROTOCOL)
+    fresh = Trainer(small_model(), SetCriterion(HungarianMatcher()), source, optim, loop, progress=False)
+    try:
+        fresh.resume(checkpoint)
+    except pickle.UnpicklingError:
+        pass
+    assert not (tmp_path / "code-ran").exists(), "resuming a checkpoint ran code from it"

@@ -335,6 +335,49 @@ def _take_detection(
 
 
 @njit(cache=True, nogil=True)
+def _untaken(det_indices, det_count, detection_taken):
+    """The detections of `det_indices[:det_count]` no stage has taken yet: (indices, count)."""
+    free = np.empty(det_count, dtype=np.int64)
+    free_count = 0
+    for b in range(det_count):
+        if not detection_taken[det_indices[b]]:
+            free[free_count] = det_indices[b]
+            free_count += 1
+    return free, free_count
+
+
+@njit(cache=True, nogil=True)
+def _associate(track_boxes_xyxy, track_slots, track_count, det_indices, det_count, min_iou, state):
+    """One association stage: the tracks `track_slots[:track_count]`, compared by IoU of their
+    `track_boxes_xyxy` (the prediction, or the last observation), take the detections `det_indices[:det_count]`
+    by optimal assignment at IoU >= min_iou. `state` is the frame's shared tuple built in `_step`; matched tracks
+    and taken detections are marked in it."""
+    (now, boxes_xyxy, scores, labels, track_box, track_velocity, track_label, track_score, track_hits,
+     track_last_frame, track_detection, velocity_smoothing,
+     motion, kalman_mean, kalman_cov, predicted_mean, predicted_cov, position_noise,
+     class_agnostic, track_matched, detection_taken) = state
+    if track_count == 0 or det_count == 0:
+        return
+    weights = _stage_weights(
+        track_boxes_xyxy, track_label, track_slots, track_count, boxes_xyxy, labels, det_indices, det_count,
+        class_agnostic,
+    )
+    assignment = match_weights(weights, min_iou)
+    for a in range(track_count):
+        b = assignment[a]
+        if b >= 0:
+            slot = track_slots[a]
+            d = det_indices[b]
+            _take_detection(
+                slot, d, now, boxes_xyxy, scores, labels, track_box, track_velocity, track_label, track_score,
+                track_hits, track_last_frame, track_detection, velocity_smoothing,
+                motion, kalman_mean, kalman_cov, predicted_mean, predicted_cov, position_noise,
+            )
+            track_matched[slot] = True
+            detection_taken[d] = True
+
+
+@njit(cache=True, nogil=True)
 def _step(
     boxes_xyxy, scores, labels, now,
     track_box, track_velocity, track_label, track_score, track_hits, track_first_frame, track_last_frame,
@@ -437,22 +480,13 @@ def _step(
     track_matched = np.zeros(capacity, dtype=np.bool_)
 
     # Stage 1: high-confidence detections against every confirmed track (tracked or lost).
-    weights = _stage_weights(
-        predicted, track_label, confirmed, confirmed_count, boxes_xyxy, labels, high, high_count, class_agnostic
+    state = (
+        now, boxes_xyxy, scores, labels, track_box, track_velocity, track_label, track_score, track_hits,
+        track_last_frame, track_detection, velocity_smoothing,
+        motion, kalman_mean, kalman_cov, predicted_mean, predicted_cov, position_noise,
+        class_agnostic, track_matched, detection_taken,
     )
-    assignment = match_weights(weights, match_iou)
-    for a in range(confirmed_count):
-        b = assignment[a]
-        if b >= 0:
-            slot = confirmed[a]
-            d = high[b]
-            _take_detection(
-                slot, d, now, boxes_xyxy, scores, labels, track_box, track_velocity, track_label, track_score,
-                track_hits, track_last_frame, track_detection, velocity_smoothing,
-                motion, kalman_mean, kalman_cov, predicted_mean, predicted_cov, position_noise,
-            )
-            track_matched[slot] = True
-            detection_taken[d] = True
+    _associate(predicted, confirmed, confirmed_count, high, high_count, match_iou, state)
 
     # Stage 2: low-confidence detections against tracks matched on the previous frame but not yet here.
     remaining = np.empty(confirmed_count, dtype=np.int64)
@@ -462,24 +496,7 @@ def _step(
         if not track_matched[slot] and track_status[slot] == _TRACKED:
             remaining[remaining_count] = slot
             remaining_count += 1
-    if remaining_count > 0 and low_count > 0:
-        weights = _stage_weights(
-            predicted, track_label, remaining, remaining_count, boxes_xyxy, labels, low, low_count,
-            class_agnostic,
-        )
-        assignment = match_weights(weights, low_match_iou)
-        for a in range(remaining_count):
-            b = assignment[a]
-            if b >= 0:
-                slot = remaining[a]
-                d = low[b]
-                _take_detection(
-                    slot, d, now, boxes_xyxy, scores, labels, track_box, track_velocity, track_label,
-                    track_score, track_hits, track_last_frame, track_detection, velocity_smoothing,
-                    motion, kalman_mean, kalman_cov, predicted_mean, predicted_cov, position_noise,
-                )
-                track_matched[slot] = True
-                detection_taken[d] = True
+    _associate(predicted, remaining, remaining_count, low, low_count, low_match_iou, state)
 
     # Stage 2b, observation-centric recovery (OC-SORT's OCR): confirmed tracks still unmatched against the
     # high-confidence detections still free, by IoU with the track's last observed box instead of its
@@ -492,56 +509,12 @@ def _step(
             if not track_matched[slot]:
                 remaining[remaining_count] = slot
                 remaining_count += 1
-        free = np.empty(high_count, dtype=np.int64)
-        free_count = 0
-        for b in range(high_count):
-            if not detection_taken[high[b]]:
-                free[free_count] = high[b]
-                free_count += 1
-        if remaining_count > 0 and free_count > 0:
-            weights = _stage_weights(
-                track_box, track_label, remaining, remaining_count, boxes_xyxy, labels, free, free_count,
-                class_agnostic,
-            )
-            assignment = match_weights(weights, recovery_iou)
-            for a in range(remaining_count):
-                b = assignment[a]
-                if b >= 0:
-                    slot = remaining[a]
-                    d = free[b]
-                    _take_detection(
-                        slot, d, now, boxes_xyxy, scores, labels, track_box, track_velocity, track_label,
-                        track_score, track_hits, track_last_frame, track_detection, velocity_smoothing,
-                        motion, kalman_mean, kalman_cov, predicted_mean, predicted_cov, position_noise,
-                    )
-                    track_matched[slot] = True
-                    detection_taken[d] = True
+        free, free_count = _untaken(high, high_count, detection_taken)
+        _associate(track_box, remaining, remaining_count, free, free_count, recovery_iou, state)
 
     # Stage 3: leftover high-confidence detections against tentative tracks.
-    leftover = np.empty(high_count, dtype=np.int64)
-    leftover_count = 0
-    for b in range(high_count):
-        if not detection_taken[high[b]]:
-            leftover[leftover_count] = high[b]
-            leftover_count += 1
-    if tentative_count > 0 and leftover_count > 0:
-        weights = _stage_weights(
-            predicted, track_label, tentative, tentative_count, boxes_xyxy, labels, leftover, leftover_count,
-            class_agnostic,
-        )
-        assignment = match_weights(weights, tentative_match_iou)
-        for a in range(tentative_count):
-            b = assignment[a]
-            if b >= 0:
-                slot = tentative[a]
-                d = leftover[b]
-                _take_detection(
-                    slot, d, now, boxes_xyxy, scores, labels, track_box, track_velocity, track_label,
-                    track_score, track_hits, track_last_frame, track_detection, velocity_smoothing,
-                    motion, kalman_mean, kalman_cov, predicted_mean, predicted_cov, position_noise,
-                )
-                track_matched[slot] = True
-                detection_taken[d] = True
+    leftover, leftover_count = _untaken(high, high_count, detection_taken)
+    _associate(predicted, tentative, tentative_count, leftover, leftover_count, tentative_match_iou, state)
 
     # Lifecycle of existing tracks.
     event_count = 0

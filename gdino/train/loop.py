@@ -176,7 +176,7 @@ class Trainer:
             directory = self.out_dir / latest.read_text().strip()
         directory = Path(directory)
         load_weights(self.model, directory / "weights")
-        state = torch.load(directory / "trainer.pt", map_location="cpu", weights_only=False)
+        state = torch.load(directory / "trainer.pt", map_location="cpu", weights_only=True)  # never code from a file
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         torch.set_rng_state(state["torch_rng"])

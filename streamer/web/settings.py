@@ -44,7 +44,9 @@ def build_web_settings(config, server_key: bytes | None = None) -> WebSettings:
         video_directory = None
         if stream.record_video and stream.is_live:
             video_directory = str(Path(config.record.directory) / stream.id / "video")
-        streams.append(WebStream(stream.id, stream.is_live, None if stream.is_live else stream.url, video_directory))
+        # A redacted file stream's source is raw: the console never serves it (its video is the redacted one).
+        source = None if stream.is_live or getattr(stream, "redact", None) else stream.url
+        streams.append(WebStream(stream.id, stream.is_live, source, video_directory))
     web = config.web
     return WebSettings(publish_endpoint=connectable(config.publish.endpoint),
                        control_endpoint=connectable(config.publish.control_endpoint),

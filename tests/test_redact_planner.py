@@ -1,0 +1,96 @@
+"""streamer.editing.planner: redaction follows tracks through the detector's misses, offline and live."""
+
+import numpy as np
+import pytest
+
+from streamer.editing.masks import box_mask
+from streamer.editing.planner import LiveRedactionPlanner, PlannerConfig, RedactionPlanner
+
+WIDTH, HEIGHT = 200, 100
+
+
+def moving_box(frame: int) -> np.ndarray:
+    """A 20x20 object moving 4 px a frame to the right from x=40."""
+    x = 40.0 + 4.0 * frame
+    return np.array([x, 40.0, x + 20.0, 60.0])
+
+
+def covered(boxes, truth, padding=0.0) -> bool:
+    mask = box_mask(np.asarray(boxes).reshape(-1, 4), padding, WIDTH, HEIGHT)
+    x1, y1, x2, y2 = (int(v) for v in truth)
+    return bool(mask[max(0, y1):y2, max(0, x1):min(WIDTH, x2)].all())
+
+
+def test_a_gap_in_the_detections_is_bridged():
+    """Per-frame redaction leaks on every frame the detector misses; the offline plan interpolates the track."""
+    missed = {5, 6, 7, 8}
+    planner = RedactionPlanner(PlannerConfig(), WIDTH, HEIGHT)
+    for frame in range(20):
+        boxes = np.zeros((0, 4)) if frame in missed else moving_box(frame)[None]
+        planner.add(frame, boxes, np.full(len(boxes), 0.9), ["face"] * len(boxes))
+    plans = planner.plan()
+    for frame in missed:
+        assert not plans[frame].detected
+        assert covered(plans[frame].boxes(), moving_box(frame)), frame
+
+
+def test_an_entering_object_is_followed_back_to_the_edge():
+    """An object entering from the left is cut off, so undetected, for its first frames: the track is
+    extrapolated backwards until it is out of the frame, beyond `extend_frames`."""
+    config = PlannerConfig(extend_frames=2, edge_frames=20)
+    planner = RedactionPlanner(config, WIDTH, HEIGHT)
+    # Moves 5 px a frame from x=-20 (outside); detected only from frame 8 (x=20) on.
+    truth = {f: np.array([-20.0 + 5 * f, 40.0, 5 * f, 60.0]) for f in range(20)}
+    for frame in range(20):
+        seen = frame >= 8
+        box = truth[frame][None] if seen else np.zeros((0, 4))
+        planner.add(frame, box, np.full(len(box), 0.9), ["face"] * len(box))
+    plans = planner.plan()
+    for frame in range(1, 8):  # frame 0 is wholly outside
+        assert covered(plans[frame].boxes(), np.clip(truth[frame], 0, None)), frame
+
+
+def test_tracks_are_extended_a_few_frames_at_both_ends():
+    config = PlannerConfig(extend_frames=3)
+    planner = RedactionPlanner(config, WIDTH, HEIGHT)
+    for frame in range(30):
+        seen = 10 <= frame < 15
+        box = moving_box(frame)[None] if seen else np.zeros((0, 4))
+        planner.add(frame, box, np.full(len(box), 0.9), ["face"] * len(box))
+    plans = planner.plan()
+    for frame in (7, 8, 9, 15, 16, 17):
+        assert covered(plans[frame].boxes(), moving_box(frame)), frame
+    assert len(plans[6].boxes()) == 0 and len(plans[18].boxes()) == 0, "extended further than asked"
+
+
+def test_a_weak_detection_counts_only_when_it_continues_a_track():
+    config = PlannerConfig(box_threshold=0.5, track_threshold=0.1)
+    planner = RedactionPlanner(config, WIDTH, HEIGHT)
+    planner.add(0, moving_box(0)[None], [0.9], ["face"])
+    planner.add(1, moving_box(1)[None], [0.2], ["face"])  # weak, but where the track goes
+    planner.add(2, np.array([[150.0, 5.0, 170.0, 25.0]]), [0.2], ["face"])  # weak and alone
+    plans = planner.plan()
+    assert any(np.allclose(b, moving_box(1)) for b in plans[1].detected)
+    assert not any(np.allclose(b, [150.0, 5.0, 170.0, 25.0]) for b in plans[2].boxes())
+
+
+def test_the_live_planner_holds_a_lost_track_without_looking_ahead():
+    """Live redaction cannot interpolate, but a track lost for a few frames stays redacted where its velocity
+    carries it; the boxes returned for a frame depend only on frames up to it."""
+    config = PlannerConfig(extend_frames=5)
+    live = LiveRedactionPlanner(config, WIDTH, HEIGHT)
+    outputs = []
+    for frame in range(12):
+        seen = frame < 6
+        box = moving_box(frame)[None] if seen else np.zeros((0, 4))
+        outputs.append(live.update(frame, box, np.full(len(box), 0.9), ["face"] * len(box)))
+    for frame in range(6, 11):
+        assert covered(outputs[frame], moving_box(frame)), frame
+    assert len(outputs[11]) == 0, "held longer than extend_frames"
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="track_threshold"):
+        PlannerConfig(box_threshold=0.2, track_threshold=0.3)
+    with pytest.raises(ValueError, match="extend_frames"):
+        PlannerConfig(extend_frames=-1)

@@ -174,7 +174,7 @@ def main() -> None:
     overhead_ms = (1 / on_ray["fps"] - 1 / baseline) * 1000 if on_ray["fps"] and baseline else float("nan")
     print(f"\n{args.streams} streams of the bundled video ({'fps 2' if fps else 'every frame'}), weights "
           f"{args.weights}, batch {args.batch}, {args.threads} inference threads on both paths")
-    print(f"| path | frames | frames/s (steady) | wall s |\n|---|---|---|---|")
+    print("| path | frames | frames/s (steady) | wall s |\n|---|---|---|---|")
     print(f"| single machine (before) | {single['frames']} | {single['fps']:.2f} | {single['wall']:.1f} |")
     print(f"| Ray cluster | {on_ray['frames']} | {on_ray['fps']:.2f} | {on_ray['wall']:.1f} |")
     print(f"| single machine (after) | {single_after['frames']} | {single_after['fps']:.2f} | "

@@ -156,7 +156,7 @@ connect_timeout_seconds = 30
     assert placement is not None, daemon.log()[-3000:]
     assert placement["decoder"]["node"] == nodes["site-a"]
     assert placement["detector_node"] in (nodes["site-a"], nodes["victim"])  # where gw-detector is
-    assert f'stage="decoder"' in metrics and nodes["site-a"] in metrics
+    assert 'stage="decoder"' in metrics and nodes["site-a"] in metrics
     assert "groundwatch_detector_ready" in metrics
 
     expected, got = detections(single, "demo"), detections(on_cluster, "demo")
@@ -267,7 +267,6 @@ detector_resources = {{"gw-detector" = 1}}
         victim_node = nodes["victim"] if victim is cluster.victim else nodes["site-a"]
         moved = [s for s, node in serving.items() if node == victim_node]
         assert moved, serving
-        before = len(subscriber.events)
         killed_at = time.time()
         cluster.kill_raylet(victim)
         for stream in ("file", "cam"):

@@ -41,6 +41,8 @@ def _run(args) -> int:
     except ConfigError as exc:
         print(f"groundwatch: bad configuration\n{exc}", file=sys.stderr)
         return 2
+    if getattr(args, "cluster", None):  # --cluster ADDRESS: the config's [cluster] with this address
+        config = config.model_copy(update={"cluster": config.cluster.model_copy(update={"address": args.cluster})})
     _configure_logging()
     supervisor = Supervisor(config)
     supervisor.install_signal_handlers()
@@ -332,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Run the daemon: decode every stream of the config, detect and track "
                                           "what its prompt names, publish events and record them.")
     run.add_argument("config", nargs="?", default="config.toml", help="TOML config (default: config.toml)")
+    run.add_argument("--cluster", metavar="ADDRESS",
+                     help="run the stages on a Ray cluster: 'auto', 'host:port' or 'ray://host:port' "
+                          "(sets [cluster] address; docs/cluster.md)")
     run.set_defaults(handler=_run)
 
     sub = commands.add_parser("subscribe", help="print events as JSON lines",

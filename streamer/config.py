@@ -127,6 +127,10 @@ class StreamConfig(_Section):
     loop: Annotated[bool, Field(description="Files only: start again at the end (demos, soak tests).")] = False
     realtime: Annotated[bool, Field(description="Files only: deliver frames at the file's frame rate, as a "
                                                 "camera would, instead of as fast as they are processed.")] = False
+    resources: Annotated[dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")], Annotated[float, Field(gt=0, le=1e6)]],
+                         Field(max_length=16, description="With [cluster]: Ray custom resources the stream's decoder "
+                                                          "needs, e.g. {\"site-a\" = 1} to run it on the host that "
+                                                          "reaches the camera; ignored on one machine.")] = {}
 
     @field_validator("prompt")
     @classmethod
@@ -434,6 +438,34 @@ class WebhookConfig(_Section):
         return url
 
 
+class ClusterConfig(_Section):
+    """`[cluster]`: run the stages as Ray actors (docs/cluster.md). Absent, or no address: one machine."""
+
+    address: Annotated[str | None, Field(
+        min_length=1, description="The Ray cluster: 'auto' (the cluster this host joined with `ray start`), "
+                                  "'host:port' (its GCS) or 'ray://host:port' (Ray Client); `groundwatch run "
+                                  "--cluster ADDRESS` sets it.")] = None
+    connect_timeout_seconds: Annotated[float, Field(gt=0, le=600, description=(
+        "Give up connecting to the cluster after this long (a clear error, never a hang)."))] = 30
+    detectors: Annotated[int, Field(ge=0, le=4096, description=(
+        "Detector actors; 0 = one per GPU of the cluster (with detector_gpus > 0), else one per "
+        "detector_cpus CPU slot left after the decoders, at most one per stream."))] = 0
+    detector_gpus: Annotated[float, Field(ge=0, le=64, description="GPUs each detector actor holds (1 on GPU "
+                                                                   "hosts; 0 for CPU inference).")] = 0
+    detector_cpus: Annotated[float, Field(gt=0, le=1024, description="CPUs each detector actor holds.")] = 1
+    detector_resources: Annotated[dict[str, float], Field(max_length=16, description=(
+        "Custom resources each detector actor needs (to keep detection on the GPU hosts)."))] = {}
+    decoder_cpus: Annotated[float, Field(gt=0, le=64, description="CPUs each decoder actor holds.")] = 1
+    max_restarts: Annotated[int, Field(ge=-1, le=1_000_000, description=(
+        "Ray's max_restarts for every actor (-1: without limit): Ray restarts a dead actor, on another node "
+        "if its own is gone."))] = -1
+    placement_timeout_seconds: Annotated[float, Field(gt=0, le=3600, description=(
+        "An actor not placed within this long is reported (its stream offline, or its detector left out)."))] = 60
+    namespace: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="Ray namespace.")] = (
+        "groundwatch"
+    )
+
+
 class Config(_Section):
     streams: Annotated[list[StreamConfig], Field(min_length=1, description="Video sources to watch.")]
     model: ModelConfig = ModelConfig()
@@ -449,6 +481,7 @@ class Config(_Section):
     rules: Annotated[list[RuleConfig], Field(max_length=MAX_RULES, description="Alerts (see [[rules]]).")] = []
     snapshots: SnapshotsConfig = SnapshotsConfig()
     clips: ClipsConfig = ClipsConfig()
+    cluster: ClusterConfig = ClusterConfig()
 
     @field_validator("rules")
     @classmethod

@@ -127,6 +127,7 @@ class Supervisor:
         self.control: ControlServer | None = None
         self._after_hub_restart: list[dict] = []  # events to publish once a restarted hub can be heard
         self._pending: dict[int, tuple[float, Callable[[dict], None]]] = {}  # worker requests awaiting a reply
+        self.cluster = config.cluster if config.cluster.address else None  # [cluster]: stages as Ray actors
 
     # -- set-up --------------------------------------------------------------------------------------------
 
@@ -171,6 +172,7 @@ class Supervisor:
         remove_stale_mailboxes()  # what a daemon killed with SIGKILL left: only ones whose pid no longer runs
         remove_stale_runtime_dirs()
         self._check_record_directory()
+        self._check_cluster()
         try:
             self._start_metrics()  # the last endpoint: checked before any shared memory or folder is created
         except OSError as exc:
@@ -184,7 +186,7 @@ class Supervisor:
         self.open_tracks = OpenTracks.create(self.stream_ids)
         self._rates = RateMeter(self.stats)
         self.mailboxes: dict[str, FrameMailbox] = {}
-        for stream in config.streams:
+        for stream in config.streams if self.cluster is None else ():  # on a cluster, frames live in Ray
             # live: one slot being read, one being written, one freshest waiting; file: a batch in flight too
             slots = 3 if stream.is_live else config.model.batch_size + 2
             self.mailboxes[stream.id] = FrameMailbox.create(
@@ -200,7 +202,9 @@ class Supervisor:
             stats_spec=stats_spec, record_directory=config.record.directory if config.record.enabled else None,
             flush_seconds=config.record.flush_seconds, run_stamp=self.run_stamp, stop=self.stage_stops[2],
             parent_pid=pid, curve_secret_key_file=config.publish.curve_secret_key_file), self.stage_stops[2]))
-        self.children.append(Child("worker", 1, worker_main, lambda: dict(
+        if self.cluster is not None:
+            self.children.append(self._cluster_child(stats_spec, pid))
+        self.children.extend([] if self.cluster is not None else [Child("worker", 1, worker_main, lambda: dict(
             streams=[s.model_copy(update={"prompt": self.prompts[s.id]}) for s in config.streams],
             mailbox_specs={s: m.spec() for s, m in self.mailboxes.items()}, stats_spec=stats_spec,
             events_endpoint=self.events_endpoint, model=config.model,
@@ -212,8 +216,8 @@ class Supervisor:
                                             places=self.places[s.id], rules=self.rules) for s in config.streams},
             redactions={s.id: build_redaction_settings(s, self.video_directory(s), config.live.segment_seconds)
                         for s in config.streams if s.redact}),
-            self.stage_stops[1]))
-        for stream in config.streams:
+            self.stage_stops[1])])
+        for stream in config.streams if self.cluster is None else ():  # on a cluster: decoder actors
             self.children.append(Child(f"decoder-{stream.id}", 0, decoder_main, lambda s=stream: dict(
                 stream=s, mailbox_spec=self.mailboxes[s.id].spec(), stats_spec=stats_spec,
                 events_endpoint=self.events_endpoint, live=config.live,
@@ -228,6 +232,49 @@ class Supervisor:
         for child in self._bridge_children(stats_spec, pid):
             self.children.append(child)
             self._spawn(child)
+
+    def _check_cluster(self) -> None:
+        """With [cluster]: the address must answer within `connect_timeout_seconds`, before anything starts."""
+        if self.cluster is None:
+            return
+        from streamer.cluster.runner import ClusterError, check_reachable
+
+        redacted = [s.id for s in self.config.streams if s.redact]
+        if redacted:  # fail closed: the detector actors do not redact, and raw pixels must not reach the disk
+            self.control.close()
+            raise StartupError(f"streams {', '.join(redacted)}: redact is not supported with [cluster] yet; run "
+                               "them on one machine (without --cluster)")
+        try:
+            check_reachable(self.cluster.address, self.cluster.connect_timeout_seconds)
+        except ClusterError as exc:
+            self.control.close()
+            raise StartupError(str(exc)) from None
+
+    def _cluster_child(self, stats_spec: dict, pid: int) -> Child:
+        """The Ray driver in the inference worker's place: same stop flag, control queues, counters, events."""
+        from streamer.cluster.runner import cluster_main
+
+        config = self.config
+        self.placement_path = str(Path(self.runtime_dir) / "cluster.json")
+        return Child("worker", 1, cluster_main, lambda: dict(
+            streams=[s.model_copy(update={"prompt": self.prompts[s.id]}) for s in config.streams],
+            cluster=self.cluster, model=config.model, tracker=config.tracker, live=config.live,
+            batch_size=config.model.batch_size, stats_spec=stats_spec, events_endpoint=self.events_endpoint,
+            stop=self.stage_stops[1], control=self.worker_control, replies=self.worker_replies,
+            ready=self.worker_ready, parent_pid=pid, placement_path=self.placement_path,
+            video_directories={s.id: self.decoder_video_directory(s) for s in config.streams},
+            alerts={s.id: stream_alert_args(config, s, self.run_stamp, self.video_directory(s),
+                                            places=self.places[s.id], rules=self.rules) for s in config.streams},
+            run_name=f"gw-{self.run_stamp}"), self.stage_stops[1])
+
+    def cluster_placement(self) -> dict | None:
+        """Where each stream's decoder and detector run (written by the Ray driver), or None on one machine."""
+        if self.cluster is None or not getattr(self, "placement_path", None):
+            return None
+        try:
+            return json.loads(Path(self.placement_path).read_text())
+        except (OSError, ValueError):
+            return {"address": self.cluster.address, "detectors": {}, "streams": {}, "nodes": 0}
 
     def _bridge_children(self, stats_spec: dict, pid: int) -> list[Child]:
         """The MQTT bridge and the webhooks: clients of the event bus and the control socket, stopped after the
@@ -335,7 +382,8 @@ class Supervisor:
                 self.stats.set(stream, "hub_started", 0.0)  # set again by the new hub once it has bound
         if child.name == "worker":
             for stream in self.config.streams:  # a file's frames the dead worker held are processed again
-                self.mailboxes[stream.id].recover_reading(redeliver=not stream.is_live)
+                if stream.id in self.mailboxes:
+                    self.mailboxes[stream.id].recover_reading(redeliver=not stream.is_live)
             self.worker_ready.clear()
             self.detect_stamp.value = 0.0
             if child.process is not None:
@@ -372,7 +420,8 @@ class Supervisor:
                 continue
             if child.name == "worker" and code == EXIT_FATAL:
                 child.done = True
-                self.request_stop("the model could not be loaded")
+                self.request_stop("the model could not be loaded" if self.cluster is None else
+                                  "the Ray cluster could not be used (see the error events)")
                 self.exit_code = 1
                 continue
             if now - child.started_at > 60:
@@ -508,6 +557,11 @@ class Supervisor:
             if self._state_watch is not None:
                 figures.update(self._state_watch.state(stream.id))
             streams[stream.id] = figures
+        placement = self.cluster_placement()
+        if placement is not None:
+            for stream_id, where in placement.get("streams", {}).items():
+                if stream_id in streams:
+                    streams[stream_id]["cluster"] = where
         processes = {
             child.name: {"pid": child.process.pid if child.process else None,
                          "alive": bool(child.process and child.process.is_alive()), "restarts": child.restarts}
@@ -516,7 +570,7 @@ class Supervisor:
         return {"ok": True, "uptime": round(time.time() - self.started, 3), "pid": os.getpid(),
                 "worker_ready": self.worker_ready.is_set(), "streams": streams, "processes": processes,
                 "publish": self.config.publish.endpoint, "metrics": self.metrics_url, "recordings": self.record_paths,
-                "web": self.web_url}
+                "web": self.web_url, **({"cluster": placement} if placement is not None else {})}
 
     def _register_commands(self) -> None:
         """The control socket's commands (docs/events.md). Others register theirs on `self.control` too."""

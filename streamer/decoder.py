@@ -141,7 +141,8 @@ class Decoder:
                  mailbox: FrameMailbox, stats: StreamStats, sender: EventSender, stop,
                  open_timeout: float = 5.0, read_timeout: float = 5.0, reconnect_initial: float = 0.5,
                  reconnect_max: float = 30.0, video_directory: Path | None = None,
-                 segment_seconds: float = 60.0, loop: bool = False, realtime: bool = False) -> None:
+                 segment_seconds: float = 60.0, loop: bool = False, realtime: bool = False,
+                 first_frame: int = 0) -> None:
         self.stream_id, self.url, self.live, self.fps = stream_id, url, live, fps
         self.max_width, self.max_height = max_width, max_height
         self.mailbox, self.stats, self.sender, self.stop = mailbox, stats, sender, stop
@@ -150,6 +151,7 @@ class Decoder:
         self.video_directory, self.segment_seconds = video_directory, segment_seconds
         self.rng = random.Random(os.getpid())
         self.loop, self.realtime = loop, realtime
+        self.first_frame = first_frame  # files: frames before it are decoded, not delivered (a restarted decoder)
         self.passes = 0  # times a looped file was read to its end
         self.state = None
         self.error_events = 0
@@ -247,6 +249,8 @@ class Decoder:
                         continue  # fps cap on media time: deterministic whatever the machine's speed
                     # Keep a steady grid of media times; after a jump (seek, gap in the file) restart it at pts.
                     next_pts = (pts if next_pts < pts - min_gap else next_pts) + min_gap
+                    if index < self.first_frame:
+                        continue  # delivered before this decoder was restarted (the fps grid is kept)
                     if self.realtime:
                         clock = self._pace(clock, pts)
                         if self.stop.is_set():

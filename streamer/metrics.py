@@ -70,6 +70,31 @@ class SupervisorCollector:
         for child in supervisor.children:
             restarts.add_metric([child.name], child.restarts)
         yield restarts
+        placement = supervisor.cluster_placement() if hasattr(supervisor, "cluster_placement") else None
+        if placement is not None:
+            yield from cluster_metrics(placement)
+
+
+def cluster_metrics(placement: dict):
+    """With [cluster]: which node and actor serve each stream, and each detector actor's state."""
+    where = GaugeMetricFamily("groundwatch_stream_placement", "1 for the node and actor serving a stream's stage.",
+                              labels=["stream", "stage", "actor", "node", "host"])
+    for stream, info in placement.get("streams", {}).items():
+        decoder = info.get("decoder", {})
+        if decoder.get("node"):
+            where.add_metric([stream, "decoder", f"decoder-{stream}", decoder["node"], decoder.get("host") or ""], 1)
+        if info.get("detector"):
+            where.add_metric([stream, "detector", info["detector"], info.get("detector_node") or "",
+                              info.get("detector_host") or ""], 1)
+    ready = GaugeMetricFamily("groundwatch_detector_ready", "1 while a detector actor is up.", labels=["actor"])
+    restarts = CounterMetricFamily("groundwatch_detector_restarts", "Times a detector actor was lost.",
+                                   labels=["actor"])
+    for name, detector in placement.get("detectors", {}).items():
+        ready.add_metric([name], 1.0 if detector.get("state") == "ready" else 0.0)
+        restarts.add_metric([name], detector.get("restarts", 0))
+    nodes = GaugeMetricFamily("groundwatch_cluster_nodes", "Alive nodes of the Ray cluster.", labels=[])
+    nodes.add_metric([], placement.get("nodes", 0))
+    yield from (where, ready, restarts, nodes)
 
 
 def start_metrics_server(supervisor, host: str, port: int):

@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 
 import zmq
@@ -109,3 +110,11 @@ class EventSender:
 
     def close(self) -> None:
         self.socket.close()
+
+    def flush_and_close(self, timeout: float = 2.0) -> None:
+        """Close and wait (at most `timeout`) until queued events reached the hub: for a process about to leave
+        with os._exit, which would otherwise take its last events (the reason it is leaving) with it."""
+        self.socket.close(linger=int(timeout * 1000))
+        waiter = threading.Thread(target=self.context.term, daemon=True)
+        waiter.start()
+        waiter.join(timeout + 0.5)

@@ -856,7 +856,7 @@ def cluster_main(*, streams: list[StreamConfig], cluster: ClusterConfig, model: 
         for stream in streams:
             sender.send(make_event(stream.id, "error", message=str(exc), error_type="cluster_unreachable",
                                    fatal=True))
-        sender.close()
+        sender.flush_and_close()  # the reason must reach the hub before os._exit drops the queue
         os._exit(EXIT_FATAL)  # the thread still inside ray.init must not hold the exit
     driver = ClusterDriver(ray=ray, streams=streams, cluster=cluster, model=model, tracker=tracker, live=live,
                            batch_size=batch_size, stats=stats, sender=sender, video_directories=video_directories,

@@ -97,7 +97,10 @@ enabled = true
         deadline = time.monotonic() + 240
         fired = clip = None
         shown = 0
-        while time.monotonic() < deadline and not (clip and shown >= 8):
+        video = root / "recordings" / "cam" / "video"
+        # Until a clip, previews and a second segment exist: the layout test needs two segments, and a fast
+        # machine fired the clip within the first one (CI: one segment, stopped 3 s after the model was ready).
+        while time.monotonic() < deadline and not (clip and shown >= 8 and len(list(video.glob("*.ts"))) >= 2):
             if previews.socket.poll(100):
                 while True:
                     try:

@@ -345,27 +345,16 @@ def _take_detection(
 
 
 @njit(cache=True, nogil=True)
-def _untaken(det_indices, det_count, detection_taken):
-    """The detections of `det_indices[:det_count]` no stage has taken yet: (indices, count)."""
-    free = np.empty(det_count, dtype=np.int64)
-    free_count = 0
-    for b in range(det_count):
-        if not detection_taken[det_indices[b]]:
-            free[free_count] = det_indices[b]
-            free_count += 1
-    return free, free_count
-
-
-@njit(cache=True, nogil=True)
-def _unmatched(track_slots, track_count, track_matched):
-    """The tracks of `track_slots[:track_count]` no stage has matched yet: (slots, count)."""
-    remaining = np.empty(track_count, dtype=np.int64)
-    remaining_count = 0
-    for a in range(track_count):
-        if not track_matched[track_slots[a]]:
-            remaining[remaining_count] = track_slots[a]
-            remaining_count += 1
-    return remaining, remaining_count
+def _not_flagged(indices, count, flags):
+    """The entries of `indices[:count]` whose `flags` entry is unset (detections no stage has taken, tracks no
+    stage has matched): (indices, count)."""
+    out = np.empty(count, dtype=np.int64)
+    out_count = 0
+    for i in range(count):
+        if not flags[indices[i]]:
+            out[out_count] = indices[i]
+            out_count += 1
+    return out, out_count
 
 
 @njit(cache=True, nogil=True)
@@ -526,12 +515,12 @@ def _step(
     # object was last seen has not. Both boxes are grown first (C-BIoU's buffered IoU): an object that turned
     # while unseen for a few frames is near its last box but no longer on it.
     if recovery:
-        remaining, remaining_count = _unmatched(confirmed, confirmed_count, track_matched)
-        free, free_count = _untaken(high, high_count, detection_taken)
+        remaining, remaining_count = _not_flagged(confirmed, confirmed_count, track_matched)
+        free, free_count = _not_flagged(high, high_count, detection_taken)
         _associate(track_box, remaining, remaining_count, free, free_count, recovery_iou, recovery_buffer, state)
 
     # Stage 3: leftover high-confidence detections against tentative tracks.
-    leftover, leftover_count = _untaken(high, high_count, detection_taken)
+    leftover, leftover_count = _not_flagged(high, high_count, detection_taken)
     _associate(predicted, tentative, tentative_count, leftover, leftover_count, tentative_match_iou, 0.0, state)
 
     # Lifecycle of existing tracks.

@@ -30,6 +30,8 @@ class _OfficialSwinBlock(SwinTransformerBlock):
     def _shift_mask(self, height_pad: int, width_pad: int, like: torch.Tensor) -> torch.Tensor | None:
         if not any(self.shift_size):
             return None
+        if torch.jit.is_tracing():  # exporting: built from the runtime size in the graph, not cached
+            return self._traced_shift_mask(height_pad, width_pad, like)
         key = (height_pad, width_pad, like.device, like.dtype)
         mask = self._mask_cache.get(key)
         if mask is None:
@@ -38,6 +40,21 @@ class _OfficialSwinBlock(SwinTransformerBlock):
                 self._mask_cache.clear()
             self._mask_cache[key] = mask
         return mask
+
+    def _traced_shift_mask(self, height_pad, width_pad, like: torch.Tensor) -> torch.Tensor:
+        """timm's ``get_attn_mask`` as arithmetic on the padded size, which the tracer keeps symbolic (timm fills
+        the regions by slice assignment): the same (windows, area, area) mask of 0 and -100."""
+        window_h, window_w = self.window_size
+        shift_h, shift_w = self.shift_size
+        rows = torch.arange(height_pad, device=like.device)
+        cols = torch.arange(width_pad, device=like.device)
+        # Region 0, 1 or 2 along each side: before the last window, in it before the shift, in the shift.
+        row_region = (rows >= height_pad - window_h).long() + (rows >= height_pad - shift_h).long()
+        col_region = (cols >= width_pad - window_w).long() + (cols >= width_pad - shift_w).long()
+        regions = (row_region[:, None] * 3 + col_region[None, :]).to(like.dtype)[None, :, :, None]  # (1, H, W, 1)
+        windows = window_partition(regions, self.window_size).view(-1, self.window_area)
+        mask = windows.unsqueeze(1) - windows.unsqueeze(2)
+        return mask.masked_fill(mask != 0, -100.0).masked_fill(mask == 0, 0.0)
 
     def _attn(self, x: torch.Tensor) -> torch.Tensor:
         batch, height, width, channels = x.shape  # (B, H, W, C)
@@ -70,7 +87,7 @@ class _PatchEmbed(nn.Module):
         height, width = images.shape[-2:]
         pad_h = (self.patch_size - height % self.patch_size) % self.patch_size
         pad_w = (self.patch_size - width % self.patch_size) % self.patch_size
-        if pad_h or pad_w:
+        if torch.jit.is_tracing() or pad_h or pad_w:  # exporting: the pads are computed in the graph
             images = F.pad(images, (0, pad_w, 0, pad_h))
         x = self.proj(images)  # (B, C, H/4, W/4)
         # Mixed precision (gdino.model.precision): the residual stream stays in the norm's float32.

@@ -6,9 +6,9 @@ reads from the model (``config``, ``tokenizer``, ``encode_text``, ``feat_map``),
 daemon use every backend alike. The text encoder always runs in PyTorch, once per prompt; the exported graph
 runs per frame (``gdino.export``).
 
-Exported files live in a cache folder keyed by the weights' SHA-256 (``gdino.export.weights_hash``), one file per
-input size, written on first use: ``$GROUNDWATCH_CACHE`` or ``~/.cache/groundwatch``, then
-``onnx/<hash[:16]>/image_<H>x<W>_opset<N>.onnx``. A file given by path must carry the hash of the weights it is
+Exported files live in a cache folder keyed by the weights' SHA-256 (``gdino.export.weights_hash``), one file for
+every input size (height and width are dynamic axes of the graph), written on first use: ``$GROUNDWATCH_CACHE`` or
+``~/.cache/groundwatch``, then ``onnx/<hash[:16]>/image_opset<N>.onnx``. A file given by path must carry the hash of the weights it is
 run with (``ExportMismatchError`` otherwise).
 
 Fast bfloat16 on the CPU (``cpu_has_fast_bfloat16``): AMX (``amx_bf16``) or AVX-512 BF16 (``avx512_bf16``), as
@@ -43,7 +43,8 @@ class BackendNotInstalled(BackendError):
 
 
 class ExportMismatchError(BackendError):
-    """An exported file from other weights (or for another input size) than the ones it is asked to run."""
+    """An exported file from other weights than the ones it is asked to run (or, for a file exported before height
+    and width were dynamic, a frame of another size than it was exported for)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -152,9 +153,9 @@ def cache_root() -> Path:
     return Path(os.environ.get("GROUNDWATCH_CACHE") or Path.home() / ".cache" / "groundwatch")
 
 
-def cached_export_path(cache_dir: Path, digest: str, height: int, width: int,
-                       opset: int = export.DEFAULT_OPSET) -> Path:
-    return Path(cache_dir) / "onnx" / digest[:16] / f"image_{height}x{width}_opset{opset}.onnx"
+def cached_export_path(cache_dir: Path, digest: str, opset: int = export.DEFAULT_OPSET) -> Path:
+    """Where the cache keeps the image graph of the weights with SHA-256 ``digest``: one file, any frame size."""
+    return Path(cache_dir) / "onnx" / digest[:16] / f"image_opset{opset}.onnx"
 
 
 def check_exported(path: Path, digest: str, what: str = "the weights") -> dict:
@@ -222,7 +223,7 @@ class ExportedGroundingDino:
     """A ``GroundingDino`` whose image graph runs in ONNX Runtime or OpenVINO; the text encoder stays in PyTorch.
 
     ``model`` must be float32 on the CPU. ``onnx_path``: a file to run (its hash must match the weights); without
-    it, files come from (and are written to) ``cache_dir``, one per input size.
+    it, the file comes from (and is written to) ``cache_dir``: one file for every input size.
     """
 
     def __init__(self, model, backend: str, *, onnx_path: str | os.PathLike | None = None,
@@ -237,14 +238,16 @@ class ExportedGroundingDino:
         self.weights_sha256 = weights_sha256 or export.weights_hash(model)
         self.cache_dir = Path(cache_dir) if cache_dir else cache_root()
         self.onnx_path = Path(onnx_path) if onnx_path else None
-        self._runners: dict[tuple[int, int], object] = {}
+        self._runner_instance = None
         self._lock = threading.Lock()
+        # A file exported before height and width were dynamic axes declares its one size in its metadata.
         self.fixed_size: tuple[int, int] | None = None
         if self.onnx_path is not None:
             if not self.onnx_path.is_file():
                 raise BackendError(f"exported file not found: {self.onnx_path}")
             metadata = check_exported(self.onnx_path, self.weights_sha256)
-            self.fixed_size = (int(metadata["height"]), int(metadata["width"]))
+            if "height" in metadata and "width" in metadata:
+                self.fixed_size = (int(metadata["height"]), int(metadata["width"]))
 
     # What the detection path reads from a model.
     @property
@@ -268,34 +271,39 @@ class ExportedGroundingDino:
     def eval(self):
         return self
 
-    def _runner(self, height: int, width: int):
-        key = (height, width)
-        runner = self._runners.get(key)
+    def _check_size(self, height: int, width: int) -> None:
+        """A frame size the graph does not take is refused here, in words, not inside the runtime."""
+        if self.fixed_size is not None and (height, width) != self.fixed_size:
+            raise ExportMismatchError(
+                f"{self.onnx_path} was exported for {self.fixed_size[0]}x{self.fixed_size[1]} inputs only (an "
+                f"export from before height and width were dynamic), got {height}x{width}: export it again "
+                "with 'groundwatch export' for a file that runs at every size")
+        try:
+            export.check_input_size(height, width)
+        except export.ExportError as exc:
+            raise BackendError(f"the {self.backend} backend cannot run this frame: {exc}") from None
+
+    def _runner(self):
+        runner = self._runner_instance
         if runner is not None:
             return runner
         with self._lock:
-            if key in self._runners:
-                return self._runners[key]
-            if self.fixed_size is not None:
-                if key != self.fixed_size:
-                    raise ExportMismatchError(
-                        f"{self.onnx_path} was exported for {self.fixed_size[0]}x{self.fixed_size[1]} inputs, got "
-                        f"{height}x{width}: export it for this size or leave the path out to use the cache")
+            if self._runner_instance is not None:
+                return self._runner_instance
+            if self.onnx_path is not None:
                 path = self.onnx_path
             else:
-                path = cached_export_path(self.cache_dir, self.weights_sha256, height, width)
+                path = cached_export_path(self.cache_dir, self.weights_sha256)
                 if path.is_file():
                     check_exported(path, self.weights_sha256, what="the weights it is cached under")
                 else:
-                    log.info("exporting the image graph for %dx%d inputs to %s (once per size)", height, width, path)
+                    log.info("exporting the image graph to %s (once for these weights, every frame size)", path)
                     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-                    export.to_onnx(self.model, partial, height=height, width=width,
-                                   weights_sha256=self.weights_sha256)
+                    export.to_onnx(self.model, partial, weights_sha256=self.weights_sha256)
                     os.replace(partial, path)  # another process exporting the same file loses nothing
-            runner = (_OnnxRuntimeRunner(path, self.threads) if self.backend == "onnxruntime"
-                      else _OpenVinoRunner(path, self.threads, self.precision))
-            self._runners[key] = runner
-            return runner
+            self._runner_instance = (_OnnxRuntimeRunner(path, self.threads) if self.backend == "onnxruntime"
+                                     else _OpenVinoRunner(path, self.threads, self.precision))
+            return self._runner_instance
 
     def __call__(self, images: torch.Tensor, text, pixel_mask: torch.Tensor | None = None):
         """images (B, 3, H, W) normalised float; text a ``TextEncoding``, a str or a list with one str ->
@@ -311,8 +319,8 @@ class ExportedGroundingDino:
             text = self.model.encode_text(text)
         if not hasattr(text, "features"):
             raise TypeError(f"text must be a str or a TextEncoding, got {type(text).__name__}")
-        runner = self._runner(int(height), int(width))
-        logits, boxes = runner(export.image_inputs(images, pixel_mask, text))
+        self._check_size(int(height), int(width))
+        logits, boxes = self._runner()(export.image_inputs(images, pixel_mask, text))
         return GroundingDinoOutput(logits=torch.from_numpy(logits), boxes=torch.from_numpy(boxes),
                                    text=text.expand(batch))
 

@@ -231,8 +231,8 @@ def export_parser() -> argparse.ArgumentParser:
     parser.add_argument("--format", default="onnx", choices=("onnx",), help="onnx (the only format)")
     parser.add_argument("-o", "--output", default="model.onnx", help="the image graph's file (default model.onnx)")
     parser.add_argument("--size", type=_size, default=None, metavar="HxW",
-                        help="input size after the model's resize, e.g. 480x640 (default: the model's short side "
-                             "at 4:3)")
+                        help="the frame size traced, e.g. 480x640; the file runs at every size (height and width "
+                             "are dynamic axes), so this rarely matters (default 198x262)")
     parser.add_argument("--text", default=None, metavar="FILE", help="also export the text graph (BERT + feat_map)")
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17; at least 16 for GridSample)")
     return parser
@@ -249,15 +249,12 @@ def export_main(argv: list[str] | None = None) -> int:
         from gdino import export
 
         model = gdino.load(args.weights)
-        if args.size is None:
-            short = model.config.input_short_side
-            height, width = short, min(model.config.input_max_side, round(short * 4 / 3))
-        else:
-            height, width = args.size
+        height, width = args.size or export.TRACE_SIZE
         opset = args.opset or export.DEFAULT_OPSET
         digest = export.weights_hash(model)
         info = export.to_onnx(model, args.output, height=height, width=width, opset=opset, weights_sha256=digest)
-        print(f"{args.weights} -> {info.path}: image graph for {height}x{width} inputs, opset {opset}, "
+        print(f"{args.weights} -> {info.path}: image graph for inputs of any size from {export.MIN_SIDE} to "
+              f"{export.MAX_SIDE} pixels a side (traced at {height}x{width}), opset {opset}, "
               f"weights sha256 {digest[:16]}...")
         if args.text:
             path = export.text_to_onnx(model, args.text, opset=opset, weights_sha256=digest)

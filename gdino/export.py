@@ -7,9 +7,11 @@ Two graphs, as the daemon runs the model (``docs/export.md`` lists their inputs 
   bool, and what ``GroundingDino.encode_text`` produces for each image's prompt: ``text_features`` (B, T, hidden),
   ``token_mask`` (B, T) bool, ``text_attention_mask`` (B, T, T) bool (sub-sentence mask), ``position_ids``
   (B, T) int64. Outputs: ``logits`` (B, Q, T) raw (masked tokens -inf) and ``boxes`` (B, Q, 4) cxcywh in [0, 1].
-  Batch and tokens are dynamic axes; height and width are fixed per file (the backbone's windows and the levels'
-  sizes are traced as constants), so a file is exported per input size and ``groundwatch`` keeps one per size
-  in its cache.
+  Batch, height, width, tokens (and queries, ``min(num_queries, S)``) are dynamic axes: every size the model
+  derives from the input (the Swin windows' pads and shift masks, the levels' sizes and start indices, the
+  deformable attention's per-level split, the reference points and query-selection anchors, the masks and sine
+  position maps) is computed in the graph from the runtime shape, so one file runs at every frame size from
+  ``MIN_SIDE`` to ``MAX_SIDE`` pixels a side (the torch path's padding is in the graph too).
 - the **text graph** (``text_to_onnx``): BERT + ``feat_map``; ``input_ids``, ``attention_mask`` (B, T, T) bool,
   ``position_ids`` -> ``text_features``. The tokenizer (and the sub-sentence mask it implies) stays in Python.
 
@@ -41,6 +43,12 @@ MIN_OPSET = 16
 METADATA_HASH = "groundwatch_weights_sha256"
 # The prompt traced at export; any prompt of up to config.max_text_len tokens runs on the exported file.
 _TRACE_PROMPT = "a red car . person . dog with a leash ."
+# The frame size traced at export when none is given; any size from MIN_SIDE to MAX_SIDE runs on the file. The pads
+# are computed in the graph whatever the size; this one needs every one of them (not a multiple of the patch, of
+# the window at the first stage, of 2 at the merges), so no step that a zero pad skips goes untraced.
+TRACE_SIZE = (198, 262)
+MIN_SIDE, MAX_SIDE = 32, 4096
+DYNAMIC_AXES = "batch,height,width,tokens,queries"
 
 
 class ExportError(RuntimeError):
@@ -51,9 +59,8 @@ class ExportError(RuntimeError):
 class ExportInfo:
     path: Path
     weights_hash: str
-    height: int
-    width: int
     opset: int
+    traced_size: tuple[int, int]  # the size traced; the file runs at any size (check_input_size)
 
 
 def weights_hash(model: nn.Module) -> str:
@@ -124,7 +131,7 @@ def _write_metadata(path: Path, entries: dict[str, str]) -> None:
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The metadata an exported file carries (``groundwatch_weights_sha256``, ``height``, ``width``, ...)."""
+    """The metadata an exported file carries (``groundwatch_weights_sha256``, ``dynamic_axes``, ...)."""
     onnx = _require_onnx()
     try:
         proto = onnx.load(str(path), load_external_data=False)
@@ -133,20 +140,25 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     return {entry.key: entry.value for entry in proto.metadata_props}
 
 
-def _check_size(model, height: int, width: int) -> None:
-    if height < 32 or width < 32:
-        raise ExportError(f"input size {height}x{width} is too small: both sides must be at least 32 pixels")
-    if height * width > 4096 * 4096:
-        raise ExportError(f"input size {height}x{width} is too large")
+def check_input_size(height: int, width: int) -> None:
+    """Raise ``ExportError`` for a frame size the image graph does not take (sides from ``MIN_SIDE`` to
+    ``MAX_SIDE`` pixels, after the model's resize): said before running, not as a failure inside a runtime."""
+    if height < MIN_SIDE or width < MIN_SIDE:
+        raise ExportError(f"input size {height}x{width} is too small: both sides must be at least {MIN_SIDE} pixels "
+                          "(after the model's resize)")
+    if height > MAX_SIDE or width > MAX_SIDE:
+        raise ExportError(f"input size {height}x{width} is too large: both sides must be at most {MAX_SIDE} pixels")
 
 
-def to_onnx(model: nn.Module, path: str | os.PathLike, *, height: int, width: int,
+def to_onnx(model: nn.Module, path: str | os.PathLike, *, height: int | None = None, width: int | None = None,
             opset: int = DEFAULT_OPSET, weights_sha256: str | None = None) -> ExportInfo:
-    """Export the image graph of ``model`` (a ``GroundingDino``) for frames of ``height`` x ``width`` pixels
-    (after the model's resize) to ``path``. Batch and tokens stay dynamic. Returns what was written."""
+    """Export the image graph of ``model`` (a ``GroundingDino``) to ``path``. Batch, height, width and tokens are
+    dynamic: the file runs at every frame size ``check_input_size`` takes. ``height`` x ``width`` is only the size
+    traced (default ``TRACE_SIZE``). Returns what was written."""
     if opset < MIN_OPSET:
         raise ExportError(f"opset {opset} has no GridSample: use opset {MIN_OPSET} or later")
-    _check_size(model, height, width)
+    height, width = (height or TRACE_SIZE[0]), (width or TRACE_SIZE[1])
+    check_input_size(height, width)
     _require_onnx()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -161,20 +173,22 @@ def to_onnx(model: nn.Module, path: str | os.PathLike, *, height: int, width: in
     inputs = (pixel_values, pixel_mask, text.features.detach().contiguous(), text.token_mask.contiguous(),
               text.attention_mask.contiguous(), text.position_ids.contiguous())
     dynamic_axes = {
-        "pixel_values": {0: "batch"}, "pixel_mask": {0: "batch"},
+        "pixel_values": {0: "batch", 2: "height", 3: "width"}, "pixel_mask": {0: "batch", 1: "height", 2: "width"},
         "text_features": {0: "batch", 1: "tokens"}, "token_mask": {0: "batch", 1: "tokens"},
         "text_attention_mask": {0: "batch", 1: "tokens", 2: "tokens"}, "position_ids": {0: "batch", 1: "tokens"},
-        "logits": {0: "batch", 2: "tokens"}, "boxes": {0: "batch"},
+        "logits": {0: "batch", 1: "queries", 2: "tokens"}, "boxes": {0: "batch", 1: "queries"},
     }
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's warnings about Python values it records as constants
         torch.onnx.export(_ImageGraph(exported), inputs, str(path), dynamo=False, opset_version=opset,
                           input_names=list(IMAGE_INPUTS), output_names=list(IMAGE_OUTPUTS),
                           dynamic_axes=dynamic_axes, do_constant_folding=True)
-    _write_metadata(path, {METADATA_HASH: digest, "graph": "image", "height": height, "width": width,
+    # No "height"/"width" keys: files from before the size was dynamic carry them, and are run at that size only.
+    _write_metadata(path, {METADATA_HASH: digest, "graph": "image", "dynamic_axes": DYNAMIC_AXES,
+                           "min_side": MIN_SIDE, "max_side": MAX_SIDE, "traced_size": f"{height}x{width}",
                            "opset": opset, "hidden_dim": exported.config.hidden_dim,
-                           "max_text_len": exported.config.max_text_len})
-    return ExportInfo(path, digest, height, width, opset)
+                           "max_text_len": exported.config.max_text_len, "num_queries": exported.config.num_queries})
+    return ExportInfo(path, digest, opset, (height, width))
 
 
 def text_to_onnx(model: nn.Module, path: str | os.PathLike, *, opset: int = DEFAULT_OPSET,

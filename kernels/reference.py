@@ -35,9 +35,18 @@ def ms_deform_attn_reference(
     del level_start_index
     batch, _, heads, channels = value.shape
     _, queries, _, levels, points, _ = sampling_locations.shape
-    shapes = [(int(h), int(w)) for h, w in (spatial_shapes.tolist() if torch.is_tensor(spatial_shapes)
-                                            else spatial_shapes)]
-    value_per_level = value.split([h * w for h, w in shapes], dim=1)
+    if torch.jit.is_tracing() and torch.is_tensor(spatial_shapes):
+        # Exporting (gdino.export): the level sizes stay tensors, so the graph reads them at run time and takes
+        # any input size; a Python int here would be recorded as a constant of the traced size.
+        shapes = [(spatial_shapes[level, 0], spatial_shapes[level, 1]) for level in range(len(spatial_shapes))]
+        value_per_level, start = [], 0
+        for height, width in shapes:
+            value_per_level.append(value[:, start:start + height * width])
+            start = start + height * width
+    else:
+        shapes = [(int(h), int(w)) for h, w in (spatial_shapes.tolist() if torch.is_tensor(spatial_shapes)
+                                                else spatial_shapes)]
+        value_per_level = value.split([h * w for h, w in shapes], dim=1)
     # grid_sample's frame is [-1, 1]; with align_corners=False, x=0 and x=1 are the outer edges of the map.
     sampling_grids = 2 * sampling_locations.to(value.dtype) - 1  # (N, Lq, M, L, P, 2)
     samples = []

@@ -1,7 +1,7 @@
 """ONNX export (image graph with the text encoding as inputs, text graph) and the ONNX Runtime / OpenVINO backends.
 
-Parity is against groundwatch's own PyTorch model on the same weights, one exported file per model and size
-serving every batch size and prompt length. Tolerances: float32, 1e-4 absolute on boxes (normalised cxcywh) and
+Parity is against groundwatch's own PyTorch model on the same weights, one exported file per model serving every
+frame size, batch size and prompt length (height, width, batch and tokens are dynamic axes). Tolerances: float32, 1e-4 absolute on boxes (normalised cxcywh) and
 on logits relative to their largest magnitude (ONNX Runtime); OpenVINO fuses and reorders more, stated below.
 The full-size models are exported once per session (module fixtures) and marked slow.
 """
@@ -80,20 +80,32 @@ def tiny(tmp_path_factory):
     return {"model": model, "weights": weights, "info": info, "root": root}
 
 
+# Frame sizes through the one tiny file (traced at 128x160): the traced size, others of both orientations, sides
+# that are multiples of no stride or window (the pads computed in the graph), and 32x32, the smallest, whose 22
+# image tokens are fewer than the 100 queries (the query axis follows the image).
+TINY_SIZES = ((128, 160), (96, 224), (160, 96), (100, 130), (32, 32))
+
+
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
-def test_tiny_exported_graph_matches_torch(tiny, backend):
+def test_tiny_exported_graph_matches_torch_at_every_size(tiny, backend):
+    """One file, traced at 128x160, run at other heights and widths, batch 1 and 2, prompts of 4 to 27 tokens.
+    (Before height and width were dynamic, the same file declared 128x160 and refused every other size; exported
+    with the axes merely declared dynamic, ONNX Runtime stopped at the first deformable attention's Split.)"""
     if backend == "openvino":
         pytest.importorskip("openvino")
     model, info = tiny["model"], tiny["info"]
     exported = backends.open_model(model, backend, onnx_path=info.path)
     atol = ATOL if backend == "onnxruntime" else OPENVINO_ATOL
     torch.manual_seed(1)
-    for batch in (1, 2):
-        for prompt in PROMPTS:  # 4, 13 and 27 tokens through one file
-            images = torch.randn(batch, 3, 128, 160)
-            mine, ref = exported(images, prompt), run_torch(model, images, prompt)
-            assert mine.logits.shape == ref.logits.shape == (batch, model.config.num_queries, ref.text.num_tokens)
-            assert_outputs_match(mine, ref, atol)
+    cases = ((1, PROMPTS[1]), (2, PROMPTS[0]), (1, PROMPTS[2]), (2, PROMPTS[1]), (2, PROMPTS[2]))
+    for (height, width), (batch, prompt) in zip(TINY_SIZES, cases):
+        images = torch.randn(batch, 3, height, width)
+        mine, ref = exported(images, prompt), run_torch(model, images, prompt)
+        assert mine.logits.shape == ref.logits.shape, (height, width, batch)
+        assert ref.logits.shape[0] == batch and ref.logits.shape[2] == ref.text.num_tokens
+        assert_outputs_match(mine, ref, atol)
+    # 32x32 has fewer image tokens (22) than queries (100): the query axis follows, as in the model.
+    assert run_torch(model, torch.randn(1, 3, 32, 32), PROMPTS[0]).logits.shape[1] < model.config.num_queries
 
 
 def test_tiny_padded_batch_matches_torch(tiny):
@@ -101,10 +113,10 @@ def test_tiny_padded_batch_matches_torch(tiny):
     model, info = tiny["model"], tiny["info"]
     exported = backends.open_model(model, "onnxruntime", onnx_path=info.path)
     torch.manual_seed(2)
-    images = torch.randn(2, 3, 128, 160)
-    mask = torch.ones(2, 128, 160, dtype=torch.bool)
-    mask[1, 96:, :] = False
-    mask[1, :, 120:] = False
+    images = torch.randn(2, 3, 112, 176)  # not the traced size: the masks' sizes come from the graph too
+    mask = torch.ones(2, 112, 176, dtype=torch.bool)
+    mask[1, 80:, :] = False
+    mask[1, :, 130:] = False
     images[1][:, ~mask[1]] = 0
     with torch.no_grad():
         ref = model(images, PROMPTS[1], pixel_mask=mask)
@@ -116,7 +128,7 @@ def test_detect_through_backend_equals_torch(tiny):
     import shutil
 
     model, cache = tiny["model"], tiny["root"] / "cache"
-    cached = backends.cached_export_path(cache, tiny["info"].weights_hash, 128, 160)
+    cached = backends.cached_export_path(cache, tiny["info"].weights_hash)
     cached.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(tiny["info"].path, cached)  # the fixture's file, where the cache looks: no second export
     exported = backends.open_model(model, "onnxruntime", cache_dir=cache)
@@ -131,17 +143,33 @@ def test_detect_through_backend_equals_torch(tiny):
     np.testing.assert_allclose(mine.scores, ref.scores, atol=1e-4)
 
 
-def test_cache_exports_once_per_weights_and_size(tiny):
-    model, cache = tiny["model"], tiny["root"] / "cache_once"
-    first = backends.open_model(model, "onnxruntime", cache_dir=cache)
-    images = torch.randn(1, 3, 96, 128)
-    first(images, PROMPTS[0])
+def test_streams_of_two_sizes_share_one_cached_export(tmp_path):
+    """The daemon's detector (streamer.inference.GdinoDetector, as `groundwatch run` builds it) on the onnxruntime
+    backend with an empty cache: cameras of two resolutions (so two model input sizes) use one exported file,
+    written once; a second detector (a restarted daemon) reuses it. (The cache used to be keyed by the input size:
+    every new camera resolution exported the graph again, a minute or more each.)"""
+    from streamer.inference import GdinoDetector
+
+    cache = tmp_path / "cache"
+    common = dict(weights="tiny", box_threshold=0.05, text_threshold=0.05, short_side=96, max_side=160)
+    detector = GdinoDetector(backend="onnxruntime", cache_dir=str(cache), **common)
+    reference = GdinoDetector(backend="torch", **common)
+    rng = np.random.default_rng(5)
+    frames = {(120, 160): rng.integers(0, 256, (120, 160, 3), dtype=np.uint8),  # 96x128 into the model
+              (200, 120): rng.integers(0, 256, (200, 120, 3), dtype=np.uint8)}  # 160x96
+    encoding, ref_encoding = detector.encode(PROMPTS[1]), reference.encode(PROMPTS[1])
+    for frame in frames.values():
+        [mine], [ref] = detector.detect([frame], encoding), reference.detect([frame], ref_encoding)
+        assert len(ref.phrases) > 0
+        assert mine.phrases == ref.phrases
+        np.testing.assert_allclose(mine.boxes_xyxy, ref.boxes_xyxy, atol=1e-3)
     [path] = list(cache.rglob("*.onnx"))
-    assert path == backends.cached_export_path(cache, export.weights_hash(model), 96, 128)
+    assert path == backends.cached_export_path(cache, export.weights_hash(detector.model.model))
     stamp = path.stat().st_mtime_ns
-    second = backends.open_model(model, "onnxruntime", cache_dir=cache)
-    assert_outputs_match(second(images, PROMPTS[2]), run_torch(model, images, PROMPTS[2]), ATOL)
-    assert path.stat().st_mtime_ns == stamp, "the cached file was exported again"
+    again = GdinoDetector(backend="onnxruntime", cache_dir=str(cache), **common)
+    [mine] = again.detect([frames[(200, 120)]], again.encode(PROMPTS[1]))
+    assert mine.phrases == ref.phrases
+    assert list(cache.rglob("*.onnx")) == [path] and path.stat().st_mtime_ns == stamp, "exported again"
 
 
 def test_export_cli_writes_both_graphs(tiny, tmp_path, capsys):
@@ -152,7 +180,7 @@ def test_export_cli_writes_both_graphs(tiny, tmp_path, capsys):
     assert status == 0, capsys.readouterr().err
     metadata = export.read_metadata(image_path)
     assert metadata[export.METADATA_HASH] == export.weights_hash(tiny["model"])
-    assert (metadata["height"], metadata["width"]) == ("96", "128")
+    assert metadata["dynamic_axes"] == "batch,height,width,tokens,queries" and "height" not in metadata
     session = ort.InferenceSession(str(image_path), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == list(export.IMAGE_INPUTS)
     assert session.get_inputs()[2].shape == ["batch", "tokens", tiny["model"].config.hidden_dim]
@@ -212,26 +240,53 @@ def test_exported_file_from_other_weights_is_refused(tiny, tmp_path, capsys):
     assert status == 1 and "exported from other weights" in err and "Traceback" not in err
 
 
-def test_exported_file_for_another_size_is_refused(tiny):
+@pytest.mark.parametrize("size", [(24, 160), (128, 20), (4100, 64)])
+def test_frame_size_the_graph_does_not_take_is_refused_in_words(tiny, size):
+    """Sides under 32 or over 4096 pixels (after the model's resize) are refused before the runtime runs, naming
+    the size and the limits; the backend keeps serving other sizes."""
     exported = backends.open_model(tiny["model"], "onnxruntime", onnx_path=tiny["info"].path)
-    with pytest.raises(backends.ExportMismatchError, match="128x160"):
+    height, width = size
+    with pytest.raises(backends.BackendError, match=rf"{height}x{width} is too (small|large).*pixels"):
+        exported(torch.zeros(1, 3, height, width), PROMPTS[0])
+    images = torch.randn(1, 3, 64, 96)
+    assert_outputs_match(exported(images, PROMPTS[0]), run_torch(tiny["model"], images, PROMPTS[0]), ATOL)
+
+
+def test_file_from_before_dynamic_sizes_is_run_at_its_size_only(tiny, tmp_path):
+    """A file exported before height and width were dynamic carries its one size in its metadata ("height",
+    "width"): the backend refuses another size in words instead of letting the runtime fail inside."""
+    onnx = pytest.importorskip("onnx")
+    proto = onnx.load(str(tiny["info"].path))
+    proto.metadata_props.add(key="height", value="128")
+    proto.metadata_props.add(key="width", value="160")
+    old = tmp_path / "old.onnx"
+    onnx.save(proto, str(old))
+    exported = backends.open_model(tiny["model"], "onnxruntime", onnx_path=old)
+    with pytest.raises(backends.ExportMismatchError, match=r"128x160 inputs only.*got 96x128.*export it again"):
         exported(torch.randn(1, 3, 96, 128), PROMPTS[0])
+    images = torch.randn(1, 3, 128, 160)
+    assert_outputs_match(exported(images, PROMPTS[0]), run_torch(tiny["model"], images, PROMPTS[0]), ATOL)
 
 
-def test_image_graph_declares_its_fixed_size_and_a_runtime_names_it(tiny):
-    """Height and width are fixed per file (docs/export.md says which traced steps fix them): the graph's inputs
-    declare the size, so a runtime fed another size names the input and both sizes. (Exported with height and
-    width declared dynamic, the traced file fails deep inside instead: ONNX Runtime stops at the first deformable
-    attention's Split, "Split size 320 exceeds the remaining size of the selected axis, 256".)"""
+def test_image_graph_declares_dynamic_height_and_width(tiny):
+    """The graph's inputs and outputs name their dynamic axes, and a plain ONNX Runtime session (no groundwatch
+    code) runs the file at a size it was not traced at. Regression: with the axes merely declared dynamic, the
+    traced file ran at the traced size only; ONNX Runtime stopped at the first deformable attention's Split,
+    "Split size 320 exceeds the remaining size of the selected axis, 256"."""
     ort = pytest.importorskip("onnxruntime")
     model, info = tiny["model"], tiny["info"]
+    assert info.traced_size == (128, 160)
     session = ort.InferenceSession(str(info.path), providers=["CPUExecutionProvider"])
-    shapes = {i.name: i.shape for i in session.get_inputs()}
-    assert shapes["pixel_values"] == ["batch", 3, 128, 160] and shapes["pixel_mask"] == ["batch", 128, 160]
+    shapes = {i.name: i.shape for i in session.get_inputs() + session.get_outputs()}
+    assert shapes["pixel_values"] == ["batch", 3, "height", "width"]
+    assert shapes["pixel_mask"] == ["batch", "height", "width"]
+    assert shapes["logits"] == ["batch", "queries", "tokens"] and shapes["boxes"] == ["batch", "queries", 4]
     text = model.encode_text(PROMPTS[0])
-    feeds = export.image_inputs(torch.randn(1, 3, 96, 128), torch.ones(1, 96, 128, dtype=torch.bool), text)
-    with pytest.raises(Exception, match=r"pixel_values[\s\S]*Got: 96 Expected: 128"):
-        session.run(None, feeds)
+    images = torch.randn(1, 3, 96, 128)
+    feeds = export.image_inputs(images, torch.ones(1, 96, 128, dtype=torch.bool), text)
+    logits, boxes = session.run(None, feeds)
+    ref = run_torch(model, images, PROMPTS[0])
+    np.testing.assert_allclose(boxes, ref.boxes.numpy(), atol=ATOL)
 
 
 def test_file_that_is_not_an_export_is_refused(tiny, tmp_path):
@@ -306,7 +361,7 @@ def swint(tmp_path_factory):
                 param.normal_(0.0, 0.5)
             if "bbox_embed" in name and ".layers.2." in name:
                 param.normal_(0.0, 0.05)
-    info = export.to_onnx(model, tmp_path_factory.mktemp("swint") / "image.onnx", height=480, width=640)
+    info = export.to_onnx(model, tmp_path_factory.mktemp("swint") / "image.onnx")  # traced at TRACE_SIZE
     yield model, info
     del model
 
@@ -321,8 +376,10 @@ def test_swint_ogc_exported_matches_torch(swint, backend):
     exported = backends.open_model(model, backend, onnx_path=info.path)
     atol = ATOL if backend == "onnxruntime" else OPENVINO_ATOL
     torch.manual_seed(4)
-    for batch, prompt in ((1, PROMPTS[1]), (2, PROMPTS[0]), (1, PROMPTS[2])):
-        images = torch.randn(batch, 3, 480, 640)
+    # One file at three sizes (none the traced one), batch 1 and 2, prompts of 4 to 27 tokens.
+    for (height, width), batch, prompt in (((480, 640), 1, PROMPTS[1]), ((480, 640), 2, PROMPTS[0]),
+                                           ((320, 320), 2, PROMPTS[2]), ((256, 384), 1, PROMPTS[1])):
+        images = torch.randn(batch, 3, height, width)
         assert_selection_tolerant_match(exported(images, prompt), run_torch(model, images, prompt), atol)
 
 
@@ -334,14 +391,17 @@ def test_default_model_exported_matches_torch(tmp_path_factory, backend):
     from gdino.shapes import render_scene
 
     model = gdino.load("default")
-    size = (model.config.input_short_side, 256)  # 192x256: a 4:3 frame at the model's scale
-    info = export.to_onnx(model, tmp_path_factory.mktemp("default") / "image.onnx", height=size[0], width=size[1])
+    info = export.to_onnx(model, tmp_path_factory.mktemp("default") / "image.onnx")  # traced at TRACE_SIZE
     exported = backends.open_model(model, backend, onnx_path=info.path)
     atol = ATOL if backend == "onnxruntime" else OPENVINO_ATOL
     from gdino import processing
 
-    frames = [render_scene(10**12 + 60 + k, (240, 320), num_objects=(1, 3))[0] for k in range(2)]
-    images, _, _ = processing.preprocess(frames, short_side=size[0], max_side=size[1])
-    for batch in (1, 2):
-        for prompt in ("green star . black cross .", "purple square . black ring . red circle . blue triangle ."):
+    short = model.config.input_short_side
+    # Landscape and portrait frames at the model's scale: 192x256 and 256x192 through one file.
+    for frame_size in ((240, 320), (320, 240)):
+        frames = [render_scene(10**12 + 60 + k, frame_size, num_objects=(1, 3))[0] for k in range(2)]
+        images, _, _ = processing.preprocess(frames, short_side=short, max_side=256)
+        assert images.shape[-2:] == (frame_size[0] * short // 240, frame_size[1] * short // 240)
+        for batch, prompt in ((1, "green star . black cross ."),
+                              (2, "purple square . black ring . red circle . blue triangle .")):
             assert_outputs_match(exported(images[:batch], prompt), run_torch(model, images[:batch], prompt), atol)

@@ -14,6 +14,16 @@ from .layers import (MLP, BiAttention, DropPath, MSDeformAttn, MultiheadAttentio
 from .precision import float32_region
 
 
+def cell_positions(size, offset: float, dtype, device) -> torch.Tensor:
+    """(size,) cell positions ``offset, offset + 1, ..., offset + size - 1`` along one side of a feature map.
+
+    Exporting (``gdino.export``), ``size`` is a traced tensor and ``arange`` keeps it symbolic (``linspace`` takes a
+    Python int, which the tracer would record as a constant); the numbers are the same, the steps being 1."""
+    if torch.jit.is_tracing():
+        return torch.arange(size, device=device).to(dtype) + offset
+    return torch.linspace(offset, size - 1 + offset, size, dtype=dtype, device=device)
+
+
 class FusionLayer(nn.Module):
     def __init__(self, config: GroundingDinoConfig):
         super().__init__()
@@ -88,8 +98,8 @@ class Encoder(nn.Module):
         points = []
         for level, (height, width) in enumerate(spatial_shapes_list):
             ref_y, ref_x = torch.meshgrid(
-                torch.linspace(0.5, height - 0.5, height, dtype=valid_ratios.dtype, device=valid_ratios.device),
-                torch.linspace(0.5, width - 0.5, width, dtype=valid_ratios.dtype, device=valid_ratios.device),
+                cell_positions(height, 0.5, valid_ratios.dtype, valid_ratios.device),
+                cell_positions(width, 0.5, valid_ratios.dtype, valid_ratios.device),
                 indexing="ij",
             )
             ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, level, 1] * height)
@@ -208,8 +218,8 @@ class Transformer(nn.Module):
             valid_h = valid[:, :, 0].sum(1)
             valid_w = valid[:, 0, :].sum(1)
             grid_y, grid_x = torch.meshgrid(
-                torch.linspace(0, height - 1, height, dtype=dtype, device=memory_valid.device),
-                torch.linspace(0, width - 1, width, dtype=dtype, device=memory_valid.device),
+                cell_positions(height, 0.0, dtype, memory_valid.device),
+                cell_positions(width, 0.0, dtype, memory_valid.device),
                 indexing="ij",
             )
             grid = torch.stack([grid_x, grid_y], -1)
@@ -230,13 +240,17 @@ class Transformer(nn.Module):
         before the matching ones, with the self-attention mask that keeps them out of the matching queries' view.
         """
         batch = sources[0].shape[0]
-        spatial_shapes_list = [tuple(src.shape[-2:]) for src in sources]
+        spatial_shapes_list = [(src.shape[-2], src.shape[-1]) for src in sources]
         # (B, S, C); in mixed precision the encoder's residual stream is float32, like level_embed
         flat_sources = torch.cat([src.flatten(2).transpose(1, 2) for src in sources], 1).to(self.level_embed.dtype)
         flat_valid = torch.cat([mask.flatten(1) for mask in masks], 1)  # (B, S)
         flat_pos = torch.cat([pos.flatten(2).transpose(1, 2) + self.level_embed[level].view(1, 1, -1)
                               for level, pos in enumerate(positions)], 1)
-        spatial_shapes = torch.as_tensor(spatial_shapes_list, dtype=torch.long, device=flat_sources.device)
+        if torch.jit.is_tracing():  # exporting: the sizes are traced tensors; stacked, the graph computes them
+            spatial_shapes = torch.stack([torch.stack([torch.as_tensor(side) for side in shape])
+                                          for shape in spatial_shapes_list]).to(torch.long)
+        else:
+            spatial_shapes = torch.as_tensor(spatial_shapes_list, dtype=torch.long, device=flat_sources.device)
         level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
         valid_ratios = torch.stack([self._valid_ratio(mask, flat_sources.dtype) for mask in masks], 1)
         all_valid = bool(flat_valid.all())
@@ -256,7 +270,10 @@ class Transformer(nn.Module):
             anchors, usable = self.proposals(flat_valid, spatial_shapes_list, head_dtype)
             selected_memory = self.enc_output_norm(self.enc_output(memory_head.masked_fill(~usable, 0.0)))
             encoder_logits = contrastive_logits(selected_memory, memory_text_head, text.token_mask)  # (B, S, T)
-            num_queries = min(self.config.num_queries, encoder_logits.shape[1])
+            if torch.jit.is_tracing():  # exporting: S is the runtime number of image tokens
+                num_queries = torch.clamp(torch.as_tensor(encoder_logits.shape[1]), max=self.config.num_queries)
+            else:
+                num_queries = min(self.config.num_queries, encoder_logits.shape[1])
             top = torch.topk(encoder_logits.max(-1)[0], num_queries, dim=1)[1]  # (B, Q)
             # The box head is per token: run it on the Q selected tokens only, not on all S.
             top_memory = torch.gather(selected_memory, 1,

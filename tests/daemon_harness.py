@@ -59,7 +59,7 @@ class Daemon:
 
     def start(self) -> "Daemon":
         self._log = open(self.log_path, "w")
-        env = dict(os.environ, PYTHONPATH=str(REPO), GROUNDWATCH_LOG="INFO", **self.env)
+        env = {**os.environ, "PYTHONPATH": str(REPO), "GROUNDWATCH_LOG": "INFO", **self.env}
         self.process = subprocess.Popen([sys.executable, "-m", "streamer.cli", "run", str(self.config)],
                                         cwd=self.root, env=env, stdout=self._log, stderr=subprocess.STDOUT,
                                         start_new_session=True)

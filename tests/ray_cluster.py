@@ -42,9 +42,11 @@ LOOPBACK = "127.0.0.2"
 
 
 def ray_available() -> bool:
-    try:
-        import ray  # noqa: F401
-    except ImportError:
+    """Ray and its `ray` command are installed (found without importing Ray: its config is read from the
+    environment once, at import, and `RayCluster.use_in_this_process` must come first)."""
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
         return False
     return shutil.which("ray") is not None or Path(sys.executable).with_name("ray").exists()
 
@@ -216,6 +218,15 @@ class RayCluster:
         env = dict(os.environ, **self.env, RAY_USAGE_STATS_ENABLED="0")
         env.pop("RAY_AUTH_TOKEN_PATH", None)
         return env
+
+    def use_in_this_process(self) -> None:
+        """Connect drivers of this process (`ray.init(address=cluster.address)`) and its children with the
+        cluster's token: the environment, and Ray's config if Ray was imported already (read once at import)."""
+        os.environ.update(self.driver_env())
+        if "ray._raylet" in sys.modules:
+            from ray._raylet import Config
+
+            Config.initialize("")
 
     def _log_tails(self, node: RayNode) -> str:
         """The node's `ray start` output and the tails of its session's raylet and GCS logs."""

@@ -735,8 +735,10 @@ class ClusterDriver:
             if detector.state == "starting" and now - detector.created_at > self.cluster.placement_timeout_seconds \
                     and not getattr(detector, "reported", False):
                 detector.reported = True
-                log.error("%s not placed within %g s (cluster.placement_timeout_seconds): no node has %s",
-                          detector.name, self.cluster.placement_timeout_seconds, self._detector_needs())
+                # Ray answers nothing until the actor's constructor (the model load) is done: slow, or unplaceable.
+                log.error("%s not ready within %g s (cluster.placement_timeout_seconds): still loading the model, "
+                          "or no node has %s", detector.name, self.cluster.placement_timeout_seconds,
+                          self._detector_needs())
         if not any(d.state == "ready" for d in self.detectors.values()) and self.detectors and all(
                 now - d.created_at > self.cluster.placement_timeout_seconds for d in self.detectors.values()):
             for stream_id, stream in self.streams.items():

@@ -24,14 +24,14 @@ from daemon_harness import Daemon, Subscriber  # noqa: E402
 from ray_cluster import RayCluster, ray_available  # noqa: E402
 from rtsp_server import RtspServer, gstreamer_available  # noqa: E402
 
-# The local Ray cluster of these tests did not come up on the CI VM (2026-11-27: the second node never registered
-# and a driver could not connect to the head, whose GCS advertised the VM's non-loopback address), and the
-# raylet-kill case has not passed yet (issue 17 is open). Until both are fixed they run only when asked for:
-# GROUNDWATCH_RAY_E2E=1 python -m pytest tests/test_cluster_e2e.py
+# The local Ray cluster now comes up on loopback (tests/ray_cluster.py, docs/cluster.md "A local test cluster"),
+# and each test below has passed here in its present form (2026-11-27, a 2-core VM at load 10-12), but once each,
+# in about 5 and 4 minutes at that load: until they have passed repeatedly within a CI budget they run only when
+# asked for: GROUNDWATCH_RAY_E2E=1 python -m pytest tests/test_cluster_e2e.py
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not ray_available(), reason="ray not installed (pip install groundwatch[cluster])"),
               pytest.mark.skipif(os.environ.get("GROUNDWATCH_RAY_E2E") != "1",
-                                 reason="the local Ray cluster does not start reliably on the CI VM (issue 17 open); "
+                                 reason="not yet shown reliable within a CI budget (issue 17); "
                                         "set GROUNDWATCH_RAY_E2E=1 to run")]
 
 DEMO = Path(__file__).resolve().parents[1] / "streamer" / "assets" / "demo.mp4"
@@ -194,13 +194,15 @@ def wait_detections(subscriber: Subscriber, stream: str, after: float, timeout: 
                          f"{[(e['stream'], e['kind'], e.get('reason')) for e in subscriber.events[-15:]]}")
 
 
-def wait_all_detectors_ready(daemon: Daemon, timeout: float) -> dict:
-    """The daemon's status once every detector actor is ready (placed, model loaded)."""
+def wait_all_detectors_ready(daemon: Daemon, timeout: float, streams=("file", "cam")) -> dict:
+    """The daemon's status once every detector actor is ready (placed, model loaded) and each of `streams` is
+    served by one (not in the middle of a move between two)."""
     deadline = time.monotonic() + timeout
     while True:
         status = daemon.request({"cmd": "status"})
         detectors = status.get("cluster", {}).get("detectors", {})
-        if detectors and all(d["state"] == "ready" for d in detectors.values()):
+        if detectors and all(d["state"] == "ready" for d in detectors.values()) and all(
+                status["streams"][s].get("cluster", {}).get("detector") for s in streams):
             return status
         if time.monotonic() > deadline:
             raise AssertionError(f"detector actors not ready within {timeout} s: {detectors}")
@@ -221,7 +223,7 @@ def test_detector_killed_and_node_lost_streams_go_on(cluster, tmp_path):
 id = "file"
 url = "{DEMO}"
 prompt = "{PROMPT}"
-fps = 2
+fps = 10
 loop = true
 resources = {{"gw-head" = 1}}
 
@@ -306,9 +308,10 @@ detector_resources = {{"gw-detector" = 1}}
         server.kill()
         ray.shutdown()
 
-    # Every frame of the file exactly once, in order, through two faults (fps 2 of a looped 10 fps file).
+    # Every frame of the file exactly once, in order, through two faults (every frame of a looped 10 fps file: at
+    # fps 2 the shapes move too far between frames for tracks to form, and no track could end with worker_lost).
     frames = [e["frame"] for e in recorded(daemon, "file") if e["kind"] == "detections"]
-    assert frames == list(range(0, 5 * len(frames), 5)), frames
+    assert frames == list(range(len(frames))), frames
     assert len(frames) >= 6
     log_file = recorded(daemon, "file")
     assert any(e["kind"] == "status" and e.get("reason") == "worker_lost" for e in log_file)

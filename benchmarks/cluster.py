@@ -156,6 +156,7 @@ def main() -> None:
     try:
         cluster.start(head_cpus=args.streams + args.threads)
         cluster.add_node(cpus=1)
+        cluster.use_in_this_process()  # the cluster's token, for the daemons and `transport` below
         single = run_daemon(root / "single", config_text(root / "single", args.streams, fps, args.weights,
                                                          args.threads, args.batch, None, args.threads))
         on_ray = run_daemon(root / "ray-run", config_text(root / "ray-run", args.streams, fps, args.weights,

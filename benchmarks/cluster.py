@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +31,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 from ray_cluster import RayCluster  # noqa: E402  (tests/ray_cluster.py: nodes started and stopped by pid)
-from rtsp_server import free_port  # noqa: E402
+
+import _daemon  # noqa: E402
 
 DEMO = REPO / "streamer" / "assets" / "demo.mp4"
 PROMPT = "green star . black cross . purple square . black ring ."
@@ -57,8 +57,8 @@ new_track_score = 0.3
 low_score = 0.1
 
 [publish]
-endpoint = "tcp://127.0.0.1:{free_port()}"
-control_endpoint = "tcp://127.0.0.1:{free_port()}"
+endpoint = "{_daemon.loopback_endpoint()}"
+control_endpoint = "{_daemon.loopback_endpoint()}"
 
 [record]
 directory = "{root / 'recordings'}"
@@ -83,10 +83,8 @@ def run_daemon(root: Path, text: str, timeout: float = 1800) -> dict:
     root.mkdir(parents=True, exist_ok=True)
     config = root / "config.toml"
     config.write_text(text)
-    env = dict(os.environ, PYTHONPATH=str(REPO), GROUNDWATCH_LOG="WARNING")
     started = time.time()
-    result = subprocess.run([sys.executable, "-m", "streamer.cli", "run", str(config)], cwd=root, env=env,
-                            capture_output=True, text=True, timeout=timeout)
+    result = _daemon.run_to_end(config, cwd=root, timeout=timeout)
     if result.returncode != 0:
         raise RuntimeError(f"daemon failed ({result.returncode}):\n{result.stderr[-3000:]}")
     walls, frames = [], 0
@@ -98,7 +96,7 @@ def run_daemon(root: Path, text: str, timeout: float = 1800) -> dict:
                 frames += 1
     walls.sort()
     # Steady state: from the first frame out to the last (model loading and actor start-up left out).
-    steady = (len(walls) - 1) / (walls[-1] - walls[0]) if len(walls) > 1 else 0.0
+    steady = _daemon.steady_rate(walls) if len(walls) > 1 else 0.0
     return {"frames": frames, "fps": steady, "wall": time.time() - started}
 
 
@@ -151,14 +149,14 @@ def main() -> None:
     args = parser.parse_args()
     fps = 2 if args.short else 0
     root = Path(tempfile.mkdtemp(prefix="gw-cluster-bench-"))
-    cpu = next((line.split(":", 1)[1].strip() for line in subprocess.run(
-        ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name")), "?")
+    cpu = _daemon.cpu_model() or "?"
     print(f"machine: {platform.node()}, {os.cpu_count()} CPUs ({cpu}), load average "
           f"{os.getloadavg()[0]:.1f} at start")
     cluster = RayCluster(root / "ray")
     try:
         cluster.start(head_cpus=args.streams + args.threads)
         cluster.add_node(cpus=1)
+        cluster.use_in_this_process()  # the cluster's token, for the daemons and `transport` below
         single = run_daemon(root / "single", config_text(root / "single", args.streams, fps, args.weights,
                                                          args.threads, args.batch, None, args.threads))
         on_ray = run_daemon(root / "ray-run", config_text(root / "ray-run", args.streams, fps, args.weights,

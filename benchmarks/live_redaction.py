@@ -20,10 +20,8 @@ import argparse
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -34,13 +32,12 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 import redaction_scene as scene  # noqa: E402
-from rtsp_server import free_port  # noqa: E402
 
-from streamer.client import subscribe  # noqa: E402
+import _daemon  # noqa: E402
 
 
 def write_config(directory: Path, video: Path, *, redact: bool, weights: str) -> tuple[Path, str]:
-    publish, control = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    publish, control = _daemon.loopback_endpoint(), _daemon.loopback_endpoint()
     config = directory / f"config-{time.monotonic_ns()}.toml"
     config.write_text(f"""
 [[streams]]
@@ -79,33 +76,17 @@ port = 0
 
 def run_pipeline(directory: Path, video: Path, *, redact: bool, weights: str) -> dict:
     config, publish = write_config(directory, video, redact=redact, weights=weights)
-    stamps: list[float] = []
-    done = threading.Event()
-
-    def listen() -> None:
-        for event in subscribe(publish, "bench", timeout=900):
-            if event["kind"] == "detections":
-                stamps.append(time.perf_counter())
-            if event["kind"] == "status" and event.get("reason") == "end_of_file":
-                break
-        done.set()
-
-    listener = threading.Thread(target=listen, daemon=True)
-    listener.start()
-    time.sleep(0.3)
-    env = dict(os.environ, PYTHONPATH=str(REPO), GROUNDWATCH_LOG="WARNING")
-    process = subprocess.Popen([sys.executable, "-m", "streamer.cli", "run", str(config)], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    listener = _daemon.DetectionStamps(publish, "bench", stamp=lambda event: time.perf_counter(), timeout=900)
+    process = _daemon.start(config)
     try:
-        done.wait(900)
+        listener.wait(900)
         process.wait(120)
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(10)
+        _daemon.stop(process, 30)
+    stamps = listener.stamps
     if len(stamps) < 2:
         raise RuntimeError("the daemon published fewer than two detections events")
-    return {"frames": len(stamps), "fps": (len(stamps) - 1) / (stamps[-1] - stamps[0])}
+    return {"frames": len(stamps), "fps": _daemon.steady_rate(stamps)}
 
 
 def worker_costs() -> dict:
@@ -148,10 +129,7 @@ def worker_costs() -> dict:
 
 
 def machine() -> str:
-    try:
-        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.processor()
+    model = _daemon.cpu_model() or platform.processor()
     return f"{model}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start"
 
 

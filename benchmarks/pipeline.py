@@ -19,7 +19,6 @@ import multiprocessing
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,13 +30,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _daemon import free_port  # noqa: E402
 from streamer.demo import DEMO_CONFIG, DEMO_VIDEO  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def decode_all(path: Path, short_side: int | None = None) -> list[np.ndarray]:

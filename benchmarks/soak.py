@@ -17,9 +17,6 @@ import argparse
 import json
 import os
 import platform
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -28,17 +25,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import _daemon  # noqa: E402
 from streamer.client import GapCounter, status, subscribe, wait_ready  # noqa: E402
 from streamer.demo import DEMO_VIDEO  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_mib(pid: int) -> float | None:
@@ -131,12 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     root = Path(tempfile.mkdtemp(prefix="gw-soak-"))
-    publish, control = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    publish, control = _daemon.loopback_endpoint(), _daemon.loopback_endpoint()
     config = write_config(root, args.streams, args.weights, args.fps, publish, control)
-    env = dict(os.environ, PYTHONPATH=str(REPO), GROUNDWATCH_LOG="WARNING")
     log = open(root / "daemon.log", "w")
-    daemon = subprocess.Popen([sys.executable, "-m", "streamer.cli", "run", str(config)], env=env, stdout=log,
-                              stderr=subprocess.STDOUT)
+    daemon = _daemon.start(config, log=log)
     counts = {"events": 0, "detections": 0, "errors": 0}
     gaps = GapCounter()
     stop_listening = threading.Event()
@@ -180,13 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         alive = daemon.poll() is None
     finally:
         stop_listening.set()
-        if daemon.poll() is None:
-            daemon.send_signal(signal.SIGTERM)
-            try:
-                daemon.wait(60)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
-                daemon.wait(10)
+        _daemon.stop(daemon, 60)
         log.close()
     leftover_shm = [p for p in os.listdir("/dev/shm") if p.startswith(f"groundwatch-{daemon.pid}-")]
     if len(samples) < 3:

@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import multiprocessing
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,9 +33,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from rtsp_server import RtspServer, free_port, gstreamer_available  # noqa: E402
+from rtsp_server import RtspServer, gstreamer_available  # noqa: E402
 
-from streamer.client import status, subscribe  # noqa: E402
+import _daemon  # noqa: E402
+from streamer.client import status  # noqa: E402
 from streamer.demo import DEMO_VIDEO  # noqa: E402
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -57,7 +56,7 @@ def looped_video(directory: Path, frames: int) -> Path:
 
 
 def write_config(directory: Path, url: str, *, web: bool, weights: str, live: bool = False) -> tuple[Path, str]:
-    publish, control = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    publish, control = _daemon.loopback_endpoint(), _daemon.loopback_endpoint()
     config = directory / f"config-{time.monotonic_ns()}.toml"
     config.write_text(f"""
 [[streams]]
@@ -170,23 +169,9 @@ def encode_cost() -> dict:
 
 def run_pipeline(directory: Path, video: Path, *, web: bool, viewers: int, weights: str) -> dict:
     config, control = write_config(directory, str(video), web=web, weights=weights)
-    env = dict(os.environ, PYTHONPATH=str(REPO), GROUNDWATCH_LOG="WARNING")
     publish = next(line.split('"')[1] for line in config.read_text().splitlines() if line.startswith("endpoint"))
-    events: list[dict] = []
-    import threading
-
-    def listen() -> None:
-        for event in subscribe(publish, "bench", timeout=600):
-            if event["kind"] == "detections":
-                events.append(event)
-            if event["kind"] == "status" and event.get("reason") == "end_of_file":
-                return
-
-    listener = threading.Thread(target=listen, daemon=True)
-    listener.start()
-    time.sleep(0.3)
-    process = subprocess.Popen([sys.executable, "-m", "streamer.cli", "run", str(config)], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    listener = _daemon.DetectionStamps(publish, "bench", stamp=lambda event: event["wall"], timeout=600)
+    process = _daemon.start(config)
     viewer_process, results, web_pid, web_cpu = None, None, None, None
     try:
         if web:
@@ -197,19 +182,16 @@ def run_pipeline(directory: Path, video: Path, *, web: bool, viewers: int, weigh
             viewer_process = multiprocessing.get_context("spawn").Process(
                 target=_viewers, args=(url, viewers, 10_000.0, results), daemon=True)
             viewer_process.start()
-        listener.join(1800)
+        listener.wait(1800)
         if web_pid is not None:
             web_cpu = cpu_seconds(web_pid)
         process.wait(60)
     finally:
-        if process.poll() is None:
-            process.kill()
+        _daemon.stop(process, 30)
         if viewer_process is not None:
             viewer_process.kill()
             viewer_process.join()
-    first, last = events[0], events[-1]
-    fps = (len(events) - 1) / (last["wall"] - first["wall"])
-    return {"fps": fps, "frames": len(events), "web_cpu": web_cpu}
+    return {"fps": _daemon.steady_rate(listener.stamps), "frames": len(listener.stamps), "web_cpu": web_cpu}
 
 
 def run_latency(directory: Path, weights: str, seconds: float, viewers: int) -> dict:
@@ -218,9 +200,7 @@ def run_latency(directory: Path, weights: str, seconds: float, viewers: int) -> 
     server = RtspServer(width=320, height=240, fps=10)
     server.start()
     config, control = write_config(directory, server.url, web=True, weights=weights, live=True)
-    env = dict(os.environ, PYTHONPATH=str(REPO), GROUNDWATCH_LOG="WARNING")
-    process = subprocess.Popen([sys.executable, "-m", "streamer.cli", "run", str(config)], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = _daemon.start(config)
     try:
         url = wait_for_web(control)
         from streamer.client import wait_ready
@@ -247,12 +227,7 @@ def run_latency(directory: Path, weights: str, seconds: float, viewers: int) -> 
         viewer_stats = results.get(timeout=60)
         viewer_process.join(10)
     finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        _daemon.stop(process, 30)
         server.kill()
     headless = [ms for s in viewer_stats for ms in s["latency_ms"]]
     return {"browser": samples, "headless": headless, "viewer_previews": [s["previews"] for s in viewer_stats]}
@@ -263,12 +238,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def machine() -> str:
-    try:
-        model = next(line.split(":", 1)[1].strip() for line in subprocess.run(
-            ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name"))
-    except StopIteration:
-        model = platform.processor()
-    return f"{os.cpu_count()} CPUs, {model}"
+    return f"{os.cpu_count()} CPUs, {_daemon.cpu_model() or platform.processor()}"
 
 
 def main() -> None:

@@ -155,12 +155,12 @@ def set_prompt(endpoint: str, stream: str, prompt: str, timeout: float = 60.0, s
                                       f"{timeout:g} s; it may still apply it (see groundwatch status)"}
 
 
-def wait_ready(endpoint: str, timeout: float = 60.0) -> dict:
+def wait_ready(endpoint: str, timeout: float = 60.0, server_key: bytes | None = None) -> dict:
     """Poll status until the inference worker has loaded the model."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            reply = status(endpoint, timeout=2.0)
+            reply = status(endpoint, timeout=2.0, server_key=server_key)
             if reply.get("worker_ready"):
                 return reply
         except TimeoutError:

@@ -1,7 +1,9 @@
-"""A real daemon for the hardening tests: `python -m streamer.cli run` in a subprocess, on free loopback ports.
+"""A real daemon for the end-to-end tests: `python -m streamer.cli run` in a subprocess, on free loopback ports.
 
-`Daemon` writes a config with the tiny random model (plumbing, not answers), starts the daemon in its own process
-group (as a service manager does), and kills every process it started when the test ends.
+`Daemon` writes a config (by default with the tiny random model: plumbing, not answers; or the test's own text),
+starts the daemon in its own process group (as a service manager does), waits until its worker is ready (failing at
+once, with the log, if it exits first), stops it with SIGTERM and a timeout, and kills every process it started
+when the test ends. `Subscriber` reads events when the test asks; `Collector` keeps every event on a thread.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -26,57 +29,57 @@ def dead_rtsp_url() -> str:
     return f"rtsp://127.0.0.1:{free_port()}/live"
 
 
+def loopback_endpoint() -> str:
+    """A tcp:// endpoint on a free loopback port."""
+    return f"tcp://127.0.0.1:{free_port()}"
+
+
 class Daemon:
-    def __init__(self, root: Path, streams: str, extra: str = "", *, record_directory: str = "recordings",
-                 heartbeat_seconds: float = 0.2) -> None:
+    """`streams` and `extra` make a config with the tiny model (see `tiny_config`); `config_text` is written as it is
+    instead, with `publish` and `control` the endpoints a client reaches it at. `env` adds environment variables;
+    `server_key` is the daemon's CURVE public key, for the control requests made here."""
+
+    def __init__(self, root: Path, streams: str = "", extra: str = "", *, record_directory: str = "recordings",
+                 heartbeat_seconds: float = 0.2, config_text: str | None = None, publish: str | None = None,
+                 control: str | None = None, env: dict[str, str] | None = None,
+                 server_key: bytes | None = None) -> None:
         self.root = Path(root)
-        self.publish = f"tcp://127.0.0.1:{free_port()}"
-        self.control = f"tcp://127.0.0.1:{free_port()}"
+        self.publish = publish or loopback_endpoint()
+        self.control = control or loopback_endpoint()
+        self.env = dict(env or {})
+        self.server_key = server_key
         self.config = self.root / "config.toml"
-        sections = {"model", "tracker", "live", "publish", "record", "metrics", "supervisor", "web"}
-        defaults = {
-            "model": 'weights = "tiny"\nshort_side = 64\nmax_side = 96\nbatch_size = 2\nbox_threshold = 0.9\n',
-            "live": "open_timeout_seconds = 2\nread_timeout_seconds = 2\nreconnect_initial_seconds = 0.3\n"
-                    "reconnect_max_seconds = 1\n",
-            "publish": f'endpoint = "{self.publish}"\ncontrol_endpoint = "{self.control}"\n'
-                       f"heartbeat_seconds = {heartbeat_seconds}\n",
-            "record": f'directory = "{record_directory}"\nflush_seconds = 0.2\n',
-            "metrics": "port = 0\n",
-            "tracker": "",
-            "supervisor": "exit_when_done = false\nshutdown_timeout_seconds = 20\n",
-            "web": "enabled = false\nport = 0\n",  # the console has its own tests (test_web*.py)
-        }
-        # `extra` adds keys to a section with "[section]" lines; keys given there win over the defaults.
-        current, added = None, {name: "" for name in sections}
-        for line in extra.strip().splitlines():
-            if line.strip().startswith("[") and line.strip()[1:-1] in sections:
-                current = line.strip()[1:-1]
-            elif current is not None:
-                added[current] += line + "\n"
-        text = streams.strip() + "\n"
-        for name in ("model", "tracker", "live", "publish", "record", "metrics", "supervisor", "web"):
-            keys = {line.split("=")[0].strip() for line in added[name].splitlines() if "=" in line}
-            kept = "".join(line + "\n" for line in defaults[name].splitlines() if line.split("=")[0].strip() not in keys)
-            text += f"\n[{name}]\n{kept}{added[name]}"
-        self.config.write_text(text)
+        if config_text is None:
+            config_text = tiny_config(streams, extra, self.publish, self.control, record_directory=record_directory,
+                                      heartbeat_seconds=heartbeat_seconds)
+        self.config.write_text(config_text)
         self.log_path = self.root / "daemon.log"
         self.process: subprocess.Popen | None = None
+        self._log = None
 
     def start(self) -> "Daemon":
         self._log = open(self.log_path, "w")
-        env = dict(os.environ, PYTHONPATH=str(REPO), GROUNDWATCH_LOG="INFO")
+        env = {**os.environ, "PYTHONPATH": str(REPO), "GROUNDWATCH_LOG": "INFO", **self.env}
         self.process = subprocess.Popen([sys.executable, "-m", "streamer.cli", "run", str(self.config)],
                                         cwd=self.root, env=env, stdout=self._log, stderr=subprocess.STDOUT,
                                         start_new_session=True)
         return self
 
     def wait_ready(self, timeout: float = 120.0) -> dict:
+        """The status reply once the worker has loaded the model; a daemon that exits first (a bad config) fails
+        here at once, with its log."""
         from streamer.client import wait_ready
 
-        try:
-            return wait_ready(self.control, timeout=timeout)
-        except TimeoutError:
-            raise AssertionError(f"daemon not ready; log:\n{self.log()}") from None
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process is not None and self.process.poll() is not None:
+                raise AssertionError(f"daemon exited ({self.process.returncode}) before it was ready; "
+                                     f"log:\n{self.log()}")
+            try:
+                return wait_ready(self.control, min(5.0, deadline - time.monotonic()), self.server_key)
+            except TimeoutError:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"daemon not ready within {timeout:g} s; log:\n{self.log()}") from None
 
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
@@ -84,7 +87,7 @@ class Daemon:
     def request(self, message: dict, timeout: float = 10.0) -> dict:
         from streamer.client import request
 
-        return request(self.control, message, timeout)
+        return request(self.control, message, timeout, self.server_key)
 
     def child_pids(self) -> dict[str, int]:
         return {name: p["pid"] for name, p in self.request({"cmd": "status"})["processes"].items() if p["pid"]}
@@ -94,6 +97,17 @@ class Daemon:
             return self.process.wait(timeout)
         except subprocess.TimeoutExpired:
             return None
+
+    def stop(self, timeout: float = 60.0) -> int | None:
+        """SIGTERM to the supervisor (as a service manager stops it), then SIGKILL to its whole group if it has not
+        exited within `timeout` s. Returns its exit code, None when it had to be killed."""
+        code = None
+        if self.process is not None:
+            if self.process.poll() is None:
+                self.process.terminate()
+            code = self.wait_exit(timeout)
+        self.kill()
+        return code
 
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -107,9 +121,42 @@ class Daemon:
                 os.killpg(self.process.pid, signal.SIGKILL)  # children of a supervisor that already exited
             except (ProcessLookupError, PermissionError):
                 pass
-        if getattr(self, "_log", None) is not None:
+        if self._log is not None:
             self._log.close()
             self._log = None
+            if os.environ.get("GROUNDWATCH_TEST_LOG"):
+                print(self.log())
+
+
+def tiny_config(streams: str, extra: str, publish: str, control: str, *, record_directory: str = "recordings",
+                heartbeat_seconds: float = 0.2) -> str:
+    """`streams` and defaults for every section (the tiny model, fast reconnects and flushes, no web console);
+    `extra` adds keys to a section with "[section]" lines, and keys given there win over the defaults."""
+    sections = {"model", "tracker", "live", "publish", "record", "metrics", "supervisor", "web"}
+    defaults = {
+        "model": 'weights = "tiny"\nshort_side = 64\nmax_side = 96\nbatch_size = 2\nbox_threshold = 0.9\n',
+        "live": "open_timeout_seconds = 2\nread_timeout_seconds = 2\nreconnect_initial_seconds = 0.3\n"
+                "reconnect_max_seconds = 1\n",
+        "publish": f'endpoint = "{publish}"\ncontrol_endpoint = "{control}"\n'
+                   f"heartbeat_seconds = {heartbeat_seconds}\n",
+        "record": f'directory = "{record_directory}"\nflush_seconds = 0.2\n',
+        "metrics": "port = 0\n",
+        "tracker": "",
+        "supervisor": "exit_when_done = false\nshutdown_timeout_seconds = 20\n",
+        "web": "enabled = false\nport = 0\n",  # the console has its own tests (test_web*.py)
+    }
+    current, added = None, {name: "" for name in sections}
+    for line in extra.strip().splitlines():
+        if line.strip().startswith("[") and line.strip()[1:-1] in sections:
+            current = line.strip()[1:-1]
+        elif current is not None:
+            added[current] += line + "\n"
+    text = streams.strip() + "\n"
+    for name in ("model", "tracker", "live", "publish", "record", "metrics", "supervisor", "web"):
+        keys = {line.split("=")[0].strip() for line in added[name].splitlines() if "=" in line}
+        kept = "".join(line + "\n" for line in defaults[name].splitlines() if line.split("=")[0].strip() not in keys)
+        text += f"\n[{name}]\n{kept}{added[name]}"
+    return text
 
 
 class Subscriber:
@@ -150,4 +197,65 @@ class Subscriber:
         raise AssertionError(f"no event {fields} within {timeout} s; last: {self.events[-5:]}")
 
     def close(self) -> None:
+        self.socket.close()
+
+
+class Collector:
+    """A subscriber on its own thread that keeps every event it receives."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.events: list[dict] = []
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.socket = zmq.Context.instance().socket(zmq.SUB)
+        self.socket.setsockopt(zmq.SUBSCRIBE, b"")
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.connect(endpoint)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        from streamer.events import decode_payload
+
+        poller = zmq.Poller()
+        poller.register(self.socket, zmq.POLLIN)
+        while not self.stop.is_set():
+            if not poller.poll(100):
+                continue
+            while True:
+                try:
+                    frames = self.socket.recv_multipart(flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                if len(frames) != 2:  # a web console preview, not an event (docs/events.md)
+                    continue
+                topic, payload = frames
+                event = decode_payload(payload)
+                assert topic.decode() == f"{event['stream']}/{event['kind']}"
+                with self.lock:
+                    self.events.append(event)
+
+    def select(self, stream=None, kind=None, since: int = 0, **fields) -> list[dict]:
+        with self.lock:
+            events = self.events[since:]
+        return [e for e in events if (stream is None or e["stream"] == stream) and (kind is None or e["kind"] == kind)
+                and all(e.get(k) == v for k, v in fields.items())]
+
+    def mark(self) -> int:
+        with self.lock:
+            return len(self.events)
+
+    def wait_for(self, timeout: float, stream=None, kind=None, since: int = 0, count: int = 1, **fields):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = self.select(stream, kind, since, **fields)
+            if len(found) >= count:
+                return found
+            time.sleep(0.05)
+        raise AssertionError(f"no {count} x {stream}/{kind} {fields} within {timeout} s; "
+                             f"last events: {self.select(since=max(0, self.mark() - 5))}")
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
         self.socket.close()

@@ -9,8 +9,6 @@ snapshots showing the object, clips cut from the file, and bad run-time input re
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,15 +20,13 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 import alerts_scene as scene  # noqa: E402
-from rtsp_server import free_port  # noqa: E402
-from test_streamer_e2e import Collector  # noqa: E402
+from daemon_harness import Collector, Daemon, loopback_endpoint  # noqa: E402
 
 import gdino  # noqa: E402
-from streamer.client import request, set_rules, set_zones, status, wait_ready  # noqa: E402
+from streamer.client import request, set_rules, set_zones, status  # noqa: E402
 from streamer.media import write_video  # noqa: E402
 from streamer.recording import read_events  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 DEFAULT = Path(gdino.__file__).parent / "assets" / "default" / "model.safetensors"
 
 pytestmark = [pytest.mark.slow,
@@ -75,9 +71,8 @@ def run(tmp_path_factory):
     frames, truth = scene.render()
     write_video(root / "yard.mp4", frames, fps=scene.FPS, gop=10)
     write_video(root / "short.mp4", frames[:6], fps=scene.FPS)
-    publish, control = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
-    config = root / "config.toml"
-    config.write_text(f"""
+    publish, control = loopback_endpoint(), loopback_endpoint()
+    daemon = Daemon(root, publish=publish, control=control, config_text=f"""
 [[streams]]
 id = "yard"
 url = "yard.mp4"
@@ -129,19 +124,9 @@ exit_when_done = false
 {RULES_TOML}
 """)
     collector = Collector(publish)
-    env = dict(os.environ, PYTHONPATH=str(REPO), GROUNDWATCH_LOG="INFO")
-    log_file = open(root / "daemon.log", "w")
-    process = subprocess.Popen([sys.executable, "-m", "streamer.cli", "run", str(config)], cwd=root, env=env,
-                               stdout=log_file, stderr=subprocess.STDOUT)
+    daemon.start()
     try:
-        deadline = time.monotonic() + 300
-        while True:  # a daemon that exits at start-up (a bad config) fails here at once, with its log
-            assert process.poll() is None, (root / "daemon.log").read_text()
-            try:
-                wait_ready(control, timeout=5)
-                break
-            except TimeoutError:
-                assert time.monotonic() < deadline, "the daemon was not ready in 300 s"
+        daemon.wait_ready(300)  # a daemon that exits at start-up (a bad config) fails here at once, with its log
         # A rule added while the video plays (every other rule unchanged, so they keep their state).
         collector.wait_for(900, stream="yard", kind="detections", frame=20)
         reply = set_rules(control, RULES + [{"name": "cross_anywhere", "phrase": "purple cross", "stream": "yard"}])
@@ -151,19 +136,10 @@ exit_when_done = false
         time.sleep(1.0)  # the hub's flush period
         [log_path] = (root / "recordings" / "yard").glob("events-*.jsonl")
         yield {"root": root, "control": control, "collector": collector, "events": list(read_events(log_path)),
-               "truth": truth, "process": process, "set_rules_reply": reply}
+               "truth": truth, "process": daemon.process, "set_rules_reply": reply}
     finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
-        log_file.close()
+        daemon.stop(30)
         collector.close()
-        if os.environ.get("GROUNDWATCH_TEST_LOG"):
-            print((root / "daemon.log").read_text())
 
 
 def of(events, kind, **fields):

@@ -8,8 +8,6 @@ worker's own inference times.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,7 +15,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from detection_match import match_detections  # noqa: E402
-from rtsp_server import free_port  # noqa: E402
+from daemon_harness import Daemon, loopback_endpoint  # noqa: E402
 
 from streamer.recording import read_events  # noqa: E402
 
@@ -34,8 +32,8 @@ class _Found:
 
 def run_daemon(root: Path, backend: str, cache: Path) -> list[dict]:
     root.mkdir(parents=True)
-    config = root / "config.toml"
-    config.write_text(f"""
+    publish, control = loopback_endpoint(), loopback_endpoint()
+    daemon = Daemon(root, publish=publish, control=control, config_text=f"""
 [[streams]]
 id = "demo"
 url = "{DEMO}"
@@ -53,8 +51,8 @@ short_side = 192
 max_side = 256
 
 [publish]
-endpoint = "tcp://127.0.0.1:{free_port()}"
-control_endpoint = "tcp://127.0.0.1:{free_port()}"
+endpoint = "{publish}"
+control_endpoint = "{control}"
 
 [record]
 directory = "{root / 'recordings'}"
@@ -68,19 +66,14 @@ enabled = false
 [supervisor]
 exit_when_done = true
 """)
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    with open(root / "daemon.log", "w") as log:
-        process = subprocess.Popen([sys.executable, "-m", "streamer.cli", "run", str(config)], cwd=root, env=env,
-                                   stdout=log, stderr=subprocess.STDOUT)
-        try:
-            process.wait(timeout=780)
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait(10)
+    daemon.start()
+    try:
+        assert daemon.wait_exit(780) is not None, f"still running after 780 s; log:\n{daemon.log()[-3000:]}"
+    finally:
+        daemon.kill()
     [path] = sorted((root / "recordings" / "demo").glob("events-*.jsonl"))
     detections = [e for e in read_events(path) if e["kind"] == "detections"]
-    assert detections, (root / "daemon.log").read_text()[-3000:]
+    assert detections, daemon.log()[-3000:]
     return detections
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -24,9 +23,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from mqtt_broker import Mosquitto, Recorder, free_port, mosquitto_binary, retained_copy  # noqa: E402
 from test_mqtt_bridge import (  # noqa: E402
     check_discovery_payload, documented_object_fields, documented_topics)
-from test_streamer_e2e import Collector  # noqa: E402
+from daemon_harness import Collector, Daemon, loopback_endpoint  # noqa: E402
 
-from streamer.client import status, wait_ready  # noqa: E402
+from streamer.client import status  # noqa: E402
 from streamer.webhooks import SIGNATURE_HEADER, verify  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,9 +71,8 @@ def daemon(tmp_path_factory, request):
     request.addfinalizer(good.shutdown)
     request.addfinalizer(hanging.shutdown)
     request.addfinalizer(Hook.release.set)  # first: lets the hanging handler threads end
-    publish, control = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
-    config = root / "config.toml"
-    config.write_text(f"""
+    publish, control = loopback_endpoint(), loopback_endpoint()
+    daemon = Daemon(root, publish=publish, control=control, config_text=f"""
 [[streams]]
 id = "demo"
 url = "{REPO / 'streamer' / 'assets' / 'demo.mp4'}"
@@ -134,25 +132,16 @@ queue_size = 5
 """)
     recorder = Recorder(broker.port, ["groundwatch/#", "homeassistant/#"])
     collector = Collector(publish)
-    env = dict(os.environ, PYTHONPATH=str(REPO), GROUNDWATCH_LOG="INFO")
-    log_path = root / "daemon.log"
-    log_file = open(log_path, "w")
-    process = subprocess.Popen([sys.executable, "-m", "streamer.cli", "run", str(config)], cwd=root, env=env,
-                               stdout=log_file, stderr=subprocess.STDOUT)
+    daemon.start()
     try:
-        wait_ready(control, timeout=180)
-        yield {"process": process, "broker": broker, "recorder": recorder, "collector": collector,
+        daemon.wait_ready(180)
+        yield {"process": daemon.process, "broker": broker, "recorder": recorder, "collector": collector,
                "control": control, "good": good, "hanging": hanging, "root": root}
     finally:
         Hook.release.set()
-        if process.poll() is None:
-            process.kill()
-            process.wait(10)
-        log_file.close()
+        daemon.kill()
         collector.close()
         recorder.close()
-        if os.environ.get("GROUNDWATCH_TEST_LOG"):
-            print(log_path.read_text())
 
 
 def frigate_events(recorder: Recorder, since: int = 0) -> list[dict]:
@@ -344,9 +333,8 @@ def test_unreachable_broker_at_start_daemon_runs_and_reports(tmp_path):
 
     frames, _ = render_video(1, 8, (120, 160), 10)
     write_video(tmp_path / "clip.mp4", frames, fps=10)
-    publish, control = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
-    config = tmp_path / "config.toml"
-    config.write_text(f"""
+    publish, control = loopback_endpoint(), loopback_endpoint()
+    daemon = Daemon(tmp_path, publish=publish, control=control, config_text=f"""
 [[streams]]
 id = "clip"
 url = "clip.mp4"
@@ -380,11 +368,9 @@ reconnect_initial_seconds = 0.2
 reconnect_max_seconds = 1
 """)
     collector = Collector(publish)
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    process = subprocess.Popen([sys.executable, "-m", "streamer.cli", "run", str(config)], cwd=tmp_path, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    daemon.start()
     try:
-        wait_ready(control, timeout=180)
+        daemon.wait_ready(180)
         error = collector.wait_for(60, "clip", "error", error_type="mqtt_unreachable")[0]
         assert "cannot reach the MQTT broker at 127.0.0.1:" in error["message"]
         collector.wait_for(300, "clip", "status", reason="end_of_file")
@@ -392,11 +378,6 @@ reconnect_max_seconds = 1
         assert heartbeat["mqtt_state"] == "disconnected" and heartbeat["frames_processed"] == 8
         assert status(control)["processes"]["mqtt"]["alive"]
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
+        code = daemon.stop(60)
         collector.close()
-    assert process.returncode == 0
+    assert code == 0, daemon.log()[-3000:]

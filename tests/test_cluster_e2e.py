@@ -24,14 +24,14 @@ from daemon_harness import Daemon, Subscriber  # noqa: E402
 from ray_cluster import RayCluster, ray_available  # noqa: E402
 from rtsp_server import RtspServer, gstreamer_available  # noqa: E402
 
-# The local Ray cluster of these tests did not come up on the CI VM (2026-11-27: the second node never registered
-# and a driver could not connect to the head, whose GCS advertised the VM's non-loopback address), and the
-# raylet-kill case has not passed yet (issue 17 is open). Until both are fixed they run only when asked for:
-# GROUNDWATCH_RAY_E2E=1 python -m pytest tests/test_cluster_e2e.py
+# The local Ray cluster now comes up on loopback (tests/ray_cluster.py, docs/cluster.md "A local test cluster"),
+# and each test below has passed here in its present form (2026-11-27, a 2-core VM at load 10-12), but once each,
+# in about 5 and 4 minutes at that load: until they have passed repeatedly within a CI budget they run only when
+# asked for: GROUNDWATCH_RAY_E2E=1 python -m pytest tests/test_cluster_e2e.py
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not ray_available(), reason="ray not installed (pip install groundwatch[cluster])"),
               pytest.mark.skipif(os.environ.get("GROUNDWATCH_RAY_E2E") != "1",
-                                 reason="the local Ray cluster does not start reliably on the CI VM (issue 17 open); "
+                                 reason="not yet shown reliable within a CI budget (issue 17); "
                                         "set GROUNDWATCH_RAY_E2E=1 to run")]
 
 DEMO = Path(__file__).resolve().parents[1] / "streamer" / "assets" / "demo.mp4"
@@ -57,33 +57,27 @@ shutdown_timeout_seconds = 30
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """Head (decoders: `gw-head`), node `site-a` (a detector slot), node `victim` (a detector slot)."""
+    """Head (decoders: `gw-head`; a detector slot) and node `site-a` (a detector slot), on loopback, with the
+    cluster's own token in this process's environment (the daemons and `ray.init` here inherit it)."""
+    saved = dict(os.environ)
     # Fast failure detection, as an operator would set for a camera service (docs/cluster.md).
     os.environ.setdefault("RAY_health_check_period_ms", "1000")
     os.environ.setdefault("RAY_health_check_failure_threshold", "3")
     ray_cluster = RayCluster(tmp_path_factory.mktemp("ray"))
     try:
-        ray_cluster.start(head_cpus=4, head_resources={"gw-head": 8})
+        ray_cluster.start(head_cpus=4, head_resources={"gw-head": 8, "gw-detector": 1})
         ray_cluster.site_a = ray_cluster.add_node(cpus=2, resources={"site-a": 1, "gw-detector": 1})
-        ray_cluster.victim = ray_cluster.add_node(cpus=1, resources={"victim": 1, "gw-detector": 1})
+        ray_cluster.use_in_this_process()
         yield ray_cluster
     finally:
         ray_cluster.stop()
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def node_ids(cluster: RayCluster) -> dict[str, str]:
-    """Custom resource -> node id, from the cluster itself."""
-    import subprocess
-
-    probe = ("import json, ray; ray.init(address=%r, logging_level='ERROR', log_to_driver=False); "
-             "print(json.dumps([[n['NodeID'], n['Resources']] for n in ray.nodes() if n['Alive']]))" % cluster.address)
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60).stdout
-    found = {}
-    for node_id, resources in json.loads(out.strip().splitlines()[-1]):
-        for name in ("gw-head", "site-a", "victim"):
-            if name in resources:
-                found[name] = node_id
-    return found
+    """Custom resource -> node id (the ids the test cluster gave its nodes)."""
+    return {"gw-head": cluster.nodes[0].node_id, "site-a": cluster.site_a.node_id}
 
 
 def detections(events: list[dict], stream: str) -> list[dict]:
@@ -122,7 +116,7 @@ def test_file_events_match_single_machine_and_decoder_runs_where_pinned(cluster,
 id = "demo"
 url = "{DEMO}"
 prompt = "{PROMPT}"
-fps = 2
+fps = 10
 resources = {{"site-a" = 1}}
 '''
     model = MODEL.format(batch_size=1, exit_when_done="true")
@@ -151,23 +145,29 @@ connect_timeout_seconds = 30
                 metrics_url = status["metrics"]
                 metrics = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
                 break
-            time.sleep(0.3)
+            subscriber.read(0.3)
+        while daemon.process.poll() is None:
+            subscriber.read(0.5)
         code = daemon.wait_exit(300)
-        subscriber.read(0.5)
+        subscriber.read(1.0)
         assert code == 0, daemon.log()[-4000:]
     finally:
         daemon.kill()
     on_cluster = subscriber.events
+    # What a subscriber saw is what the hub recorded (the one PUB endpoint, as on one machine).
+    kinds = sorted({e["kind"] for e in on_cluster})
+    assert detections(recorded(daemon, "demo"), "demo") == detections(on_cluster, "demo"), \
+        (kinds, len(on_cluster), daemon.log()[-2000:])
 
     nodes = node_ids(cluster)
     assert placement is not None, daemon.log()[-3000:]
     assert placement["decoder"]["node"] == nodes["site-a"]
-    assert placement["detector_node"] in (nodes["site-a"], nodes["victim"])  # where gw-detector is
+    assert placement["detector_node"] in (nodes["site-a"], nodes["gw-head"])  # where gw-detector is
     assert 'stage="decoder"' in metrics and nodes["site-a"] in metrics
     assert "groundwatch_detector_ready" in metrics
 
     expected, got = detections(single, "demo"), detections(on_cluster, "demo")
-    assert [e["frame"] for e in expected] == list(range(0, 60, 5))  # fps 2 of a 10 fps file
+    assert [e["frame"] for e in expected] == list(range(60))  # every frame of the 10 fps file: tracks form
     assert [e["frame"] for e in got] == [e["frame"] for e in expected]
     assert sum(len(e["detections"]) for e in expected) > 10  # the comparison is not over empty frames
     for ours, theirs in zip(got, expected):
@@ -180,7 +180,7 @@ connect_timeout_seconds = 30
     assert track_lifecycle(on_cluster, "demo") == track_lifecycle(single, "demo")
     assert {e[1] for e in track_lifecycle(on_cluster, "demo")} >= {"started", "ended"}
     ends = [e for e in on_cluster if e["kind"] == "status" and e.get("reason") == "end_of_file"]
-    assert len(ends) == 1 and ends[0]["frames"] == 12
+    assert len(ends) == 1 and ends[0]["frames"] == 60
 
 
 def wait_detections(subscriber: Subscriber, stream: str, after: float, timeout: float) -> dict:
@@ -192,6 +192,21 @@ def wait_detections(subscriber: Subscriber, stream: str, after: float, timeout: 
         subscriber.read(0.1)
     raise AssertionError(f"no detections of {stream} within {timeout} s after the fault; last events: "
                          f"{[(e['stream'], e['kind'], e.get('reason')) for e in subscriber.events[-15:]]}")
+
+
+def wait_all_detectors_ready(daemon: Daemon, timeout: float, streams=("file", "cam")) -> dict:
+    """The daemon's status once every detector actor is ready (placed, model loaded) and each of `streams` is
+    served by one (not in the middle of a move between two)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = daemon.request({"cmd": "status"})
+        detectors = status.get("cluster", {}).get("detectors", {})
+        if detectors and all(d["state"] == "ready" for d in detectors.values()) and all(
+                status["streams"][s].get("cluster", {}).get("detector") for s in streams):
+            return status
+        if time.monotonic() > deadline:
+            raise AssertionError(f"detector actors not ready within {timeout} s: {detectors}")
+        time.sleep(0.5)
 
 
 @pytest.mark.skipif(not gstreamer_available(), reason="GStreamer RTSP server not installed")
@@ -208,7 +223,7 @@ def test_detector_killed_and_node_lost_streams_go_on(cluster, tmp_path):
 id = "file"
 url = "{DEMO}"
 prompt = "{PROMPT}"
-fps = 2
+fps = 10
 loop = true
 resources = {{"gw-head" = 1}}
 
@@ -247,8 +262,9 @@ detector_resources = {{"gw-detector" = 1}}
         assert answer["ok"], answer
         subscriber.wait_for(30, stream="cam", kind="status", reason="prompt_changed", prompt="a white ball .")
 
-        # 1. ray.kill the detector actor serving the file stream: Ray restarts it, we move its streams meanwhile.
-        status = daemon.request({"cmd": "status"})
+        # 1. ray.kill the detector actor serving the file stream: Ray restarts it, we move its streams meanwhile
+        # (to the other actor: both must be up first, which on a loaded machine is well after the first events).
+        status = wait_all_detectors_ready(daemon, 240)
         actor = status["streams"]["file"]["cluster"]["detector"]
         run_name = next(n for n in ray.util.list_named_actors(all_namespaces=True)
                         if n["name"].endswith(actor) and n["namespace"] == "groundwatch")["name"]
@@ -262,18 +278,18 @@ detector_resources = {{"gw-detector" = 1}}
         subscriber.wait_for(90, stream="file", kind="status", reason="worker_back")  # restarted: rebalanced
 
         # 2. the raylet of a node serving a stream dies (as its host would): streams move to the survivor.
-        deadline = time.monotonic() + 60
+        # Once the restarted actor is up again and the load rebalanced: one stream per node.
+        deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
-            status = daemon.request({"cmd": "status"})
+            status = wait_all_detectors_ready(daemon, 240)
             serving = {s: status["streams"][s]["cluster"]["detector_node"] for s in ("file", "cam")}
-            if all(serving.values()):
+            if all(serving.values()) and len(set(serving.values())) == 2:
                 break
-            time.sleep(0.5)
-        nodes = node_ids(cluster)
-        victim = cluster.victim if nodes["victim"] in serving.values() else cluster.site_a
-        victim_node = nodes["victim"] if victim is cluster.victim else nodes["site-a"]
+            subscriber.read(0.5)
+        # The worker node dies (the head, where the decoders and the hub's driver run, stays).
+        victim, victim_node = cluster.site_a, cluster.site_a.node_id
         moved = [s for s, node in serving.items() if node == victim_node]
-        assert moved, serving
+        assert moved, serving  # two detectors, two nodes, two streams: one stream at least is on site-a
         killed_at = time.time()
         cluster.kill_raylet(victim)
         for stream in ("file", "cam"):
@@ -292,9 +308,10 @@ detector_resources = {{"gw-detector" = 1}}
         server.kill()
         ray.shutdown()
 
-    # Every frame of the file exactly once, in order, through two faults (fps 2 of a looped 10 fps file).
+    # Every frame of the file exactly once, in order, through two faults (every frame of a looped 10 fps file: at
+    # fps 2 the shapes move too far between frames for tracks to form, and no track could end with worker_lost).
     frames = [e["frame"] for e in recorded(daemon, "file") if e["kind"] == "detections"]
-    assert frames == list(range(0, 5 * len(frames), 5)), frames
+    assert frames == list(range(len(frames))), frames
     assert len(frames) >= 6
     log_file = recorded(daemon, "file")
     assert any(e["kind"] == "status" and e.get("reason") == "worker_lost" for e in log_file)

@@ -10,22 +10,18 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 import torch
 
-from streamer.client import status, subscribe, wait_ready
+from streamer.client import status, subscribe
 from streamer.media import write_video
 from streamer.watchdog import BatchSizer, DetectorWatchdog, FaultInjection, is_out_of_memory
 
-from rtsp_server import free_port
 from fakes import frame_with_value, make_worker
-from daemon_harness import REPO
+from daemon_harness import Daemon, loopback_endpoint
 
 
 class FakeClock:
@@ -148,9 +144,11 @@ def test_hung_detector_gets_the_worker_restarted(tmp_path):
     for good. With `watchdog_seconds = 15` the supervisor kills the worker, says why (`detector_hung`), restarts
     it, and detections resume."""
     write_video(tmp_path / "v.mp4", np.zeros((10, 48, 64, 3), np.uint8), fps=10)
-    publish, control = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
-    config = tmp_path / "config.toml"
-    config.write_text(f"""
+    fault = tmp_path / "fault.json"
+    fault.write_text(json.dumps({"fault": "sleep", "after_calls": 3, "seconds": 600}))
+    publish, control = loopback_endpoint(), loopback_endpoint()
+    daemon = Daemon(tmp_path, publish=publish, control=control, env={"GROUNDWATCH_FAULT_FILE": str(fault)},
+                    config_text=f"""
 [[streams]]
 id = "cam"
 url = "v.mp4"
@@ -179,14 +177,9 @@ enabled = false
 exit_when_done = false
 restart_initial_seconds = 0.2
 """)
-    fault = tmp_path / "fault.json"
-    fault.write_text(json.dumps({"fault": "sleep", "after_calls": 3, "seconds": 600}))
-    log = open(tmp_path / "daemon.log", "w")
-    process = subprocess.Popen([sys.executable, "-m", "streamer.cli", "run", str(config)], cwd=tmp_path,
-                               env=dict(os.environ, PYTHONPATH=str(REPO), GROUNDWATCH_FAULT_FILE=str(fault)),
-                               stdout=log, stderr=subprocess.STDOUT)
+    daemon.start()
     try:
-        wait_ready(control, timeout=180)
+        daemon.wait_ready(180)
         first_pid = status(control)["processes"]["worker"]["pid"]
         seen = {"detector_hung": None, "process_crashed": None, "after": 0}
         for event in subscribe(publish, stream="cam", timeout=120):
@@ -198,18 +191,12 @@ restart_initial_seconds = 0.2
                     break
         assert seen["detector_hung"] is not None and "watchdog_seconds" in seen["detector_hung"]["message"]
         assert "worker" in seen["process_crashed"]["message"]
-        assert seen["after"] >= 3, (tmp_path / "daemon.log").read_text()[-3000:]
+        assert seen["after"] >= 3, daemon.log()[-3000:]
         worker = status(control)["processes"]["worker"]
         assert worker["restarts"] >= 1 and worker["pid"] != first_pid and worker["alive"]
         assert not fault.exists()  # one-shot: the restarted worker runs clean
     finally:
-        process.terminate()
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
-        log.close()
+        daemon.stop(60)
 
 
 def test_memory_that_never_comes_back_gets_the_worker_restarted(mailbox_factory, stats_factory):

@@ -7,9 +7,6 @@ bound to 0.0.0.0 for the test only, reached through loopback).
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,13 +16,13 @@ import zmq
 
 from streamer import cli
 from streamer.auth import is_loopback, load_public, write_key_pair
-from streamer.client import GapCounter, request, status, subscribe, wait_ready
+from streamer.client import GapCounter, request, status, subscribe
 from streamer.events import decode_payload
 from streamer.hub import Hub
 from streamer.media import write_video
 
 from rtsp_server import free_port
-from daemon_harness import REPO
+from daemon_harness import Daemon
 
 
 def receive_all(socket, wait: float = 1.0) -> list[dict]:
@@ -108,10 +105,9 @@ def test_loopback_endpoints(endpoint, loopback):
     assert is_loopback(endpoint) == loopback
 
 
-def write_config(root: Path, publish: str, control: str, key_file: str | None, streams: str) -> Path:
-    config = root / "config.toml"
+def config_text(publish: str, control: str, key_file: str | None, streams: str) -> str:
     key = f'curve_secret_key_file = "{key_file}"\n' if key_file else ""
-    config.write_text(streams + f"""
+    return streams + f"""
 [model]
 weights = "tiny"
 short_side = 96
@@ -130,7 +126,12 @@ enabled = false
 
 [supervisor]
 exit_when_done = false
-""")
+"""
+
+
+def write_config(root: Path, publish: str, control: str, key_file: str | None, streams: str) -> Path:
+    config = root / "config.toml"
+    config.write_text(config_text(publish, control, key_file, streams))
     return config
 
 
@@ -184,34 +185,18 @@ url = "garbage.mp4"
 prompt = "a thing ."
 """
     publish_port, control_port = free_port(), free_port()
-    config = write_config(root, f"tcp://0.0.0.0:{publish_port}", f"tcp://0.0.0.0:{control_port}", str(secret),
-                          streams)
-    log = open(root / "daemon.log", "w")
-    process = subprocess.Popen([sys.executable, "-m", "streamer.cli", "run", str(config)], cwd=root,
-                               env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=log, stderr=subprocess.STDOUT)
     control = f"tcp://127.0.0.1:{control_port}"
     key = load_public(public)
+    daemon = Daemon(root, publish=f"tcp://127.0.0.1:{publish_port}", control=control, server_key=key,
+                    config_text=config_text(f"tcp://0.0.0.0:{publish_port}", f"tcp://0.0.0.0:{control_port}",
+                                            str(secret), streams))
+    daemon.start()
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if status(control, timeout=2, server_key=key)["worker_ready"]:
-                    break
-            except TimeoutError:
-                pass
-            assert process.poll() is None, (root / "daemon.log").read_text()
-            assert time.monotonic() < deadline, "daemon not ready"
-            time.sleep(0.3)
-        yield {"publish": f"tcp://127.0.0.1:{publish_port}", "control": control, "key": key, "public": public,
-               "process": process, "root": root}
+        daemon.wait_ready(180)
+        yield {"publish": daemon.publish, "control": control, "key": key, "public": public,
+               "process": daemon.process, "root": root}
     finally:
-        process.terminate()
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
-        log.close()
+        daemon.stop(60)
 
 
 def test_client_without_the_key_gets_nothing(curve_daemon):

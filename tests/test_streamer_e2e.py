@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -23,11 +22,11 @@ import pytest
 import zmq
 
 sys.path.insert(0, str(Path(__file__).parent))
-from rtsp_server import RtspServer, free_port, gstreamer_available  # noqa: E402
+from daemon_harness import Collector, Daemon, loopback_endpoint  # noqa: E402
+from rtsp_server import RtspServer, gstreamer_available  # noqa: E402
 
 from streamer import cli  # noqa: E402
-from streamer.client import set_prompt, status, wait_ready  # noqa: E402
-from streamer.events import decode_payload  # noqa: E402
+from streamer.client import set_prompt, status  # noqa: E402
 from streamer.media import write_video  # noqa: E402
 from streamer.recording import read_events  # noqa: E402
 from streamer.replay import replay  # noqa: E402
@@ -37,65 +36,6 @@ FILE_FRAMES = 8
 
 pytestmark = pytest.mark.skipif(not gstreamer_available(), reason="GStreamer RTSP server not installed "
                                 "(scripts/setup.sh installs it)")
-
-
-class Collector:
-    """A subscriber on its own thread that keeps every event it receives."""
-
-    def __init__(self, endpoint: str) -> None:
-        self.events: list[dict] = []
-        self.lock = threading.Lock()
-        self.stop = threading.Event()
-        self.socket = zmq.Context.instance().socket(zmq.SUB)
-        self.socket.setsockopt(zmq.SUBSCRIBE, b"")
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.connect(endpoint)
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self.socket, zmq.POLLIN)
-        while not self.stop.is_set():
-            if not poller.poll(100):
-                continue
-            while True:
-                try:
-                    frames = self.socket.recv_multipart(flags=zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                if len(frames) != 2:  # a web console preview, not an event (docs/events.md)
-                    continue
-                topic, payload = frames
-                event = decode_payload(payload)
-                assert topic.decode() == f"{event['stream']}/{event['kind']}"
-                with self.lock:
-                    self.events.append(event)
-
-    def select(self, stream=None, kind=None, since: int = 0, **fields) -> list[dict]:
-        with self.lock:
-            events = self.events[since:]
-        return [e for e in events if (stream is None or e["stream"] == stream) and (kind is None or e["kind"] == kind)
-                and all(e.get(k) == v for k, v in fields.items())]
-
-    def mark(self) -> int:
-        with self.lock:
-            return len(self.events)
-
-    def wait_for(self, timeout: float, stream=None, kind=None, since: int = 0, count: int = 1, **fields):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = self.select(stream, kind, since, **fields)
-            if len(found) >= count:
-                return found
-            time.sleep(0.05)
-        raise AssertionError(f"no {count} x {stream}/{kind} {fields} within {timeout} s; "
-                             f"last events: {self.select(since=max(0, self.mark() - 5))}")
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(5)
-        self.socket.close()
 
 
 @pytest.fixture(scope="module")
@@ -111,9 +51,8 @@ def daemon(tmp_path_factory):
 
     server = RtspServer(width=160, height=120, fps=10)
     server.start()
-    publish, control = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
-    config = root / "config.toml"
-    config.write_text(f"""
+    publish, control = loopback_endpoint(), loopback_endpoint()
+    daemon = Daemon(root, publish=publish, control=control, config_text=f"""
 [[streams]]
 id = "file"
 url = "good.mp4"
@@ -176,25 +115,16 @@ exit_when_done = false
     stuck.setsockopt(zmq.SUBSCRIBE, b"")
     stuck.setsockopt(zmq.LINGER, 0)
     stuck.connect(publish)
-    env = dict(os.environ, PYTHONPATH=str(REPO), GROUNDWATCH_LOG="INFO")
-    log_path = root / "daemon.log"
-    log_file = open(log_path, "w")
-    process = subprocess.Popen([sys.executable, "-m", "streamer.cli", "run", str(config)], cwd=root, env=env,
-                               stdout=log_file, stderr=subprocess.STDOUT)
+    daemon.start()
     try:
-        wait_ready(control, timeout=120)
-        yield {"process": process, "root": root, "server": server, "control": control, "collector": collector,
-               "stuck": stuck, "log": log_path, "publish": publish}
+        daemon.wait_ready(120)
+        yield {"process": daemon.process, "root": root, "server": server, "control": control,
+               "collector": collector, "stuck": stuck, "log": daemon.log_path, "publish": publish}
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(10)
-        log_file.close()
+        daemon.kill()
         collector.close()
         stuck.close()
         server.kill()
-        if os.environ.get("GROUNDWATCH_TEST_LOG"):
-            print(log_path.read_text())
 
 
 def recording(root: Path, stream: str) -> list[dict]:

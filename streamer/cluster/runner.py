@@ -93,9 +93,20 @@ def connect(cluster: ClusterConfig):
     if "ok" in outcome:
         return ray
     if "error" in outcome:
-        raise ClusterError(f"cannot connect to the Ray cluster at {cluster.address}: {outcome['error']}")
+        raise ClusterError(f"cannot connect to the Ray cluster at {cluster.address}: {outcome['error']}"
+                           f"{_token_hint()}")
     raise ClusterError(f"cannot connect to the Ray cluster at {cluster.address} within "
-                       f"{cluster.connect_timeout_seconds:g} s (cluster.connect_timeout_seconds)")
+                       f"{cluster.connect_timeout_seconds:g} s (cluster.connect_timeout_seconds){_token_hint()}")
+
+
+def _token_hint() -> str:
+    """Ray (2.60) sends its cluster token from a driver given an explicit address only when RAY_AUTH_MODE=token
+    is set: without it a cluster with token auth refuses the driver ("Missing authorization header" in its GCS
+    log) and ray.init waits until the timeout."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
+        return ""
+    return ("; if the cluster uses token auth (on by default in Ray 2.60), run with RAY_AUTH_MODE=token and its "
+            "token in RAY_AUTH_TOKEN or ~/.ray/auth_token (docs/cluster.md)")
 
 
 @dataclass
@@ -724,8 +735,10 @@ class ClusterDriver:
             if detector.state == "starting" and now - detector.created_at > self.cluster.placement_timeout_seconds \
                     and not getattr(detector, "reported", False):
                 detector.reported = True
-                log.error("%s not placed within %g s (cluster.placement_timeout_seconds): no node has %s",
-                          detector.name, self.cluster.placement_timeout_seconds, self._detector_needs())
+                # Ray answers nothing until the actor's constructor (the model load) is done: slow, or unplaceable.
+                log.error("%s not ready within %g s (cluster.placement_timeout_seconds): still loading the model, "
+                          "or no node has %s", detector.name, self.cluster.placement_timeout_seconds,
+                          self._detector_needs())
         if not any(d.state == "ready" for d in self.detectors.values()) and self.detectors and all(
                 now - d.created_at > self.cluster.placement_timeout_seconds for d in self.detectors.values()):
             for stream_id, stream in self.streams.items():

@@ -6,7 +6,8 @@ The default model's real detections on held-out shapes videos (objects moving, c
 with every detection of a random 10 % of frames dropped on top of the detector's own misses. A (frame, object)
 pair leaks when the object's ground-truth box is not wholly inside the union of redacted boxes. Prints the
 per-frame-only figure (the competitor: detections alone), the offline tracked planner (what `groundwatch
-redact` does) and the causal live planner, side by side, with the ratio.
+redact` does) and the causal live planner, side by side, with the ratio, and what each costs: the mean fraction
+of the frame it redacts (over-redaction).
 """
 
 from __future__ import annotations
@@ -54,7 +55,9 @@ def main() -> None:
     for name in ("per_frame", "tracked", "live"):
         rate = report.rate(name)
         ratio = f"{per_frame / rate:.1f}x fewer leaks than per-frame" if name != "per_frame" and rate else ""
-        print(f"  {name:10s} leaked {report.leaked[name]:4d} / {report.pairs}  = {100 * rate:6.2f} %  {ratio}")
+        print(f"  {name:10s} leaked {report.leaked[name]:4d} / {report.pairs}  = {100 * rate:6.2f} %  "
+              f"frame area redacted {100 * report.area(name):5.1f} %  {ratio}")
+    print(f"  (ground-truth boxes cover {100 * report.truth_area / report.frames:.1f} % of the frame)")
 
 
 if __name__ == "__main__":

@@ -19,13 +19,18 @@ from streamer.editing.planner import PlannerConfig
 
 ASSET = Path(gdino.__file__).parent / "assets" / "default"
 
-# What the tracked planner reaches on held-out videos with the default model (docs/benchmarks.md: 2.8 % on six
-# videos, 25 % per-frame). The target is 0.2 %; this detector misses whole objects for many frames
-# (per-frame leak 25 %), which no planner can redact before it has seen them once.
-TRACKED_LEAK_LIMIT = 0.05
+# Not the 0.2 %: the honest figure with a margin. With the default model the tracked planner leaks 2.4 %
+# on these two videos (6 of 252 pairs) and 1.5 % / 0.8 % on the benchmark's two sets of six (docs/benchmarks.md),
+# per-frame 26 %. What is left is objects cut by the frame edge while entering or leaving, most of them less than
+# half in view, that this detector never finds; a better detector lowers it, so the limit is not tuned to it.
+TRACKED_LEAK_LIMIT = 0.04
+# Redaction must not buy its recall by hiding the frame: on these videos the tracked plan covers about 28 % of
+# the frame (ground-truth boxes: 5 %, per-frame detections padded: 8 %).
+TRACKED_AREA_LIMIT = 0.4
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # 80 detections: minutes on a quiet 2-core machine; timed out at 600 s on a loaded one
 @pytest.mark.skipif(not (ASSET / "model.safetensors").is_file(), reason="default weights not shipped")
 def test_tracked_redaction_leaks_far_less_than_per_frame_detections():
     torch.set_num_threads(2)
@@ -34,9 +39,11 @@ def test_tracked_redaction_leaks_far_less_than_per_frame_detections():
     report = shapes_leak(model, seeds, num_frames=40, drop_fraction=0.1, padding=0.2, config=PlannerConfig())
     per_frame, tracked, live = report.rate("per_frame"), report.rate("tracked"), report.rate("live")
     print(f"\nleak rate over {report.pairs} (frame, object) pairs, {report.dropped_frames}/{report.frames} frames "
-          f"dropped: per-frame {100 * per_frame:.2f} %, tracked {100 * tracked:.2f} %, live {100 * live:.2f} %")
+          f"dropped: per-frame {100 * per_frame:.2f} %, tracked {100 * tracked:.2f} %, live {100 * live:.2f} %; "
+          f"area redacted: per-frame {100 * report.area('per_frame'):.1f} %, tracked {100 * report.area('tracked'):.1f} %")
     assert report.pairs > 150 and report.dropped_frames > 0
     assert per_frame > 0.05, "the detector misses too little for this test to show anything"
     assert tracked <= TRACKED_LEAK_LIMIT, f"tracked redaction leaked {100 * tracked:.2f} %"
     assert tracked <= per_frame / 4, (tracked, per_frame)
     assert live < per_frame, (live, per_frame)
+    assert report.area("tracked") <= TRACKED_AREA_LIMIT, f"tracked redaction hid {100 * report.area('tracked'):.1f} %"

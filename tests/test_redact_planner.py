@@ -89,8 +89,63 @@ def test_the_live_planner_holds_a_lost_track_without_looking_ahead():
     assert len(outputs[11]) == 0, "held longer than extend_frames"
 
 
+def test_an_object_whose_phrase_changes_is_one_track():
+    """The default model called one red triangle "red triangle" on some frames and "black triangle" on others;
+    tracks were per phrase, so the gap between the two was bridged by neither and the object leaked there."""
+    config = PlannerConfig(extend_frames=2)
+    planner = RedactionPlanner(config, WIDTH, HEIGHT)
+    missed = set(range(10, 16))
+    for frame in range(25):
+        boxes = np.zeros((0, 4)) if frame in missed else moving_box(frame)[None] / [2, 1, 2, 1]
+        phrase = "red triangle" if frame < 10 else "black triangle"
+        planner.add(frame, boxes, np.full(len(boxes), 0.9), [phrase] * len(boxes))
+    plans = planner.plan()
+    for frame in missed:
+        assert covered(plans[frame].boxes(), moving_box(frame) / [2, 1, 2, 1]), frame
+
+
+def test_weak_detections_that_follow_one_object_are_redacted():
+    """An object the detector only ever scores below `box_threshold` was never redacted (a weak detection could
+    only extend a track a strong one had started): redaction favours recall, so `confirm_hits` weak sightings
+    along one path are that object. One weak detection alone is still not."""
+    config = PlannerConfig(box_threshold=0.5, track_threshold=0.1, confirm_hits=3)
+    planner = RedactionPlanner(config, WIDTH, HEIGHT)
+    for frame in range(8):
+        planner.add(frame, moving_box(frame)[None], [0.2], [""])
+    plans = planner.plan()
+    for frame in range(8):
+        assert covered(plans[frame].boxes(), moving_box(frame)), frame
+    lone = RedactionPlanner(config, WIDTH, HEIGHT)
+    lone.add(0, moving_box(0)[None], [0.2], [""])
+    assert len(lone.plan()[0].boxes()) == 0
+
+
+def test_an_object_leaving_with_a_shrinking_box_is_followed_at_its_whole_size():
+    """As an object leaves the frame the detector boxes only the part still in view, shorter and shifted; the
+    extrapolation from that cut box missed the rest of the object. The track is also carried on from its last
+    sighting clear of the edges, at its whole size."""
+    config = PlannerConfig(extend_frames=2)
+    planner = RedactionPlanner(config, WIDTH, HEIGHT)
+    truth = {f: np.array([120.0 + 10 * f, 30.0, 160.0 + 10 * f, 70.0]) for f in range(12)}
+    for frame in range(12):
+        box = np.clip(truth[frame], 0, [WIDTH, HEIGHT, WIDTH, HEIGHT])
+        if box[0] + 20 < WIDTH and frame < 6:  # the detector sees it while more than half is in view
+            if box[2] >= WIDTH:  # cut off: the detector's box is the visible part, and too short
+                box = np.array([box[0], 40.0, WIDTH, 60.0])
+            planner.add(frame, box[None], [0.9], ["face"])
+        else:
+            planner.add(frame, np.zeros((0, 4)), [], [])
+    plans = planner.plan()
+    for frame in range(12):
+        visible = np.clip(truth[frame], 0, [WIDTH, HEIGHT, WIDTH, HEIGHT])
+        if visible[2] - visible[0] >= 1:
+            assert covered(plans[frame].boxes(), visible), frame
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="track_threshold"):
         PlannerConfig(box_threshold=0.2, track_threshold=0.3)
     with pytest.raises(ValueError, match="extend_frames"):
         PlannerConfig(extend_frames=-1)
+    with pytest.raises(ValueError, match="confirm_hits"):
+        PlannerConfig(confirm_hits=0)

@@ -45,22 +45,33 @@ class PlannerConfig:
     """Per frame of extrapolation or interpolation away from a sighting, the box grows by this fraction of its
     width and height on each side (guessing is uncertain), up to `max_growth`."""
     max_growth: float = 0.5
+    confirm_hits: int = 3
+    tracker_max_age: int = 3
+    """Offline: the tracker ends a track unseen for more than this many frames; the planner then links the
+    pieces of one object again (up to `max_gap` apart) by where their motion says each would be."""
+    """A track of weak detections only (between `track_threshold` and `box_threshold`) is redacted once it has
+    this many sightings: redaction favours recall, and weak boxes that follow one object are that object."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.track_threshold <= self.box_threshold <= 1.0:
             raise ValueError(f"need 0 <= track_threshold ({self.track_threshold}) <= box_threshold "
                              f"({self.box_threshold}) <= 1")
-        for name in ("max_gap", "extend_frames", "edge_frames"):
+        if self.confirm_hits < 1:
+            raise ValueError(f"confirm_hits must be >= 1, got {self.confirm_hits}")
+        for name in ("max_gap", "extend_frames", "edge_frames", "tracker_max_age"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.growth < 0 or self.max_growth < 0:
             raise ValueError("growth and max_growth must be >= 0")
 
-    def tracker_config(self) -> TrackerConfig:
+    def tracker_config(self, max_age: int | None = None) -> TrackerConfig:
         # min_hits=1: a single confident detection is a track at once (for privacy a false track costs a blur,
         # a missed one costs a face).
-        return TrackerConfig(high_score=self.box_threshold, new_track_score=self.box_threshold,
-                             low_score=self.track_threshold, min_hits=1, max_age=self.max_gap)
+        # Every detection the planner keeps starts or extends a track, whatever its phrase; which tracks are
+        # redacted is decided by confirmation (`confirm_hits`), not by the tracker.
+        return TrackerConfig(high_score=self.track_threshold, new_track_score=self.track_threshold,
+                             low_score=self.track_threshold, min_hits=1, max_age=self.max_gap if max_age is None else max_age,
+                             class_agnostic=True)
 
 
 @dataclass
@@ -114,38 +125,59 @@ def _extrapolation(box_xyxy, velocity, width, height, config: PlannerConfig) -> 
 
 
 class _Sightings:
-    """Runs the tracker over per-frame detections; keeps each track's (frame, box) sightings."""
+    """Runs the tracker over per-frame detections; keeps each track's (frame, box, score) sightings.
 
-    def __init__(self, config: PlannerConfig, keep_last: int | None = None) -> None:
+    Tracking ignores the phrase: a redactor hides everything its prompt names, and a detector that calls the same
+    object "red triangle" on one frame and "black triangle" on the next must not split it into two tracks, each
+    too short to bridge the other's misses. A track is *confirmed* (redacted) once it has a detection at
+    `box_threshold` or `confirm_hits` sightings: weak detections that follow each other in space and time are an
+    object the detector is unsure of, not noise.
+    """
+
+    def __init__(self, config: PlannerConfig, keep_last: int | None = None, max_age: int | None = None) -> None:
         from tracker import Tracker
 
         self.config = config
         self.keep_last = keep_last  # sightings kept per track (None: all; a live stream keeps a few)
-        self.tracker = Tracker(config.tracker_config())
+        self.tracker = Tracker(config.tracker_config(max_age))
         self.frames: dict[int, list[int]] = {}  # track id -> frame indices of its sightings
         self.boxes: dict[int, list[np.ndarray]] = {}  # track id -> (4,) xyxy boxes of those sightings
+        self.scores: dict[int, list[float]] = {}  # track id -> scores of those sightings
+        self.hits: dict[int, int] = {}  # track id -> sightings so far (not limited by keep_last)
+        self.strong: set[int] = set()  # tracks with a sighting at box_threshold or above
+
+    def confirmed(self, track_id: int) -> bool:
+        return track_id in self.strong or self.hits.get(track_id, 0) >= self.config.confirm_hits
 
     def add(self, frame_index: int, boxes_xyxy, scores, labels: Sequence[Hashable] | None):
-        """One frame's detections -> (boxes redacted on sight (N, 4), the TrackUpdate)."""
+        """One frame's detections -> (strong boxes (N, 4), {track id: its weak box on this frame}, the TrackUpdate)."""
         boxes = np.asarray(boxes_xyxy, dtype=np.float64).reshape(-1, 4)
         scores = np.asarray(scores, dtype=np.float64).reshape(-1)
         labels = list(labels) if labels is not None else [None] * len(boxes)
-        keep = scores >= self.config.track_threshold
+        keep = (scores >= self.config.track_threshold) & np.isfinite(boxes).all(axis=1)
         boxes, scores = boxes[keep], scores[keep]
         labels = [label for label, k in zip(labels, keep) if k]
         update = self.tracker.update(boxes, scores, labels, frame_index)
         sighted = update.detection_indices >= 0
-        on_sight = [boxes[d] for d in np.flatnonzero(scores >= self.config.box_threshold)]
-        taken = set()
+        strong = [boxes[d] for d in np.flatnonzero(scores >= self.config.box_threshold)]
+        weak = {}
         for track_id, d in zip(update.ids[sighted].tolist(), update.detection_indices[sighted].tolist()):
             self.frames.setdefault(track_id, []).append(frame_index)
             self.boxes.setdefault(track_id, []).append(boxes[d])
+            self.scores.setdefault(track_id, []).append(float(scores[d]))
+            self.hits[track_id] = self.hits.get(track_id, 0) + 1
+            if scores[d] >= self.config.box_threshold:
+                self.strong.add(track_id)
+            else:
+                weak[track_id] = boxes[d]
             if self.keep_last is not None and len(self.frames[track_id]) > self.keep_last:
-                del self.frames[track_id][0], self.boxes[track_id][0]
-            taken.add(d)
-        # Weak detections a track took are redacted too (strong ones already are).
-        on_sight += [boxes[d] for d in sorted(taken) if scores[d] < self.config.box_threshold]
-        return on_sight, update
+                del self.frames[track_id][0], self.boxes[track_id][0], self.scores[track_id][0]
+        return strong, weak, update
+
+    def forget(self, track_id: int) -> None:
+        for table in (self.frames, self.boxes, self.scores, self.hits):
+            table.pop(track_id, None)
+        self.strong.discard(track_id)
 
 
 class RedactionPlanner:
@@ -159,22 +191,33 @@ class RedactionPlanner:
 
     def __init__(self, config: PlannerConfig, width: int, height: int) -> None:
         self.config, self.width, self.height = config, width, height
-        self._sightings = _Sightings(config)
+        # Short tracker tracks, linked afterwards with the whole video in view (`_linked`): a lost track kept
+        # for long takes whatever detection comes near its prediction, another object's included.
+        self._sightings = _Sightings(config, max_age=min(config.max_gap, config.tracker_max_age))
         self._detected: dict[int, list[np.ndarray]] = {}
+        self._weak: dict[int, dict[int, np.ndarray]] = {}  # frame -> track id -> weak box taken by the track
         self._count = 0
 
     def add(self, frame_index: int, boxes_xyxy, scores, labels: Sequence[Hashable] | None = None) -> None:
         """Frames must come in increasing `frame_index` order, starting at 0 (missing indices: no detections)."""
-        on_sight, _ = self._sightings.add(frame_index, boxes_xyxy, scores, labels)
-        self._detected[frame_index] = on_sight
+        strong, weak, _ = self._sightings.add(frame_index, boxes_xyxy, scores, labels)
+        self._detected[frame_index] = strong
+        self._weak[frame_index] = weak
         self._count = max(self._count, frame_index + 1)
 
     def plan(self, frame_count: int | None = None) -> list[FramePlan]:
         count = self._count if frame_count is None else frame_count
+        config, sightings = self.config, self._sightings
         plans = [FramePlan(detected=list(self._detected.get(i, []))) for i in range(count)]
-        config = self.config
-        for track_id, frames in self._sightings.frames.items():
-            boxes = self._sightings.boxes[track_id]
+        fragments = [_Fragment(list(frames), list(sightings.boxes[track_id]), list(sightings.scores[track_id]))
+                     for track_id, frames in sightings.frames.items()]
+        for track in _linked(fragments, config):
+            if not (max(track.scores) >= config.box_threshold or len(track.frames) >= config.confirm_hits):
+                continue
+            frames, boxes = track.frames, track.boxes
+            for f, box, score in zip(frames, boxes, track.scores):
+                if score < config.box_threshold and f < count:  # strong ones are in already
+                    plans[f].detected.append(box)
             for (f0, b0), (f1, b1) in zip(zip(frames, boxes), zip(frames[1:], boxes[1:])):
                 for f in range(f0 + 1, min(f1, count)):
                     t = (f - f0) / (f1 - f0)
@@ -188,13 +231,101 @@ class RedactionPlanner:
                     t = (f - f0) / (f1 - f0)
                     plans[f].interpolated.append(_grown(b0 + t * (b1 - b0), min(f - f0, f1 - f), config.growth,
                                                         config.max_growth))
-            for direction, frame, box in ((-1, frames[0], boxes[0]), (1, frames[-1], boxes[-1])):
-                velocity = _velocity(frames, boxes, at_end=direction > 0) * direction
-                for step, extra in enumerate(_extrapolation(box, velocity, self.width, self.height, config), 1):
-                    f = frame + direction * step
-                    if 0 <= f < count:
-                        plans[f].extrapolated.append(extra)
+            for direction in (-1, 1):
+                for frame, extra in self._extrapolated(frames, boxes, direction):
+                    if 0 <= frame < count:
+                        plans[frame].extrapolated.append(extra)
         return plans
+
+    def _extrapolated(self, frames, boxes, direction: int):
+        """(frame, box) pairs before (direction -1) or after (+1) a track: from its first (last) sighting, and,
+        when the track meets a frame edge, also from its last sighting clear of the edges: a cut-off object's
+        box is only the part in the frame, and shrinks and shifts as it leaves, while the whole box moved at
+        its velocity is where the object is."""
+        ordered = list(zip(frames, boxes)) if direction > 0 else list(zip(frames, boxes))[::-1]
+        starts = [len(ordered) - 1]
+        clear = [i for i, (_, box) in enumerate(ordered) if _clear_of_edges(box, self.width, self.height)]
+        if clear and clear[-1] != starts[0]:
+            starts.append(clear[-1])
+        for start in starts:
+            frame, box = ordered[start]
+            span = ordered[max(0, start - 3):start + 1]
+            if len(span) >= 2:
+                (fa, ba), (fb, bb) = span[0], span[-1]
+                velocity = (bb - ba) / max(1, abs(fb - fa))  # per frame, in the direction of travel
+            else:
+                velocity = np.zeros(4)
+            for step, extra in enumerate(_extrapolation(box, velocity, self.width, self.height, self.config), 1):
+                yield frame + direction * step, extra
+
+
+@dataclass
+class _Fragment:
+    """Sightings of one tracker track (frames increasing), before linking."""
+
+    frames: list[int]
+    boxes: list[np.ndarray]
+    scores: list[float]
+
+    def velocity(self, at_end: bool) -> np.ndarray:
+        return _velocity(self.frames, self.boxes, at_end)
+
+
+def _clear_of_edges(box_xyxy: np.ndarray, width: int, height: int, margin: float = 1.0) -> bool:
+    x1, y1, x2, y2 = box_xyxy
+    return x1 > margin and y1 > margin and x2 < width - margin and y2 < height - margin
+
+
+def _link_cost(a: _Fragment, b: _Fragment) -> float:
+    """How far (in box sizes) fragment `b`'s first box is from where `a` would be by then, and back; inf when
+    the sizes differ by more than 2x. The allowance grows with the gap, since an unseen object may turn."""
+    gap = b.frames[0] - a.frames[-1]
+    end, first = a.boxes[-1], b.boxes[0]
+    size_a, size_b = end[2:] - end[:2], first[2:] - first[:2]
+    if (size_a <= 0).any() or (size_b <= 0).any() or (np.maximum(size_a / size_b, size_b / size_a) > 2).any():
+        return np.inf
+    ahead = end + a.velocity(at_end=True) * gap  # a carried forward to b's first frame
+    behind = first - b.velocity(at_end=False) * gap  # b carried back to a's last frame
+    scale = (size_a + size_b) / 2
+    centre = lambda box: (box[:2] + box[2:]) / 2  # noqa: E731
+    miss = min(np.abs(centre(ahead) - centre(first)).max() / scale.max(),
+               np.abs(centre(behind) - centre(end)).max() / scale.max())
+    return miss / (0.5 + 0.5 * gap)
+
+
+_LINK_LIMIT = 1.0  # how far off, in box sizes at a one-frame gap, a fragment may start from its predecessor
+
+
+def _linked(fragments: list[_Fragment], config: PlannerConfig) -> list[_Fragment]:
+    """Chains of fragments that are one object the tracker lost and found again (a fast object after a missed
+    frame, a detector whose box jumped): greedily, the closest pairs in space and time first, a fragment
+    ending at most `max_gap` frames before the next one starts, within one box size (plus half a box per frame
+    of gap) of where the first would be by then."""
+    pairs = []
+    for i, a in enumerate(fragments):
+        for j, b in enumerate(fragments):
+            gap = b.frames[0] - a.frames[-1]
+            if i != j and 0 < gap <= config.max_gap:
+                cost = _link_cost(a, b)
+                if cost <= _LINK_LIMIT:
+                    pairs.append((cost, gap, i, j))
+    following, preceding = {}, {}
+    for _, _, i, j in sorted(pairs):
+        if i not in following and j not in preceding:
+            following[i], preceding[j] = j, i
+    chains = []
+    for i in range(len(fragments)):
+        if i in preceding:
+            continue
+        chain = _Fragment([], [], [])
+        while i is not None:
+            fragment = fragments[i]
+            chain.frames += fragment.frames
+            chain.boxes += fragment.boxes
+            chain.scores += fragment.scores
+            i = following.get(i)
+        chains.append(chain)
+    return chains
 
 
 class LiveRedactionPlanner:
@@ -213,10 +344,13 @@ class LiveRedactionPlanner:
         self._held: dict[int, list[np.ndarray]] = {}  # track id -> boxes for the frames after its last sighting
 
     def update(self, frame_index: int, boxes_xyxy, scores, labels: Sequence[Hashable] | None = None) -> np.ndarray:
-        on_sight, update = self._sightings.add(frame_index, boxes_xyxy, scores, labels)
-        out = list(on_sight)
+        strong, weak, update = self._sightings.add(frame_index, boxes_xyxy, scores, labels)
         sightings = self._sightings
+        # A weak track is redacted from the frame it is confirmed on (live cannot go back to its first sightings).
+        out = strong + [box for track_id, box in weak.items() if sightings.confirmed(track_id)]
         for track_id, unseen in zip(update.ids.tolist(), update.frames_unseen.tolist()):
+            if not sightings.confirmed(track_id):
+                continue
             if unseen == 0:
                 self._held.pop(track_id, None)
                 continue
@@ -229,6 +363,5 @@ class LiveRedactionPlanner:
                 out.append(held[unseen - 1])
         for track_id in update.ended.tolist():
             self._held.pop(track_id, None)
-            sightings.frames.pop(track_id, None)
-            sightings.boxes.pop(track_id, None)
+            sightings.forget(track_id)
         return np.array(out, dtype=np.float64).reshape(-1, 4)

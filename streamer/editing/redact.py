@@ -320,7 +320,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--box-threshold", type=float, default=defaults.box_threshold,
                         help=f"detections at or above this score are redacted (default {defaults.box_threshold})")
     parser.add_argument("--track-threshold", type=float, default=defaults.track_threshold,
-                        help="weaker detections down to this score are redacted when they continue a track "
+                        help="weaker detections down to this score are redacted when they belong to a redacted "
+                             f"track: one with a detection at --box-threshold, or {defaults.confirm_hits} sightings "
                              f"(default {defaults.track_threshold})")
     parser.add_argument("--text-threshold", type=float, default=0.25, help="minimum token score for a phrase")
     parser.add_argument("--extend", type=int, default=defaults.extend_frames,

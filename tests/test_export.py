@@ -323,21 +323,22 @@ def test_fast_bfloat16_probe_and_auto_dtype(monkeypatch):
 @pytest.mark.parametrize("flags,runtimes,expected", [
     ({"avx512f", "amx_tile", "amx_bf16"}, {"openvino", "onnxruntime"}, ("torch", "bfloat16")),
     ({"avx512f", "avx512_bf16"}, set(), ("torch", "bfloat16")),
-    ({"avx512f", "avx2"}, {"openvino", "onnxruntime"}, ("openvino", "float32")),
-    ({"avx2"}, {"onnxruntime"}, ("onnxruntime", "float32")),
+    ({"avx512f", "avx2"}, {"openvino", "onnxruntime"}, ("torch", "float32")),
+    ({"avx2"}, {"onnxruntime"}, ("torch", "float32")),
     ({"avx2"}, set(), ("torch", "float32")),
 ])
 def test_auto_backend_and_dtype_follow_the_cpu(monkeypatch, flags, runtimes, expected):
     """backend = dtype = "auto" on the CPU: mixed bfloat16 torch where the CPU has AMX or AVX-512 BF16, else the
-    first installed of OpenVINO, ONNX Runtime (float32), else torch float32 (docs/export.md has the figures)."""
+    torch float32, which was faster than ONNX Runtime and OpenVINO in float32 on a quiet machine, even where they are
+    installed (docs/benchmarks.md has the figures)."""
     monkeypatch.delenv("GROUNDWATCH_FAST_BF16", raising=False)
     monkeypatch.setattr(backends, "_cpuinfo_flags", lambda: set(flags))
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: "amx_tile" in flags, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: "avx512_bf16" in flags, raising=False)
     monkeypatch.setattr(backends, "installed", lambda backend: backend in runtimes)
     assert backends.resolve("auto", "auto", "cpu") == expected
-    # A float32 request keeps float32 parity: the fastest float32 backend installed.
-    float32_choice = next((b for b in ("openvino", "onnxruntime") if b in runtimes), "torch")
+    # A float32 request keeps float32 parity: the fastest float32 backend measured, torch.
+    float32_choice = "torch"
     assert backends.resolve("auto", "float32", "cpu") == (float32_choice, "float32")
     assert backends.resolve_backend("auto", "cpu") == float32_choice
     # An explicit backend keeps its dtype rule; a GPU is always torch.

@@ -596,6 +596,7 @@ def category_prompt(
     split: str = "train",
     shuffle: bool = True,
     hard_negatives: float = 0.0,
+    partial: float = 0.0,
 ) -> Prompt:
     """A category-list prompt: every category present plus absent categories of ``split`` as negatives.
 
@@ -604,17 +605,35 @@ def category_prompt(
     ``hard_negatives`` > 0, each negative is, with that probability, a look-alike of a present object (same
     shape in another colour, or same colour on another shape): the negatives that teach colour binding.
     ``hard_negatives = 0`` draws exactly as before (held-out sets do not change).
+
+    With probability ``partial`` the prompt names only a random subset of the present categories (one, or none
+    at all) and the objects of the others are not targets: a user's prompt ("red star .") rarely names
+    everything in view, and a model that has only seen prompts naming every object learns to give each object
+    to some phrase, so a lone "red star" fires on the orange star beside it. ``partial = 0`` draws exactly as
+    before.
     """
     rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
     present = sorted({o.category for o in objects})
+    absent_all = None
+    if partial > 0 and rng.uniform() < partial:
+        absent_all = [c for c in categories(split) if c not in present]
+        keep = int(rng.integers(0, min(2, len(present)) + 1))
+        named = sorted(present[i] for i in rng.choice(len(present), size=keep, replace=False))
+        unnamed, present = [c for c in present if c not in named], named
     absent = [c for c in categories(split) if c not in present]
+    if absent_all is not None:
+        # negatives must be absent from the image, and look-alikes of the unnamed objects are the useful ones
+        absent = absent_all
+        present_for_lookalikes = present + unnamed
+    else:
+        present_for_lookalikes = present
     if isinstance(num_negatives, int):
         count = num_negatives
     else:
         count = int(rng.integers(num_negatives[0], num_negatives[1] + 1))
     count = min(count, len(absent))
     if hard_negatives > 0 and count:
-        negatives = _mixed_negatives(present, absent, count, hard_negatives, rng)
+        negatives = _mixed_negatives(present_for_lookalikes, absent, count, hard_negatives, rng)
     else:
         negatives = [absent[i] for i in rng.choice(len(absent), size=count, replace=False)] if count else []
     phrases = present + negatives
@@ -622,9 +641,11 @@ def category_prompt(
         phrases = [phrases[i] for i in rng.permutation(len(phrases))]
     else:
         phrases = sorted(phrases)
+    if not phrases:  # a partial prompt with nothing named and no negatives: name one absent category
+        phrases = [absent[int(rng.integers(len(absent)))]]
     caption, spans = _join(phrases)
     index = {p: i for i, p in enumerate(phrases)}
-    return Prompt(caption, phrases, spans, [index[o.category] for o in objects],
+    return Prompt(caption, phrases, spans, [index.get(o.category, -1) for o in objects],
                   [p in present for p in phrases])
 
 

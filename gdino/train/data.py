@@ -73,13 +73,15 @@ class ShapesDataset:
 
     A fraction ``referring`` of samples are referring-expression scenes ("the large green triangle", only the
     referent is a target); the rest are category-list scenes with every present category plus absent ones as
-    negatives (``hard_negatives``: the fraction of those that are look-alikes of a present object). ``clutter`` and ``max_objects`` can be changed between steps (the curriculum).
+    negatives (``hard_negatives``: the fraction of those that are look-alikes of a present object; ``partial``: the
+    fraction of category prompts naming only some of the present categories, see ``shapes.category_prompt``). ``clutter`` and ``max_objects`` can be changed between steps (the curriculum).
     Training seeds stay below ``shapes.EVAL_SEED_OFFSET``; held-out sets pass ``held_out=True``.
     """
 
     def __init__(self, seed: int = 0, image_size: int = 256, split: str = "train", referring: float = 0.25,
                  clutter: float = 1.0, max_objects: int = 6, num_negatives: tuple[int, int] = (1, 5),
-                 held_out: bool = False, length: int = 10**9, hard_negatives: float = 0.0, world: str = "classic"):
+                 held_out: bool = False, length: int = 10**9, hard_negatives: float = 0.0, world: str = "classic",
+                 partial: float = 0.0):
         if world not in ("classic", "wide"):
             raise ValueError(f"world={world!r}: expected 'classic' (gdino.shapes) or 'wide' (gdino.world)")
         self.world = world
@@ -91,6 +93,7 @@ class ShapesDataset:
         self.max_objects = max_objects
         self.num_negatives = num_negatives
         self.hard_negatives = hard_negatives
+        self.partial = partial
         self.held_out = held_out
         self.length = length
 
@@ -114,7 +117,7 @@ class ShapesDataset:
             image, objects = shapes.render_scene(seed, size, split=self.split, clutter=self.clutter,
                                                  num_objects=(1, self.max_objects))
             prompt = shapes.category_prompt(objects, rng, num_negatives=self.num_negatives, split=self.split,
-                                            hard_negatives=self.hard_negatives)
+                                            hard_negatives=self.hard_negatives, partial=self.partial)
             kind = "category"
         return shapes_sample(image, objects, prompt, meta={"seed": seed, "kind": kind})
 
@@ -150,7 +153,7 @@ class ShapesDataset:
                               dict(meta, kind="expressions", templates=[e.template for e in chosen],
                                    objects=scene.objects))
         prompt = shapes.category_prompt(scene.objects, rng, num_negatives=self.num_negatives, split=self.split,
-                                        hard_negatives=self.hard_negatives)
+                                        hard_negatives=self.hard_negatives, partial=self.partial)
         return shapes_sample(scene.image, scene.objects, prompt, meta=dict(meta, kind="category"))
 
 

@@ -186,6 +186,22 @@ def test_an_object_seen_once_clear_of_the_edge_is_carried_out_at_its_velocity():
             assert covered(plans[frame].boxes(), visible), frame
 
 
+def test_a_lone_sighting_is_not_linked_to_an_object_entering_later():
+    """An object entering at the top was boxed once, cut off, on its first frame, and the tracker started a new
+    track on the next; that one-sighting piece has no motion of its own, so the check "this track entered here"
+    passed it and the linker chained an unrelated detection ten frames earlier to it: the entry was then
+    interpolated from across the frame instead of carried out of the top edge (shapes video 500003, frame 19).
+    Entering and leaving are judged on the chain linked so far."""
+    from streamer.editing.planner import _Fragment, _linked
+
+    lone = _Fragment([2], [np.array([80.0, 30.0, 98.0, 42.0])], [0.9])
+    first_cut = _Fragment([12], [np.array([18.0, -3.0, 32.0, 7.0])], [0.9])
+    entering = _Fragment(list(range(13, 19)), [np.array([26.0 + 7 * k, 3.0 + 5 * k, 41.0 + 7 * k, 15.0 + 5 * k])
+                                               for k in range(6)], [0.9] * 6)
+    chains = _linked([lone, first_cut, entering], PlannerConfig(), WIDTH, HEIGHT)
+    assert sorted(chain.frames for chain in chains) == [[2], list(range(12, 19))]
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="track_threshold"):
         PlannerConfig(box_threshold=0.2, track_threshold=0.3)

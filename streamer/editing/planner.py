@@ -365,22 +365,36 @@ def _linked(fragments: list[_Fragment], config: PlannerConfig, width: int | None
     frame, a detector whose box jumped): greedily, the closest pairs in space and time first, a fragment
     ending at most `max_gap` frames before the next one starts, within one box size (plus half a box per frame
     of gap) of where the first would be by then. Given the frame's size: never across a gap in which the first
-    leaves the frame or the second enters it (an object that left is not the one that appears later)."""
+    leaves the frame or the second enters it (an object that left is not the one that appears later), judged on
+    the chains linked so far, so that a one-sighting fragment (no motion of its own) is judged by the track it
+    starts or ends."""
     pairs = []
     for i, a in enumerate(fragments):
         for j, b in enumerate(fragments):
             gap = b.frames[0] - a.frames[-1]
             if i != j and 0 < gap <= config.max_gap:
-                if width is not None and (_leaves_frame(list(zip(a.frames, a.boxes)), gap, width, height) or
-                                          _leaves_frame(list(zip(b.frames, b.boxes))[::-1], gap, width, height)):
-                    continue
                 cost = _link_cost(a, b)
                 if cost <= _LINK_LIMIT:
                     pairs.append((cost, gap, i, j))
     following, preceding = {}, {}
-    for _, _, i, j in sorted(pairs):
-        if i not in following and j not in preceding:
-            following[i], preceding[j] = j, i
+
+    def sightings(i: int, links: dict) -> list:
+        """(frame, box) of fragment i and those linked to it through `links`, in that direction."""
+        chain = []
+        while i is not None:
+            fragment = fragments[i]
+            pairs_in_time = list(zip(fragment.frames, fragment.boxes))
+            chain = chain + pairs_in_time if links is following else pairs_in_time + chain
+            i = links.get(i)
+        return chain
+
+    for _, gap, i, j in sorted(pairs):
+        if i in following or j in preceding:
+            continue
+        if width is not None and (_leaves_frame(sightings(i, preceding), gap, width, height) or
+                                  _leaves_frame(sightings(j, following)[::-1], gap, width, height)):
+            continue
+        following[i], preceding[j] = j, i
     chains = []
     for i in range(len(fragments)):
         if i in preceding:

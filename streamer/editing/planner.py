@@ -422,8 +422,8 @@ class LiveRedactionPlanner:
 
     def __init__(self, config: PlannerConfig, width: int, height: int) -> None:
         self.config, self.width, self.height = config, width, height
-        self._sightings = _Sightings(config, keep_last=4)
-        self._held: dict[int, list[np.ndarray]] = {}  # track id -> boxes for the frames after its last sighting
+        self._sightings = _Sightings(config, keep_last=_WINDOW)
+        self._held: dict[int, list[list[np.ndarray]]] = {}  # track id -> per frame after its last sighting, boxes
 
     def update(self, frame_index: int, boxes_xyxy, scores, labels: Sequence[Hashable] | None = None) -> np.ndarray:
         strong, weak, update = self._sightings.add(frame_index, boxes_xyxy, scores, labels)
@@ -438,11 +438,19 @@ class LiveRedactionPlanner:
                 continue
             if track_id not in self._held:
                 frames, boxes = sightings.frames[track_id], sightings.boxes[track_id]
-                velocity = _velocity(frames, boxes, at_end=True)
-                self._held[track_id] = _extrapolation(boxes[-1], velocity, self.width, self.height, self.config)
+                # As offline: the motion fitted over the kept sightings, from the last one made whole and the
+                # last one clear of the edges (a leaving object's cut box alone misses the rest of it).
+                held: list[list[np.ndarray]] = []
+                for _, box, velocity in _end_motions(list(zip(frames, boxes)), self.width, self.height):
+                    for step, extra in enumerate(_extrapolation(box, velocity, self.width, self.height,
+                                                                self.config)):
+                        if step == len(held):
+                            held.append([])
+                        held[step].append(extra)
+                self._held[track_id] = held
             held = self._held[track_id]
             if unseen <= len(held):
-                out.append(held[unseen - 1])
+                out.extend(held[unseen - 1])
         for track_id in update.ended.tolist():
             self._held.pop(track_id, None)
             sightings.forget(track_id)

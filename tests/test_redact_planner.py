@@ -142,6 +142,66 @@ def test_an_object_leaving_with_a_shrinking_box_is_followed_at_its_whole_size():
             assert covered(plans[frame].boxes(), visible), frame
 
 
+def test_an_object_that_left_the_frame_is_not_linked_to_a_later_one():
+    """The offline planner linked the track of an object leaving at the left edge to another object appearing
+    there ten frames later (the allowance grows with the gap): the leaving object's end was then interpolated
+    towards the newcomer instead of carried out of the frame, and it leaked on every frame it was still partly in
+    view (shapes video 600001: three objects leaving at frames 5-9). A path that leaves the frame ends there."""
+    config = PlannerConfig(extend_frames=2)
+    planner = RedactionPlanner(config, WIDTH, HEIGHT)
+    leaving = {f: np.array([30.0 - 5 * f, 40.0, 50.0 - 5 * f, 60.0]) for f in range(10)}  # out at frame 10
+    newcomer = np.array([2.0, 55.0, 22.0, 75.0])
+    for frame in range(20):
+        boxes = []
+        if frame <= 3:  # detected while wholly in view, then cut off and missed
+            boxes.append(leaving[frame])
+        if frame >= 14:
+            boxes.append(newcomer)
+        boxes = np.array(boxes).reshape(-1, 4)
+        planner.add(frame, boxes, np.full(len(boxes), 0.9), ["face"] * len(boxes))
+    plans = planner.plan()
+    for frame in range(4, 10):
+        assert covered(plans[frame].boxes(), np.clip(leaving[frame], 0, None)), frame
+
+
+def test_an_object_seen_once_clear_of_the_edge_is_carried_out_at_its_velocity():
+    """The extrapolation from a leaving track's last sighting clear of the edges took its velocity from the
+    sightings before that one only, so a track clear of the edge on its first sighting alone got no velocity and
+    was held still while the object moved out. The velocity is now fitted over the track's sightings near its
+    end, from the sides the frame edge does not cut."""
+    config = PlannerConfig(extend_frames=2)
+    planner = RedactionPlanner(config, WIDTH, HEIGHT)
+    truth = {f: np.array([165.0 + 8 * f, 30.0, 195.0 + 8 * f, 60.0]) for f in range(12)}
+    for frame in range(12):
+        visible = np.clip(truth[frame], 0, [WIDTH, HEIGHT, WIDTH, HEIGHT])
+        if frame <= 3:  # frame 0 clear; 1-3 cut by the right edge, boxed short at the edge
+            box = np.array([visible[0], 35.0, visible[2], 55.0]) if frame else visible
+            planner.add(frame, box[None], [0.9], ["face"])
+        else:
+            planner.add(frame, np.zeros((0, 4)), [], [])
+    plans = planner.plan()
+    for frame in range(12):
+        visible = np.clip(truth[frame], 0, [WIDTH, HEIGHT, WIDTH, HEIGHT])
+        if visible[2] - visible[0] >= 1:
+            assert covered(plans[frame].boxes(), visible), frame
+
+
+def test_a_lone_sighting_is_not_linked_to_an_object_entering_later():
+    """An object entering at the top was boxed once, cut off, on its first frame, and the tracker started a new
+    track on the next; that one-sighting piece has no motion of its own, so the check "this track entered here"
+    passed it and the linker chained an unrelated detection ten frames earlier to it: the entry was then
+    interpolated from across the frame instead of carried out of the top edge (shapes video 500003, frame 19).
+    Entering and leaving are judged on the chain linked so far."""
+    from streamer.editing.planner import _Fragment, _linked
+
+    lone = _Fragment([2], [np.array([80.0, 30.0, 98.0, 42.0])], [0.9])
+    first_cut = _Fragment([12], [np.array([18.0, -3.0, 32.0, 7.0])], [0.9])
+    entering = _Fragment(list(range(13, 19)), [np.array([26.0 + 7 * k, 3.0 + 5 * k, 41.0 + 7 * k, 15.0 + 5 * k])
+                                               for k in range(6)], [0.9] * 6)
+    chains = _linked([lone, first_cut, entering], PlannerConfig(), WIDTH, HEIGHT)
+    assert sorted(chain.frames for chain in chains) == [[2], list(range(12, 19))]
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="track_threshold"):
         PlannerConfig(box_threshold=0.2, track_threshold=0.3)

@@ -107,6 +107,54 @@ def _velocity(frames: Sequence[int], boxes: Sequence[np.ndarray], at_end: bool, 
     return (b1 - b0) / max(1, f1 - f0)
 
 
+_EDGE_MARGIN = 2.0  # pixels: a box side this close to (or beyond) the frame edge is where the frame cuts the object
+
+
+def _cut_sides(box_xyxy: np.ndarray, width: int, height: int) -> np.ndarray:
+    """(4,) bool: which sides (x1, y1, x2, y2) of a detection lie on a frame edge, so say nothing of the object."""
+    x1, y1, x2, y2 = box_xyxy
+    return np.array([x1 <= _EDGE_MARGIN, y1 <= _EDGE_MARGIN, x2 >= width - _EDGE_MARGIN, y2 >= height - _EDGE_MARGIN])
+
+
+def _robust_velocity(frames: Sequence[int], boxes: Sequence[np.ndarray], width: int, height: int) -> np.ndarray:
+    """(4,) xyxy pixels per frame from `frames[0]` towards `frames[-1]`: the median of the slopes between every
+    pair of sightings (Theil-Sen), per axis over both sides of the box, each side only where the frame edge does
+    not cut it. One bad box among several moves it little, and a cut-off object's box (shorter and shifted as it
+    enters or leaves) does not turn its motion. Zero where fewer than two sightings see a side."""
+    frames = np.asarray(frames, dtype=np.float64)
+    boxes_xyxy = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    cut = np.array([_cut_sides(box, width, height) for box in boxes_xyxy]).reshape(-1, 4)
+    velocity = np.zeros(4)
+    for axis in (0, 1):  # x from sides 0 and 2, y from sides 1 and 3
+        slopes = []
+        for side in (axis, axis + 2):
+            for i in range(len(frames)):
+                for j in range(i + 1, len(frames)):
+                    if not cut[i, side] and not cut[j, side] and frames[j] != frames[i]:
+                        slopes.append((boxes_xyxy[j, side] - boxes_xyxy[i, side]) / abs(frames[j] - frames[i]))
+        if slopes:
+            velocity[axis] = velocity[axis + 2] = float(np.median(slopes))
+    return velocity
+
+
+def _whole_box(box_xyxy: np.ndarray, size: np.ndarray | None, width: int, height: int) -> np.ndarray:
+    """The box with each side the frame edge cuts pushed out to the object's whole `size` (w, h), measured where
+    it was clear of the edges: the detector boxes only the part of a cut-off object still in view."""
+    if size is None:
+        return box_xyxy
+    x1, y1, x2, y2 = box_xyxy
+    cut = _cut_sides(box_xyxy, width, height)
+    if cut[0] and not cut[2]:
+        x1 = min(x1, x2 - size[0])
+    if cut[2] and not cut[0]:
+        x2 = max(x2, x1 + size[0])
+    if cut[1] and not cut[3]:
+        y1 = min(y1, y2 - size[1])
+    if cut[3] and not cut[1]:
+        y2 = max(y2, y1 + size[1])
+    return np.array([x1, y1, x2, y2])
+
+
 def _frames_until_out(box_xyxy: np.ndarray, velocity: np.ndarray, width: int, height: int, limit: int) -> int | None:
     """Steps of `velocity` until the box is wholly outside the frame, or None if not within `limit` steps."""
     for step in range(1, limit + 1):
@@ -211,7 +259,7 @@ class RedactionPlanner:
         plans = [FramePlan(detected=list(self._detected.get(i, []))) for i in range(count)]
         fragments = [_Fragment(list(frames), list(sightings.boxes[track_id]), list(sightings.scores[track_id]))
                      for track_id, frames in sightings.frames.items()]
-        for track in _linked(fragments, config):
+        for track in _linked(fragments, config, self.width, self.height):
             if not (max(track.scores) >= config.box_threshold or len(track.frames) >= config.confirm_hits):
                 continue
             frames, boxes = track.frames, track.boxes
@@ -238,25 +286,37 @@ class RedactionPlanner:
         return plans
 
     def _extrapolated(self, frames, boxes, direction: int):
-        """(frame, box) pairs before (direction -1) or after (+1) a track: from its first (last) sighting, and,
-        when the track meets a frame edge, also from its last sighting clear of the edges: a cut-off object's
-        box is only the part in the frame, and shrinks and shifts as it leaves, while the whole box moved at
-        its velocity is where the object is."""
+        """(frame, box) pairs before (direction -1) or after (+1) a track, at its motion fitted over the sightings
+        nearest that end (`_robust_velocity`), from its first (last) sighting made whole where the frame edge cuts
+        it, and, when the track meets a frame edge, also from its last sighting clear of the edges: a cut-off
+        object's box is only the part in the frame, and shrinks and shifts as it leaves, while the whole box
+        moved at its velocity is where the object is."""
         ordered = list(zip(frames, boxes)) if direction > 0 else list(zip(frames, boxes))[::-1]
-        starts = [len(ordered) - 1]
-        clear = [i for i, (_, box) in enumerate(ordered) if _clear_of_edges(box, self.width, self.height)]
-        if clear and clear[-1] != starts[0]:
-            starts.append(clear[-1])
-        for start in starts:
-            frame, box = ordered[start]
-            span = ordered[max(0, start - 3):start + 1]
-            if len(span) >= 2:
-                (fa, ba), (fb, bb) = span[0], span[-1]
-                velocity = (bb - ba) / max(1, abs(fb - fa))  # per frame, in the direction of travel
-            else:
-                velocity = np.zeros(4)
+        for frame, box, velocity in _end_motions(ordered, self.width, self.height):
             for step, extra in enumerate(_extrapolation(box, velocity, self.width, self.height, self.config), 1):
                 yield frame + direction * step, extra
+
+
+_WINDOW = 6  # sightings nearest a track's end that its motion there is fitted over
+
+
+def _end_motions(ordered, width: int, height: int) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """Where to carry a track on from past its end: [(frame, whole box xyxy, velocity per frame)], from its
+    last sighting and, when that one is cut by the frame edge, from its last sighting clear of the edges.
+    `ordered`: (frame, box) sightings in the direction of travel (the end last)."""
+    window = ordered[-_WINDOW:]
+    velocity = _robust_velocity([f for f, _ in window], [b for _, b in window], width, height)
+    clear = [i for i, (_, box) in enumerate(ordered) if not _cut_sides(box, width, height).any()]
+    size = None
+    if clear:
+        sizes = [ordered[i][1][2:] - ordered[i][1][:2] for i in clear[-3:]]
+        size = np.median(np.array(sizes), axis=0)  # (2,) w, h of the whole object
+    last_frame, last_box = ordered[-1]
+    motions = [(last_frame, _whole_box(last_box, size, width, height), velocity)]
+    if clear and clear[-1] != len(ordered) - 1:
+        frame, box = ordered[clear[-1]]
+        motions.append((frame, box, velocity))
+    return motions
 
 
 @dataclass
@@ -269,11 +329,6 @@ class _Fragment:
 
     def velocity(self, at_end: bool) -> np.ndarray:
         return _velocity(self.frames, self.boxes, at_end)
-
-
-def _clear_of_edges(box_xyxy: np.ndarray, width: int, height: int, margin: float = 1.0) -> bool:
-    x1, y1, x2, y2 = box_xyxy
-    return x1 > margin and y1 > margin and x2 < width - margin and y2 < height - margin
 
 
 def _link_cost(a: _Fragment, b: _Fragment) -> float:
@@ -296,11 +351,23 @@ def _link_cost(a: _Fragment, b: _Fragment) -> float:
 _LINK_LIMIT = 1.0  # how far off, in box sizes at a one-frame gap, a fragment may start from its predecessor
 
 
-def _linked(fragments: list[_Fragment], config: PlannerConfig) -> list[_Fragment]:
+def _leaves_frame(ordered, gap: int, width: int, height: int) -> bool:
+    """Does the track (sightings `ordered` in its direction of travel) move wholly out of the frame within `gap`
+    frames after its end? Then it left (or, backwards, entered) there, and is not the track that starts (ended)
+    across that gap inside the frame."""
+    frame, box, velocity = _end_motions(ordered, width, height)[0]
+    return _frames_until_out(box, velocity, width, height, gap) is not None
+
+
+def _linked(fragments: list[_Fragment], config: PlannerConfig, width: int | None = None,
+            height: int | None = None) -> list[_Fragment]:
     """Chains of fragments that are one object the tracker lost and found again (a fast object after a missed
     frame, a detector whose box jumped): greedily, the closest pairs in space and time first, a fragment
     ending at most `max_gap` frames before the next one starts, within one box size (plus half a box per frame
-    of gap) of where the first would be by then."""
+    of gap) of where the first would be by then. Given the frame's size: never across a gap in which the first
+    leaves the frame or the second enters it (an object that left is not the one that appears later), judged on
+    the chains linked so far, so that a one-sighting fragment (no motion of its own) is judged by the track it
+    starts or ends."""
     pairs = []
     for i, a in enumerate(fragments):
         for j, b in enumerate(fragments):
@@ -310,9 +377,24 @@ def _linked(fragments: list[_Fragment], config: PlannerConfig) -> list[_Fragment
                 if cost <= _LINK_LIMIT:
                     pairs.append((cost, gap, i, j))
     following, preceding = {}, {}
-    for _, _, i, j in sorted(pairs):
-        if i not in following and j not in preceding:
-            following[i], preceding[j] = j, i
+
+    def sightings(i: int, links: dict) -> list:
+        """(frame, box) of fragment i and those linked to it through `links`, in that direction."""
+        chain = []
+        while i is not None:
+            fragment = fragments[i]
+            pairs_in_time = list(zip(fragment.frames, fragment.boxes))
+            chain = chain + pairs_in_time if links is following else pairs_in_time + chain
+            i = links.get(i)
+        return chain
+
+    for _, gap, i, j in sorted(pairs):
+        if i in following or j in preceding:
+            continue
+        if width is not None and (_leaves_frame(sightings(i, preceding), gap, width, height) or
+                                  _leaves_frame(sightings(j, following)[::-1], gap, width, height)):
+            continue
+        following[i], preceding[j] = j, i
     chains = []
     for i in range(len(fragments)):
         if i in preceding:
@@ -340,8 +422,8 @@ class LiveRedactionPlanner:
 
     def __init__(self, config: PlannerConfig, width: int, height: int) -> None:
         self.config, self.width, self.height = config, width, height
-        self._sightings = _Sightings(config, keep_last=4)
-        self._held: dict[int, list[np.ndarray]] = {}  # track id -> boxes for the frames after its last sighting
+        self._sightings = _Sightings(config, keep_last=_WINDOW)
+        self._held: dict[int, list[list[np.ndarray]]] = {}  # track id -> per frame after its last sighting, boxes
 
     def update(self, frame_index: int, boxes_xyxy, scores, labels: Sequence[Hashable] | None = None) -> np.ndarray:
         strong, weak, update = self._sightings.add(frame_index, boxes_xyxy, scores, labels)
@@ -356,11 +438,19 @@ class LiveRedactionPlanner:
                 continue
             if track_id not in self._held:
                 frames, boxes = sightings.frames[track_id], sightings.boxes[track_id]
-                velocity = _velocity(frames, boxes, at_end=True)
-                self._held[track_id] = _extrapolation(boxes[-1], velocity, self.width, self.height, self.config)
+                # As offline: the motion fitted over the kept sightings, from the last one made whole and the
+                # last one clear of the edges (a leaving object's cut box alone misses the rest of it).
+                held: list[list[np.ndarray]] = []
+                for _, box, velocity in _end_motions(list(zip(frames, boxes)), self.width, self.height):
+                    for step, extra in enumerate(_extrapolation(box, velocity, self.width, self.height,
+                                                                self.config)):
+                        if step == len(held):
+                            held.append([])
+                        held[step].append(extra)
+                self._held[track_id] = held
             held = self._held[track_id]
             if unseen <= len(held):
-                out.append(held[unseen - 1])
+                out.extend(held[unseen - 1])
         for track_id in update.ended.tolist():
             self._held.pop(track_id, None)
             sightings.forget(track_id)

@@ -5,10 +5,12 @@
    one worker) on the same streams with the same model, batch size and inference threads; steady-state rate
    (first to last `detections` event). Target: the Ray path >= 85% of the single-machine daemon. The difference in
    time per frame is the per-frame overhead of the cluster path.
-2. Transport: what one frame costs through Ray alone: `ray.put` in a decoder actor, its ref handed by the driver to
-   a detector actor that reads it (zero-copy) and answers, per frame, at 320x240 and 1920x1080 (no model).
+2. Transport: what one frame costs through Ray alone, one call after another, at 320x240 and 1920x1080 (no model):
+   the daemon's way (the pixels a second return value of the decoder's call, owned by the driver, its ref handed on
+   to a detector actor that reads it zero-copy) and the way before (`ray.put` in the decoder actor, the ref
+   borrowed by the driver and the detector).
 
-    python benchmarks/cluster.py [--short] [--streams 2] [--weights default|tiny]
+    python benchmarks/cluster.py [--short] [--streams 2] [--weights default|tiny] [--transport-only]
 
 Starts its own Ray cluster (head + one worker node, 127.0.0.1, stopped by pid at the end).
 """
@@ -101,7 +103,13 @@ def run_daemon(root: Path, text: str, timeout: float = 1800) -> dict:
 
 
 def transport(address: str, sizes: list[tuple[int, int]], frames: int) -> dict:
-    """Per-frame cost of the Ray path alone: put in one actor, handed by ref through the driver, read in another."""
+    """Per-frame cost of the Ray path alone, one frame per call, the calls one after another (no model), both ways:
+
+    - `put`: the way before (2026-11-28 morning): `ray.put` of each frame in the decoder actor, the ref returned
+      to the driver (which borrows it) and handed nested to the detector actor (which borrows it and reads it);
+    - `return`: the daemon's way now: the decoder's `take` returns the pixels as its second return value (one
+      object per call, owned by the driver, Ray copying straight from the frame's memory), the driver reads only
+      the first and hands the second's ref on; the detector reads it zero-copy."""
     import ray
 
     ray.init(address=address, logging_level="ERROR", log_to_driver=False)
@@ -114,12 +122,18 @@ def transport(address: str, sizes: list[tuple[int, int]], frames: int) -> dict:
         def take(self) -> dict:
             return {"frame": 0, "pixels": ray.put(self.pixels)}
 
+        def take_two(self) -> tuple[dict, list]:
+            return {"frames": [{"frame": 0, "position": 0}]}, [self.pixels]
+
     @ray.remote(num_cpus=0)
     class Sink:
         def process(self, items: list[dict]) -> dict:
             total = 0
             for item in items:
-                total += int(ray.get(item["pixels"])[0, 0, 0])  # zero-copy view into the object store
+                pixels = ray.get(item["pixels"])  # zero-copy view into the object store
+                if "position" in item:
+                    pixels = pixels[item["position"]]
+                total += int(pixels[0, 0, 0])
             return {"events": [], "checksum": total}
 
     out = {}
@@ -132,7 +146,13 @@ def transport(address: str, sizes: list[tuple[int, int]], frames: int) -> dict:
             for _ in range(frames):
                 meta = ray.get(source.take.remote())
                 ray.get(sink.process.remote([meta]))
-            out[f"{width}x{height}"] = (time.perf_counter() - started) / frames * 1000
+            out[f"put {width}x{height}"] = (time.perf_counter() - started) / frames * 1000
+            started = time.perf_counter()
+            for _ in range(frames):
+                meta_ref, pixels_ref = source.take_two.options(num_returns=2).remote()
+                meta = ray.get(meta_ref)
+                ray.get(sink.process.remote([{**meta["frames"][0], "pixels": pixels_ref}]))
+            out[f"return {width}x{height}"] = (time.perf_counter() - started) / frames * 1000
             ray.kill(source)
     finally:
         ray.shutdown()
@@ -146,6 +166,8 @@ def main() -> None:
     parser.add_argument("--weights", default="default")
     parser.add_argument("--threads", type=int, default=2, help="inference threads, both paths")
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--transport-only", action="store_true",
+                        help="only part 2 (no model, no daemon): minutes instead of tens on a loaded machine")
     args = parser.parse_args()
     fps = 2 if args.short else 0
     root = Path(tempfile.mkdtemp(prefix="gw-cluster-bench-"))
@@ -157,6 +179,13 @@ def main() -> None:
         cluster.start(head_cpus=args.streams + args.threads)
         cluster.add_node(cpus=1)
         cluster.use_in_this_process()  # the cluster's token, for the daemons and `transport` below
+        if args.transport_only:
+            costs = transport(cluster.address, [(320, 240), (1920, 1080)], 50 if args.short else 300)
+            for size, ms in costs.items():
+                print(f"transport {size}: {ms:.2f} ms per frame")
+            print(f"SUMMARY transport {' / '.join(f'{s} {ms:.2f} ms' for s, ms in costs.items())}, load average "
+                  f"{os.getloadavg()[0]:.1f} at the end")
+            return
         single = run_daemon(root / "single", config_text(root / "single", args.streams, fps, args.weights,
                                                          args.threads, args.batch, None, args.threads))
         on_ray = run_daemon(root / "ray-run", config_text(root / "ray-run", args.streams, fps, args.weights,
@@ -178,8 +207,10 @@ def main() -> None:
     print(f"| single machine (after) | {single_after['frames']} | {single_after['fps']:.2f} | "
           f"{single_after['wall']:.1f} |")
     for size, ms in costs.items():
-        print(f"transport {size}: {ms:.2f} ms per frame (ray.put in a decoder actor -> ref via the driver -> "
-              "read in a detector actor)")
+        how = ("ray.put in a decoder actor -> ref borrowed by the driver -> read in a detector actor, the way before"
+               if size.startswith("put") else "second return value of the decoder's call -> ref handed on by the "
+               "driver -> read in a detector actor, the daemon's way now")
+        print(f"transport {size}: {ms:.2f} ms per frame ({how})")
     print(f"\nSUMMARY cluster/single = {ratio * 100:.1f}% (target >= 85%), per-frame overhead {overhead_ms:.1f} ms, "
           f"transport {' / '.join(f'{s} {ms:.2f} ms' for s, ms in costs.items())}")
 

@@ -42,7 +42,9 @@ from tracker.config import TrackerConfig
 log = logging.getLogger("groundwatch.cluster")
 
 MAX_CALLS_IN_FLIGHT = 2  # per detector actor: one running, one waiting, so the actor never idles on the driver
-TAKE_WAIT_SECONDS = 0.05
+# A decoder's call waits this long for a frame: it answers as soon as one is there, so a longer wait costs no
+# latency, only fewer empty round trips (a live camera between two frames).
+TAKE_WAIT_SECONDS = 0.2
 
 
 class ClusterError(RuntimeError):
@@ -225,7 +227,8 @@ class ClusterDriver:
             stream.decoder_state = "offline"
             return
         stream.offline_reason = None
-        slots = 3 if stream.config.is_live else self.batch_size + 2
+        # A file's: a take's worth (up to two batches) held until Ray has stored it, and room to decode ahead.
+        slots = 3 if stream.config.is_live else self.batch_size * 2 + 2
         options = self._actor_options(f"decoder-{stream.config.id}", num_cpus=self.cluster.decoder_cpus,
                                       resources=stream.resources or None)
         stream.decoder = self._decoder_class.options(**options).remote(
@@ -285,8 +288,11 @@ class ClusterDriver:
             if stream.decoder_state != "running" or stream.decoder_call is not None:
                 continue
             live = stream.config.is_live
-            if not live and len(stream.queue) >= self.batch_size * 2:
-                continue  # back-pressure: the decoder waits in its own mailbox
+            if not live and len(stream.queue) > self.batch_size:
+                # Back-pressure: the decoder waits in its own mailbox. A file is asked again only once at most a
+                # batch waits here, so each call hands out a batch or more: fewer actor calls per frame (each
+                # costs the driver, the decoder and the detector's node more CPU than the frame's bytes do).
+                continue
             limit = 1 if live else self.batch_size * 2 - len(stream.queue)
             # Two returns: the frames' indices and times (read here), their pixels (one object, handed on).
             stream.decoder_call, stream.take_pixels = stream.decoder.take.options(num_returns=2).remote(

@@ -5,10 +5,12 @@
    one worker) on the same streams with the same model, batch size and inference threads; steady-state rate
    (first to last `detections` event). Target: the Ray path >= 85% of the single-machine daemon. The difference in
    time per frame is the per-frame overhead of the cluster path.
-2. Transport: what one frame costs through Ray alone: `ray.put` in a decoder actor, its ref handed by the driver to
-   a detector actor that reads it (zero-copy) and answers, per frame, at 320x240 and 1920x1080 (no model).
+2. Transport: what one frame costs through Ray alone, one call after another, at 320x240 and 1920x1080 (no model):
+   the daemon's way (the pixels a second return value of the decoder's call, owned by the driver, its ref handed on
+   to a detector actor that reads it zero-copy) and the way before (`ray.put` in the decoder actor, the ref
+   borrowed by the driver and the detector).
 
-    python benchmarks/cluster.py [--short] [--streams 2] [--weights default|tiny]
+    python benchmarks/cluster.py [--short] [--streams 2] [--weights default|tiny] [--transport-only]
 
 Starts its own Ray cluster (head + one worker node, 127.0.0.1, stopped by pid at the end).
 """
@@ -100,8 +102,30 @@ def run_daemon(root: Path, text: str, timeout: float = 1800) -> dict:
     return {"frames": frames, "fps": steady, "wall": time.time() - started}
 
 
-def transport(address: str, sizes: list[tuple[int, int]], frames: int) -> dict:
-    """Per-frame cost of the Ray path alone: put in one actor, handed by ref through the driver, read in another."""
+def process_cpu_seconds(pids: list[int]) -> float:
+    """CPU time (user + system) the processes have used so far, from /proc (0 for a process gone)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def transport(address: str, sizes: list[tuple[int, int]], frames: int, node_pids=lambda: []) -> dict:
+    """Per-frame cost of the Ray path alone, one frame per call, the calls one after another (no model), both ways:
+
+    - `put`: the way before (2026-11-28 morning): `ray.put` of each frame in the decoder actor, the ref returned
+      to the driver (which borrows it) and handed nested to the detector actor (which borrows it and reads it);
+    - `return`: the daemon's way now: the decoder's `take` returns the pixels as its second return value (one
+      object per call, owned by the driver, Ray copying straight from the frame's memory), the driver reads only
+      the first and hands the second's ref on; the detector reads it zero-copy.
+
+    Each way gives the wall time per frame (the latency of the round trips) and the CPU time per frame of every
+    process involved: this driver, both actors, and the cluster's own (raylets, GCS, agents: `node_pids()`) -
+    what the Ray path takes from the model on a machine whose cores are all busy."""
     import ray
 
     ray.init(address=address, logging_level="ERROR", log_to_driver=False)
@@ -114,29 +138,77 @@ def transport(address: str, sizes: list[tuple[int, int]], frames: int) -> dict:
         def take(self) -> dict:
             return {"frame": 0, "pixels": ray.put(self.pixels)}
 
+        def take_two(self) -> tuple[dict, list]:
+            return {"frames": [{"frame": 0, "position": 0}]}, [self.pixels]
+
+        def pid(self) -> int:
+            return os.getpid()
+
     @ray.remote(num_cpus=0)
     class Sink:
         def process(self, items: list[dict]) -> dict:
             total = 0
             for item in items:
-                total += int(ray.get(item["pixels"])[0, 0, 0])  # zero-copy view into the object store
+                pixels = ray.get(item["pixels"])  # zero-copy view into the object store
+                if "position" in item:
+                    pixels = pixels[item["position"]]
+                total += int(pixels[0, 0, 0])
             return {"events": [], "checksum": total}
+
+        def pid(self) -> int:
+            return os.getpid()
 
     out = {}
     try:
         sink = Sink.remote()
         for width, height in sizes:
             source = Source.remote(width, height)
-            ray.get([source.take.remote(), sink.process.remote([])])
-            started = time.perf_counter()
-            for _ in range(frames):
+            pids = sorted(set(ray.get([source.pid.remote(), sink.pid.remote()]) + list(node_pids())))
+
+            def cpu_now() -> float:
+                return time.process_time() + process_cpu_seconds(pids)
+
+            def put_way() -> None:
                 meta = ray.get(source.take.remote())
                 ray.get(sink.process.remote([meta]))
-            out[f"{width}x{height}"] = (time.perf_counter() - started) / frames * 1000
+
+            def return_way() -> None:
+                meta_ref, pixels_ref = source.take_two.options(num_returns=2).remote()
+                meta = ray.get(meta_ref)
+                ray.get(sink.process.remote([{**meta["frames"][0], "pixels": pixels_ref}]))
+
+            totals = {"put": [0.0, 0.0], "return": [0.0, 0.0]}
+            for way in (put_way, return_way):  # warm both
+                for _ in range(5):
+                    way()
+            rounds = 3  # alternating, so that a change of load falls on both ways alike
+            for _ in range(rounds):
+                for name, way in (("put", put_way), ("return", return_way)):
+                    started, cpu = time.perf_counter(), cpu_now()
+                    for _ in range(frames // rounds):
+                        way()
+                    totals[name][0] += time.perf_counter() - started
+                    totals[name][1] += cpu_now() - cpu
+            for name, (wall, cpu) in totals.items():
+                count = frames // rounds * rounds
+                out[f"{name} {width}x{height}"] = (wall / count * 1000, cpu / count * 1000)
             ray.kill(source)
     finally:
         ray.shutdown()
     return out
+
+
+def print_transport(costs: dict) -> None:
+    for size, (wall_ms, cpu_ms) in costs.items():
+        how = ("ray.put in a decoder actor -> ref borrowed by the driver -> read in a detector actor, the way before"
+               if size.startswith("put") else "second return value of the decoder's call -> ref handed on by the "
+               "driver -> read in a detector actor, the daemon's way now")
+        print(f"transport {size}: {wall_ms:.2f} ms per frame, {cpu_ms:.2f} ms CPU per frame of every process "
+              f"({how})")
+
+
+def transport_summary(costs: dict) -> str:
+    return " / ".join(f"{size} {wall_ms:.2f} ms ({cpu_ms:.2f} ms CPU)" for size, (wall_ms, cpu_ms) in costs.items())
 
 
 def main() -> None:
@@ -146,6 +218,8 @@ def main() -> None:
     parser.add_argument("--weights", default="default")
     parser.add_argument("--threads", type=int, default=2, help="inference threads, both paths")
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--transport-only", action="store_true",
+                        help="only part 2 (no model, no daemon): minutes instead of tens on a loaded machine")
     args = parser.parse_args()
     fps = 2 if args.short else 0
     root = Path(tempfile.mkdtemp(prefix="gw-cluster-bench-"))
@@ -153,10 +227,20 @@ def main() -> None:
     print(f"machine: {platform.node()}, {os.cpu_count()} CPUs ({cpu}), load average "
           f"{os.getloadavg()[0]:.1f} at start")
     cluster = RayCluster(root / "ray")
+
+    def node_pids() -> list[int]:  # the cluster's own processes (raylets, GCS, agents, workers)
+        return [pid for node in cluster.nodes for pid in node.pids()]
+
     try:
         cluster.start(head_cpus=args.streams + args.threads)
         cluster.add_node(cpus=1)
         cluster.use_in_this_process()  # the cluster's token, for the daemons and `transport` below
+        if args.transport_only:
+            costs = transport(cluster.address, [(320, 240), (1920, 1080)], 50 if args.short else 300,
+                              node_pids)
+            print_transport(costs)
+            print(f"SUMMARY transport {transport_summary(costs)}, load average {os.getloadavg()[0]:.1f} at the end")
+            return
         single = run_daemon(root / "single", config_text(root / "single", args.streams, fps, args.weights,
                                                          args.threads, args.batch, None, args.threads))
         on_ray = run_daemon(root / "ray-run", config_text(root / "ray-run", args.streams, fps, args.weights,
@@ -164,7 +248,7 @@ def main() -> None:
         single_after = run_daemon(root / "single-after", config_text(root / "single-after", args.streams, fps,
                                                                      args.weights, args.threads, args.batch, None,
                                                                      args.threads))
-        costs = transport(cluster.address, [(320, 240), (1920, 1080)], 50 if args.short else 300)
+        costs = transport(cluster.address, [(320, 240), (1920, 1080)], 50 if args.short else 300, node_pids)
     finally:
         cluster.stop()
     baseline = (single["fps"] + single_after["fps"]) / 2
@@ -177,11 +261,9 @@ def main() -> None:
     print(f"| Ray cluster | {on_ray['frames']} | {on_ray['fps']:.2f} | {on_ray['wall']:.1f} |")
     print(f"| single machine (after) | {single_after['frames']} | {single_after['fps']:.2f} | "
           f"{single_after['wall']:.1f} |")
-    for size, ms in costs.items():
-        print(f"transport {size}: {ms:.2f} ms per frame (ray.put in a decoder actor -> ref via the driver -> "
-              "read in a detector actor)")
+    print_transport(costs)
     print(f"\nSUMMARY cluster/single = {ratio * 100:.1f}% (target >= 85%), per-frame overhead {overhead_ms:.1f} ms, "
-          f"transport {' / '.join(f'{s} {ms:.2f} ms' for s, ms in costs.items())}")
+          f"transport {transport_summary(costs)}")
 
 
 if __name__ == "__main__":

@@ -156,3 +156,42 @@ def test_redacted_stream_refused_on_a_cluster(tmp_path):
     assert result.returncode == 2, result.stderr
     assert "streams demo: redact is not supported with [cluster]" in result.stderr
     assert not (tmp_path / "recordings" / "demo" / "video").exists()
+
+
+def test_decoder_take_hands_slot_views_and_frees_them_at_the_next_call():
+    """`DecoderActor.take` returns its frames' pixels as its second return value, which Ray copies into the object
+    store only as the call returns: a slot freed inside `take` (as the `ray.put` version did) could be overwritten
+    by the decoder thread before Ray read it, and a frame copied out first costs a second copy. So the pixels are
+    views of the mailbox slots (no copy), those slots stay taken until the next call (the decoder cannot write
+    there meanwhile), and the next call and `close` free them. Runs without Ray."""
+    import numpy as np
+
+    from streamer.cluster.actors import DecoderActor
+    from streamer.config import LiveConfig, StreamConfig
+    from streamer.frames import READING
+
+    stream = StreamConfig(id="t", url=str(DEMO), prompt="a cat .", max_width=32, max_height=24)
+    actor = DecoderActor(stream, LiveConfig(), None, slots=4)
+    try:
+        mailbox = actor.mailbox
+        for index in range(3):
+            frame = np.full((24, 32, 3), index, dtype=np.uint8)
+            assert mailbox.put(frame, frame_index=index, pts=index / 10, ts=index / 10, live=False)
+        reply, pixels = actor.take(2, wait_seconds=0)
+        assert [f["frame_index"] for f in reply["frames"]] == [0, 1]
+        assert [f["position"] for f in reply["frames"]] == [0, 1]
+        assert "pixels" not in reply["frames"][0]  # the driver reads no pixels
+        assert len(pixels) == 2 and [int(p[0, 0, 0]) for p in pixels] == [0, 1]
+        assert all(np.shares_memory(p, mailbox._data) for p in pixels)  # no copy before Ray's own
+        slots = [f.slot for f in actor.handed]
+        assert all(mailbox.header["state"][slot] == READING for slot in slots)
+        # The decoder cannot reuse those slots before the next call: one free slot is left of four.
+        assert mailbox.put(np.zeros((24, 32, 3), np.uint8), frame_index=3, pts=0.3, ts=0.3, live=False)
+        reply, pixels = actor.take(4, wait_seconds=0)
+        assert [f["frame_index"] for f in reply["frames"]] == [2, 3]
+        assert all(mailbox.header["state"][slot] != READING for slot in slots)  # freed by this call
+        empty, none = actor.take(4, wait_seconds=0)
+        assert empty["frames"] == [] and none == []
+        assert not np.any(mailbox.header["state"] == READING)
+    finally:
+        actor.close()

@@ -92,7 +92,12 @@ def run_to_end(root: Path, streams: str, extra: str) -> list[dict]:
         daemon.start()
         subscriber = Subscriber(daemon.publish)
         daemon.wait_ready(300)
-        code = daemon.wait_exit(300)
+        # Read while it runs: a subscriber read only at the end lost every `detections` event of a run at load
+        # 12 (the heartbeats of a slow model load filled the socket's queue first, and the rest was dropped).
+        deadline = time.monotonic() + 300
+        while daemon.process.poll() is None and time.monotonic() < deadline:
+            subscriber.read(1.0)
+        code = daemon.wait_exit(1)
         subscriber.read(0.5)
         assert code == 0, daemon.log()[-4000:]
         return subscriber.events, daemon

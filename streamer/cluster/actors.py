@@ -131,6 +131,14 @@ class DecoderActor:
                                            stream.max_height, threading.Lock())
         self.thread: threading.Thread | None = None
         self.decoder = None
+        # The last `take`'s frames: Ray reads their pixels straight from the mailbox slots into the object store
+        # as that call returns, so the slots are freed at the next call (actor calls run one after another).
+        self.handed: list[Frame] = []
+
+    def _release_handed(self) -> None:
+        for frame in self.handed:
+            self.mailbox.release(frame)
+        self.handed = []
 
     def where(self) -> dict:
         return placement()
@@ -143,6 +151,7 @@ class DecoderActor:
             self.thread.join(10)
             self.stop = threading.Event()
             self.sender.drain()  # its "offline, shutdown" is not what happened to the stream
+            self._release_handed()
             self.mailbox.reset()
         live = self.live
         self.decoder = Decoder(
@@ -158,11 +167,18 @@ class DecoderActor:
         self.thread.start()
         return placement()
 
-    def take(self, limit: int, wait_seconds: float = 0.05) -> dict:
-        """Up to `limit` frames (live: only the newest), waiting at most `wait_seconds` for the first; each
-        frame's pixels go to the object store once (`ray.put`), the mailbox slot is freed at once."""
-        import ray
+    def take(self, limit: int, wait_seconds: float = 0.05) -> tuple[dict, list]:
+        """Up to `limit` frames (live: only the newest), waiting at most `wait_seconds` for the first.
 
+        Called with `num_returns=2`: (what the driver reads: each frame's index, times and its `position` in the
+        pixels, the events, the counters, the end; what only the detector reads: the frames' pixels, a list of
+        (H, W, 3) uint8 RGB arrays). Ray stores the pixels as one object of the node's object store per call, owned
+        by the driver (the caller), which hands its ref on without reading it; the detector reads it zero-copy.
+        One object per call instead of one `ray.put` per frame: fewer objects to create, count and free, and no
+        refs owned here that the driver and the detector would have to borrow (each borrow is a round of messages
+        with this actor). Ray copies the pixels from the mailbox slots into the store once, as the call returns;
+        the slots are freed at the next call."""
+        self._release_handed()  # the previous call's pixels are in the store by now
         deadline = time.monotonic() + wait_seconds
         live = self.stream.is_live
         frames: list[Frame] = []
@@ -171,19 +187,17 @@ class DecoderActor:
             if frames or time.monotonic() >= deadline or self.mailbox.finished:
                 break
             time.sleep(0.002)
+        self.handed = frames
         out = []
-        for frame in frames:
-            try:
-                ref = ray.put(frame.pixels)  # (H, W, 3) uint8 RGB: one copy, into this node's object store
-            finally:
-                self.mailbox.release(frame)
+        for position, frame in enumerate(frames):
             out.append({"frame_index": frame.frame_index, "seq": frame.seq, "pts": frame.pts, "ts": frame.ts,
-                        "decoded_at": frame.decoded_at, "pixels": ref, "size": frame.pixels.shape[1::-1]})
+                        "decoded_at": frame.decoded_at, "position": position, "size": frame.pixels.shape[1::-1]})
         self.stats.set(self.stream.id, "frames_dropped", self.mailbox.dropped)
         finished = self.mailbox.finished and not self.mailbox.pending()
-        return {"frames": out, "events": self.sender.drain(),
-                "stats": self.stats.drain(DECODER_COUNTERS, DECODER_GAUGES).get(self.stream.id, {}),
-                "finished": finished, "end_reason": self.mailbox.end_reason if finished else None}
+        return ({"frames": out, "events": self.sender.drain(),
+                 "stats": self.stats.drain(DECODER_COUNTERS, DECODER_GAUGES).get(self.stream.id, {}),
+                 "finished": finished, "end_reason": self.mailbox.end_reason if finished else None},
+                [frame.pixels for frame in frames])  # (H, W, 3) uint8 RGB views of the slots, each
 
     def close(self) -> dict:
         """Stop decoding; the events of the stop (offline, shutdown) are returned."""
@@ -191,6 +205,7 @@ class DecoderActor:
         if self.thread is not None:
             self.thread.join(10)
         events = self.sender.drain()
+        self._release_handed()
         self.mailbox.close()
         self.mailbox.unlink()
         return {"events": events}
@@ -303,8 +318,9 @@ class DetectorActor:
 
     def process(self, items: list[dict], state_codes: dict[str, float] | None = None) -> dict:
         """Detect and track on frames of the streams this actor serves. `items`: {"stream", "frame_index",
-        "seq", "pts", "ts", "decoded_at", "pixels" (an object ref of (H, W, 3) uint8 RGB)}, each stream's in
-        order. Frames whose pixels are gone (their decoder's node died) are returned in `lost`."""
+        "seq", "pts", "ts", "decoded_at", "pixels" (the ref of a decoder's `take` pixels: a list of (H, W, 3) uint8
+        RGB), "position" (the frame's place in that list)}, each stream's in order. Frames whose pixels are gone
+        (their decoder's node died) are returned in `lost`."""
         import ray
 
         self.calls += 1
@@ -312,18 +328,25 @@ class DetectorActor:
             if stream_id in self.worker.streams:
                 self.stats.set(stream_id, "state", code)
         batch, lost, unserved = [], [], []
+        fetched: dict[Any, list | None] = {}  # a take's pixels ref -> its frames' pixels (None: gone)
         for item in items:
             state = self.worker.streams.get(item["stream"])
             if state is None:  # not served here (any more): the driver hands the frame to the stream's actor
                 unserved.append((item["stream"], item["frame_index"]))
                 continue
-            try:
-                pixels = ray.get(item["pixels"], timeout=30)  # zero-copy view into the object store
-            except (ray.exceptions.ObjectLostError, ray.exceptions.GetTimeoutError, ray.exceptions.OwnerDiedError):
+            ref = item["pixels"]
+            if ref not in fetched:  # the frames of one take are one object: read once
+                try:
+                    fetched[ref] = ray.get(ref, timeout=30)  # zero-copy views into the object store
+                except (ray.exceptions.ObjectLostError, ray.exceptions.GetTimeoutError,
+                        ray.exceptions.OwnerDiedError):
+                    fetched[ref] = None
+            if fetched[ref] is None:
                 lost.append((item["stream"], item["frame_index"]))
                 continue
             if state.prompt_error is not None:
                 continue  # nothing to look for: the frame is skipped, the stream goes on (as on one machine)
+            pixels = fetched[ref][item["position"]]  # (H, W, 3) uint8 RGB
             batch.append((state, Frame(-1, item["seq"], item["frame_index"], item["pts"], item["ts"],
                                        item["decoded_at"], pixels)))
         if batch:

@@ -6,9 +6,10 @@ on one machine. Here:
 
 - one `DecoderActor` per stream, placed by the stream's `resources` (Ray puts it on a node that has them);
 - `cluster.detectors` `DetectorActor`s (GPUs or CPU slots), spread over the nodes;
-- a loop that moves object refs, never pixels: a decoder's `take` puts frames in its node's object store, the
-  driver hands the refs to the stream's detector actor (`assignment.assign`: by load), whose reply carries the
-  events, which the driver forwards to the hub (so every event still leaves through the one PUB endpoint);
+- a loop that moves object refs, never pixels: a decoder's `take` returns its frames' pixels as one object in its
+  node's object store (owned by the driver, never read by it), the driver hands the ref to the stream's detector
+  actor (`assignment.assign`: by load), whose reply carries the events, which the driver forwards to the hub (so
+  every event still leaves through the one PUB endpoint);
 - faults: Ray restarts dead actors (`max_restarts`, on another node when their own is gone); what Ray does not do
   is coded here: a lost detector's streams move to the survivors at once (their open tracks end with
   `reason: worker_lost`, a `status` event says so, a file's frames it held are handed to the survivor: none lost
@@ -41,7 +42,9 @@ from tracker.config import TrackerConfig
 log = logging.getLogger("groundwatch.cluster")
 
 MAX_CALLS_IN_FLIGHT = 2  # per detector actor: one running, one waiting, so the actor never idles on the driver
-TAKE_WAIT_SECONDS = 0.05
+# A decoder's call waits this long for a frame: it answers as soon as one is there, so a longer wait costs no
+# latency, only fewer empty round trips (a live camera between two frames).
+TAKE_WAIT_SECONDS = 0.2
 
 
 class ClusterError(RuntimeError):
@@ -116,7 +119,8 @@ class StreamSlot:
     decoder: Any = None
     decoder_state: str = "pending"  # pending, starting, running, lost, offline, finished
     decoder_node: dict = field(default_factory=dict)
-    decoder_call: Any = None  # the ref of start/take/where in flight
+    decoder_call: Any = None  # the ref of start/take/where in flight (of a take: what the driver reads)
+    take_pixels: Any = None  # the ref of the pixels of the take in flight (handed on, never read here)
     decoder_lost_at: float = 0.0
     queue: deque = field(default_factory=deque)  # frames taken, not yet handed to a detector
     in_flight: int = 0  # frames in detector calls
@@ -223,7 +227,8 @@ class ClusterDriver:
             stream.decoder_state = "offline"
             return
         stream.offline_reason = None
-        slots = 3 if stream.config.is_live else self.batch_size + 2
+        # A file's: a take's worth (up to two batches) held until Ray has stored it, and room to decode ahead.
+        slots = 3 if stream.config.is_live else self.batch_size * 2 + 2
         options = self._actor_options(f"decoder-{stream.config.id}", num_cpus=self.cluster.decoder_cpus,
                                       resources=stream.resources or None)
         stream.decoder = self._decoder_class.options(**options).remote(
@@ -283,10 +288,15 @@ class ClusterDriver:
             if stream.decoder_state != "running" or stream.decoder_call is not None:
                 continue
             live = stream.config.is_live
-            if not live and len(stream.queue) >= self.batch_size * 2:
-                continue  # back-pressure: the decoder waits in its own mailbox
+            if not live and len(stream.queue) > self.batch_size:
+                # Back-pressure: the decoder waits in its own mailbox. A file is asked again only once at most a
+                # batch waits here, so each call hands out a batch or more: fewer actor calls per frame (each
+                # costs the driver, the decoder and the detector's node more CPU than the frame's bytes do).
+                continue
             limit = 1 if live else self.batch_size * 2 - len(stream.queue)
-            stream.decoder_call = stream.decoder.take.remote(limit, TAKE_WAIT_SECONDS)
+            # Two returns: the frames' indices and times (read here), their pixels (one object, handed on).
+            stream.decoder_call, stream.take_pixels = stream.decoder.take.options(num_returns=2).remote(
+                limit, TAKE_WAIT_SECONDS)
 
     def _dispatch(self) -> None:
         serving: dict[str, list[StreamSlot]] = {}
@@ -335,9 +345,10 @@ class ClusterDriver:
         if not refs:
             time.sleep(timeout)
             return 0
-        ready, _ = self.ray.wait(list(refs), num_returns=1, timeout=timeout)
+        # fetch_local=False: the driver reads only small replies; nothing is to be pulled to its node to wait.
+        ready, _ = self.ray.wait(list(refs), num_returns=1, timeout=timeout, fetch_local=False)
         if ready:
-            ready, _ = self.ray.wait(list(refs), num_returns=len(refs), timeout=0)
+            ready, _ = self.ray.wait(list(refs), num_returns=len(refs), timeout=0, fetch_local=False)
         for ref in ready:
             entry = refs[ref]
             if entry[0] == "decoder":
@@ -359,7 +370,7 @@ class ClusterDriver:
 
     def _on_decoder_reply(self, stream: StreamSlot, ref) -> None:
         ray = self.ray
-        stream.decoder_call = None
+        pixels, stream.decoder_call, stream.take_pixels = stream.take_pixels, None, None
         try:
             reply = ray.get(ref)
         except ray.exceptions.RayActorError as exc:
@@ -384,7 +395,7 @@ class ClusterDriver:
             self.stats.set(stream.config.id, "state", state)
         frames = reply["frames"]
         for frame in frames:
-            frame["stream"] = stream.config.id
+            frame["stream"], frame["pixels"] = stream.config.id, pixels
             stream.size = frame.pop("size")
         if stream.config.is_live and frames:
             self._drop_live(stream, len(stream.queue))  # only the freshest frame of a live stream waits
@@ -810,7 +821,7 @@ class ClusterDriver:
         for stream in self.streams.values():
             if stream.decoder_state == "running":
                 stream.decoder_state = "stopped"
-            stream.decoder_call = None
+            stream.decoder_call = stream.take_pixels = None
         while time.monotonic() < deadline and self._work_left():
             self.step(0.05)
         self._finish_streams()

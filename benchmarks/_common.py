@@ -10,6 +10,7 @@ from __future__ import annotations
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -20,6 +21,9 @@ import gdino
 from gdino import config as configs
 from gdino.checkpoint import config_to_hf, hf_to_official, official_to_hf
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from random_weights import random_hf_model  # noqa: E402  (tests/random_weights.py: the parity tests' weights)
+
 PROMPT = "person . car . dog . bicycle . traffic light . backpack ."
 
 
@@ -27,17 +31,8 @@ def swint_pair(seed: int = 0):
     """groundwatch's and transformers' Grounding DINO (Swin-T OGC config) with the same random weights. The fusion
     gammas and the box heads' last layers (initialised at ~0) are perturbed so those paths carry signal, as trained
     weights do."""
-    import transformers
-
-    torch.manual_seed(seed)
     cfg = configs.swint_ogc()
-    hf = transformers.GroundingDinoForObjectDetection(transformers.GroundingDinoConfig(**config_to_hf(cfg))).eval()
-    with torch.no_grad():
-        for name, param in hf.named_parameters():
-            if name.endswith(("vision_param", "text_param")):
-                param.normal_(0.0, 0.5)
-            if "bbox_embed" in name and ".layers.2." in name:
-                param.normal_(0.0, 0.05)
+    hf = random_hf_model(cfg, seed)
     ours = gdino.build(cfg).eval()
     ours.load_state_dict(hf_to_official(hf.state_dict()))
     return ours, hf

@@ -1,5 +1,5 @@
-"""What the daemon benchmarks share: free loopback endpoints, `groundwatch run` started and stopped by pid, the
-steady-state rate from the daemon's own `detections` events, and the machine's CPU model.
+"""What the daemon benchmarks share: their config files, free loopback endpoints, `groundwatch run` started and
+stopped by pid, the steady-state rate from the daemon's own `detections` events, and the machine's CPU model.
 
 Used by ``benchmarks/web.py``, ``benchmarks/live_redaction.py``, ``benchmarks/cluster.py``, ``benchmarks/soak.py``
 and (the free port) ``benchmarks/pipeline.py``.
@@ -7,6 +7,7 @@ and (the free port) ``benchmarks/pipeline.py``.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -17,6 +18,51 @@ from pathlib import Path
 from typing import Callable, TextIO
 
 REPO = Path(__file__).resolve().parents[1]
+
+# The default model at the scale it was trained for, and the lower tracker thresholds its scores need (as the
+# bundled demo, streamer/assets/demo.toml, runs it).
+DEFAULT_MODEL = {"weights": "default", "box_threshold": 0.3, "short_side": 192, "max_side": 256}
+DEFAULT_TRACKER = {"high_score": 0.3, "new_track_score": 0.3, "low_score": 0.1}
+
+
+def config_text(streams: list[dict], *, model: dict, endpoint: str, control_endpoint: str, record_directory: Path,
+                tracker: dict | None = None, web: bool | None = False, exit_when_done: bool = True,
+                **sections: dict | None) -> str:
+    """A benchmarked daemon's config (TOML): `streams` as its [[streams]], `model` as [model], `tracker` as [tracker]
+    (None: the daemon's defaults), events published on `endpoint`, control on `control_endpoint`, recordings in
+    `record_directory`, metrics off, the web console on a free port or off (None: the daemon's default), and
+    `exit_when_done`. `sections` adds tables (None: left out) or keys to those above (e.g.
+    ``publish={"heartbeat_seconds": 1.0}``)."""
+    tables: dict[str, dict] = {
+        "model": model,
+        "tracker": tracker,
+        "publish": {"endpoint": endpoint, "control_endpoint": control_endpoint},
+        "record": {"directory": record_directory},
+        "metrics": {"enabled": False},
+        "supervisor": {"exit_when_done": exit_when_done},
+        "web": None if web is None else {"enabled": True, "port": 0} if web else {"enabled": False},
+    }
+    for name, keys in sections.items():
+        if keys is not None:
+            tables[name] = {**(tables.get(name) or {}), **keys}
+    text = "".join("[[streams]]\n" + _toml_keys(stream) + "\n" for stream in streams)
+    return text + "\n".join(f"[{name}]\n{_toml_keys(keys)}" for name, keys in tables.items() if keys is not None)
+
+
+def _toml_keys(keys: dict) -> str:
+    return "".join(f"{key} = {_toml_value(value)}\n" for key, value in keys.items())
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (str, Path)):
+        return json.dumps(str(value), ensure_ascii=False)  # a TOML basic string: JSON's escapes are TOML's
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    raise TypeError(f"no TOML form for {value!r}")
 
 
 def free_port() -> int:

@@ -42,42 +42,13 @@ PROMPT = "green star . black cross . purple square . black ring ."
 
 def config_text(root: Path, streams: int, fps: float, weights: str, threads: int, batch: int,
                 cluster: str | None, detector_cpus: int) -> str:
-    text = ""
-    for index in range(streams):
-        text += f'[[streams]]\nid = "s{index}"\nurl = "{DEMO}"\nprompt = "{PROMPT}"\nfps = {fps}\n\n'
-    text += f'''[model]
-weights = "{weights}"
-box_threshold = 0.3
-short_side = 192
-max_side = 256
-batch_size = {batch}
-threads = {threads}
-
-[tracker]
-high_score = 0.3
-new_track_score = 0.3
-low_score = 0.1
-
-[publish]
-endpoint = "{_daemon.loopback_endpoint()}"
-control_endpoint = "{_daemon.loopback_endpoint()}"
-
-[record]
-directory = "{root / 'recordings'}"
-
-[metrics]
-enabled = false
-
-[web]
-enabled = false
-
-[supervisor]
-exit_when_done = true
-shutdown_timeout_seconds = 60
-'''
-    if cluster:
-        text += f'\n[cluster]\naddress = "{cluster}"\ndetectors = 1\ndetector_cpus = {detector_cpus}\n'
-    return text
+    return _daemon.config_text(
+        [{"id": f"s{index}", "url": DEMO, "prompt": PROMPT, "fps": fps} for index in range(streams)],
+        model={**_daemon.DEFAULT_MODEL, "weights": weights, "batch_size": batch, "threads": threads},
+        tracker=_daemon.DEFAULT_TRACKER, endpoint=_daemon.loopback_endpoint(),
+        control_endpoint=_daemon.loopback_endpoint(), record_directory=root / "recordings",
+        supervisor={"shutdown_timeout_seconds": 60},
+        cluster={"address": cluster, "detectors": 1, "detector_cpus": detector_cpus} if cluster else None)
 
 
 def run_daemon(root: Path, text: str, timeout: float = 1800) -> dict:

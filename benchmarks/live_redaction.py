@@ -38,39 +38,14 @@ import _daemon  # noqa: E402
 
 def write_config(directory: Path, video: Path, *, redact: bool, weights: str) -> tuple[Path, str]:
     publish, control = _daemon.loopback_endpoint(), _daemon.loopback_endpoint()
+    stream = {"id": "bench", "url": video, "prompt": scene.PROMPT, "record_video": True}
+    if redact:
+        stream["redact"] = scene.REDACT
     config = directory / f"config-{time.monotonic_ns()}.toml"
-    config.write_text(f"""
-[[streams]]
-id = "bench"
-url = "{video}"
-prompt = "{scene.PROMPT}"
-record_video = true
-{f'redact = "{scene.REDACT}"' if redact else ''}
-
-[model]
-weights = "{weights}"
-box_threshold = 0.3
-batch_size = 2
-short_side = 192
-max_side = 256
-
-[publish]
-endpoint = "{publish}"
-control_endpoint = "{control}"
-
-[record]
-directory = "{directory / ('recordings-redact' if redact else 'recordings-plain')}"
-
-[metrics]
-enabled = false
-
-[supervisor]
-exit_when_done = true
-
-[web]
-enabled = true
-port = 0
-""")
+    config.write_text(_daemon.config_text(
+        [stream], model={**_daemon.DEFAULT_MODEL, "weights": weights, "batch_size": 2}, endpoint=publish,
+        control_endpoint=control, web=True,
+        record_directory=directory / ("recordings-redact" if redact else "recordings-plain")))
     return config, publish
 
 

@@ -47,37 +47,14 @@ def open_files(pid: int) -> int | None:
 
 
 def write_config(root: Path, streams: int, weights: str, fps: float, publish: str, control: str) -> Path:
-    blocks = "".join(f"""
-[[streams]]
-id = "s{i}"
-url = "{DEMO_VIDEO}"
-prompt = "green star . black cross . purple square . black ring ."
-loop = true
-realtime = true
-fps = {fps}
-""" for i in range(streams))
     config = root / "soak.toml"
-    config.write_text(blocks + f"""
-[model]
-weights = "{weights}"
-short_side = 96                               # a soak looks for leaks, not accuracy: keep a loaded CPU up
-max_side = 128
-batch_size = 4
-
-[publish]
-endpoint = "{publish}"
-control_endpoint = "{control}"
-heartbeat_seconds = 1.0
-
-[record]
-directory = "{root / 'recordings'}"
-
-[metrics]
-enabled = false
-
-[supervisor]
-exit_when_done = false
-""")
+    config.write_text(_daemon.config_text(
+        [{"id": f"s{i}", "url": DEMO_VIDEO, "prompt": "green star . black cross . purple square . black ring .",
+          "loop": True, "realtime": True, "fps": fps} for i in range(streams)],
+        # a soak looks for leaks, not accuracy: a small input keeps up on a loaded CPU
+        model={"weights": weights, "short_side": 96, "max_side": 128, "batch_size": 4},
+        endpoint=publish, control_endpoint=control, publish={"heartbeat_seconds": 1.0},
+        record_directory=root / "recordings", web=None, exit_when_done=False))
     return config
 
 

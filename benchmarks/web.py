@@ -55,45 +55,16 @@ def looped_video(directory: Path, frames: int) -> Path:
     return write_video(directory / f"bench-{frames}.mp4", looped, fps=10, options={"crf": "28"})
 
 
-def write_config(directory: Path, url: str, *, web: bool, weights: str, live: bool = False) -> tuple[Path, str]:
+def write_config(directory: Path, url: str, *, web: bool, weights: str, live: bool = False) -> tuple[Path, str, str]:
+    """The config file, its event and its control endpoints."""
     publish, control = _daemon.loopback_endpoint(), _daemon.loopback_endpoint()
     config = directory / f"config-{time.monotonic_ns()}.toml"
-    config.write_text(f"""
-[[streams]]
-id = "bench"
-url = "{url}"
-prompt = "{PROMPT if not live else 'white circle .'}"
-
-[model]
-weights = "{weights}"
-box_threshold = 0.3
-batch_size = {1 if live else 4}
-short_side = 192
-max_side = 256
-
-[tracker]
-high_score = 0.3
-new_track_score = 0.3
-low_score = 0.1
-
-[publish]
-endpoint = "{publish}"
-control_endpoint = "{control}"
-
-[record]
-directory = "{directory / 'recordings'}"
-
-[metrics]
-enabled = false
-
-[supervisor]
-exit_when_done = {"false" if live else "true"}
-
-[web]
-enabled = {"true" if web else "false"}
-port = 0
-""")
-    return config, control
+    stream = {"id": "bench", "url": url, "prompt": PROMPT if not live else "white circle ."}
+    config.write_text(_daemon.config_text(
+        [stream], model={**_daemon.DEFAULT_MODEL, "weights": weights, "batch_size": 1 if live else 4},
+        tracker=_daemon.DEFAULT_TRACKER, endpoint=publish, control_endpoint=control,
+        record_directory=directory / "recordings", web=web, exit_when_done=not live))
+    return config, publish, control
 
 
 def _viewers(url: str, count: int, seconds: float, result) -> None:
@@ -168,8 +139,7 @@ def encode_cost() -> dict:
 
 
 def run_pipeline(directory: Path, video: Path, *, web: bool, viewers: int, weights: str) -> dict:
-    config, control = write_config(directory, str(video), web=web, weights=weights)
-    publish = next(line.split('"')[1] for line in config.read_text().splitlines() if line.startswith("endpoint"))
+    config, publish, control = write_config(directory, str(video), web=web, weights=weights)
     listener = _daemon.DetectionStamps(publish, "bench", stamp=lambda event: event["wall"], timeout=600)
     process = _daemon.start(config)
     viewer_process, results, web_pid, web_cpu = None, None, None, None
@@ -199,7 +169,7 @@ def run_latency(directory: Path, weights: str, seconds: float, viewers: int) -> 
 
     server = RtspServer(width=320, height=240, fps=10)
     server.start()
-    config, control = write_config(directory, server.url, web=True, weights=weights, live=True)
+    config, _, control = write_config(directory, server.url, web=True, weights=weights, live=True)
     process = _daemon.start(config)
     try:
         url = wait_for_web(control)

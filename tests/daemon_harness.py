@@ -57,7 +57,10 @@ class Daemon:
         self.process: subprocess.Popen | None = None
         self._log = None
 
-    def start(self) -> "Daemon":
+    def start(self, log_name: str | None = None) -> "Daemon":
+        """`log_name`: the log file in `root` from now on (a restarted daemon's, beside the first run's)."""
+        if log_name is not None:
+            self.log_path = self.root / log_name
         self._log = open(self.log_path, "w")
         env = {**os.environ, "PYTHONPATH": str(REPO), "GROUNDWATCH_LOG": "INFO", **self.env}
         self.process = subprocess.Popen([sys.executable, "-m", "streamer.cli", "run", str(self.config)],
@@ -235,20 +238,24 @@ class Collector:
                 with self.lock:
                     self.events.append(event)
 
-    def select(self, stream=None, kind=None, since: int = 0, **fields) -> list[dict]:
+    def select(self, stream=None, kind=None, since: int = 0, predicate=None, **fields) -> list[dict]:
+        """The events so far (from index `since`) of `stream` and `kind` with these `fields`, for which
+        `predicate(event)` holds when one is given."""
         with self.lock:
             events = self.events[since:]
         return [e for e in events if (stream is None or e["stream"] == stream) and (kind is None or e["kind"] == kind)
-                and all(e.get(k) == v for k, v in fields.items())]
+                and all(e.get(k) == v for k, v in fields.items()) and (predicate is None or predicate(e))]
 
     def mark(self) -> int:
         with self.lock:
             return len(self.events)
 
-    def wait_for(self, timeout: float, stream=None, kind=None, since: int = 0, count: int = 1, **fields):
+    def wait_for(self, timeout: float, stream=None, kind=None, since: int = 0, count: int = 1, predicate=None,
+                 **fields) -> list[dict]:
+        """Every matching event (as `select`) once there are at least `count` of them."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            found = self.select(stream, kind, since, **fields)
+            found = self.select(stream, kind, since, predicate, **fields)
             if len(found) >= count:
                 return found
             time.sleep(0.05)

@@ -15,16 +15,12 @@ import threading
 import time
 from pathlib import Path
 
+from rtsp_server import free_port  # noqa: F401  (the tests' one free-port finder, offered here too)
+
 
 def mosquitto_binary() -> str | None:
     return shutil.which("mosquitto") or next(
         (path for path in ("/usr/sbin/mosquitto", "/usr/bin/mosquitto") if os.access(path, os.X_OK)), None)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Mosquitto:

@@ -15,7 +15,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from detection_match import match_detections  # noqa: E402
-from daemon_harness import Daemon, loopback_endpoint  # noqa: E402
+from daemon_harness import Daemon  # noqa: E402
 
 from streamer.recording import read_events  # noqa: E402
 
@@ -32,13 +32,12 @@ class _Found:
 
 def run_daemon(root: Path, backend: str, cache: Path) -> list[dict]:
     root.mkdir(parents=True)
-    publish, control = loopback_endpoint(), loopback_endpoint()
-    daemon = Daemon(root, publish=publish, control=control, config_text=f"""
+    daemon = Daemon(root, f"""
 [[streams]]
 id = "demo"
 url = "{DEMO}"
 prompt = "{PROMPT}"
-
+""", f"""
 [model]
 weights = "default"
 backend = "{backend}"
@@ -49,20 +48,8 @@ text_threshold = 0.25
 batch_size = 4
 short_side = 192
 max_side = 256
-
-[publish]
-endpoint = "{publish}"
-control_endpoint = "{control}"
-
-[record]
-directory = "{root / 'recordings'}"
-
 [metrics]
 enabled = false
-
-[web]
-enabled = false
-
 [supervisor]
 exit_when_done = true
 """)

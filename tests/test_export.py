@@ -9,6 +9,7 @@ The full-size models are exported once per session (module fixtures) and marked 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +21,9 @@ from gdino import checkpoint as ck
 from gdino import config as configs
 from gdino.cli import detect_main, export_main
 from gdino.model import GroundingDino
+
+sys.path.insert(0, str(Path(__file__).parent))
+from random_weights import random_model  # noqa: E402
 
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -64,15 +68,8 @@ def run_torch(model, images, prompt):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    torch.manual_seed(0)
     config = configs.tiny(pretrained_text=None)
-    model = GroundingDino(config).eval()
-    with torch.no_grad():  # the fusion gammas and last box layers start near zero and would hide those paths
-        for name, param in model.named_parameters():
-            if name.endswith(("gamma_v", "gamma_l")):
-                param.normal_(0.0, 0.5)
-            if "bbox_embed" in name and ".layers.2." in name:
-                param.normal_(0.0, 0.05)
+    model = random_model(config)
     root = tmp_path_factory.mktemp("tiny_export")
     weights = ck.save(model.state_dict(), config, root / "weights")
     model = gdino.load(weights)
@@ -354,14 +351,7 @@ def test_auto_backend_and_dtype_follow_the_cpu(monkeypatch, flags, runtimes, exp
 
 @pytest.fixture(scope="module")
 def swint(tmp_path_factory):
-    torch.manual_seed(0)
-    model = GroundingDino(configs.swint_ogc()).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(("gamma_v", "gamma_l")):
-                param.normal_(0.0, 0.5)
-            if "bbox_embed" in name and ".layers.2." in name:
-                param.normal_(0.0, 0.05)
+    model = random_model(configs.swint_ogc())
     info = export.to_onnx(model, tmp_path_factory.mktemp("swint") / "image.onnx")  # traced at TRACE_SIZE
     yield model, info
     del model

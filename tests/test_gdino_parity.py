@@ -7,32 +7,24 @@ logits (finite entries; the -inf of masked tokens must coincide) and boxes.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 import gdino
 from gdino import config as configs
-from gdino.checkpoint import config_to_hf, hf_to_official
+from gdino.checkpoint import hf_to_official
 from gdino.model import pad_images
+
+sys.path.insert(0, str(Path(__file__).parent))
+from random_weights import random_hf_model  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
 ATOL = 1e-4  # float32, absolute, on logits and normalised boxes
 PROMPT = "red circle . blue square . a small green triangle ."
-
-
-def _random_hf_model(cfg, seed: int = 0):
-    torch.manual_seed(seed)
-    hf_config = transformers.GroundingDinoConfig(**config_to_hf(cfg))
-    model = transformers.GroundingDinoForObjectDetection(hf_config).eval()
-    with torch.no_grad():
-        # Fusion gammas start at 1e-4 and the box heads' last layers at zero, which would hide those paths.
-        for name, param in model.named_parameters():
-            if name.endswith(("vision_param", "text_param")):
-                param.normal_(0.0, 0.5)
-            if "bbox_embed" in name and ".layers.2." in name:
-                param.normal_(0.0, 0.05)
-    return model
 
 
 def _run_both(ours, hf, images: list[torch.Tensor], prompt: str):
@@ -59,7 +51,7 @@ def _assert_match(mine, ref, num_tokens: int) -> None:
 @pytest.fixture(scope="module")
 def tiny_pair(tmp_path_factory):
     cfg = configs.tiny(pretrained_text=None)
-    hf = _random_hf_model(cfg)
+    hf = random_hf_model(cfg)
     folder = tmp_path_factory.mktemp("hf_tiny")
     hf.save_pretrained(folder)
     return cfg, hf, folder
@@ -110,7 +102,7 @@ def test_batched_equals_single(tiny_pair):
 @pytest.fixture(scope="module")
 def swint_pair(tmp_path_factory):
     cfg = configs.swint_ogc()
-    hf = _random_hf_model(cfg)
+    hf = random_hf_model(cfg)
     path = tmp_path_factory.mktemp("official") / "groundingdino_swint_ogc.pth"
     torch.save({"model": hf_to_official(hf.state_dict())}, path)
     ours = gdino.load(path)

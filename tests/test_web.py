@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import threading
 import time
 from pathlib import Path
@@ -36,12 +35,6 @@ from streamer.web.settings import WebSettings, WebStream
 from tracker import TrackerConfig
 
 MINIMAL = {"streams": [{"id": "cam", "url": "rtsp://127.0.0.1:1/x", "prompt": "a person ."}]}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- config -------------------------------------------------------------------------------------------------------

@@ -10,28 +10,24 @@ tests run in file order.
 from __future__ import annotations
 
 import base64
-import io
 import json
 import os
 import signal
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-import zmq
 
 sys.path.insert(0, str(Path(__file__).parent))
+from daemon_harness import REPO, Collector, Daemon, loopback_endpoint  # noqa: E402
 from rtsp_server import RtspServer, free_port, gstreamer_available  # noqa: E402
 
-from streamer.client import status, wait_ready  # noqa: E402
+from streamer.client import status  # noqa: E402
 from streamer.demo import DEMO_VIDEO  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
@@ -51,69 +47,13 @@ def expected_color(key) -> np.ndarray:
     return np.round(np.array(colorsys.hsv_to_rgb(hue, 220 / 255, 1.0)) * 255)
 
 
-class Collector:
-    """Our own subscriber: what the daemon published, to compare with what the page shows."""
-
-    def __init__(self, endpoint: str) -> None:
-        self.events: list[dict] = []
-        self.previews = 0
-        self.lock = threading.Lock()
-        self.stop = threading.Event()
-        self.socket = zmq.Context.instance().socket(zmq.SUB)
-        self.socket.setsockopt(zmq.SUBSCRIBE, b"")
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.connect(endpoint)
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while not self.stop.is_set():
-            if not self.socket.poll(100):
-                continue
-            frames = self.socket.recv_multipart()
-            with self.lock:
-                if len(frames) == 3:
-                    self.previews += 1
-                else:
-                    self.events.append(json.loads(frames[1]))
-
-    def select(self, stream=None, kind=None, **fields) -> list[dict]:
-        with self.lock:
-            events = list(self.events)
-        return [e for e in events if (stream is None or e["stream"] == stream) and (kind is None or e["kind"] == kind)
-                and all(e.get(k) == v for k, v in fields.items())]
-
-    def wait_for(self, timeout: float, stream=None, kind=None, predicate=None, **fields) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = [e for e in self.select(stream, kind, **fields) if predicate is None or predicate(e)]
-            if found:
-                return found[-1]
-            time.sleep(0.05)
-        raise AssertionError(f"no {stream}/{kind} {fields} within {timeout} s")
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(5)
-        self.socket.close()
-
-
-def start_daemon(config: Path, root: Path, log_name: str = "daemon.log"):
-    env = dict(os.environ, PYTHONPATH=str(REPO), GROUNDWATCH_LOG="INFO")
-    out = open(root / log_name, "w")
-    process = subprocess.Popen([sys.executable, "-m", "streamer.cli", "run", str(config)], cwd=root, env=env,
-                               stdout=out, stderr=subprocess.STDOUT)
-    return process, out
-
-
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
     root = tmp_path_factory.mktemp("web")
     server = RtspServer(width=160, height=120, fps=10)
     server.start()
-    publish, control, web_port = (f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}", free_port())
-    config = root / "config.toml"
-    config.write_text(f"""
+    publish, control, web_port = loopback_endpoint(), loopback_endpoint(), free_port()
+    runner = Daemon(root, publish=publish, control=control, config_text=f"""
 [[streams]]
 id = "cam"
 url = "{server.url}"
@@ -165,11 +105,10 @@ restart_initial_seconds = 0.3
 port = {web_port}
 """)
     collector = Collector(publish)
-    process, log_file = start_daemon(config, root)
-    state = {"process": process, "root": root, "server": server, "control": control, "collector": collector,
-             "config": config, "logs": [log_file]}
+    runner.start()
+    state = {"runner": runner, "root": root, "server": server, "control": control, "collector": collector}
     try:
-        wait_ready(control, timeout=180)
+        runner.wait_ready(180)
         url = status(control)["web"]
         assert url == f"http://127.0.0.1:{web_port}/"
         from playwright.sync_api import sync_playwright
@@ -177,23 +116,12 @@ port = {web_port}
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
             state.update(url=url, browser=browser)
-            yield state  # a test may restart the daemon: state["process"] is the one running
+            yield state  # a test may restart the daemon (the same `runner`, on the same config)
             browser.close()
     finally:
-        process = state["process"]
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
-        for log in state["logs"]:
-            log.close()
+        runner.stop(30)
         collector.close()
         server.kill()
-        if os.environ.get("GROUNDWATCH_TEST_LOG"):
-            print((root / "daemon.log").read_text())
 
 
 @pytest.fixture
@@ -320,8 +248,8 @@ def test_prompt_change_from_the_page(daemon, page):
     page.click("form.prompt button")
     page.wait_for_function("document.querySelector('.reply').textContent.includes('encoded in')", timeout=60_000)
     assert "a ball ." in page.locator(".reply").inner_text()
-    changed = collector.wait_for(30, "cam", "status", reason="prompt_changed", prompt="a ball .")
-    later = collector.wait_for(30, "cam", "detections", predicate=lambda e: e["wall"] > changed["wall"])
+    changed = collector.wait_for(30, "cam", "status", reason="prompt_changed", prompt="a ball .")[-1]
+    later = collector.wait_for(30, "cam", "detections", predicate=lambda e: e["wall"] > changed["wall"])[-1]
     assert later["prompt"] == "a ball ."
     assert all(e["prompt"] == "a ball ." for e in collector.select("cam", "detections")
                if e["wall"] > changed["wall"])
@@ -434,7 +362,7 @@ def test_web_process_crash_is_restarted_and_the_page_reconnects(daemon, page):
                            timeout=30_000)
     after = status(daemon["control"])
     assert after["processes"]["web"]["restarts"] == before["processes"]["web"]["restarts"] + 1
-    assert after["pid"] == before["pid"] and daemon["process"].poll() is None
+    assert after["pid"] == before["pid"] and daemon["runner"].process.poll() is None
     assert after["processes"]["worker"]["restarts"] == before["processes"]["worker"]["restarts"]
 
 
@@ -444,14 +372,11 @@ def test_the_page_reconnects_after_a_daemon_restart(daemon, page):
     page.goto(daemon["url"])
     page.wait_for_selector("article[data-card='cam'] canvas[data-frame]", timeout=60_000)
     page.evaluate("window.__same_page = true")
-    process = daemon["process"]
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(60) == 0
+    runner = daemon["runner"]
+    assert runner.stop(60) == 0
     page.wait_for_function("document.getElementById('connection').dataset.state !== 'live'", timeout=15_000)
-    process, log_file = start_daemon(daemon["config"], daemon["root"], "daemon-restarted.log")
-    daemon["process"] = process
-    daemon["logs"].append(log_file)
-    wait_ready(daemon["control"], timeout=180)
+    runner.start("daemon-restarted.log")
+    runner.wait_ready(180)
     page.wait_for_function("document.getElementById('connection').dataset.state === 'live'", timeout=60_000)
     frame = canvas_capture(page, "article[data-card='cam'] canvas")["frame"]
     # Frame indices start again at 0 in the new run: any newly drawn frame differs from the last one.

@@ -300,10 +300,65 @@ def world_referring_set(num_images: int, seed: int, image_size: int, template: s
     return items
 
 
+def world_single_phrase_set(num_images: int, seed: int, image_size: int, backgrounds: Sequence[str]
+                            ) -> tuple[list, list]:
+    """Prompts of one phrase, as a user writes them ("red star ."), on held-out wide-world scenes: per scene, one
+    present category alone (``named``) and one absent look-alike alone (``lookalikes``: the shape of a present
+    object in another colour, or its colour on another shape), as (image, objects, prompt) items."""
+    from gdino import world
+
+    named, lookalikes = [], []
+    for i in range(num_images):
+        scene_seed = shapes.EVAL_SEED_OFFSET + seed * 100_003 + 80_000 + i
+        scene = world.render(scene_seed, (image_size, image_size), backgrounds=tuple(backgrounds))
+        rng = np.random.default_rng([scene_seed, 7])
+        present = sorted({o.category for o in scene.objects})
+        if not present:
+            continue
+        named.append((scene.image, scene.objects,
+                      shapes.fixed_category_prompt([present[int(rng.integers(len(present)))]], scene.objects)))
+        colours = {c.split()[0] for c in present}
+        kinds = {c.split()[-1] for c in present}
+        similar = [c for c in shapes.categories("train")
+                   if c not in present and (c.split()[0] in colours or c.split()[-1] in kinds)]
+        if similar:
+            lookalikes.append((scene.image, scene.objects,
+                               shapes.fixed_category_prompt([similar[int(rng.integers(len(similar)))]], scene.objects)))
+    return named, lookalikes
+
+
+def evaluate_single_phrase(model, named, lookalikes, batch_size: int = 8, threshold: float = 0.35
+                           ) -> dict[str, float]:
+    """Single-phrase prompts: AP of the named category alone; ``wrong_object_rate``, the fraction of named
+    prompts with a detection at ``threshold`` (the detector's default box threshold) that overlaps no object of
+    that category (IoU < 0.5: it fired on another object); ``lookalike_false_alarm_rate``, the fraction of
+    absent look-alike prompts with any detection at ``threshold``."""
+    predictions = predict(model, [im for im, _, _ in named], [p for _, _, p in named], batch_size=batch_size)
+    truths, dets, wrong = [], [], 0
+    for (image, objects, prompt), (boxes, scores, _) in zip(named, predictions):
+        height, width = image.shape[:2]
+        mine = np.array([o.box_xyxy for o, k in zip(objects, prompt.object_phrase) if k == 0],
+                        np.float32).reshape(-1, 4)
+        truths.append(ImageTruth(mine, [prompt.phrases[0]] * len(mine), height, width))
+        dets.append(ImageDetections(boxes, scores, [prompt.phrases[0]] * len(boxes)))
+        strong = boxes[scores >= threshold]
+        if len(strong) and (not len(mine) or (iou_matrix(strong, mine).max(axis=1) < 0.5).any()):
+            wrong += 1
+    report = coco_ap(truths, dets)
+    report["wrong_object_rate"] = wrong / max(1, len(named))
+    alarms = predict(model, [im for im, _, _ in lookalikes], [p for _, _, p in lookalikes], top_k=1,
+                     batch_size=batch_size)
+    report["lookalike_false_alarm_rate"] = (sum(float(s[0]) >= threshold for _, s, _ in alarms)
+                                            / max(1, len(lookalikes)))
+    report["images"] = len(named)
+    return report
+
+
 def evaluate_world(model, num_images: int = 100, referring_images: int = 40, seed: int = 0, image_size: int = 192,
                    batch_size: int = 8) -> dict[str, dict]:
-    """Wide-world figures side by side: category-list AP/AP50/AP75/AP90 and referring top-1 per phrase template,
-    on the training background families (``in_distribution``) and on the held-out ones (``held_out``)."""
+    """Wide-world figures side by side: category-list AP/AP50/AP75/AP90, single-phrase prompts
+    (``evaluate_single_phrase``) and referring top-1 per phrase template, on the training background families
+    (``in_distribution``) and on the held-out ones (``held_out``)."""
     from gdino import world
 
     was_training = model.training
@@ -314,6 +369,8 @@ def evaluate_world(model, num_images: int = 100, referring_images: int = 40, see
     for name, backgrounds in families.items():
         report["detection"][name] = evaluate_detection(
             model, world_detection_set(num_images, seed, image_size, backgrounds), batch_size)
+        report.setdefault("single_phrase", {})[name] = evaluate_single_phrase(
+            model, *world_single_phrase_set(num_images, seed, image_size, backgrounds), batch_size)
     for template in world.TRAIN_TEMPLATES + world.HELD_OUT_TEMPLATES:
         row = {"held_out_template": template in world.HELD_OUT_TEMPLATES}
         for name, backgrounds in families.items():
@@ -332,6 +389,12 @@ def format_world_report(report: dict) -> str:
     lines = ["| backgrounds | AP | AP50 | AP75 | AP90 |", "|---|---|---|---|---|"]
     for name, row in report["detection"].items():
         lines.append(f"| {name} | {row['AP']:.3f} | {row['AP50']:.3f} | {row['AP75']:.3f} | {row['AP90']:.3f} |")
+    if "single_phrase" in report:
+        lines += ["", "| backgrounds | single phrase AP | AP50 | fires on another object | fires on an absent look-alike |",
+                  "|---|---|---|---|---|"]
+        for name, row in report["single_phrase"].items():
+            lines.append(f"| {name} | {row['AP']:.3f} | {row['AP50']:.3f} | {row['wrong_object_rate']:.1%} | "
+                         f"{row['lookalike_false_alarm_rate']:.1%} |")
     lines += ["", "| phrase template | held-out template | top-1, training backgrounds | top-1, held-out backgrounds |",
               "|---|---|---|---|"]
     for template, row in report["referring"].items():

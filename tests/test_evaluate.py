@@ -92,3 +92,65 @@ def test_gdino_does_not_import_the_tracker_or_the_streamer():
                     [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
                 offenders += [f"{path.relative_to(root)}: {n}" for n in names if n.split(".")[0] in forbidden]
     assert offenders == []
+
+
+def test_partial_category_prompts_leave_unnamed_objects_untargeted():
+    """Stage 3's prompts always named every present category, so a lone "red star ." fired on the orange star
+    beside it; ``partial`` prompts name some (or none) of them, and the unnamed objects must not be targets."""
+    from gdino import world
+
+    sizes = []
+    for seed in range(60):
+        scene = world.render(seed, (128, 128))
+        present = {o.category for o in scene.objects}
+        prompt = shapes.category_prompt(scene.objects, np.random.default_rng(seed), num_negatives=(0, 3),
+                                        hard_negatives=0.6, partial=1.0)
+        named = {p for p, positive in zip(prompt.phrases, prompt.positives) if positive}
+        assert named <= present and len(named) <= 2
+        for obj, k in zip(scene.objects, prompt.object_phrase):
+            assert (k >= 0) == (obj.category in named)
+            if k >= 0:
+                assert prompt.phrases[k] == obj.category
+        negatives = [p for p, positive in zip(prompt.phrases, prompt.positives) if not positive]
+        assert not present.intersection(negatives)
+        sizes.append(len(named))
+    assert {0, 1, 2} <= set(sizes)
+    full = shapes.category_prompt(scene.objects, np.random.default_rng(0), num_negatives=(0, 3))
+    assert all(k >= 0 for k in full.object_phrase)
+
+
+def test_single_phrase_evaluation_counts_wrong_objects_and_lookalike_alarms(monkeypatch):
+    """The single-phrase figures must separate a detector that fires on every object from one that fires only on
+    the named category (the failure stage 3 had), with the predictions replaced by those two oracles."""
+    from gdino import evaluate
+
+    named, lookalikes = evaluate.world_single_phrase_set(30, 0, 128, ("plain",))
+    assert len(named) == 30 and len(lookalikes) >= 20
+    for _, objects, prompt in lookalikes:
+        phrase = prompt.phrases[0]
+        present = {o.category for o in objects}
+        assert phrase not in present
+        assert any(phrase.split()[0] == c.split()[0] or phrase.split()[-1] == c.split()[-1] for c in present)
+
+    def oracle(everything):
+        def predict(model, images, prompts, top_k=100, batch_size=8):
+            out = []
+            for image, prompt in zip(images, prompts):
+                objects = next(o for im, o, p in named + lookalikes if p is prompt)
+                chosen = [o for o, k in zip(objects, prompt.object_phrase) if everything or k == 0]
+                boxes = np.array([o.box_xyxy for o in chosen], np.float32).reshape(-1, 4)
+                scores = np.full(len(boxes), 0.9, np.float32)
+                if not len(boxes):
+                    boxes, scores = np.zeros((1, 4), np.float32), np.array([0.01], np.float32)
+                out.append((boxes, scores, np.zeros(len(boxes), np.int64)))
+            return out
+        return predict
+
+    monkeypatch.setattr(evaluate, "predict", oracle(False))
+    good = evaluate.evaluate_single_phrase(None, named, lookalikes)
+    monkeypatch.setattr(evaluate, "predict", oracle(True))
+    bad = evaluate.evaluate_single_phrase(None, named, lookalikes)
+    assert good["AP"] > 0.99 and good["wrong_object_rate"] == 0 and good["lookalike_false_alarm_rate"] == 0
+    assert bad["lookalike_false_alarm_rate"] == 1.0
+    crowded = sum(any(k != 0 for k in p.object_phrase) for _, _, p in named) / len(named)
+    assert bad["wrong_object_rate"] == pytest.approx(crowded) and crowded > 0.5

@@ -56,6 +56,16 @@ class _OfficialSwinBlock(SwinTransformerBlock):
         mask = windows.unsqueeze(1) - windows.unsqueeze(2)
         return mask.masked_fill(mask != 0, -100.0).masked_fill(mask == 0, 0.0)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """timm's block forward (x (B, H, W, C)), with the updates cast to the stream's dtype before they are
+        added: in mixed precision (gdino.model.precision) the stream is float32 and the updates bfloat16, and
+        arithmetic mixing the two dtypes takes PyTorch's unvectorised CPU loop."""
+        batch, height, width, channels = x.shape
+        x = x + self.drop_path1(self._attn(self.norm1(x)).to(x.dtype))
+        x = x.reshape(batch, -1, channels)
+        x = x + self.drop_path2(self.mlp(self.norm2(x)).to(x.dtype))
+        return x.reshape(batch, height, width, channels)
+
     def _attn(self, x: torch.Tensor) -> torch.Tensor:
         batch, height, width, channels = x.shape  # (B, H, W, C)
         window_h, window_w = self.window_size

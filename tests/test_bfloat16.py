@@ -115,8 +115,9 @@ def _logit_detections_matched(reference, found, margin: float) -> tuple[int, int
 
 
 def test_mixed_bfloat16_keeps_selection_and_heads_in_float32():
-    """``gdino.load(dtype="bfloat16")`` on the CPU is mixed precision (gdino.model.precision): bfloat16 matmul weights,
-    float32 norms, query selection, box refinement and heads. Whole-model bfloat16 rounded the query-selection scores
+    """``gdino.load(dtype="bfloat16")`` on the CPU is mixed precision (gdino.model.precision): bfloat16 matmul weights
+    (the deformable attentions' sampling projections included), float32 norms, query selection, box refinement
+    and heads. Whole-model bfloat16 rounded the query-selection scores
     to bfloat16's step (0.125-0.25 at the scores of random Swin-T weights, whose ranks are 0.005 apart) and matched
     2 of 54 random-weight Swin-T detections; the selection scores here must be clearly closer to float32's than
     whole-model bfloat16's are."""
@@ -134,7 +135,7 @@ def test_mixed_bfloat16_keeps_selection_and_heads_in_float32():
     whole = copy.deepcopy(model).to(torch.bfloat16)
     assert mixed.transformer.encoder.layers[0].linear1.weight.dtype == torch.bfloat16
     assert mixed.transformer.enc_output.weight.dtype == torch.float32
-    assert mixed.transformer.encoder.layers[0].self_attn.sampling_offsets.weight.dtype == torch.float32
+    assert mixed.transformer.encoder.layers[0].self_attn.sampling_offsets.weight.dtype == torch.bfloat16
     images = torch.randn(2, 3, 128, 160)
     with torch.no_grad():
         reference = model(images, PROMPT)
@@ -192,3 +193,40 @@ def test_bfloat16_swint_random_detections_match_float32():
         matched, total = matched + hits, total + count
     assert total >= 40
     assert matched / total >= 0.98, f"{matched} of {total} detections matched"
+
+
+def test_mixed_bfloat16_samples_at_float32_locations(monkeypatch):
+    """The deformable attentions' sampling projections multiply in bfloat16 in mixed precision, but the locations
+    the kernel samples at must stay float32: adding the reference point to a bfloat16 offset in place rounded the
+    locations to bfloat16 (a step of 2^-9 near 0.5, 0.16 cells on an 80-cell map), and attention weights
+    softmaxed in bfloat16 no longer summed to 1 within float32 rounding."""
+    import copy
+
+    from gdino.model import layers
+    from gdino.model.precision import to_mixed_bfloat16
+
+    torch.manual_seed(0)
+    model = GroundingDino(configs.tiny(pretrained_text=None)).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("sampling_offsets.weight", "attention_weights.weight")):
+                param.normal_(0.0, 0.02)
+    mixed = to_mixed_bfloat16(copy.deepcopy(model))
+    seen = []
+    original = layers.ms_deform_attn
+
+    def recording(value, spatial_shapes, level_start_index, locations, weights, backend="auto"):
+        seen.append((locations, weights))
+        return original(value, spatial_shapes, level_start_index, locations, weights, backend=backend)
+
+    monkeypatch.setattr(layers, "ms_deform_attn", recording)
+    with torch.no_grad():
+        out = mixed(torch.randn(1, 3, 128, 160), PROMPT)
+    assert torch.isfinite(out.boxes).all()
+    assert mixed.transformer.decoder.layers[0].cross_attn.attention_weights.weight.dtype == torch.bfloat16
+    assert len(seen) == model.config.encoder_layers + model.config.decoder_layers
+    for locations, weights in seen:
+        assert locations.dtype == weights.dtype == torch.float32
+        # Not on bfloat16's grid: the reference was added in float32.
+        assert (locations.bfloat16().float() != locations).float().mean() > 0.5
+        assert (weights.flatten(-2).sum(-1) - 1).abs().max() < 1e-5

@@ -28,6 +28,11 @@ def inverse_sigmoid(x: torch.Tensor, eps: float = INVERSE_SIGMOID_EPS) -> torch.
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
 
 
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """A bfloat16 or float16 result as float32 (float32 and float64 unchanged)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def sine_embedding(coords: torch.Tensor, num_feats: int, temperature: float = 10000.0) -> torch.Tensor:
     """coords (..., n) in [0, 1] (or raw positions) -> (..., n * num_feats); x and y swapped as DETR does."""
     dim_t = torch.arange(num_feats, dtype=torch.float32, device=coords.device)
@@ -199,7 +204,7 @@ class MSDeformAttn(nn.Module):
         if value_valid is not None:
             value = value.masked_fill(~value_valid[..., None], 0.0)
         value = value.view(batch, -1, heads, dim // heads)  # (B, S, M, D)
-        with float32_region(query.device):  # where to sample and with what weight: float32 in mixed precision
+        with float32_region(query.device):  # in mixed precision: bfloat16 products, float32 locations and weights
             query = query.to(self.sampling_offsets.weight.dtype)
             weights, locations = self._sampling(query, reference_points, spatial_shapes)
         # (B, Q, M, L, P, 2) xy in [0, 1]; the kernel keeps locations in float32.
@@ -211,23 +216,33 @@ class MSDeformAttn(nn.Module):
         """-> attention weights (B, Q, M, L, P) and sampling locations (B, Q, M, L, P, 2) xy in [0, 1]."""
         batch, num_queries, _ = query.shape
         heads, levels, points = self.num_heads, self.num_levels, self.num_points
-        weights = self.attention_weights(query).view(batch, num_queries, heads, levels * points)
+        # Mixed precision (gdino.model.precision): the two projections multiply in bfloat16 (at 6,380 encoder
+        # queries they were the largest float32 matmuls left), their outputs come back to float32 before the
+        # softmax and before the reference is added: a bfloat16 location would be 0.16 cells off at 80 cells.
+        weights = _at_least_float32(self.attention_weights(query)).view(batch, num_queries, heads, levels * points)
         weights = weights.softmax(-1).view(batch, num_queries, heads, levels, points)
         if reference_points.shape[-1] == 2:
-            normalizer = torch.stack([spatial_shapes[:, 1], spatial_shapes[:, 0]], -1).to(query.dtype)  # (L, 2) wh
+            normalizer = torch.stack([spatial_shapes[:, 1], spatial_shapes[:, 0]], -1).to(reference_points.dtype)
             if torch.is_grad_enabled():
-                offsets = self.sampling_offsets(query).view(batch, num_queries, heads, levels, points, 2)
+                offsets = _at_least_float32(self.sampling_offsets(query))
+                offsets = offsets.view(batch, num_queries, heads, levels, points, 2)
                 locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
             else:
                 # Inference: the division by each level's size folded into the projection's rows (a 256-row
                 # rescale instead of a pass over the (B, Q, M, L, P, 2) offsets), the reference added in place.
+                weight = self.sampling_offsets.weight
                 scale = normalizer.reciprocal()[None, :, None, :].expand(heads, levels, points, 2).reshape(-1)
-                offsets = F.linear(query, self.sampling_offsets.weight * scale[:, None],
-                                   self.sampling_offsets.bias * scale)
-                locations = offsets.view(batch, num_queries, heads, levels, points, 2).add_(
-                    reference_points[:, :, None, :, None, :])
+                offsets = _at_least_float32(F.linear(query, (weight * scale[:, None]).to(weight.dtype),
+                                                     (self.sampling_offsets.bias * scale).to(weight.dtype)))
+                # The reference repeated over the points (a (B, Q, L*P*2) copy, 1/8 of the offsets) so the add
+                # runs along contiguous rows of L*P*2: broadcast over the points' pairs of x, y it ran 50x slower.
+                reference = reference_points.to(offsets.dtype)[:, :, :, None, :].expand(-1, -1, -1, points, -1)
+                locations = offsets.view(batch, num_queries, heads, levels * points * 2).add_(
+                    reference.reshape(batch, num_queries, 1, levels * points * 2))
+                locations = locations.view(batch, num_queries, heads, levels, points, 2)
         else:
-            offsets = self.sampling_offsets(query).view(batch, num_queries, heads, levels, points, 2)
+            offsets = _at_least_float32(self.sampling_offsets(query))
+            offsets = offsets.view(batch, num_queries, heads, levels, points, 2)
             locations = (reference_points[:, :, None, :, None, :2]
                          + offsets / points * reference_points[:, :, None, :, None, 2:] * 0.5)
         return weights, locations
@@ -291,7 +306,9 @@ class BiAttention(nn.Module):
             values_out = torch.einsum("bhtd,chd->bhtc", values_text, w_out)  # (B, h, T, C)
             vision_probs = vision_probs.permute(0, 2, 1, 3).reshape(batch, length_v, heads * length_t)
             delta_vision = vision_probs @ values_out.reshape(batch, heads * length_t, dim) + self.out_v_proj.bias
-            pooled = text_probs @ vision[:, None]  # (B, h, T, C)
+            # One (B, h*T, S) @ (B, S, C) product: broadcasting vision over the heads copied it h times.
+            pooled = (text_probs.reshape(batch, heads * length_t, length_v) @ vision).view(
+                batch, heads, length_t, dim)  # (B, h, T, C)
             w_vv = self.values_v_proj.weight.view(heads, head_dim, dim)
             text_context = torch.einsum("bhtc,hdc->bhtd", pooled, w_vv)
             text_context = text_context + self.values_v_proj.bias.view(1, heads, 1, head_dim)

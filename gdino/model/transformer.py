@@ -39,8 +39,10 @@ class FusionLayer(nn.Module):
         vision = self.layer_norm_v(vision)
         text = self.layer_norm_l(text)
         delta_vision, delta_text = self.attn(vision, text, vision_valid, token_mask)
-        return (vision + self.drop_path(self.gamma_v * delta_vision),
-                text + self.drop_path(self.gamma_l * delta_text))
+        # In mixed precision the updates are bfloat16 and the streams float32: cast first, since arithmetic
+        # mixing the two dtypes takes PyTorch's unvectorised CPU loop (measured 5x slower than cast + add).
+        return (vision + self.drop_path(self.gamma_v * delta_vision.to(vision.dtype)),
+                text + self.drop_path(self.gamma_l * delta_text.to(text.dtype)))
 
 
 class TextEnhancerLayer(nn.Module):
@@ -77,9 +79,10 @@ class DeformableEncoderLayer(nn.Module):
                 workspace: dict | None = None):
         attended = self.self_attn(vision + pos, reference_points, vision, spatial_shapes, level_start_index,
                                   vision_valid)
-        vision = self.norm1(vision + F.dropout(attended, self.dropout, self.training))
+        # .to: bfloat16 updates of the float32 stream (mixed precision) are cast before the add, see FusionLayer.
+        vision = self.norm1(vision + F.dropout(attended.to(vision.dtype), self.dropout, self.training))
         hidden = feed_forward(vision, self.linear1, self.linear2, self.dropout, self.training, workspace)
-        return self.norm2(vision + F.dropout(hidden, self.dropout, self.training))
+        return self.norm2(vision + F.dropout(hidden.to(vision.dtype), self.dropout, self.training))
 
 
 class Encoder(nn.Module):
@@ -144,15 +147,17 @@ class DecoderLayer(nn.Module):
 
     def forward(self, queries, query_pos, reference_points, memory, memory_valid, spatial_shapes,
                 level_start_index, text, text_allowed, self_allowed=None, workspace: dict | None = None):
+        # .to: bfloat16 updates of the float32 stream (mixed precision) are cast before the add, see FusionLayer.
+        dtype = queries.dtype
         q = queries + query_pos
-        queries = self.norm2(queries + self._drop(self.self_attn(q, q, queries, allowed=self_allowed)))
+        queries = self.norm2(queries + self._drop(self.self_attn(q, q, queries, allowed=self_allowed).to(dtype)))
         attended = self.ca_text(queries + query_pos, text, text, allowed=text_allowed)
-        queries = self.catext_norm(queries + self._drop(attended))
+        queries = self.catext_norm(queries + self._drop(attended.to(dtype)))
         attended = self.cross_attn(queries + query_pos, reference_points, memory, spatial_shapes,
                                    level_start_index, memory_valid)
-        queries = self.norm1(queries + self._drop(attended))
+        queries = self.norm1(queries + self._drop(attended.to(dtype)))
         hidden = feed_forward(queries, self.linear1, self.linear2, self.dropout, self.training, workspace)
-        return self.norm3(queries + self._drop(hidden))
+        return self.norm3(queries + self._drop(hidden.to(dtype)))
 
 
 class Decoder(nn.Module):

@@ -28,6 +28,27 @@ def test_training_never_sees_held_out_backgrounds_or_templates():
     assert templates <= set(world.TRAIN_TEMPLATES + world.PLURAL_TEMPLATES) and len(templates) >= 5, templates
 
 
+def test_template_weights_shift_the_mix_and_reject_unknown_or_held_out_templates():
+    """Stage 5 spends more steps on position words: a template weighted up is drawn more often, one weighted 0 never,
+    and a held-out template (or a typo) cannot be asked for."""
+    def counts(weights):
+        dataset = ShapesDataset(seed=3, image_size=96, world="wide", referring=1.0, template_weights=weights)
+        found: dict[str, int] = {}
+        for index in range(80):
+            for template in dataset[index].meta.get("templates", []):
+                found[template] = found.get(template, 0) + 1
+        return found
+
+    uniform = counts(None)
+    weighted = counts({"top_bottom": 8.0, "plural": 0.0})
+    share = lambda found: found.get("top_bottom", 0) / sum(found.values())  # noqa: E731
+    assert share(weighted) > 2 * share(uniform) and share(weighted) > 0.25, (uniform, weighted)
+    assert uniform.get("plural", 0) > 0 and weighted.get("plural", 0) == 0, (uniform, weighted)
+    for bad in ({"superlative_position": 2.0}, {"top_botom": 2.0}, {"top_bottom": -1.0}):
+        with pytest.raises(ValueError, match="template_weights"):
+            ShapesDataset(world="wide", template_weights=bad)
+
+
 def test_held_out_sets_use_only_held_out_backgrounds():
     items = world_detection_set(4, 0, 96, tuple(sorted(world.HELD_OUT_BACKGROUNDS)))
     assert len(items) == 4 and all(len(objects) >= 1 for _, objects, _ in items)

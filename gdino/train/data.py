@@ -74,14 +74,17 @@ class ShapesDataset:
     A fraction ``referring`` of samples are referring-expression scenes ("the large green triangle", only the
     referent is a target); the rest are category-list scenes with every present category plus absent ones as
     negatives (``hard_negatives``: the fraction of those that are look-alikes of a present object; ``partial``: the
-    fraction of category prompts naming only some of the present categories, see ``shapes.category_prompt``). ``clutter`` and ``max_objects`` can be changed between steps (the curriculum).
+    fraction of category prompts naming only some of the present categories, see ``shapes.category_prompt``).
+    ``template_weights`` (wide world): relative sampling weights of the training phrase templates, by name (missing
+    ones weigh 1), to spend more steps on the hard ones (position and relations). ``clutter`` and ``max_objects``
+    can be changed between steps (the curriculum).
     Training seeds stay below ``shapes.EVAL_SEED_OFFSET``; held-out sets pass ``held_out=True``.
     """
 
     def __init__(self, seed: int = 0, image_size: int = 256, split: str = "train", referring: float = 0.25,
                  clutter: float = 1.0, max_objects: int = 6, num_negatives: tuple[int, int] = (1, 5),
                  held_out: bool = False, length: int = 10**9, hard_negatives: float = 0.0, world: str = "classic",
-                 partial: float = 0.0):
+                 partial: float = 0.0, template_weights: dict[str, float] | None = None):
         if world not in ("classic", "wide"):
             raise ValueError(f"world={world!r}: expected 'classic' (gdino.shapes) or 'wide' (gdino.world)")
         self.world = world
@@ -94,6 +97,17 @@ class ShapesDataset:
         self.num_negatives = num_negatives
         self.hard_negatives = hard_negatives
         self.partial = partial
+        self.template_weights = dict(template_weights or {})
+        if self.template_weights:
+            from gdino import world as world_module
+
+            known = world_module.TRAIN_TEMPLATES + world_module.PLURAL_TEMPLATES
+            unknown = sorted(set(self.template_weights) - set(known))
+            if unknown:
+                raise ValueError(f"template_weights: unknown training templates {unknown}; known: {list(known)}")
+            if any(w < 0 for w in self.template_weights.values()) or not any(
+                    self.template_weights.get(t, 1.0) > 0 for t in known):
+                raise ValueError("template_weights: weights must be >= 0 and not all zero")
         self.held_out = held_out
         self.length = length
 
@@ -133,9 +147,14 @@ class ShapesDataset:
             chosen: list[world.Expression] = []
             taken: set[int] = set()
             templates = world.TRAIN_TEMPLATES + world.PLURAL_TEMPLATES
+            weights = None  # uniform, drawn as before weights existed (earlier stages' configs stay reproducible)
+            if self.template_weights:
+                weights = np.array([self.template_weights.get(t, 1.0) for t in templates], np.float64)
+                weights /= weights.sum()
             for _ in range(int(rng.integers(1, 4))):
                 for _attempt in range(4):
-                    template = templates[int(rng.integers(len(templates)))]
+                    pick = rng.integers(len(templates)) if weights is None else rng.choice(len(templates), p=weights)
+                    template = templates[int(pick)]
                     options = [e for e in world.candidates(scene.objects, template, rng, min(size))
                                if not taken.intersection(e.targets)]
                     if options:

@@ -1,6 +1,6 @@
 """The wide shapes world: more kinds of picture and more ways of saying things than ``gdino.shapes`` alone.
 
-The same six shapes in ten colours (``shapes.SHAPES``, ``shapes.COLOURS``), but drawn on six background
+The same six shapes in ten colours (``shapes.SHAPES``, ``shapes.COLOURS``), but drawn on eight background
 families, rotated to any angle, over a wider range of sizes, cut by the frame edge, partly hidden behind
 occluders, among clutter in any colour that no prompt names (hexagons, pentagons, bars, thin ellipses), then
 blurred, lit and colour-cast. And described in many phrase templates: with and without size words, other word
@@ -26,9 +26,12 @@ import numpy as np
 from gdino import shapes
 from gdino.boxes import iou_matrix
 
-BACKGROUNDS: tuple[str, ...] = ("texture", "plain", "gradient", "noise", "patchwork", "marble")
+BACKGROUNDS: tuple[str, ...] = ("texture", "plain", "gradient", "noise", "stripes", "bokeh", "patchwork", "marble")
 HELD_OUT_BACKGROUNDS: frozenset[str] = frozenset({"patchwork", "marble"})
 TRAIN_BACKGROUNDS: tuple[str, ...] = tuple(b for b in BACKGROUNDS if b not in HELD_OUT_BACKGROUNDS)
+# The training families of stages 3-5 of the default model, before "stripes" and "bokeh" (their configs name them,
+# so they reproduce).
+FIRST_TRAIN_BACKGROUNDS: tuple[str, ...] = ("texture", "plain", "gradient", "noise")
 
 # Extent as a fraction of min(H, W); wider than the classic world's classes, gaps kept so the words stay apt.
 SIZES: dict[str, tuple[float, float]] = {
@@ -125,6 +128,31 @@ def background(rng: np.random.Generator, family: str, height: int, width: int) -
             mix = rng.uniform(0.6, 1.0)  # mostly luminance, a little chroma
             layer = mix * layer.mean(-1, keepdims=True) + (1 - mix) * layer
             img = img + layer * amplitude * rng.uniform(0.5, 1.2)
+    elif family == "stripes":  # bands at any angle, hard or soft, sometimes crossed by a second set (plaid)
+        a, b = _tint(rng, rng.uniform(50, 200)), _tint(rng, rng.uniform(50, 200))
+        img = np.zeros((height, width, 3), np.float32) + a
+        for _layer in range(1 + int(rng.uniform() < 0.4)):
+            theta = rng.uniform(0, np.pi)
+            period = rng.uniform(6, 48)
+            wave = np.sin((xx * math.cos(theta) + yy * math.sin(theta)) * 2 * np.pi / period + rng.uniform(0, 6.3))
+            t = (wave > rng.uniform(-0.5, 0.5)).astype(np.float32) if rng.uniform() < 0.5 else 0.5 + 0.5 * wave
+            img = img + (b - a) * (t[..., None] * rng.uniform(0.4, 1.0))
+            b = _tint(rng, rng.uniform(50, 200))
+    elif family == "bokeh":  # out-of-focus discs of muted colours over a soft gradient: round, but no shape
+        img = np.broadcast_to(_tint(rng, rng.uniform(40, 170)), (height, width, 3)).astype(np.float32).copy()
+        img = img + _low_frequency(rng, height, width, 3)[..., None] * rng.uniform(5, 25)
+        side = min(height, width)
+        for _disc in range(int(rng.integers(6, 30))):
+            cx, cy = int(rng.uniform(0, width)), int(rng.uniform(0, height))
+            radius = max(int(side * rng.uniform(0.03, 0.2)), 2)
+            sigma = float(rng.uniform(1.5, 6.0))
+            reach = radius + int(3 * sigma) + 2  # the blurred disc is zero beyond this: blur only its window
+            x0, y0, x1, y1 = max(cx - reach, 0), max(cy - reach, 0), min(cx + reach, width), min(cy + reach, height)
+            disc = np.zeros((y1 - y0, x1 - x0), np.float32)
+            cv2.circle(disc, (cx - x0, cy - y0), radius, 1.0, -1, cv2.LINE_AA)
+            disc = cv2.GaussianBlur(disc, (0, 0), sigma)[..., None] * rng.uniform(0.2, 0.6)
+            window = img[y0:y1, x0:x1]
+            img[y0:y1, x0:x1] = window * (1 - disc) + _tint(rng, rng.uniform(80, 220), 30.0) * disc
     elif family == "patchwork":  # held out: Voronoi cells of flat muted colours with dark seams
         count = int(rng.integers(5, 16))
         points = rng.uniform(0, 1, (count, 2)) * [width, height]

@@ -49,6 +49,21 @@ def test_template_weights_shift_the_mix_and_reject_unknown_or_held_out_templates
             ShapesDataset(world="wide", template_weights=bad)
 
 
+def test_training_families_can_be_chosen_but_never_a_held_out_one():
+    """``[data] backgrounds`` picks the families a run trains on (stages 3-5 name the first four, so they reproduce);
+    the default draws from every training family, the two added ones included; a held-out family is refused."""
+    chosen = ShapesDataset(seed=2, image_size=64, world="wide", backgrounds=("stripes", "bokeh"))
+    assert {chosen[i].meta["background"] for i in range(16)} == {"stripes", "bokeh"}
+    first = ShapesDataset(seed=2, image_size=64, world="wide", backgrounds=world.FIRST_TRAIN_BACKGROUNDS)
+    assert {first[i].meta["background"] for i in range(30)} <= set(world.FIRST_TRAIN_BACKGROUNDS)
+    default = ShapesDataset(seed=2, image_size=64, world="wide")
+    found = {default[i].meta["background"] for i in range(40)}
+    assert {"stripes", "bokeh"} <= found and found <= set(world.TRAIN_BACKGROUNDS), found
+    for bad in (("marble",), ("texture", "patchwork"), ("photo",), ()):
+        with pytest.raises(ValueError, match="backgrounds"):
+            ShapesDataset(world="wide", backgrounds=bad)
+
+
 def test_held_out_sets_use_only_held_out_backgrounds():
     items = world_detection_set(4, 0, 96, tuple(sorted(world.HELD_OUT_BACKGROUNDS)))
     assert len(items) == 4 and all(len(objects) >= 1 for _, objects, _ in items)

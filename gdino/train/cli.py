@@ -34,7 +34,7 @@ from gdino.train.losses import build_criterion
 
 DATA_KEYS = {
     "shapes": {"kind", "image_size", "seed", "split", "referring", "clutter", "max_objects", "num_negatives", "world",
-               "hard_negatives", "partial", "template_weights"},
+               "hard_negatives", "partial", "template_weights", "backgrounds"},
     "coco": {"kind", "annotations", "image_root", "image_size", "max_size", "seed", "max_phrases"},
     "odvg": {"kind", "jsonl", "image_root", "label_map", "image_size", "max_size", "seed", "max_phrases"},
 }

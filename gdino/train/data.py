@@ -76,7 +76,8 @@ class ShapesDataset:
     negatives (``hard_negatives``: the fraction of those that are look-alikes of a present object; ``partial``: the
     fraction of category prompts naming only some of the present categories, see ``shapes.category_prompt``).
     ``template_weights`` (wide world): relative sampling weights of the training phrase templates, by name (missing
-    ones weigh 1), to spend more steps on the hard ones (position and relations). ``clutter`` and ``max_objects``
+    ones weigh 1), to spend more steps on the hard ones (position and relations); ``backgrounds`` (wide world): the
+    background families drawn from (default ``world.TRAIN_BACKGROUNDS``; a held-out family is refused). ``clutter`` and ``max_objects``
     can be changed between steps (the curriculum).
     Training seeds stay below ``shapes.EVAL_SEED_OFFSET``; held-out sets pass ``held_out=True``.
     """
@@ -84,7 +85,8 @@ class ShapesDataset:
     def __init__(self, seed: int = 0, image_size: int = 256, split: str = "train", referring: float = 0.25,
                  clutter: float = 1.0, max_objects: int = 6, num_negatives: tuple[int, int] = (1, 5),
                  held_out: bool = False, length: int = 10**9, hard_negatives: float = 0.0, world: str = "classic",
-                 partial: float = 0.0, template_weights: dict[str, float] | None = None):
+                 partial: float = 0.0, template_weights: dict[str, float] | None = None,
+                 backgrounds: Sequence[str] | None = None):
         if world not in ("classic", "wide"):
             raise ValueError(f"world={world!r}: expected 'classic' (gdino.shapes) or 'wide' (gdino.world)")
         self.world = world
@@ -108,6 +110,16 @@ class ShapesDataset:
             if any(w < 0 for w in self.template_weights.values()) or not any(
                     self.template_weights.get(t, 1.0) > 0 for t in known):
                 raise ValueError("template_weights: weights must be >= 0 and not all zero")
+        self.backgrounds: tuple[str, ...] | None = None
+        if backgrounds is not None:
+            from gdino import world as world_module
+
+            self.backgrounds = tuple(backgrounds)
+            wrong = sorted(set(self.backgrounds) - set(world_module.TRAIN_BACKGROUNDS))
+            if wrong or not self.backgrounds:
+                raise ValueError(f"backgrounds: {wrong or 'none'} not training families; training families: "
+                                 f"{list(world_module.TRAIN_BACKGROUNDS)} (held out: "
+                                 f"{sorted(world_module.HELD_OUT_BACKGROUNDS)})")
         self.held_out = held_out
         self.length = length
 
@@ -141,7 +153,8 @@ class ShapesDataset:
         prompt or one to three referring expressions of the training templates, naming disjoint objects."""
         from gdino import world
 
-        scene = world.render(seed, size, split=self.split, clutter=self.clutter, num_objects=(1, self.max_objects))
+        scene = world.render(seed, size, backgrounds=self.backgrounds or world.TRAIN_BACKGROUNDS, split=self.split,
+                             clutter=self.clutter, num_objects=(1, self.max_objects))
         meta = {"seed": seed, "background": scene.background}
         if rng.uniform() < self.referring:
             chosen: list[world.Expression] = []

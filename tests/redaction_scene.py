@@ -87,6 +87,16 @@ def redness(picture_rgb: np.ndarray) -> np.ndarray:
     return np.clip(picture[..., 0] - np.maximum(picture[..., 1], picture[..., 2]), 0, None)
 
 
+PERIODS = {HIDDEN: int(8.0 * FPS), WATCHED: int(6.0 * FPS)}  # frames after which each object's path repeats
+
+
+def sharpest_outline_anywhere(picture_rgb: np.ndarray, name: str = HIDDEN) -> float:
+    """``outline_sharpness`` at every place object ``name`` ever is (its path repeats every ``PERIODS[name]``
+    frames), the largest: for a picture whose index cannot be read (the redaction blurred the code too), the
+    object's outline is hidden only if it is hidden wherever the object could be."""
+    return max(outline_sharpness(picture_rgb, index, name) for index in range(PERIODS[name]))
+
+
 def outline_sharpness(picture_rgb: np.ndarray, index: int, name: str = HIDDEN) -> float:
     """How sharp the outline of object `name` of frame `index` is in a decoded picture: the 90th percentile of
     the colour gradient (per pixel) on a 2 px band around the ground-truth outline. The raw object after two

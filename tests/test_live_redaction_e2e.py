@@ -165,7 +165,14 @@ def test_nothing_written_or_published_shows_the_redacted_object(redacted_run):
             continue
         index = scene.read_index(picture)
         if index is None:
+            # The planner redacts weak detections that form a track (privacy favours recall), and the default
+            # model gives the code's black and white blocks weak "red circle" scores (0.1-0.22) on some frames, so
+            # the code can be blurred too. Such a picture is checked at every place the circle ever is.
             unreadable.append(what)
+            hidden = scene.sharpest_outline_anywhere(picture)
+            if hidden >= SHARP:
+                leaks.append((what, None, round(hidden, 1)))
+            assert scene.sharpest_outline_anywhere(picture, scene.WATCHED) >= SHARP, what  # a real, sharp frame
             continue
         counts[kind] = counts.get(kind, 0) + 1
         hidden = scene.outline_sharpness(picture, index)
@@ -174,7 +181,8 @@ def test_nothing_written_or_published_shows_the_redacted_object(redacted_run):
             leaks.append((what, index, round(hidden, 1)))
         assert watched >= SHARP, (what, index, watched)  # the picture is the frame we think it is, unblurred
     assert not leaks, leaks
-    assert not unreadable, unreadable
+    # Most pictures are still matched to their exact frame (the over-redacted code is the exception).
+    assert len(unreadable) <= 0.2 * (sum(counts.values()) + len(unreadable)), (unreadable, counts)
     assert counts.get(".ts", 0) >= 5 and counts.get(".mp4", 0) >= 1 and counts.get(".jpg", 0) >= 1, counts
     assert counts.get("preview", 0) >= 5 and counts.get("crop", 0) >= 1, counts
 

@@ -49,17 +49,19 @@ def ms_deform_attn_reference(
         value_per_level = value.split([h * w for h, w in shapes], dim=1)
     # grid_sample's frame is [-1, 1]; with align_corners=False, x=0 and x=1 are the outer edges of the map.
     sampling_grids = 2 * sampling_locations.to(value.dtype) - 1  # (N, Lq, M, L, P, 2)
-    samples = []
+    # (N, Lq, M, L, P) -> (N*M, 1, Lq, L, P)
+    weights = attention_weights.to(value.dtype).transpose(1, 2).reshape(batch * heads, 1, queries, levels, points)
+    output = None
     for level, (height, width) in enumerate(shapes):
         # (N, H*W, M, D) -> (N*M, D, H, W)
         value_level = value_per_level[level].flatten(2).transpose(1, 2).reshape(batch * heads, channels, height,
                                                                                width)
         # (N, Lq, M, P, 2) -> (N*M, Lq, P, 2)
         grid_level = sampling_grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
-        samples.append(F.grid_sample(value_level, grid_level, mode="bilinear", padding_mode="zeros",
-                                     align_corners=False))  # (N*M, D, Lq, P)
-    stacked = torch.stack(samples, dim=-2).flatten(-2)  # (N*M, D, Lq, L*P)
-    # (N, Lq, M, L, P) -> (N*M, 1, Lq, L*P)
-    weights = attention_weights.to(value.dtype).transpose(1, 2).reshape(batch * heads, 1, queries, levels * points)
-    output = (stacked * weights).sum(-1)  # (N*M, D, Lq)
+        sampled = F.grid_sample(value_level, grid_level, mode="bilinear", padding_mode="zeros",
+                                align_corners=False)  # (N*M, D, Lq, P)
+        # Weighted and summed level by level: no (N*M, D, Lq, L*P) stack, whose concatenation along a small axis
+        # took 11 % of an exported Swin-T frame in ONNX Runtime.
+        term = (sampled * weights[..., level, :]).sum(-1)  # (N*M, D, Lq)
+        output = term if output is None else output + term
     return output.view(batch, heads * channels, queries).transpose(1, 2).contiguous()  # (N, Lq, M*D)

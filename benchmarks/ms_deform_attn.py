@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels import ms_deform_attn  # noqa: E402
+from gw_kernels import ms_deform_attn  # noqa: E402
 
 LEVELS = {
     "480x640": [(60, 80), (30, 40), (15, 20), (8, 10)],

@@ -16,7 +16,7 @@ Two graphs, as the daemon runs the model (``docs/export.md`` lists their inputs 
   ``position_ids`` -> ``text_features``. The tokenizer (and the sub-sentence mask it implies) stays in Python.
 
 Multi-scale deformable attention exports as standard ONNX ``GridSample`` (opset >= 16), one per level: the plain
-PyTorch reference (``kernels.reference``) is what gets traced. Every file carries the SHA-256 of the weights it was
+PyTorch reference (``gw_kernels.reference``) is what gets traced. Every file carries the SHA-256 of the weights it was
 exported from (``weights_hash``) in its metadata, so a file from other weights is refused, not run.
 """
 
@@ -110,7 +110,7 @@ def _float32_copy(model: nn.Module) -> nn.Module:
     exported = copy.deepcopy(model).to(device="cpu", dtype=torch.float32).eval()
     for module in exported.modules():
         if isinstance(module, MSDeformAttn):
-            module.backend = "reference"  # kernels.ms_deform_attn's GridSample path, the one that traces to ONNX
+            module.backend = "reference"  # gw_kernels.ms_deform_attn's GridSample path, the one that traces to ONNX
     return exported
 
 

@@ -23,8 +23,8 @@ import hypothesis.strategies as st  # noqa: E402
 import pytest  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 
-import kernels  # noqa: E402
-from kernels import ms_deform_attn, ms_deform_attn_reference  # noqa: E402
+import gw_kernels  # noqa: E402
+from gw_kernels import ms_deform_attn, ms_deform_attn_reference  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -263,7 +263,7 @@ def _forked_child_runs_the_cpu_path(inputs, expected, results):
     leaves = [t.clone().requires_grad_() for t in (inputs[0], inputs[3], inputs[4])]
     output = ms_deform_attn(leaves[0], inputs[1], inputs[2], leaves[1], leaves[2], backend="cpu")
     output.sum().backward()
-    results.put((kernels.in_forked_child(), (output.detach() - expected).abs().max().item()))
+    results.put((gw_kernels.in_forked_child(), (output.detach() - expected).abs().max().item()))
 
 
 def test_cpu_path_works_in_a_forked_child():
@@ -290,7 +290,7 @@ def test_cpu_path_works_in_a_forked_child():
 
 
 def test_auto_backend_picks_the_cpu_path_on_cpu(monkeypatch):
-    from kernels import cpu
+    from gw_kernels import cpu
 
     calls = []
     original = cpu.ms_deform_attn_forward_cpu
@@ -366,7 +366,7 @@ def test_bad_backend_and_triton_dtype_get_clear_errors():
 
 
 def _triton_available():
-    from kernels import triton_msda
+    from gw_kernels import triton_msda
 
     return torch.cuda.is_available() or triton_msda.interpreting()
 
@@ -432,7 +432,7 @@ def test_triton_half_precision_matches_reference(dtype, tolerance, grad_toleranc
 
 @triton_only
 def test_triton_launch_settings_use_one_fixed_config_in_the_interpreter():
-    from kernels import triton_msda
+    from gw_kernels import triton_msda
 
     if not triton_msda.interpreting():
         pytest.skip("on a GPU the launch settings are autotuned")
@@ -445,7 +445,7 @@ _COMPILE_FOR_SM90 = r"""
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from kernels import triton_msda
+from gw_kernels import triton_msda
 
 assert not triton_msda.interpreting()
 common = {"shapes_ptr": "*i64", "starts_ptr": "*i64", "locations_ptr": "*fp32", "value_batch_stride": "i64",

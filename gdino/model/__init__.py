@@ -11,7 +11,7 @@ Speed, with the same results up to float rounding:
 - the text branch (BERT + ``feat_map``) runs once per prompt and is cached (``encode_text``);
 - the image<->text fusion folds its 1024-wide projections into the few text tokens when that is cheaper
   (``BiAttention``), which removes most of the encoder's fusion FLOPs for short prompts;
-- multi-scale deformable attention goes through ``kernels.ms_deform_attn`` (Triton on GPU, a fast CPU path).
+- multi-scale deformable attention goes through ``gw_kernels.ms_deform_attn`` (Triton on GPU, a fast CPU path).
 
 The package holds the model in four files along its seams:
 

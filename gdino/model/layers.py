@@ -1,5 +1,5 @@
 """The building blocks of Grounding DINO: position embeddings, the feed-forward step, small heads, and the three
-attention modules (multi-head, multi-scale deformable through ``kernels.ms_deform_attn``, and the image<->text
+attention modules (multi-head, multi-scale deformable through ``gw_kernels.ms_deform_attn``, and the image<->text
 bi-attention of the feature enhancer)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import ms_deform_attn
+from gw_kernels import ms_deform_attn
 
 from .precision import float32_region
 
@@ -169,7 +169,7 @@ class MSDeformAttn(nn.Module):
     def __init__(self, dim: int, num_heads: int, num_levels: int, num_points: int):
         super().__init__()
         self.num_heads, self.num_levels, self.num_points = num_heads, num_levels, num_points
-        self.backend = "auto"  # kernels.ms_deform_attn backend: "auto", "reference", "cpu" or "triton"
+        self.backend = "auto"  # gw_kernels.ms_deform_attn backend: "auto", "reference", "cpu" or "triton"
         self.sampling_offsets = nn.Linear(dim, num_heads * num_levels * num_points * 2)
         self.attention_weights = nn.Linear(dim, num_heads * num_levels * num_points)
         self.value_proj = nn.Linear(dim, dim)

@@ -2,10 +2,10 @@
 
 ``ms_deform_attn`` validates its inputs once, prepares them (contiguous, dtype) and dispatches:
 
-- ``"reference"``: ``kernels.reference``, one ``grid_sample`` per level; plain autograd; any device and dtype.
-- ``"cpu"``: ``kernels.cpu``, Numba parallel kernels, forward and backward. float32 and float64; float16 and
+- ``"reference"``: ``gw_kernels.reference``, one ``grid_sample`` per level; plain autograd; any device and dtype.
+- ``"cpu"``: ``gw_kernels.cpu``, Numba parallel kernels, forward and backward. float32 and float64; float16 and
   bfloat16 values are computed in float32 and the output cast back.
-- ``"triton"``: ``kernels.triton_msda``, fused Triton kernels, forward and backward. float32, bfloat16 and float16
+- ``"triton"``: ``gw_kernels.triton_msda``, fused Triton kernels, forward and backward. float32, bfloat16 and float16
   values, float32 locations. CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1``.
 - ``"auto"`` (default): Triton on CUDA (the reference for float64, which the kernel does not take), the CPU path on
   the CPU, the reference anywhere else.
@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from kernels.reference import ms_deform_attn_reference
+from gw_kernels.reference import ms_deform_attn_reference
 
 __all__ = ["ms_deform_attn", "ms_deform_attn_reference", "BACKENDS", "in_forked_child"]
 
@@ -38,8 +38,8 @@ def _note_fork_in_child() -> None:
     _process["forked"] = True
 
 
-# Registered here, not in kernels.cpu, because the parent imports this package (gdino does at import time) before
-# it forks, while kernels.cpu is often first imported in the child.
+# Registered here, not in gw_kernels.cpu, because the parent imports this package (gdino does at import time) before
+# it forks, while gw_kernels.cpu is often first imported in the child.
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_note_fork_in_child)
 
@@ -162,7 +162,7 @@ def ms_deform_attn(value: torch.Tensor, spatial_shapes: torch.Tensor, level_star
                                         attention_weights)
 
     if chosen == "cpu":
-        from kernels import cpu
+        from gw_kernels import cpu
 
         if value.device.type != "cpu":
             raise ValueError(f"backend='cpu' needs CPU tensors, got value on {value.device}")
@@ -173,7 +173,7 @@ def ms_deform_attn(value: torch.Tensor, spatial_shapes: torch.Tensor, level_star
             cpu.ms_deform_attn_forward_cpu, cpu.ms_deform_attn_backward_cpu)
         return output.to(value.dtype)
 
-    from kernels import triton_msda  # imported on first use: importing Triton costs about a second
+    from gw_kernels import triton_msda  # imported on first use: importing Triton costs about a second
 
     if value.dtype not in triton_msda.SUPPORTED_DTYPES:
         raise TypeError(f"backend='triton' takes float32, bfloat16 or float16 values, got {value.dtype}; "

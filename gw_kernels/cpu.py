@@ -17,7 +17,7 @@ Processes: in a forked child the kernels run single-threaded (GNU OpenMP does no
 start method to keep both cores.
 
 Arithmetic is in the value's dtype (float32 or float64); sample coordinates are computed in float64. Inputs must
-already be contiguous, on the CPU and of one dtype: ``kernels.ms_deform_attn`` prepares them.
+already be contiguous, on the CPU and of one dtype: ``gw_kernels.ms_deform_attn`` prepares them.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import numba
 import numpy as np
 import torch
 
-import kernels
+import gw_kernels
 
 __all__ = ["ms_deform_attn_forward_cpu", "ms_deform_attn_backward_cpu", "SUPPORTED_DTYPES"]
 
@@ -189,7 +189,7 @@ def _backward_kernel(grad_output, value, spatial_shapes, level_start_index, samp
 # Numba's parallel kernels run on GNU OpenMP, which does not survive fork(): in a forked child a parallel region
 # hangs (parent used torch's OpenMP, measured) or the child is killed ("Terminating: fork() called from a process
 # already using GNU OpenMP"). Torch drops to one thread in forked children for the same reason; so do these
-# kernels: a forked child (``kernels.in_forked_child``) gets single-threaded builds (compiled on first use and not cached, because Numba's cache
+# kernels: a forked child (``gw_kernels.in_forked_child``) gets single-threaded builds (compiled on first use and not cached, because Numba's cache
 # key would not tell the two builds apart). Start processes with "spawn" to keep both cores.
 _PARALLEL = {
     "forward": numba.njit(parallel=True, cache=True, fastmath=False)(_forward_kernel),
@@ -200,7 +200,7 @@ _SERIAL = {
     "backward": numba.njit(parallel=False, cache=False, fastmath=_REDUCTION_FASTMATH)(_backward_kernel),
 }
 def _kernel(name: str):
-    return _SERIAL[name] if kernels.in_forked_child() else _PARALLEL[name]
+    return _SERIAL[name] if gw_kernels.in_forked_child() else _PARALLEL[name]
 
 
 def _check(*tensors: torch.Tensor) -> None:
@@ -209,7 +209,7 @@ def _check(*tensors: torch.Tensor) -> None:
         raise TypeError(f"CPU path takes float32 or float64 values, got {dtype}")
     for tensor in tensors:
         if tensor.device.type != "cpu" or not tensor.is_contiguous() or tensor.dtype != dtype:
-            raise ValueError("CPU path needs contiguous CPU tensors of one dtype; call kernels.ms_deform_attn")
+            raise ValueError("CPU path needs contiguous CPU tensors of one dtype; call gw_kernels.ms_deform_attn")
 
 
 def _numpy(tensor: torch.Tensor) -> np.ndarray:

@@ -1,7 +1,7 @@
 """Multi-scale deformable attention in Triton: forward and backward kernels, their host launchers.
 
 Three layers (STYLE.md 6): the ``@triton.jit`` kernels; host launchers that check shape, dtype and contiguity,
-allocate, and take their launch settings from ``_launch_settings``; ``kernels.ms_deform_attn`` on top.
+allocate, and take their launch settings from ``_launch_settings``; ``gw_kernels.ms_deform_attn`` on top.
 
 One program owns a tile of BLOCK_Q queries of one (batch, head) and walks every level and point of them, so the
 program reads each query's locations and weights once and writes its (BLOCK_Q, D) output tile once. A corner's D
@@ -230,7 +230,7 @@ def _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, 
     if len({t.device for t in tensors}) != 1:
         raise ValueError("all inputs must be on one device")
     if not all(t.is_contiguous() for t in tensors):
-        raise ValueError("Triton path needs contiguous inputs; kernels.ms_deform_attn makes them contiguous")
+        raise ValueError("Triton path needs contiguous inputs; gw_kernels.ms_deform_attn makes them contiguous")
     batch, tokens, heads, channels = value.shape
     _, queries, _, levels, points, _ = sampling_locations.shape
     if sampling_locations.shape != (batch, queries, heads, levels, points, 2):

@@ -279,6 +279,18 @@ class RedactionPlanner:
                     t = (f - f0) / (f1 - f0)
                     plans[f].interpolated.append(_grown(b0 + t * (b1 - b0), min(f - f0, f1 - f), config.growth,
                                                         config.max_growth))
+            # The first and last sightings have a neighbour on one side only: each also gets the box carried to
+            # its frame from the sightings before (after) it, so one bad box at a track's end (an object half
+            # hidden as the video ends) is covered by where the track was going.
+            for direction in (-1, 1):
+                ordered = list(zip(frames, boxes)) if direction > 0 else list(zip(frames, boxes))[::-1]
+                if len(ordered) >= 3 and ordered[-1][0] < count:
+                    end_frame = ordered[-1][0]
+                    frame, box, velocity = _end_motions(ordered[:-1], self.width, self.height)[0]
+                    steps = abs(end_frame - frame)
+                    if steps <= config.extend_frames:
+                        plans[end_frame].interpolated.append(
+                            _grown(box + velocity * steps * direction, steps, config.growth, config.max_growth))
             for direction in (-1, 1):
                 for frame, extra in self._extrapolated(frames, boxes, direction):
                     if 0 <= frame < count:

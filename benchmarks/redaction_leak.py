@@ -48,6 +48,11 @@ def main() -> None:
     elapsed = time.perf_counter() - started
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     machine = platform.processor() or platform.machine()
+    try:  # the CPU's model name ("AMD EPYC", "Intel(R) Xeon(R) Processor"), as the other benchmarks print it
+        machine = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                       if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
     print(f"machine {machine}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}, commit {commit}, {elapsed:.0f} s")
     print(f"{args.videos} videos x {args.frames} frames (192x256), {report.dropped_frames} of {report.frames} frames' "
           f"detections dropped, {report.pairs} (frame, object) pairs, padding {args.padding}")

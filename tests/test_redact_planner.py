@@ -221,6 +221,21 @@ def test_a_bad_box_at_a_tracks_end_is_covered_by_where_the_track_was_going(at_en
     assert covered(plans[bad].boxes(), moving_box(bad))
 
 
+def test_a_two_sighting_track_covers_its_bad_end_box_with_the_other_sighting():
+    """Shapes video 500015: a 20 px cross already leaving at the right edge when the video starts was seen on
+    frames 0 and 1 only, the second time boxed 11 px tall for a true 17 (246,60,260,71 for 248,56,256,73), and
+    leaked. A track of two sightings has no motion to carry one to the other's frame, but the other's box, grown
+    by a frame of guessing, still covers it."""
+    planner = RedactionPlanner(PlannerConfig(), 256, 192)
+    planner.add(0, np.array([[231.0, 61.0, 255.0, 79.0]]), [0.61], ["purple cross"])
+    planner.add(1, np.array([[246.0, 60.0, 260.0, 71.0]]), [0.38], ["purple cross"])
+    for frame in range(2, 6):
+        planner.add(frame, np.zeros((0, 4)), [], [])
+    plans = planner.plan()
+    mask = box_mask(plans[1].boxes(), 0.2, 256, 192)
+    assert mask[56:73, 248:256].all()
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="track_threshold"):
         PlannerConfig(box_threshold=0.2, track_threshold=0.3)

@@ -281,10 +281,11 @@ class RedactionPlanner:
                                                         config.max_growth))
             # The first and last sightings have a neighbour on one side only: each also gets the box carried to
             # its frame from the sightings before (after) it, so one bad box at a track's end (an object half
-            # hidden as the video ends) is covered by where the track was going.
+            # hidden as the video ends) is covered by where the track was going. With two sightings there is no
+            # motion to carry (zero velocity): the other sighting's box, grown by the frames between them.
             for direction in (-1, 1):
                 ordered = list(zip(frames, boxes)) if direction > 0 else list(zip(frames, boxes))[::-1]
-                if len(ordered) >= 3 and ordered[-1][0] < count:
+                if len(ordered) >= 2 and ordered[-1][0] < count:
                     end_frame = ordered[-1][0]
                     frame, box, velocity = _end_motions(ordered[:-1], self.width, self.height)[0]
                     steps = abs(end_frame - frame)

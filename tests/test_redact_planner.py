@@ -236,6 +236,21 @@ def test_a_two_sighting_track_covers_its_bad_end_box_with_the_other_sighting():
     assert mask[56:73, 248:256].all()
 
 
+def test_the_live_planner_covers_a_short_box_with_where_the_track_was_going():
+    """Live, every sighting is its track's last, and a box boxed short of the object (half hidden behind another)
+    leaked on its frame. A sighting under 0.85 of the track's size, or cut by the frame edge, also gets the box
+    carried to its frame from the sightings before it; a sighting of the usual size gets nothing more."""
+    planner = LiveRedactionPlanner(PlannerConfig(), WIDTH, HEIGHT)
+    for frame in range(8):
+        out = planner.update(frame, moving_box(frame)[None], [0.9], ["face"])
+    assert len(out) == 1  # the detection alone, at its usual size
+    box = moving_box(8)
+    short = np.array([box[0], box[1] + 10.0, box[2] - 6.0, box[3]])  # the visible bottom-left part only
+    out = planner.update(8, short[None], [0.9], ["face"])
+    assert not covered([short], box)
+    assert covered(out, box)
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="track_threshold"):
         PlannerConfig(box_threshold=0.2, track_threshold=0.3)

@@ -311,6 +311,7 @@ class RedactionPlanner:
 
 
 _WINDOW = 6  # sightings nearest a track's end that its motion there is fitted over
+_SHORT = 0.85  # live: a sighting whose width or height is under this fraction of the track's before is suspect
 
 
 def _end_motions(ordered, width: int, height: int) -> list[tuple[int, np.ndarray, np.ndarray]]:
@@ -448,6 +449,21 @@ class LiveRedactionPlanner:
                 continue
             if unseen == 0:
                 self._held.pop(track_id, None)
+                # A sighting boxed short of the track's size (half hidden) or cut by the frame edge also gets
+                # the box carried here from the sightings before it, as offline for a track's last sighting;
+                # only then, since every live sighting is a track's last and a second box costs area.
+                frames, boxes = sightings.frames[track_id], sightings.boxes[track_id]
+                if len(frames) >= 2 and frames[-1] == frame_index:
+                    now = boxes[-1]
+                    before = list(zip(frames[:-1], boxes[:-1]))
+                    sizes = np.array([b[2:] - b[:2] for _, b in before])
+                    short = ((now[2:] - now[:2]) < _SHORT * np.median(sizes, axis=0)).any()
+                    if short or _cut_sides(now, self.width, self.height).any():
+                        frame, box, velocity = _end_motions(before, self.width, self.height)[0]
+                        steps = frame_index - frame
+                        if steps <= self.config.extend_frames:
+                            out.append(_grown(box + velocity * steps, steps, self.config.growth,
+                                              self.config.max_growth))
                 continue
             if track_id not in self._held:
                 frames, boxes = sightings.frames[track_id], sightings.boxes[track_id]

@@ -287,11 +287,12 @@ class RedactionPlanner:
                 ordered = list(zip(frames, boxes)) if direction > 0 else list(zip(frames, boxes))[::-1]
                 if len(ordered) >= 2 and ordered[-1][0] < count:
                     end_frame = ordered[-1][0]
+                    # velocity is per frame in the order of `ordered` (backwards in time for the first sighting)
                     frame, box, velocity = _end_motions(ordered[:-1], self.width, self.height)[0]
                     steps = abs(end_frame - frame)
                     if steps <= config.extend_frames:
                         plans[end_frame].interpolated.append(
-                            _grown(box + velocity * steps * direction, steps, config.growth, config.max_growth))
+                            _grown(box + velocity * steps, steps, config.growth, config.max_growth))
             for direction in (-1, 1):
                 for frame, extra in self._extrapolated(frames, boxes, direction):
                     if 0 <= frame < count:

@@ -207,8 +207,8 @@ def test_a_bad_box_at_a_tracks_end_is_covered_by_where_the_track_was_going(at_en
     """A sighting between two others is also covered by the box interpolated from them, but the first and last
     had no such cover: in shapes video 500004 a triangle half hidden by a circle on the video's last frame was
     boxed on its visible bottom only (79,102,98,117 for a true 79,86,108,116) and leaked. An end sighting now
-    also gets the box carried to its frame from the sightings before (after) it, backwards in time for the first
-    one. (The object moves 3 px a frame and the bad box keeps enough overlap to stay in its track: a box that
+    also gets the box carried to its frame from the sightings on its one side (backwards in time for the first
+    one). (The object moves 3 px a frame and the bad box keeps enough overlap to stay in its track: a box that
     starts a track of its own is covered by the other track's extrapolation instead.)"""
     truth = {f: np.array([40.0 + 3 * f, 40.0, 60.0 + 3 * f, 60.0]) for f in range(10)}
     planner = RedactionPlanner(PlannerConfig(), WIDTH, HEIGHT)

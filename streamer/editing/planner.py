@@ -7,9 +7,12 @@ detections and add, per track:
   sighting before a gap and the next one after it, and the box extrapolated a few frames before the first and
   after the last sighting (at the track's velocity, growing with every frame of guessing). A track that reaches
   a frame edge within `edge_frames` of its first (last) sighting is followed until it is out of the frame: the
-  object was already (still) there, only too cut off to be detected.
+  object was already (still) there, only too cut off to be detected. A sighting between two others, and a
+  track's first and last sightings, also get the box carried to their frame from the sightings beside them
+  (one bad, short or shifted detection box is covered by where the track was going).
 - causally (`LiveRedactionPlanner`, for a live stream: no look-ahead): a lost track's box extrapolated for up to
-  `hold_frames` frames (or until out of the frame) after its last sighting, growing as above.
+  `extend_frames` frames (or until out of the frame) after its last sighting, growing as above; a sighting boxed
+  short of its track or cut by the frame edge also gets the box carried from the sightings before it.
 
 Everything is xyxy pixels of the frame. Detections at or above `box_threshold` are always redacted; those between
 `track_threshold` and `box_threshold` only when a track takes them (ByteTrack's second stage: a partly hidden
@@ -280,7 +283,7 @@ class RedactionPlanner:
                     plans[f].interpolated.append(_grown(b0 + t * (b1 - b0), min(f - f0, f1 - f), config.growth,
                                                         config.max_growth))
             # The first and last sightings have a neighbour on one side only: each also gets the box carried to
-            # its frame from the sightings before (after) it, so one bad box at a track's end (an object half
+            # its frame from the sightings on that side (after the first, before the last), so one bad box at a track's end (an object half
             # hidden as the video ends) is covered by where the track was going. With two sightings there is no
             # motion to carry (zero velocity): the other sighting's box, grown by the frames between them.
             for direction in (-1, 1):
@@ -432,7 +435,9 @@ class LiveRedactionPlanner:
         boxes_xyxy = planner.update(frame_index, found.boxes_xyxy, found.scores, found.phrases)   # (N, 4)
 
     A track the detector loses is redacted where its velocity carries it for `extend_frames` frames (or until
-    it is out of the frame, within `edge_frames`); what the detector has not yet seen cannot be redacted.
+    it is out of the frame, within `edge_frames`); a sighting boxed short of its track (width or height under
+    `_SHORT` of the median of its earlier sightings clear of the edges) or cut by the frame edge also gets the
+    box carried to its frame from the sightings before it. What the detector has not yet seen cannot be redacted.
     """
 
     def __init__(self, config: PlannerConfig, width: int, height: int) -> None:
@@ -457,7 +462,8 @@ class LiveRedactionPlanner:
                 if len(frames) >= 2 and frames[-1] == frame_index:
                     now = boxes[-1]
                     before = list(zip(frames[:-1], boxes[:-1]))
-                    sizes = np.array([b[2:] - b[:2] for _, b in before])
+                    clear = [b for _, b in before if not _cut_sides(b, self.width, self.height).any()]
+                    sizes = np.array([b[2:] - b[:2] for b in (clear or [b for _, b in before])])
                     short = ((now[2:] - now[:2]) < _SHORT * np.median(sizes, axis=0)).any()
                     if short or _cut_sides(now, self.width, self.height).any():
                         frame, box, velocity = _end_motions(before, self.width, self.height)[0]

@@ -202,6 +202,27 @@ def test_a_lone_sighting_is_not_linked_to_an_object_entering_later():
     assert sorted(chain.frames for chain in chains) == [[2], list(range(12, 19))]
 
 
+def test_a_one_sighting_piece_is_linked_by_the_motion_of_the_chain_it_starts():
+    """Fragments were linked by each piece's own motion, so a piece of one sighting (a box the tracker could not
+    join to the next, one frame after two missed ones) counted as standing still: the object's own sighting four
+    frames earlier was too far from it to link, and a false detection beside it was linked instead; the object's
+    three missed frames were then interpolated from the false box and leaked (shapes video 500034, a black star,
+    frames 2-3). Costs are now those of the chains linked so far, updated as links are made."""
+    from streamer.editing.planner import _Fragment, _linked
+
+    def star(frame: int) -> np.ndarray:  # 12x10, moving 3 px right and 8 px up a frame
+        return np.array([100.0 + 3 * frame, 80.0 - 8 * frame, 112.0 + 3 * frame, 90.0 - 8 * frame])
+
+    seen = _Fragment([0], [star(0)], [0.5])
+    false = _Fragment([0], [np.array([90.0, 55.0, 104.0, 66.0])], [0.35])
+    found_again = _Fragment([4], [star(4)], [0.5])
+    rest = _Fragment([5, 6, 7, 8], [star(f) for f in range(5, 9)], [0.5] * 4)
+    chains = _linked([seen, false, found_again, rest], PlannerConfig(), WIDTH, HEIGHT)
+    by_start = {tuple(np.round(chain.boxes[0]).astype(int)): chain.frames for chain in chains}
+    assert by_start[tuple(star(0).astype(int))] == [0, 4, 5, 6, 7, 8]
+    assert by_start[(90, 55, 104, 66)] == [0]
+
+
 @pytest.mark.parametrize("at_end", [True, False])
 def test_a_bad_box_at_a_tracks_end_is_covered_by_where_the_track_was_going(at_end):
     """A sighting between two others is also covered by the box interpolated from them, but the first and last

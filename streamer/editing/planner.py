@@ -21,6 +21,7 @@ object's weak detection extends its track, a weak detection on its own is noise)
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass, field
 from typing import Hashable, Sequence
 
@@ -382,37 +383,63 @@ def _linked(fragments: list[_Fragment], config: PlannerConfig, width: int | None
     """Chains of fragments that are one object the tracker lost and found again (a fast object after a missed
     frame, a detector whose box jumped): greedily, the closest pairs in space and time first, a fragment
     ending at most `max_gap` frames before the next one starts, within one box size (plus half a box per frame
-    of gap) of where the first would be by then. Given the frame's size: never across a gap in which the first
-    leaves the frame or the second enters it (an object that left is not the one that appears later), judged on
-    the chains linked so far, so that a one-sighting fragment (no motion of its own) is judged by the track it
-    starts or ends."""
-    pairs = []
+    of gap) of where the first would be by then. Distances are those of the chains linked so far (a piece of
+    one sighting has no motion of its own; the chain it starts or ends has), recomputed for the two ends a link
+    changes. Given the frame's size: never across a gap in which the first leaves the frame or the second
+    enters it (an object that left is not the one that appears later), judged on the chains linked so far."""
+    after: dict[int, list[int]] = {i: [] for i in range(len(fragments))}  # i -> fragments that may follow i
+    before: dict[int, list[int]] = {i: [] for i in range(len(fragments))}
     for i, a in enumerate(fragments):
         for j, b in enumerate(fragments):
-            gap = b.frames[0] - a.frames[-1]
-            if i != j and 0 < gap <= config.max_gap:
-                cost = _link_cost(a, b)
-                if cost <= _LINK_LIMIT:
-                    pairs.append((cost, gap, i, j))
+            if i != j and 0 < b.frames[0] - a.frames[-1] <= config.max_gap:
+                after[i].append(j)
+                before[j].append(i)
     following, preceding = {}, {}
+    stamp = [0] * len(fragments)  # bumped when the chain ending (starting) at a fragment changes there
 
-    def sightings(i: int, links: dict) -> list:
-        """(frame, box) of fragment i and those linked to it through `links`, in that direction."""
+    def sightings(i: int, links: dict, enough: int | None = None) -> list:
+        """(frame, box) of fragment i and those linked to it through `links`, in time order (ending at i for
+        `preceding`, starting at i for `following`); at least `enough` of them nearest i when given."""
         chain = []
-        while i is not None:
-            fragment = fragments[i]
-            pairs_in_time = list(zip(fragment.frames, fragment.boxes))
+        while i is not None and (enough is None or len(chain) < enough):
+            pairs_in_time = list(zip(fragments[i].frames, fragments[i].boxes))
             chain = chain + pairs_in_time if links is following else pairs_in_time + chain
             i = links.get(i)
         return chain
 
-    for _, gap, i, j in sorted(pairs):
-        if i in following or j in preceding:
-            continue
+    def entry(i: int, j: int):
+        """The heap entry of linking the chain ending at i to the chain starting at j, or None if too far."""
+        end = sightings(i, preceding, 4)  # _velocity's span: the four sightings nearest the gap
+        start = sightings(j, following, 4)
+        cost = _link_cost(_Fragment([f for f, _ in end], [b for _, b in end], []),
+                          _Fragment([f for f, _ in start], [b for _, b in start], []))
+        if cost > _LINK_LIMIT:
+            return None
+        return cost, fragments[j].frames[0] - fragments[i].frames[-1], i, j, stamp[i], stamp[j]
+
+    heap = [e for i in range(len(fragments)) for j in after[i] if (e := entry(i, j)) is not None]
+    heapq.heapify(heap)
+    while heap:
+        _, gap, i, j, stamp_i, stamp_j = heapq.heappop(heap)
+        if i in following or j in preceding or (stamp_i, stamp_j) != (stamp[i], stamp[j]):
+            continue  # taken, or computed on chains that have grown since (the new entry is in the heap)
         if width is not None and (_leaves_frame(sightings(i, preceding), gap, width, height) or
                                   _leaves_frame(sightings(j, following)[::-1], gap, width, height)):
             continue
         following[i], preceding[j] = j, i
+        head, tail = i, j  # the merged chain's first and last fragments
+        while head in preceding:
+            head = preceding[head]
+        while tail in following:
+            tail = following[tail]
+        stamp[head] += 1
+        stamp[tail] += 1
+        for k in before[head]:  # chains that may end just before the merged one starts
+            if k not in following and (e := entry(k, head)) is not None:
+                heapq.heappush(heap, e)
+        for k in after[tail]:
+            if k not in preceding and (e := entry(tail, k)) is not None:
+                heapq.heappush(heap, e)
     chains = []
     for i in range(len(fragments)):
         if i in preceding:

@@ -223,6 +223,21 @@ def test_a_one_sighting_piece_is_linked_by_the_motion_of_the_chain_it_starts():
     assert by_start[(90, 55, 104, 66)] == [0]
 
 
+def test_the_nearest_continuation_is_linked_before_a_far_one_that_the_long_gap_allows():
+    """Links were made in order of their distance divided by the gap's allowance (half a box a frame), so a stray
+    weak box 30 frames later and four box sizes away ranked before the object's own next sighting one frame and
+    0.8 box sizes away: an object leaving at the bottom was chained to noise across the frame, its last frames
+    interpolated towards it instead of carried out (shapes videos 500086, 500087). Links are now made nearest
+    first, the allowance only deciding which may be made at all."""
+    from streamer.editing.planner import _Fragment, _linked
+
+    first = _Fragment([0], [np.array([100.0, 50.0, 120.0, 66.0])], [0.6])
+    second = _Fragment([1], [np.array([103.0, 64.0, 123.0, 80.0])], [0.6])  # 3 px right, 14 px down a frame
+    stray = _Fragment([30], [np.array([40.0, 20.0, 54.0, 31.0])], [0.1])
+    chains = _linked([first, second, stray], PlannerConfig(), WIDTH, HEIGHT)
+    assert sorted(chain.frames for chain in chains) == [[0, 1], [30]]
+
+
 @pytest.mark.parametrize("at_end", [True, False])
 def test_a_bad_box_at_a_tracks_end_is_covered_by_where_the_track_was_going(at_end):
     """A sighting between two others is also covered by the box interpolated from them, but the first and last

@@ -350,9 +350,9 @@ class _Fragment:
         return _velocity(self.frames, self.boxes, at_end)
 
 
-def _link_cost(a: _Fragment, b: _Fragment) -> float:
-    """How far (in box sizes) fragment `b`'s first box is from where `a` would be by then, and back; inf when
-    the sizes differ by more than 2x. The allowance grows with the gap, since an unseen object may turn."""
+def _link_miss(a: _Fragment, b: _Fragment) -> float:
+    """How far (in box sizes) fragment `b`'s first box is from where `a` would be by then, and back (the nearer
+    of the two); inf when the sizes differ by more than 2x."""
     gap = b.frames[0] - a.frames[-1]
     end, first = a.boxes[-1], b.boxes[0]
     size_a, size_b = end[2:] - end[:2], first[2:] - first[:2]
@@ -362,9 +362,14 @@ def _link_cost(a: _Fragment, b: _Fragment) -> float:
     behind = first - b.velocity(at_end=False) * gap  # b carried back to a's last frame
     scale = (size_a + size_b) / 2
     centre = lambda box: (box[:2] + box[2:]) / 2  # noqa: E731
-    miss = min(np.abs(centre(ahead) - centre(first)).max() / scale.max(),
+    return min(np.abs(centre(ahead) - centre(first)).max() / scale.max(),
                np.abs(centre(behind) - centre(end)).max() / scale.max())
-    return miss / (0.5 + 0.5 * gap)
+
+
+def _link_allowance(gap: int) -> float:
+    """The largest miss (box sizes) a link across `gap` frames may have: the allowance grows with the gap, since
+    an unseen object may turn."""
+    return _LINK_LIMIT * (0.5 + 0.5 * gap)
 
 
 _LINK_LIMIT = 1.0  # how far off, in box sizes at a one-frame gap, a fragment may start from its predecessor
@@ -381,11 +386,13 @@ def _leaves_frame(ordered, gap: int, width: int, height: int) -> bool:
 def _linked(fragments: list[_Fragment], config: PlannerConfig, width: int | None = None,
             height: int | None = None) -> list[_Fragment]:
     """Chains of fragments that are one object the tracker lost and found again (a fast object after a missed
-    frame, a detector whose box jumped): greedily, the closest pairs in space and time first, a fragment
-    ending at most `max_gap` frames before the next one starts, within one box size (plus half a box per frame
-    of gap) of where the first would be by then. Distances are those of the chains linked so far (a piece of
-    one sighting has no motion of its own; the chain it starts or ends has), recomputed for the two ends a link
-    changes. Given the frame's size: never across a gap in which the first leaves the frame or the second
+    frame, a detector whose box jumped): greedily, the pairs nearest in space first (`_link_miss`, in box
+    sizes; the gap only breaks ties), a fragment ending at most `max_gap` frames before the next one starts,
+    within half a box size plus half a box per frame of gap (`_link_allowance`) of where the first would be by
+    then. Ranking by the distance itself, not by its share of the allowance: a stray box far away across a long
+    gap must not come before the object's own next sighting. Distances are those of the chains linked so far
+    (a piece of one sighting has no motion of its own; the chain it starts or ends has), recomputed for the two
+    ends a link changes. Given the frame's size: never across a gap in which the first leaves the frame or the second
     enters it (an object that left is not the one that appears later), judged on the chains linked so far."""
     after: dict[int, list[int]] = {i: [] for i in range(len(fragments))}  # i -> fragments that may follow i
     before: dict[int, list[int]] = {i: [] for i in range(len(fragments))}
@@ -411,11 +418,12 @@ def _linked(fragments: list[_Fragment], config: PlannerConfig, width: int | None
         """The heap entry of linking the chain ending at i to the chain starting at j, or None if too far."""
         end = sightings(i, preceding, 4)  # _velocity's span: the four sightings nearest the gap
         start = sightings(j, following, 4)
-        cost = _link_cost(_Fragment([f for f, _ in end], [b for _, b in end], []),
+        miss = _link_miss(_Fragment([f for f, _ in end], [b for _, b in end], []),
                           _Fragment([f for f, _ in start], [b for _, b in start], []))
-        if cost > _LINK_LIMIT:
+        gap = fragments[j].frames[0] - fragments[i].frames[-1]
+        if miss > _link_allowance(gap):
             return None
-        return cost, fragments[j].frames[0] - fragments[i].frames[-1], i, j, stamp[i], stamp[j]
+        return miss, gap, i, j, stamp[i], stamp[j]
 
     heap = [e for i in range(len(fragments)) for j in after[i] if (e := entry(i, j)) is not None]
     heapq.heapify(heap)

@@ -225,10 +225,11 @@ def test_a_one_sighting_piece_is_linked_by_the_motion_of_the_chain_it_starts():
 
 def test_the_nearest_continuation_is_linked_before_a_far_one_that_the_long_gap_allows():
     """Links were made in order of their distance divided by the gap's allowance (half a box a frame), so a stray
-    weak box 30 frames later and four box sizes away ranked before the object's own next sighting one frame and
-    0.8 box sizes away: an object leaving at the bottom was chained to noise across the frame, its last frames
+    weak box 30 frames later and 3.7 box sizes away ranked before the object's own next sighting one frame and
+    0.7 box sizes away: an object leaving at the bottom was chained to noise across the frame, its last frames
     interpolated towards it instead of carried out (shapes videos 500086, 500087). Links are now made nearest
-    first, the allowance only deciding which may be made at all."""
+    first, the allowance only deciding which may be made at all; once the two sightings are one chain, its motion
+    leaves the frame before the stray box appears, so that link is refused."""
     from streamer.editing.planner import _Fragment, _linked
 
     first = _Fragment([0], [np.array([100.0, 50.0, 120.0, 66.0])], [0.6])

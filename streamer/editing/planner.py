@@ -21,6 +21,7 @@ object's weak detection extends its track, a weak detection on its own is noise)
 
 from __future__ import annotations
 
+import bisect
 import heapq
 from dataclasses import dataclass, field
 from typing import Hashable, Sequence
@@ -396,13 +397,16 @@ def _linked(fragments: list[_Fragment], config: PlannerConfig, width: int | None
     enters it (an object that left is not the one that appears later), judged on the chains linked so far."""
     after: dict[int, list[int]] = {i: [] for i in range(len(fragments))}  # i -> fragments that may follow i
     before: dict[int, list[int]] = {i: [] for i in range(len(fragments))}
-    for i, a in enumerate(fragments):
-        for j, b in enumerate(fragments):
-            if i != j and 0 < b.frames[0] - a.frames[-1] <= config.max_gap:
-                after[i].append(j)
-                before[j].append(i)
+    by_start = sorted(range(len(fragments)), key=lambda k: fragments[k].frames[0])
+    starts = [fragments[k].frames[0] for k in by_start]
+    for i, a in enumerate(fragments):  # those starting 1..max_gap frames after i ends (not all pairs: long videos)
+        lo = bisect.bisect_right(starts, a.frames[-1])
+        hi = bisect.bisect_right(starts, a.frames[-1] + config.max_gap)
+        for j in by_start[lo:hi]:
+            after[i].append(j)
+            before[j].append(i)
     following, preceding = {}, {}
-    stamp = [0] * len(fragments)  # bumped when the chain ending (starting) at a fragment changes there
+    stamp = [0] * len(fragments)  # bumped whenever the chain a fragment starts or ends changes
 
     def sightings(i: int, links: dict, enough: int | None = None) -> list:
         """(frame, box) of fragment i and those linked to it through `links`, in time order (ending at i for
@@ -416,7 +420,7 @@ def _linked(fragments: list[_Fragment], config: PlannerConfig, width: int | None
 
     def entry(i: int, j: int):
         """The heap entry of linking the chain ending at i to the chain starting at j, or None if too far."""
-        end = sightings(i, preceding, 4)  # _velocity's span: the four sightings nearest the gap
+        end = sightings(i, preceding, 4)  # _velocity's span (3 steps): the four sightings nearest the gap
         start = sightings(j, following, 4)
         miss = _link_miss(_Fragment([f for f, _ in end], [b for _, b in end], []),
                           _Fragment([f for f, _ in start], [b for _, b in start], []))
@@ -430,7 +434,7 @@ def _linked(fragments: list[_Fragment], config: PlannerConfig, width: int | None
     while heap:
         _, gap, i, j, stamp_i, stamp_j = heapq.heappop(heap)
         if i in following or j in preceding or (stamp_i, stamp_j) != (stamp[i], stamp[j]):
-            continue  # taken, or computed on chains that have grown since (the new entry is in the heap)
+            continue  # taken, or computed on chains that have grown since (re-entered if still in reach)
         if width is not None and (_leaves_frame(sightings(i, preceding), gap, width, height) or
                                   _leaves_frame(sightings(j, following)[::-1], gap, width, height)):
             continue

@@ -126,6 +126,26 @@ def test_an_unwritable_output_is_refused_before_any_work(video, tmp_path, capsys
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_a_report_named_after_the_video_is_written_and_bad_report_paths_are_refused(video, tmp_path, capsys):
+    """`--report in.json` beside `in.mp4` was refused with "the output in.mp4 would overwrite the input in.mp4":
+    the report path was checked as if it were a video, by swapping its suffix for .mp4. A report is now refused
+    only where it would overwrite the input or the output, or cannot be written; nothing is written then."""
+    import json
+
+    out = tmp_path / "out.mp4"
+    report = video.with_suffix(".json")
+    assert cli_main(["redact", str(video), "--prompt", "square .", "-o", str(out), "--quiet",
+                     "--report", str(report)]) == 0
+    assert json.loads(report.read_text())["settings"]["video"] == str(video)
+    for bad, message in ((video, "would overwrite the input"), (out, "would overwrite the output"),
+                         (tmp_path / "missing" / "r.json", "does not exist"), (tmp_path, "is a directory")):
+        other = tmp_path / "other.mp4"
+        assert cli_main(["redact", str(video), "--prompt", "square .", "-o", str(other if bad != out else out),
+                         "--quiet", "--report", str(bad)]) == 2
+        assert message in capsys.readouterr().err, bad
+        assert not other.exists()
+
+
 def test_a_read_only_directory_is_refused(video, tmp_path):
     import os
 

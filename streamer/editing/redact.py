@@ -63,6 +63,21 @@ def check_output(video: Path, output: Path) -> None:
         raise RedactError(f"cannot write {output}: use a .mp4, .mkv, .mov or .m4v name (H.264 video)")
 
 
+def check_report(video: Path, output: Path, report: Path) -> None:
+    """Refuse, before any work, a report path that would overwrite the input or the output, or cannot be
+    written (any name is fine otherwise: `clip.json` beside `clip.mp4` is the usual one)."""
+    for other, what in ((video, "input"), (output, "output")):
+        if report.resolve() == other.resolve() or _same_file(report, other):
+            raise RedactError(f"the report {report} would overwrite the {what} {other}; choose another --report")
+    if report.is_dir():
+        raise RedactError(f"the report {report} is a directory; give a file name such as {report / 'redaction.json'}")
+    parent = report.parent if str(report.parent) else Path(".")
+    if not parent.is_dir():
+        raise RedactError(f"cannot write the report {report}: the directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise RedactError(f"cannot write the report {report}: no permission to write in {parent}")
+
+
 def _open_video(path: Path):
     """An opened PyAV container with a video stream; RedactError when the file cannot be decoded."""
     import av
@@ -388,7 +403,7 @@ def main(args) -> int:
             raise RedactError(f"cannot load the detector: weights not found: {args.weights}")
         check_output(video, output)
         if args.report:
-            check_output(video, Path(args.report).with_suffix(".mp4"))
+            check_report(video, output, Path(args.report))
         probe(video)  # a file that does not decode is refused before the model loads
         inpainter = None
         if args.inpaint_model:

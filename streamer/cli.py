@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -234,6 +235,11 @@ def _search(args) -> int:
 
         # Missing or undecodable files are found now, before the model loads (minutes on a long list).
         problems, sources = [], collect_sources(args.paths)
+        for path in [output] + ([sheet] if sheet is not None else []):
+            for source in sources:  # a typo must not replace a recording with the results
+                if path.resolve() == source.path.resolve() or (path.exists() and os.path.samefile(path, source.path)):
+                    raise SearchError(f"{path} would overwrite the searched video {source.path}; choose another "
+                                      f"{'-o' if path == output else '--sheet'}")
         for source in sources:
             try:
                 VideoFile(source.path)

@@ -287,6 +287,26 @@ def test_cli_refuses_an_output_it_cannot_write_before_searching(tmp_path):
     assert done.returncode == 2 and "is a folder" in done.stderr
 
 
+def test_cli_refuses_an_output_that_is_a_searched_video(tmp_path):
+    """`groundwatch search clip.mp4 -o clip.mp4` replaced the video with the JSON of ranges (and `--sheet` could do
+    the same with the contact sheet): a recording lost to a typo. Both are refused before anything runs."""
+    frames, _ = render(1.0, ())
+    folder = tmp_path / "recordings"
+    folder.mkdir()
+    path = write_video(folder / "v.mp4", frames, fps=FPS)
+    before = path.read_bytes()
+    os.link(path, tmp_path / "alias.mp4")  # another name for the same file
+    (tmp_path / "old.json").write_text("{}")  # an existing output of an earlier search is fine to replace
+    for extra in (["-o", path], ["-o", tmp_path / "out.json", "--sheet", path],
+                  ["-o", tmp_path / "recordings" / ".." / "recordings" / "v.mp4"],
+                  ["-o", tmp_path / "old.json", "--sheet", tmp_path / "alias.mp4"]):
+        done = _run_cli(folder, "--prompt", "red star", *extra)
+        assert done.returncode == 2, done.stderr
+        assert "would overwrite the searched video" in done.stderr
+        assert path.read_bytes() == before
+    assert not (tmp_path / "out.json").exists()
+
+
 def test_a_failed_write_leaves_the_previous_results_whole(tmp_path, monkeypatch):
     """Results go to a temporary name and are renamed: a write that fails half-way (disk full) leaves the old
     file as it was and no temporary file behind."""

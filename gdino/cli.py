@@ -238,6 +238,26 @@ def export_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _same_path(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+def _check_export_paths(weights: Path, output: Path, text: Path | None) -> None:
+    """Refuse, before loading anything, a graph written over the weights it is exported from (their file, or a file
+    of their folder) or the two graphs written to one file."""
+    if text is not None and _same_path(text, output):
+        raise _InputError(f"--text {text} would overwrite the image graph -o {output}; give two file names")
+    for path, flag in ((output, "-o"), (text, "--text")):
+        if path is None or not weights.exists():
+            continue
+        inside = weights.is_dir() and path.exists() and path.resolve().is_relative_to(weights.resolve())
+        if _same_path(path, weights) or inside:
+            raise _InputError(f"{flag} {path} would overwrite the weights {weights}; choose another file")
+
+
 def export_main(argv: list[str] | None = None) -> int:
     """``groundwatch export WEIGHTS --format onnx -o model.onnx [--size HxW] [--text text.onnx]``."""
     prog = "groundwatch export"
@@ -245,6 +265,7 @@ def export_main(argv: list[str] | None = None) -> int:
     if isinstance(args, int):
         return args
     try:
+        _check_export_paths(Path(args.weights), Path(args.output), Path(args.text) if args.text else None)
         import gdino
         from gdino import export
 

@@ -220,6 +220,26 @@ def test_export_of_weights_that_do_not_load(tmp_path, capsys):
     assert not (tmp_path / "model.onnx").exists()
 
 
+def test_an_export_over_its_own_weights_is_refused(tiny, tmp_path, capsys):
+    """`groundwatch export weights -o weights/model.safetensors` (or onto a .pth given as the weights) wrote the ONNX
+    graph over the checkpoint it had just loaded, and `--text` naming the same file as `-o` overwrote the image
+    graph with the text graph. All are refused before anything is written."""
+    import shutil
+
+    weights = tmp_path / "weights"
+    shutil.copytree(tiny["weights"], weights)
+    before = {p.name: p.read_bytes() for p in weights.iterdir()}
+    for argv in ([str(weights), "-o", str(weights / "model.safetensors")],
+                 [str(weights), "-o", str(weights / "groundwatch.json")],
+                 [str(weights), "-o", str(tmp_path / "m.onnx"), "--text", str(weights / "model.safetensors")],
+                 [str(weights), "-o", str(tmp_path / "m.onnx"), "--text", str(tmp_path / "m.onnx")]):
+        assert export_main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "would overwrite" in err and "Traceback" not in err, err
+    assert {p.name: p.read_bytes() for p in weights.iterdir()} == before
+    assert not (tmp_path / "m.onnx").exists()
+
+
 def test_exported_file_from_other_weights_is_refused(tiny, tmp_path, capsys):
     """A file exported from other weights than the config names would run and give wrong answers: refused."""
     torch.manual_seed(7)

@@ -247,13 +247,15 @@ def _same_path(a: Path, b: Path) -> bool:
 
 def _check_export_paths(weights: Path, output: Path, text: Path | None) -> None:
     """Refuse, before loading anything, a graph written over the weights it is exported from (their file, or a file
-    of their folder) or the two graphs written to one file."""
+    of their folder other than an earlier export) or the two graphs written to one file."""
     if text is not None and _same_path(text, output):
         raise _InputError(f"--text {text} would overwrite the image graph -o {output}; give two file names")
     for path, flag in ((output, "-o"), (text, "--text")):
         if path is None or not weights.exists():
             continue
-        inside = weights.is_dir() and path.exists() and path.resolve().is_relative_to(weights.resolve())
+        # In the weights' folder an earlier export (.onnx) may be replaced; the checkpoint's own files may not.
+        inside = (weights.is_dir() and path.exists() and path.suffix.lower() != ".onnx"
+                  and path.resolve().is_relative_to(weights.resolve()))
         if _same_path(path, weights) or inside:
             raise _InputError(f"{flag} {path} would overwrite the weights {weights}; choose another file")
 

@@ -238,6 +238,10 @@ def test_an_export_over_its_own_weights_is_refused(tiny, tmp_path, capsys):
         assert "would overwrite" in err and "Traceback" not in err, err
     assert {p.name: p.read_bytes() for p in weights.iterdir()} == before
     assert not (tmp_path / "m.onnx").exists()
+    # An export kept beside its weights may be exported again (the first version of the check refused it).
+    for _ in range(2):
+        assert export_main([str(weights), "-o", str(weights / "model.onnx"), "--size", "64x64"]) == 0, \
+            capsys.readouterr().err
 
 
 def test_exported_file_from_other_weights_is_refused(tiny, tmp_path, capsys):

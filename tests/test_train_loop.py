@@ -2,6 +2,8 @@
 
 import dataclasses
 
+import pytest
+
 from gdino.train.data import ShapesDataset
 from gdino.train.loop import LoopConfig, OptimConfig, Trainer
 from gdino.train.losses import SetCriterion
@@ -101,3 +103,26 @@ def test_resume_never_unpickles_code_from_a_checkpoint(tmp_path):
     except pickle.UnpicklingError:
         pass
     assert not (tmp_path / "code-ran").exists(), "resuming a checkpoint ran code from it"
+
+
+def test_a_fresh_run_into_a_folder_holding_a_run_is_refused(tmp_path, capsys):
+    """`groundwatch train` run twice without --resume wrote over the first run's step folders, and checkpoint
+    pruning (the newest `keep_checkpoints` by name) then deleted each new checkpoint as it was written when the
+    first run had gone further: hours of training lost, and a final message naming a folder that no longer
+    existed. A fresh run into a folder that holds a run is refused before anything is built; --resume continues."""
+    from gdino.train.cli import train_main
+
+    run = tmp_path / "run"
+    (run / "step0003500" / "weights").mkdir(parents=True)
+    (run / "step0003500" / "weights" / "model.safetensors").write_bytes(b"weights of hours")
+    (run / "latest").write_text("step0003500")
+    config = tmp_path / "train.toml"
+    config.write_text(f'[optim]\nsteps = 2\n\n[loop]\nout_dir = "{run.as_posix()}"\n')
+    for argv in ([str(config)], [str(tmp_path / "train.toml"), "--out-dir", str(run)]):
+        with pytest.raises(SystemExit) as exit_info:
+            train_main(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "already holds a training run" in err and "--resume" in err
+    assert (run / "step0003500" / "weights" / "model.safetensors").read_bytes() == b"weights of hours"
+    assert sorted(p.name for p in run.iterdir()) == ["latest", "step0003500"]

@@ -135,6 +135,12 @@ def train_main(argv: list[str] | None = None) -> int:
         loop.out_dir = args.out_dir
     if args.steps:
         optim.steps = args.steps
+    out_dir = Path(loop.out_dir)
+    earlier = sorted(p.name for p in out_dir.glob("step*") if p.is_dir()) if out_dir.is_dir() else []
+    if not args.resume and (earlier or (out_dir / "latest").exists()):
+        # A fresh run there would overwrite its checkpoints, and pruning would delete the new ones as they come.
+        parser.error(f"{out_dir} already holds a training run ({', '.join(earlier[-3:]) or 'latest'}): continue it "
+                     f"with --resume, or start a new one with --out-dir (nothing was changed)")
     torch.manual_seed(loop.seed)
     model = build_model(config.get("model", {}))
     dataset = build_dataset(config.get("data", {}))

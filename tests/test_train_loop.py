@@ -126,3 +126,24 @@ def test_a_fresh_run_into_a_folder_holding_a_run_is_refused(tmp_path, capsys):
         assert "already holds a training run" in err and "--resume" in err
     assert (run / "step0003500" / "weights" / "model.safetensors").read_bytes() == b"weights of hours"
     assert sorted(p.name for p in run.iterdir()) == ["latest", "step0003500"]
+
+
+def test_eval_refuses_a_report_over_the_weights_or_in_a_missing_folder(tmp_path, capsys):
+    """`groundwatch eval --weights W --json W/model.safetensors` wrote the report over the weights after minutes
+    of evaluation, and a --json in a folder that does not exist failed only then, with a traceback. Both are
+    refused before the model loads; a report beside the weights is fine."""
+    from gdino.train.cli import eval_main
+
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "model.safetensors").write_bytes(b"weights")
+    (weights / "groundwatch.json").write_text("{}")
+    for report, message in ((weights / "model.safetensors", "would overwrite the weights"),
+                            (weights / "groundwatch.json", "would overwrite the weights"),
+                            (tmp_path / "missing" / "r.json", "does not exist")):
+        with pytest.raises(SystemExit) as exit_info:
+            eval_main(["--weights", str(weights), "--json", str(report)])
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err, report
+    assert (weights / "model.safetensors").read_bytes() == b"weights"
+    assert (weights / "groundwatch.json").read_text() == "{}"

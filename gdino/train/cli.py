@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import tomllib
 from pathlib import Path
@@ -177,6 +178,37 @@ def load_for_eval(weights: str, device: str = "cpu"):
     return gdino.load(str(path), device=device)
 
 
+_CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
+_CHECKPOINT_NAMES = ("groundwatch.json", "config.json", "run.json", "latest")
+
+
+def _report_path_problem(report: Path, weights: str) -> str | None:
+    """Why ``--json`` cannot be written (checked before minutes of evaluation), or None: its folder is missing, or
+    it would overwrite the weights' file or a checkpoint file of their folder."""
+    folder = report.parent if str(report.parent) else Path(".")
+    if not folder.is_dir():
+        return f"cannot write --json {report}: the folder {folder} does not exist"
+    if report.is_dir():
+        return f"cannot write --json {report}: it is a folder"
+    source = gdino.DEFAULT_WEIGHTS if weights == "default" else Path(weights)
+    try:
+        if source.is_file() and report.exists() and os.path.samefile(report, source):
+            return f"--json {report} would overwrite the weights {weights}"
+        if (source.is_dir() and report.exists() and report.resolve().is_relative_to(source.resolve())
+                and (report.suffix.lower() in _CHECKPOINT_SUFFIXES or report.name in _CHECKPOINT_NAMES)):
+            return f"--json {report} would overwrite the weights {weights} (a file of their folder)"
+    except OSError:
+        return None
+    return None
+
+
+def _write_report(path: Path, report: dict) -> None:
+    """Under a temporary name, then renamed: the file is whole or absent."""
+    temporary = path.with_name(f".{path.name}.part")
+    temporary.write_text(json.dumps(report, indent=2))
+    os.replace(temporary, path)
+
+
 def eval_main(argv: list[str] | None = None, score_tracking=None) -> int:
     """``groundwatch eval``. ``score_tracking`` scores a tracker on the detector's output on held-out videos
     (``tracker.evaluation.score_videos``, passed in by the ``groundwatch`` command: gdino does not import the
@@ -198,6 +230,10 @@ def eval_main(argv: list[str] | None = None, score_tracking=None) -> int:
                         help="wide: the wide world (gdino.world), training vs held-out background families and "
                              "per phrase template; --num-images per detection set, --referring-images per template")
     args = parser.parse_args(argv)
+    if args.json:
+        problem = _report_path_problem(Path(args.json), args.weights)
+        if problem:
+            parser.error(problem)
 
     model = load_for_eval(args.weights, args.device)
     if args.world == "wide":
@@ -206,14 +242,14 @@ def eval_main(argv: list[str] | None = None, score_tracking=None) -> int:
         print(format_world_report(report))
         print(f"({report['meta']})")
         if args.json:
-            Path(args.json).write_text(json.dumps(report, indent=2))
+            _write_report(Path(args.json), report)
         return 0
     report = evaluate_shapes(model, num_images=args.num_images, seed=args.seed, image_size=args.image_size,
                              referring_images=args.referring_images, tracking_videos=args.tracking_videos,
                              batch_size=args.batch_size, score_tracking=score_tracking)
     print(format_report(report))
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
+        _write_report(Path(args.json), report)
     return 0
 
 

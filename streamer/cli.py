@@ -229,6 +229,9 @@ def _search(args) -> int:
 
         if prompt_problem(args.prompt):
             raise SearchError(prompt_problem(args.prompt))
+        if sheet is not None and (sheet.resolve() == output.resolve()):
+            raise SearchError(f"the results -o {output} and the contact sheet {sheet} would be the same file; "
+                              "give -o a .json name, or --sheet another file")
         for path in [output] + ([sheet] if sheet is not None else []):
             check_writable(path)
         from streamer.editing.search import VideoFile, collect_sources

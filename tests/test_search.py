@@ -305,6 +305,9 @@ def test_cli_refuses_an_output_that_is_a_searched_video(tmp_path):
         assert "would overwrite the searched video" in done.stderr
         assert path.read_bytes() == before
     assert not (tmp_path / "out.json").exists()
+    # The results and the contact sheet in one file (-o out.jpg: the sheet defaults to out.jpg): one would be lost.
+    done = _run_cli(folder, "--prompt", "red star", "-o", tmp_path / "out.jpg")
+    assert done.returncode == 2 and "the same file" in done.stderr, done.stderr
 
 
 def test_a_failed_write_leaves_the_previous_results_whole(tmp_path, monkeypatch):

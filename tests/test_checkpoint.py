@@ -258,6 +258,41 @@ def test_save_refuses_to_clobber_an_unrelated_folder(tmp_path, official, tiny_co
     assert (tmp_path / "photos" / "cat.jpg").exists()
 
 
+def test_convert_into_the_folder_that_holds_its_source_is_refused(tmp_path, official, tiny_config):
+    """`groundwatch convert gw/orig.pth gw`, gw a groundwatch folder, deleted the whole folder, the source with it,
+    before writing the converted copy (found by an audit). Refused; the folder is left as it was."""
+    gw = ck.save(official, tiny_config, tmp_path / "gw")
+    pth = gw / "orig.pth"
+    torch.save({"model": official}, pth)
+    before = sorted(p.name for p in gw.iterdir())
+    with pytest.raises(CheckpointError, match="holds the source"):
+        ck.convert(pth, gw)
+    assert sorted(p.name for p in gw.iterdir()) == before and pth.is_file()
+
+
+def test_a_save_that_fails_at_the_swap_keeps_the_previous_checkpoint(tmp_path, official, tiny_config, monkeypatch):
+    """Replacing a checkpoint folder deleted the old one and then renamed the new one in; a failure between the
+    two (or Ctrl-C) cleaned up the new one too, so neither was left. The old folder is now moved aside first and
+    put back if the new one cannot take its place."""
+    from pathlib import Path
+
+    gw = ck.save(official, tiny_config, tmp_path / "gw")
+    before = (gw / "model.safetensors").read_bytes()
+    real_rename = Path.rename
+
+    def failing_rename(self, target):
+        if Path(target) == gw and self.name.startswith(".gw.") and ".old-" not in self.name:  # the staged copy
+            raise OSError("disk went away")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", failing_rename)
+    with pytest.raises(OSError, match="disk went away"):
+        ck.save(official, tiny_config, gw)
+    monkeypatch.undo()
+    assert (gw / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gw"]
+
+
 def test_convert_checks_shapes_against_the_config(tmp_path, official):
     folder = ck.save(official, swint_ogc(), tmp_path / "mislabelled")
     with pytest.raises(CheckpointError, match="shape mismatches"):

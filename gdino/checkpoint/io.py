@@ -181,12 +181,25 @@ def save(state: Mapping[str, torch.Tensor], config: GroundingDinoConfig, dst: st
         (staging / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         if vocab_path is not None:
             shutil.copyfile(vocab_path, staging / VOCAB_FILE)
-        if dst.exists():
-            shutil.rmtree(dst)
-        staging.rename(dst)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    # The old checkpoint moves aside, the new one takes its place, then the old one goes: at every moment one
+    # whole checkpoint is at `dst` or beside it, never neither.
+    previous = None
+    try:
+        if dst.exists():
+            previous = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+            previous.rmdir()
+            dst.rename(previous)
+        staging.rename(dst)
+    except BaseException:
+        if previous is not None and previous.exists() and not dst.exists():
+            previous.rename(dst)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if previous is not None:
+        shutil.rmtree(previous, ignore_errors=True)
     return dst
 
 
@@ -197,6 +210,10 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike,
     ``check(config, state)`` replaces the default verification (:func:`check_keys` against
     :func:`expected_shapes`); ``gdino.load`` users may pass one that builds the model itself.
     """
+    source, target = Path(src).expanduser().resolve(), Path(dst).expanduser().resolve()
+    if target.is_dir() and source != target and source.is_relative_to(target):
+        raise CheckpointError(f"{dst} holds the source {src}: writing the converted checkpoint there would delete "
+                              f"it; choose another destination folder")
     state, config, vocab = read_checkpoint(src)
     if config is None:
         config = infer_config(state)

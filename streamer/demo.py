@@ -39,24 +39,33 @@ def _web_port(preferred: int = 8080) -> int:
             return _free_port()
 
 
-def run_demo(output_directory: str | Path = "runs/demo", weights: str = "default", stay: bool = False) -> int:
+def demo_config(output_directory: str | Path = "runs/demo", weights: str = "default", stay: bool = False):
+    """The demo's daemon config: the bundled video and model, free ports, recordings under `output_directory`."""
     import tomllib
 
+    data = tomllib.loads(DEMO_CONFIG.read_text())
+    # Free ports, so the demo runs next to a daemon that already holds the defaults.
+    data["publish"].update(endpoint=f"tcp://127.0.0.1:{_free_port()}",
+                           control_endpoint=f"tcp://127.0.0.1:{_free_port()}")
+    data["record"]["directory"] = str(Path(output_directory).resolve() / "recordings")
+    # The demo deletes nothing: `-o runs` puts its recordings beside a real daemon's (runs/recordings), whose
+    # files the default expiry (7 days of video, a 1 GB free-disk floor) would otherwise remove.
+    data["record"]["retain"] = {"days": {"events": 0, "segments": 0, "snapshots": 0, "clips": 0},
+                                "max_gigabytes": 0, "min_free_gigabytes": 0}
+    data["model"]["weights"] = weights
+    data.setdefault("web", {})["port"] = _web_port()
+    if stay:  # keep the daemon, and so the console, up after the video until Ctrl-C
+        data.setdefault("supervisor", {})["exit_when_done"] = False
+    return parse_config(data, source=str(DEMO_CONFIG), base_dir=ASSETS)
+
+
+def run_demo(output_directory: str | Path = "runs/demo", weights: str = "default", stay: bool = False) -> int:
     from streamer.daemon import Supervisor
     from streamer.recording import read_events
     from streamer.replay import replay
 
     output_directory = Path(output_directory).resolve()
-    data = tomllib.loads(DEMO_CONFIG.read_text())
-    # Free ports, so the demo runs next to a daemon that already holds the defaults.
-    data["publish"].update(endpoint=f"tcp://127.0.0.1:{_free_port()}",
-                           control_endpoint=f"tcp://127.0.0.1:{_free_port()}")
-    data["record"]["directory"] = str(output_directory / "recordings")
-    data["model"]["weights"] = weights
-    data.setdefault("web", {})["port"] = _web_port()
-    if stay:  # keep the daemon, and so the console, up after the video until Ctrl-C
-        data.setdefault("supervisor", {})["exit_when_done"] = False
-    config = parse_config(data, source=str(DEMO_CONFIG), base_dir=ASSETS)
+    config = demo_config(output_directory, weights, stay)
     stream = config.streams[0]
 
     from streamer.client import subscribe

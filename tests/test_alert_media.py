@@ -271,3 +271,24 @@ def test_supervisor_low_disk_pass_deletes_oldest_video_and_says_so(tmp_path):
     [event] = supervisor.sender.events
     assert event["kind"] == "error" and event["error_type"] == "disk_low" and event["stream"] == "cam"
     assert event["deleted"] == 1 and event["fatal"] is False
+
+
+def test_the_demo_deletes_no_recordings_beside_its_own(tmp_path):
+    """`groundwatch demo -o runs` records into runs/recordings, the default config's folder, with the default
+    expiry (7 days of video, a 1 GB free-disk floor), so the demo's daemon deleted a real daemon's older video
+    there (found by an audit). The demo's retention deletes nothing, whatever the age or the disk."""
+    import os
+
+    from streamer.demo import demo_config
+    from streamer.retention import build_retention
+
+    config = demo_config(tmp_path / "runs")
+    old = tmp_path / "runs" / "recordings" / "frontdoor" / "video" / "1700000000000.ts"
+    old.parent.mkdir(parents=True)
+    old.write_bytes(b"\x47" * 188 * 10)
+    month_ago = NOW - 30 * DAY
+    os.utime(old, (month_ago, month_ago))
+    retention = build_retention(config.record, current_run=None)
+    retention.clock, retention.free_bytes = (lambda: NOW), (lambda _: 0)  # a month later, and a full disk
+    assert retention.run()[0] == []
+    assert old.exists()

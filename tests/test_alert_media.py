@@ -283,12 +283,14 @@ def test_the_demo_deletes_no_recordings_beside_its_own(tmp_path):
     from streamer.retention import build_retention
 
     config = demo_config(tmp_path / "runs")
-    old = tmp_path / "runs" / "recordings" / "frontdoor" / "video" / "1700000000000.ts"
-    old.parent.mkdir(parents=True)
-    old.write_bytes(b"\x47" * 188 * 10)
-    month_ago = NOW - 30 * DAY
-    os.utime(old, (month_ago, month_ago))
+    video = tmp_path / "runs" / "recordings" / "frontdoor" / "video"
+    video.mkdir(parents=True)
+    segments = [video / "1700000000000.ts", video / "1700000060000.ts"]  # the newer one counts as being written
+    for path in segments:
+        path.write_bytes(b"\x47" * 188 * 10)
+        month_ago = NOW - 30 * DAY
+        os.utime(path, (month_ago, month_ago))
     retention = build_retention(config.record, current_run=None)
     retention.clock, retention.free_bytes = (lambda: NOW), (lambda _: 0)  # a month later, and a full disk
     assert retention.run()[0] == []
-    assert old.exists()
+    assert all(path.exists() for path in segments)

@@ -183,7 +183,11 @@ def replay(video: str | Path, events: str | Path, output: str | Path, *, trail_l
     half_frame = 0.5 / float(rate)
 
     output.parent.mkdir(parents=True, exist_ok=True)
-    sink = av.open(str(output), "w")
+    # Written under a temporary name (same suffix: the container format follows it) and renamed when whole: an
+    # interrupted replay leaves the previous file at `output` as it was, not a shorter one that looks complete.
+    partial = output.with_name(f".{output.stem}.partial-{os.getpid()}{output.suffix}")
+    sink = av.open(str(partial), "w")
+    finished = False
     codec = codec or ("libx264" if "libx264" in av.codecs_available else "mpeg4")
     out_stream = None
     trails: dict[int, deque] = {}
@@ -236,11 +240,20 @@ def replay(video: str | Path, events: str | Path, output: str | Path, *, trail_l
         if out_stream is not None:
             for packet in out_stream.encode(None):
                 sink.mux(packet)
+        finished = True
     finally:
         if bar is not None:
             bar.close()
-        sink.close()
-        source.close()
+        closed = False
+        try:
+            sink.close()
+            closed = True
+        finally:
+            source.close()
+            if finished and closed:
+                os.replace(partial, output)
+            else:
+                partial.unlink(missing_ok=True)
     if frames_bare:
         warnings.append(f"{frames_bare} of {frames} frames have no events (drawn without boxes)")
     if not by_time and by_frame and max(by_frame) >= frames and not total:

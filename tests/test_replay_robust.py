@@ -140,3 +140,32 @@ def test_cli_replay_reports_refusals_and_skipped_lines(tmp_path, video, capsys):
                      "--force"]) == 0
     captured = capsys.readouterr()
     assert "1 bad line skipped" in captured.err and "6 frames" in captured.out
+
+
+def test_an_interrupted_replay_leaves_the_previous_output_whole(tmp_path, video, monkeypatch):
+    """The replay was written in place: Ctrl-C (or a decode error) half-way still finished the file, so a shortened
+    replay played as if complete, and the previous file at that path was already gone (found by an audit). It is
+    now written under a temporary name and renamed when whole."""
+    import streamer.replay as replay_module
+
+    frames = np.zeros((80, 64, 96, 3), np.uint8)
+    frames[:, :, :, 1] = np.arange(80, dtype=np.uint8)[:, None, None] * 3  # frames that differ: real packets
+    video = write_video(tmp_path / "long.mp4", frames)
+    log = write_log(tmp_path / "events.jsonl", [detection_line(i) for i in range(80)])
+    output = tmp_path / "out.mp4"
+    replay(video, log, output, progress=False)
+    before = output.read_bytes()
+    drawn = {"frames": 0}
+    real_draw = replay_module.draw_overlay
+
+    def interrupted(*args, **kwargs):
+        drawn["frames"] += 1
+        if drawn["frames"] == 70:  # past the encoder's look-ahead: packets of this run were written
+            raise KeyboardInterrupt
+        return real_draw(*args, **kwargs)
+
+    monkeypatch.setattr(replay_module, "draw_overlay", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        replay(video, log, output, progress=False)
+    assert output.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["events.jsonl", "in.mp4", "long.mp4", "out.mp4"])

@@ -494,3 +494,31 @@ def test_a_killed_web_process_cannot_hang_the_supervisors_shutdown(tmp_path):
     setter.join(5)
     listener.close()
     assert not setter.is_alive(), "stop.set() blocked: a dead process still counts as waiting on the Event"
+
+
+def test_the_video_cache_is_bounded_and_removed_when_the_console_stops(tmp_path):
+    """Every segment viewed in the console was remuxed into a cache folder under /tmp that nothing ever emptied:
+    copies as large as the recordings themselves piled up for the daemon's lifetime and were left behind at every
+    restart, long after retention deleted the segments (found by an audit). The cache keeps its newest files up to
+    a bound and is removed when the console stops."""
+    import av
+
+    video = write_video(tmp_path / "clip.mp4", np.zeros((10, 48, 64, 3), np.uint8), fps=10)
+    segments = tmp_path / "rec" / "cam" / "video"
+    segments.mkdir(parents=True)
+    starts = [1_764_000_000_000 + 60_000 * k for k in range(4)]
+    for start_ms in starts:
+        with av.open(str(video)) as source, av.open(str(segments / f"{start_ms}.ts"), "w", format="mpegts") as out:
+            stream = out.add_stream_from_template(source.streams.video[0])
+            for packet in source.demux(source.streams.video[0]):
+                if packet.dts is not None:
+                    packet.stream = stream
+                    out.mux(packet)
+    cam = WebStream("cam", True, None, str(segments))
+    cache = VideoCache(max_files=2)
+    served = [cache.video_for(cam, f"segment-{start_ms}") for start_ms in starts]
+    assert served[-1].is_file()
+    assert len(list(cache.directory.iterdir())) == 2, sorted(p.name for p in cache.directory.iterdir())
+    assert cache.video_for(cam, f"segment-{starts[0]}").is_file()  # an evicted one is remuxed again when asked
+    cache.close()
+    assert not cache.directory.exists()

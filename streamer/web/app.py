@@ -221,6 +221,7 @@ def build_app(settings: WebSettings, *, bus: Bus | None = None) -> Starlette:
             yield
         finally:
             await bus.close()
+            videos.close()
 
     routes = [
         Route("/", index),

@@ -14,7 +14,9 @@ Ids are checked against fixed patterns and paths are built here, never taken fro
 from __future__ import annotations
 
 import calendar
+import os
 import re
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -106,10 +108,13 @@ def recording_events(settings: WebSettings, stream: WebStream, recording_id: str
 
 
 class VideoCache:
-    """Segments remuxed to MP4 (browsers play MP4, not MPEG-TS), once per segment version."""
+    """Segments remuxed to MP4 (browsers play MP4, not MPEG-TS), once per segment version, in a private temporary
+    folder: the newest `max_files` are kept (a copy is as large as its segment, and retention does not see this
+    folder), and `close()` removes the folder when the console stops."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_files: int = 32) -> None:
         self.directory = Path(tempfile.mkdtemp(prefix="groundwatch-web-"))
+        self.max_files = max(1, max_files)
 
     def video_for(self, stream: WebStream, recording_id: str) -> Path:
         if RUN_ID.match(recording_id):
@@ -119,24 +124,50 @@ class VideoCache:
         segment = _segment_path(stream, recording_id)
         status = segment.stat()
         target = self.directory / f"{stream.id}-{segment.stem}-{status.st_size}-{int(status.st_mtime)}.mp4"
-        if not target.is_file():
+        if target.is_file():
+            os.utime(target)  # recently served: kept longest
+        else:
             remux_to_mp4(segment, target)
+            self._evict(keep=target)
         return target
+
+    def _evict(self, keep: Path) -> None:
+        """Delete the oldest copies beyond `max_files` (a request still streaming one keeps its open file)."""
+        copies = []
+        for path in self.directory.glob("*.mp4"):
+            try:
+                copies.append((path.stat().st_mtime, path.name, path))
+            except FileNotFoundError:
+                continue
+        copies.sort()
+        for _, _, path in copies[: max(0, len(copies) - self.max_files)]:
+            if path != keep:
+                path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 def remux_to_mp4(source: Path, target: Path) -> Path:
-    """Copy the video packets of an MPEG-TS file into an MP4 (moov first, so the browser can seek at once)."""
+    """Copy the video packets of an MPEG-TS file into an MP4 (moov first, so the browser can seek at once).
+    Written under a temporary name of its own (two requests for one segment may remux it at once) and renamed."""
     import av
 
-    partial = target.with_suffix(".part")
-    with av.open(str(source)) as container_in:
-        video_in = container_in.streams.video[0]
-        with av.open(str(partial), "w", format="mp4", options={"movflags": "+faststart"}) as container_out:
-            video_out = container_out.add_stream_from_template(video_in)
-            for packet in container_in.demux(video_in):
-                if packet.dts is None or packet.size == 0:
-                    continue  # the flush packet, or the torn tail of a segment still being written
-                packet.stream = video_out
-                container_out.mux(packet)
-    partial.rename(target)
+    handle, name = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=".part", dir=target.parent)
+    os.close(handle)
+    partial = Path(name)
+    try:
+        with av.open(str(source)) as container_in:
+            video_in = container_in.streams.video[0]
+            with av.open(str(partial), "w", format="mp4", options={"movflags": "+faststart"}) as container_out:
+                video_out = container_out.add_stream_from_template(video_in)
+                for packet in container_in.demux(video_in):
+                    if packet.dts is None or packet.size == 0:
+                        continue  # the flush packet, or the torn tail of a segment still being written
+                    packet.stream = video_out
+                    container_out.mux(packet)
+        os.replace(partial, target)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     return target

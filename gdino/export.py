@@ -22,6 +22,7 @@ exported from (``weights_hash``) in its metadata, so a file from other weights i
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import os
@@ -122,6 +123,19 @@ def _require_onnx():
     return onnx
 
 
+@contextlib.contextmanager
+def _whole(path: Path):
+    """A temporary name beside ``path`` (same suffix) to write to; renamed to ``path`` when the block ends
+    without an error, removed when it fails: an interrupted export leaves the previous file as it was."""
+    partial = path.with_name(f".{path.stem}.partial-{os.getpid()}{path.suffix}")
+    try:
+        yield partial
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
 def _write_metadata(path: Path, entries: dict[str, str]) -> None:
     onnx = _require_onnx()
     proto = onnx.load(str(path))
@@ -178,16 +192,18 @@ def to_onnx(model: nn.Module, path: str | os.PathLike, *, height: int | None = N
         "text_attention_mask": {0: "batch", 1: "tokens", 2: "tokens"}, "position_ids": {0: "batch", 1: "tokens"},
         "logits": {0: "batch", 1: "queries", 2: "tokens"}, "boxes": {0: "batch", 1: "queries"},
     }
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the tracer's warnings about Python values it records as constants
-        torch.onnx.export(_ImageGraph(exported), inputs, str(path), dynamo=False, opset_version=opset,
-                          input_names=list(IMAGE_INPUTS), output_names=list(IMAGE_OUTPUTS),
-                          dynamic_axes=dynamic_axes, do_constant_folding=True)
-    # No "height"/"width" keys: files from before the size was dynamic carry them, and are run at that size only.
-    _write_metadata(path, {METADATA_HASH: digest, "graph": "image", "dynamic_axes": DYNAMIC_AXES,
-                           "min_side": MIN_SIDE, "max_side": MAX_SIDE, "traced_size": f"{height}x{width}",
-                           "opset": opset, "hidden_dim": exported.config.hidden_dim,
-                           "max_text_len": exported.config.max_text_len, "num_queries": exported.config.num_queries})
+    with _whole(path) as partial:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tracer's warnings about Python values it records as constants
+            torch.onnx.export(_ImageGraph(exported), inputs, str(partial), dynamo=False, opset_version=opset,
+                              input_names=list(IMAGE_INPUTS), output_names=list(IMAGE_OUTPUTS),
+                              dynamic_axes=dynamic_axes, do_constant_folding=True)
+        # No "height"/"width" keys: files from before the size was dynamic carry them, and run at that size only.
+        _write_metadata(partial, {METADATA_HASH: digest, "graph": "image", "dynamic_axes": DYNAMIC_AXES,
+                                  "min_side": MIN_SIDE, "max_side": MAX_SIDE, "traced_size": f"{height}x{width}",
+                                  "opset": opset, "hidden_dim": exported.config.hidden_dim,
+                                  "max_text_len": exported.config.max_text_len,
+                                  "num_queries": exported.config.num_queries})
     return ExportInfo(path, digest, opset, (height, width))
 
 
@@ -203,12 +219,13 @@ def text_to_onnx(model: nn.Module, path: str | os.PathLike, *, opset: int = DEFA
     inputs = (text.input_ids.contiguous(), text.attention_mask.contiguous(), text.position_ids.contiguous())
     dynamic_axes = {"input_ids": {0: "batch", 1: "tokens"}, "attention_mask": {0: "batch", 1: "tokens", 2: "tokens"},
                     "position_ids": {0: "batch", 1: "tokens"}, "text_features": {0: "batch", 1: "tokens"}}
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(_TextGraph(exported), inputs, str(path), dynamo=False, opset_version=opset,
-                          input_names=list(TEXT_INPUTS), output_names=list(TEXT_OUTPUTS), dynamic_axes=dynamic_axes,
-                          do_constant_folding=True)
-    _write_metadata(path, {METADATA_HASH: digest, "graph": "text", "opset": opset})
+    with _whole(path) as partial:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(_TextGraph(exported), inputs, str(partial), dynamo=False, opset_version=opset,
+                              input_names=list(TEXT_INPUTS), output_names=list(TEXT_OUTPUTS),
+                              dynamic_axes=dynamic_axes, do_constant_folding=True)
+        _write_metadata(partial, {METADATA_HASH: digest, "graph": "text", "opset": opset})
     return path
 
 

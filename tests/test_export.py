@@ -420,3 +420,24 @@ def test_default_model_exported_matches_torch(tmp_path_factory, backend):
         for batch, prompt in ((1, "green star . black cross ."),
                               (2, "purple square . black ring . red circle . blue triangle .")):
             assert_outputs_match(exported(images[:batch], prompt), run_torch(model, images[:batch], prompt), atol)
+
+
+def test_a_failed_export_leaves_the_previous_file_whole(tiny, tmp_path, monkeypatch):
+    """The graph was written in place: an export that failed or was interrupted after the trace (here, while its
+    metadata was written) left a file without the weights' hash where a working export had been (found by an
+    audit). Both graphs are written under a temporary name and renamed when whole."""
+    path, text_path = tmp_path / "model.onnx", tmp_path / "text.onnx"
+    export.to_onnx(tiny["model"], path, height=64, width=64)
+    export.text_to_onnx(tiny["model"], text_path)
+    before, text_before = path.read_bytes(), text_path.read_bytes()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(export, "_write_metadata", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        export.to_onnx(tiny["model"], path, height=64, width=64)
+    with pytest.raises(RuntimeError, match="disk full"):
+        export.text_to_onnx(tiny["model"], text_path)
+    assert path.read_bytes() == before and text_path.read_bytes() == text_before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "text.onnx"]

@@ -442,9 +442,12 @@ class Supervisor:
                 for event in events:
                     self.sender.send(event)
 
-    # A subscriber reconnects to a (re)bound PUB socket within ZeroMQ's reconnect interval (100 ms); events
-    # published before that are lost to it. Nothing is produced until the hub has bound and this much has passed.
-    HUB_JOIN_SECONDS = 0.5
+    # A subscriber reconnects to a (re)bound PUB socket within ZeroMQ's reconnect interval (100 ms) and then sends
+    # its subscription; events published before that are lost to it. Nothing is produced until the hub has bound
+    # and this much has passed. 0.5 s was too short on a 2-core machine busy starting the other children (a
+    # subscriber's I/O thread waited its turn; tests/test_hardening.py's first-status test lost two events once in
+    # a full CI run): 1.5 s, once per start and per hub restart.
+    HUB_JOIN_SECONDS = 1.5
 
     def _hub_published_since(self) -> float:
         """Wall time at which the running hub bound its sockets (0 until it has)."""

@@ -312,6 +312,18 @@ def test_bus_keeps_state_for_new_pages_and_counts_malformed_messages():
 # -- recordings -----------------------------------------------------------------------------------------------------
 
 
+def copy_to_segment(video, segment) -> None:
+    """A recorded camera segment: the video's packets copied into MPEG-TS, as the daemon's segmenter writes them."""
+    import av
+
+    with av.open(str(video)) as source, av.open(str(segment), "w", format="mpegts") as out:
+        stream = out.add_stream_from_template(source.streams.video[0])
+        for packet in source.demux(source.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = stream
+                out.mux(packet)
+
+
 def test_recordings_of_files_and_camera_segments(tmp_path):
     frames = np.zeros((10, 48, 64, 3), np.uint8)
     video = write_video(tmp_path / "clip.mp4", frames, fps=10)
@@ -320,12 +332,7 @@ def test_recordings_of_files_and_camera_segments(tmp_path):
     import av
 
     start_ms = 1_764_000_000_000
-    with av.open(str(video)) as source, av.open(str(segments / f"{start_ms}.ts"), "w", format="mpegts") as out:
-        stream = out.add_stream_from_template(source.streams.video[0])
-        for packet in source.demux(source.streams.video[0]):
-            if packet.dts is not None:
-                packet.stream = stream
-                out.mux(packet)
+    copy_to_segment(video, segments / f"{start_ms}.ts")
     recorder = Recorder(tmp_path / "rec", ["cam", "file"], stamp="20261127T120000Z-1")
     for stream, ts in (("cam", start_ms / 1000 + 0.5), ("cam", start_ms / 1000 - 60), ("file", 0.3)):
         recorder.append(stream, json.dumps({"v": 1, "stream": stream, "kind": "detections", "ts": ts, "frame": 3,
@@ -501,19 +508,12 @@ def test_the_video_cache_is_bounded_and_removed_when_the_console_stops(tmp_path)
     copies as large as the recordings themselves piled up for the daemon's lifetime and were left behind at every
     restart, long after retention deleted the segments (found by an audit). The cache keeps its newest files up to
     a bound and is removed when the console stops."""
-    import av
-
     video = write_video(tmp_path / "clip.mp4", np.zeros((10, 48, 64, 3), np.uint8), fps=10)
     segments = tmp_path / "rec" / "cam" / "video"
     segments.mkdir(parents=True)
     starts = [1_764_000_000_000 + 60_000 * k for k in range(4)]
     for start_ms in starts:
-        with av.open(str(video)) as source, av.open(str(segments / f"{start_ms}.ts"), "w", format="mpegts") as out:
-            stream = out.add_stream_from_template(source.streams.video[0])
-            for packet in source.demux(source.streams.video[0]):
-                if packet.dts is not None:
-                    packet.stream = stream
-                    out.mux(packet)
+        copy_to_segment(video, segments / f"{start_ms}.ts")
     cam = WebStream("cam", True, None, str(segments))
     cache = VideoCache(max_files=2)
     served = [cache.video_for(cam, f"segment-{start_ms}") for start_ms in starts]

@@ -48,17 +48,23 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
+def _check_target(path: Path, label: str, named: str, example: str) -> None:
+    """A file to be written at `path`: not a directory, in a directory that exists and may be written.
+    `label` names it in "the <label> is a directory", `named` in "cannot write <named>"."""
+    if path.is_dir():
+        raise RedactError(f"the {label} {path} is a directory; give a file name such as {path / example}")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise RedactError(f"cannot write {named}: the directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise RedactError(f"cannot write {named}: no permission to write in {parent}")
+
+
 def check_output(video: Path, output: Path) -> None:
     """Refuse, before any work, an output that would overwrite the input or cannot be written."""
     if output.resolve() == video.resolve() or _same_file(output, video):
         raise RedactError(f"the output {output} would overwrite the input {video}; choose another -o")
-    if output.is_dir():
-        raise RedactError(f"the output {output} is a directory; give a file name such as {output / 'redacted.mp4'}")
-    parent = output.parent if str(output.parent) else Path(".")
-    if not parent.is_dir():
-        raise RedactError(f"cannot write {output}: the directory {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise RedactError(f"cannot write {output}: no permission to write in {parent}")
+    _check_target(output, "output", str(output), "redacted.mp4")
     if output.suffix.lower() not in (".mp4", ".mkv", ".mov", ".m4v"):
         raise RedactError(f"cannot write {output}: use a .mp4, .mkv, .mov or .m4v name (H.264 video)")
 
@@ -69,13 +75,7 @@ def check_report(video: Path, output: Path, report: Path) -> None:
     for other, what in ((video, "input"), (output, "output")):
         if report.resolve() == other.resolve() or _same_file(report, other):
             raise RedactError(f"the report {report} would overwrite the {what} {other}; choose another --report")
-    if report.is_dir():
-        raise RedactError(f"the report {report} is a directory; give a file name such as {report / 'redaction.json'}")
-    parent = report.parent if str(report.parent) else Path(".")
-    if not parent.is_dir():
-        raise RedactError(f"cannot write the report {report}: the directory {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise RedactError(f"cannot write the report {report}: no permission to write in {parent}")
+    _check_target(report, "report", f"the report {report}", "redaction.json")
 
 
 def _open_video(path: Path):

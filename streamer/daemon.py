@@ -442,32 +442,22 @@ class Supervisor:
                 for event in events:
                     self.sender.send(event)
 
-    # A subscriber reconnects to a (re)bound PUB socket within ZeroMQ's reconnect interval (100 ms) and then sends
-    # its subscription; events published before that are lost to it. Nothing is produced until the hub has bound
-    # and this much has passed. 0.5 s was too short on a 2-core machine busy starting the other children (a
-    # subscriber's I/O thread waited its turn; tests/test_hardening.py's first-status test lost two events once in
-    # a full CI run): 1.5 s, once per start and per hub restart.
-    HUB_JOIN_SECONDS = 1.5
-
     def _hub_published_since(self) -> float:
         """Wall time at which the running hub bound its sockets (0 until it has)."""
         return self.stats.get(self.stream_ids[0], "hub_started")
 
     def _wait_hub_published(self, timeout: float = 120.0) -> None:
-        """At start: let the hub bind and subscribers that wait for it connect before anything is produced, so
-        they get the first `online` status (the hub is the only process that publishes)."""
+        """At start: let the hub bind before the producers start (it holds what they send until subscribers had
+        `streamer.hub.JOIN_SECONDS` to connect, so they get the first `online` status)."""
         deadline = time.monotonic() + timeout
         hub = next(c for c in self.children if c.name == "hub")
         while not self._hub_published_since() and time.monotonic() < deadline and hub.process.is_alive():
             time.sleep(0.02)
-        time.sleep(self.HUB_JOIN_SECONDS)
 
     def _send_after_hub_restart(self) -> None:
-        """Publish the restarted hub's crash report once subscribers have had time to reconnect to it."""
-        if not self._after_hub_restart:
-            return
-        since = self._hub_published_since()
-        if since and time.time() - since >= self.HUB_JOIN_SECONDS:
+        """Send the restarted hub's crash report once it has bound (it publishes it when subscribers have had time to
+        reconnect)."""
+        if self._after_hub_restart and self._hub_published_since():
             events, self._after_hub_restart = self._after_hub_restart, []
             for event in events:
                 self.sender.send(event)

@@ -29,11 +29,18 @@ from streamer.stats import RateMeter, StreamStats, snapshot
 
 log = logging.getLogger("groundwatch.hub")
 
+# A subscriber reconnects to a (re)bound PUB socket within ZeroMQ's reconnect interval (100 ms) and then sends its
+# subscription; what is published before that is lost to it. So a hub publishes nothing (its own heartbeats
+# included) until this long after it bound: what children send meanwhile waits in its PULL queue. 0.5 s was too short
+# on a busy 2-core machine; and heartbeats used to go out from 0.5 s regardless.
+JOIN_SECONDS = 1.5
+
 
 class Hub:
     def __init__(self, *, pull_endpoint: str, pub_endpoint: str, high_water_mark: int, heartbeat_seconds: float,
                  stats: StreamStats | None, recorder: Recorder | None, context: zmq.Context | None = None,
-                 pull_high_water_mark: int = 100_000, curve_keys: tuple[bytes, bytes] | None = None) -> None:
+                 pull_high_water_mark: int = 100_000, curve_keys: tuple[bytes, bytes] | None = None,
+                 join_seconds: float = 0.0) -> None:
         self.context = context or zmq.Context.instance()
         self.pull = self.context.socket(zmq.PULL)
         self.pull.setsockopt(zmq.RCVHWM, pull_high_water_mark)
@@ -53,7 +60,8 @@ class Hub:
         self.published = 0
         self.previews_published = 0
         self._rates = RateMeter(stats) if stats is not None else None
-        self._next_heartbeat = time.monotonic() + heartbeat_seconds
+        self._hold_until = time.monotonic() + join_seconds  # `run` publishes nothing before (see JOIN_SECONDS)
+        self._next_heartbeat = self._hold_until + heartbeat_seconds
         self._record_reported: dict[str, float] = {}  # stream -> when its recording failure was last published
         self.started = time.time()
 
@@ -166,6 +174,11 @@ class Hub:
                 log.info("%s: the event log is written again", stream)
 
     def run(self, stop) -> None:
+        holding = zmq.Poller()
+        holding.register(self.pub, zmq.POLLIN)  # subscriptions only: children's events wait in the PULL queue
+        while not stop.is_set() and time.monotonic() < self._hold_until:
+            if holding.poll(20):
+                self.serve_subscriptions()
         poller = zmq.Poller()
         poller.register(self.pull, zmq.POLLIN)
         poller.register(self.pub, zmq.POLLIN)  # subscriptions
@@ -203,9 +216,10 @@ def hub_main(*, pull_endpoint: str, pub_endpoint: str, high_water_mark: int, hea
     if record_directory is not None:
         recorder = Recorder(record_directory, stats.stream_ids, flush_seconds, stamp=run_stamp)
     hub = Hub(pull_endpoint=pull_endpoint, pub_endpoint=pub_endpoint, high_water_mark=high_water_mark,
-              heartbeat_seconds=heartbeat_seconds, stats=stats, recorder=recorder, curve_keys=curve_keys)
+              heartbeat_seconds=heartbeat_seconds, stats=stats, recorder=recorder, curve_keys=curve_keys,
+              join_seconds=JOIN_SECONDS)
     for stream in stats.stream_ids:
-        stats.set(stream, "hub_started", time.time())  # the supervisor holds producers back until then
+        stats.set(stream, "hub_started", time.time())  # the supervisor starts the producers once it is set
     try:
         hub.run(stop)
     finally:

@@ -163,14 +163,31 @@ def tiny_config(streams: str, extra: str, publish: str, control: str, *, record_
 
 
 class Subscriber:
-    """A SUB socket read on demand (the test decides when to read)."""
+    """A SUB socket read on demand (the test decides when to read). With `watch_connection`, `joined` becomes the
+    wall time at which it first completed the handshake with the publisher (None until then)."""
 
-    def __init__(self, endpoint: str, prefix: bytes = b"") -> None:
+    def __init__(self, endpoint: str, prefix: bytes = b"", *, watch_connection: bool = False) -> None:
         self.socket = zmq.Context.instance().socket(zmq.SUB)
         self.socket.setsockopt(zmq.SUBSCRIBE, prefix)
         self.socket.setsockopt(zmq.LINGER, 0)
+        self.joined: float | None = None
+        self._monitor = self._watcher = None
+        self._closing = threading.Event()
+        if watch_connection:
+            self._monitor = self.socket.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+            self._watcher = threading.Thread(target=self._watch, daemon=True)
+            self._watcher.start()
         self.socket.connect(endpoint)
         self.events: list[dict] = []
+
+    def _watch(self) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        while not self._closing.is_set():
+            if self._monitor.poll(20):
+                recv_monitor_message(self._monitor)
+                self.joined = time.time()
+                return
 
     def read(self, seconds: float) -> list[dict]:
         from streamer.events import decode_payload
@@ -200,6 +217,11 @@ class Subscriber:
         raise AssertionError(f"no event {fields} within {timeout} s; last: {self.events[-5:]}")
 
     def close(self) -> None:
+        if self._watcher is not None:
+            self._closing.set()
+            self._watcher.join()
+            self.socket.disable_monitor()
+            self._monitor.close()
         self.socket.close()
 
 

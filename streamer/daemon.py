@@ -143,7 +143,10 @@ class Supervisor:
         worker's re-encoded redacted frames, files too)."""
         if not (stream.record_video and (stream.is_live or stream.redact)):
             return None
-        return str(Path(self.config.record.directory) / stream.id / "video")
+        video = Path(self.config.record.directory) / stream.id / "video"
+        # A file's segments are named by media time, the same in every run over it: each run has its own folder,
+        # named like its event log (`events-<run>.jsonl`), so a later run never replaces an earlier one's video.
+        return str(video if stream.is_live else video / self.run_stamp)
 
     def decoder_video_directory(self, stream) -> str | None:
         """The decoder copies packets only of streams without `redact`: a redacted stream's raw pixels never

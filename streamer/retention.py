@@ -1,12 +1,13 @@
 """Retention: what is recorded is deleted when it is old, when the recordings grow too big, or when the disk fills.
 
-Under `record.directory`, per stream: event logs `events-*.jsonl`, video segments `video/*.ts`, snapshots
+Under `record.directory`, per stream: event logs `events-*.jsonl`, video segments `video/*.ts` (a camera's) or
+`video/<run>/*.ts` (a redacted file's, one folder per run; emptied folders are removed), snapshots
 `snapshots/*.jpg`, clips `clips/*.mp4`. Each category has its own age limit (days, by modification time: when
 the file was last written). Over `max_gigabytes`, the oldest files of any category go first; with less than
 `min_free_gigabytes` free on the disk, the oldest video (segments, then clips) goes first and the caller is told,
 so it can publish an `error` event. A file being written is never deleted: `.part` files, the newest segment of
-each stream (the decoder appends to it), the current run's event logs, and anything modified in the last
-`busy_seconds`.
+each stream (the decoder appends to it) and of the current run's folder, the current run's event logs, and
+anything modified in the last `busy_seconds`.
 
 `plan` is a pure function of the listing, the clock and the disk's free space, so the tests drive it with a
 fake clock and a fake disk.
@@ -54,6 +55,8 @@ def categorise(root: Path, path: Path) -> tuple[str, str] | None:
         return None
     if len(parts) == 2 and parts[1].startswith("events-") and parts[1].endswith(".jsonl"):
         return parts[0], "events"
+    if len(parts) == 4 and parts[1] == "video" and parts[3].endswith(".ts"):
+        return parts[0], "segments"  # a redacted file stream's run
     if len(parts) == 3:
         folder, name = parts[1], parts[2]
         if folder == "video" and name.endswith(".ts"):
@@ -84,7 +87,7 @@ def scan(root: str | Path) -> list[RecordedFile]:
 
 def busy(files: list[RecordedFile], now: float, policy: RetainPolicy, current_run: str | None) -> set[Path]:
     """Files that may be being written."""
-    newest_segment: dict[str, RecordedFile] = {}
+    newest_segment: dict[tuple[str, Path], RecordedFile] = {}
     result = set()
     for f in files:
         if now - f.mtime < policy.busy_seconds:
@@ -92,11 +95,19 @@ def busy(files: list[RecordedFile], now: float, policy: RetainPolicy, current_ru
         if f.category == "events" and current_run and current_run in f.path.name:
             result.add(f.path)
         if f.category == "segments":
-            held = newest_segment.get(f.stream)
-            if held is None or f.path.name > held.path.name:
-                newest_segment[f.stream] = f
+            run_folder = f.path.parent.name != "video"
+            if run_folder and f.path.parent.name != current_run:
+                continue  # an earlier run's recording: nothing writes to it any more
+            held = newest_segment.get((f.stream, f.path.parent))
+            if held is None or _segment_order(f.path) > _segment_order(held.path):
+                newest_segment[(f.stream, f.path.parent)] = f
     result.update(f.path for f in newest_segment.values())
     return result
+
+
+def _segment_order(path: Path) -> tuple[int, str]:
+    """Segments are named by the ms of their first frame; a run's media times have no fixed number of digits."""
+    return (int(path.stem), path.name) if path.stem.isdigit() else (-1, path.name)
 
 
 def plan(files: list[RecordedFile], now: float, policy: RetainPolicy, free_bytes: int | None,
@@ -164,6 +175,12 @@ class Retention:
                 pass
             except OSError as exc:
                 log.warning("cannot delete %s: %s", f.path, exc)
+        for folder in {f.path.parent for f in deleted if f.path.parent.name != "video"
+                       and f.path.parent.parent.name == "video"}:
+            try:
+                folder.rmdir()  # a run's video folder once its last segment went
+            except OSError:
+                pass  # not empty
         if deleted:
             log.info("retention deleted %d files (%.1f MB)", len(deleted), sum(f.size for f in deleted) / 2**20)
         return deleted, report

@@ -197,6 +197,21 @@ def test_retention_over_size_and_low_disk_delete_the_oldest(tmp_path):
     assert files["newest_segment"].exists() and files["new_snapshot"].exists()
 
 
+def test_retention_expires_a_redacted_files_run_folders_but_not_the_one_being_written(tmp_path):
+    """A redacted file stream records each run in `video/<run>/` (media-time names like `0.ts`, `10000.ts`, of no
+    fixed width): its segments expire like a camera's, an earlier run's folder goes once empty, and the current
+    run's newest segment (being written) stays whatever its age."""
+    video = tmp_path / "file" / "video"
+    old_run = [make_file(video / "20260101T000000Z-1" / name, 20) for name in ("0.ts", "9000.ts", "10000.ts")]
+    current = [make_file(video / "RUN" / name, 20) for name in ("0.ts", "9000.ts", "10000.ts")]
+    policy = RetainPolicy(days={"segments": 7})
+    deleted, report = Retention(tmp_path, policy, current_run="RUN", clock=lambda: NOW).run()
+    assert {f.path for f in deleted} == set(old_run) | set(current[:2])
+    assert {f.category for f in deleted} == {"segments"} and report["expired"] == 5
+    assert current[2].exists()  # 10000.ts, not 9000.ts: the newest by time, not by name
+    assert not (video / "20260101T000000Z-1").exists() and (video / "RUN").is_dir()
+
+
 def test_retention_never_deletes_a_file_written_moments_ago(tmp_path):
     path = make_file(tmp_path / "cam" / "snapshots" / "c.jpg", 100)
     os.utime(path, (NOW - 3, NOW - 3))

@@ -329,3 +329,70 @@ def test_a_clip_due_at_once_is_cut_from_the_frames_just_queued_for_the_recording
 def decode_all(path) -> list[np.ndarray]:
     with av.open(str(path)) as container:
         return [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+
+
+def test_a_second_run_over_a_redacted_file_keeps_the_first_runs_video_and_the_console_replays_each(tmp_path):
+    """A redacted file stream's recording was named by media time (`0.ts`, `1000.ts`, ...) in one folder, so a
+    second `groundwatch run` over the same file (here after the redact phrase was changed) replaced the first run's
+    video, which that run's event log and clips refer to; and the console had no video to replay such a run (the
+    raw file is never served). Each run keeps its own recording, and the console replays each run on it."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from daemon_harness import Daemon
+
+    from gdino.shapes import render_video
+    from streamer.config import load_config
+    from streamer.media import write_video
+    from streamer.web.recordings import VideoCache, list_recordings
+    from streamer.web.settings import build_web_settings
+
+    frames, _ = render_video(4, 30, (120, 160), 10)
+    write_video(tmp_path / "clip.mp4", frames, fps=10)
+    recordings = tmp_path / "recordings"
+
+    def run(redact: str, log_name: str) -> None:
+        daemon = Daemon(tmp_path, f"""
+[[streams]]
+id = "clip"
+url = "clip.mp4"
+prompt = "red circle ."
+redact = "{redact}"
+record_video = true
+""", """
+[live]
+segment_seconds = 1
+[supervisor]
+exit_when_done = true
+shutdown_timeout_seconds = 120
+""")
+        daemon.start(log_name)
+        try:
+            assert daemon.wait_exit(300) == 0, daemon.log()
+        finally:
+            daemon.kill()
+
+    run("blue square", "first.log")
+    first = {path: path.read_bytes() for path in (recordings / "clip").rglob("*.ts")}
+    assert len(first) >= 2
+    run("green triangle", "second.log")
+    assert {path: path.read_bytes() for path in first if path.is_file()} == first, "the first run's video changed"
+    assert len(list((recordings / "clip").rglob("*.ts"))) >= 2 * len(first) - 1
+
+    settings = build_web_settings(load_config(tmp_path / "config.toml"))
+    [stream] = settings.streams
+    assert stream.file is None  # the raw source is never served
+    runs = list_recordings(settings)["clip"]
+    assert len(runs) == 2 and all(item["video"] for item in runs), runs
+    cache = VideoCache()
+    try:
+        for item in runs:
+            video = cache.video_for(stream, item["id"])
+            assert video.suffix == ".mp4" and Path(video).resolve() != (tmp_path / "clip.mp4").resolve()
+            with av.open(str(video)) as container:
+                times = [float(frame.time) for frame in container.decode(video=0)]
+            assert len(times) == 30  # every frame of the file, once: a run's segments in one video
+            assert times[0] < 0.05 and abs(times[-1] - 2.9) < 0.05  # on the file's clock (events align by pts)
+    finally:
+        cache.close()

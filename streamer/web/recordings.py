@@ -2,7 +2,8 @@
 
 The event log is the single source of truth for what was detected; the page draws it over the video itself.
 - A file stream: one recording per run of the daemon (`events-<run>.jsonl`); the video is the source file, and
-  events line up by media time (`pts`).
+  events line up by media time (`pts`). A redacted file's is never the source (raw pixels) but the run's own
+  redacted recording (`video/<run>/*.ts`, named by media time), copied into one MP4 on the file's clock.
 - A live stream with `record_video`: one recording per MPEG-TS segment (named after the wall-clock ms of its
   first packet, see `streamer.decoder.SegmentWriter`). Browsers do not play MPEG-TS, so a segment is remuxed
   (no re-encoding) to MP4 once and cached; its events are those of the stream's logs whose wall-clock `ts` falls
@@ -52,6 +53,15 @@ def _segments(stream: WebStream) -> list[Path]:
     return sorted(Path(stream.video_directory).glob("*.ts"), key=lambda p: p.stem)
 
 
+def _run_segments(stream: WebStream, run_id: str) -> list[tuple[Path, float]]:
+    """A redacted file stream's recording of one run: (segment, media time of its first frame), in order."""
+    if stream.live or stream.video_directory is None or not RUN_ID.match(run_id):
+        return []
+    folder = Path(stream.video_directory) / run_id
+    segments = [(path, int(path.stem) / 1000) for path in folder.glob("*.ts") if path.stem.isdigit()]
+    return sorted(segments, key=lambda item: item[1])
+
+
 def list_recordings(settings: WebSettings) -> dict[str, list[dict]]:
     """Per stream, newest first: {id, kind, started, size, video (bool), note}."""
     result: dict[str, list[dict]] = {}
@@ -67,11 +77,11 @@ def list_recordings(settings: WebSettings) -> dict[str, list[dict]]:
                               "size": path.stat().st_size, "note": "events only: record_video is off"}
                              for path in _event_logs(settings, stream))
         else:
-            has_video = stream.file is not None and Path(stream.file).is_file()
+            has_file = stream.file is not None and Path(stream.file).is_file()
             for path in _event_logs(settings, stream):
                 run_id = path.stem.removeprefix("events-")
                 items.append({"id": run_id, "kind": "run", "started": _run_started(run_id),
-                              "size": path.stat().st_size, "video": has_video})
+                              "size": path.stat().st_size, "video": has_file or bool(_run_segments(stream, run_id))})
         items.sort(key=lambda item: item["started"] or 0, reverse=True)
         result[stream.id] = items
     return result
@@ -118,9 +128,20 @@ class VideoCache:
 
     def video_for(self, stream: WebStream, recording_id: str) -> Path:
         if RUN_ID.match(recording_id):
-            if stream.file is None or not Path(stream.file).is_file():
+            if stream.file is not None and Path(stream.file).is_file():
+                return Path(stream.file)
+            segments = _run_segments(stream, recording_id)
+            if not segments:
                 raise NotFound(f"recording {recording_id!r} of stream {stream.id!r} has no video")
-            return Path(stream.file)
+            version = [path.stat() for path, _ in segments]
+            target = self.directory / (f"{stream.id}-{recording_id}-{sum(v.st_size for v in version)}-"
+                                       f"{int(max(v.st_mtime for v in version))}.mp4")
+            if target.is_file():
+                os.utime(target)
+            else:
+                remux_run_to_mp4(segments, target)
+                self._evict(keep=target)
+            return target
         segment = _segment_path(stream, recording_id)
         status = segment.stat()
         target = self.directory / f"{stream.id}-{segment.stem}-{status.st_size}-{int(status.st_mtime)}.mp4"
@@ -166,6 +187,47 @@ def remux_to_mp4(source: Path, target: Path) -> Path:
                         continue  # the flush packet, or the torn tail of a segment still being written
                     packet.stream = video_out
                     container_out.mux(packet)
+        os.replace(partial, target)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return target
+
+
+def remux_run_to_mp4(segments: list[tuple[Path, float]], target: Path) -> Path:
+    """A redacted file's run: its segments (timestamps from zero in each, named by the media time of their first
+    frame) copied, not re-encoded, into one MP4 whose clock is the file's, so the run's events line up by `pts`.
+    Written under a temporary name and renamed, like `remux_to_mp4`."""
+    import av
+
+    handle, name = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=".part", dir=target.parent)
+    os.close(handle)
+    partial = Path(name)
+    try:
+        with av.open(str(partial), "w", format="mp4", options={"movflags": "+faststart"}) as container_out:
+            video_out, last_dts = None, None
+            for path, began in segments:
+                with av.open(str(path)) as container_in:
+                    if not container_in.streams.video:
+                        continue
+                    video_in = container_in.streams.video[0]
+                    if video_out is None:
+                        video_out = container_out.add_stream_from_template(video_in)
+                    time_base = video_in.time_base
+                    shift = round(began / time_base) - (video_in.start_time or 0)
+                    for packet in container_in.demux(video_in):
+                        if packet.dts is None or packet.size == 0:
+                            continue  # the flush packet, or the torn tail of a segment still being written
+                        dts = packet.dts + shift
+                        if last_dts is not None and dts <= last_dts:
+                            dts = last_dts + 1  # segments that overlap by rounding
+                        packet.pts, packet.dts = max(packet.pts + shift, dts), dts
+                        packet.time_base = time_base
+                        packet.stream = video_out
+                        container_out.mux(packet)
+                        last_dts = dts
+            if video_out is None:
+                raise NotFound(f"no video in {segments[0][0].parent}")
         os.replace(partial, target)
     except BaseException:
         partial.unlink(missing_ok=True)

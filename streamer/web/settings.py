@@ -13,7 +13,7 @@ class WebStream:
     id: str
     live: bool
     file: str | None  # the source file of a file stream (served for replay); never a camera URL (credentials)
-    video_directory: str | None  # where a live stream's recorded segments go (record_video), else None
+    video_directory: str | None  # recorded segments (record_video): a camera's, or a redacted file's (`<run>/`)
 
 
 @dataclass(frozen=True)
@@ -42,8 +42,8 @@ def build_web_settings(config, server_key: bytes | None = None) -> WebSettings:
     streams = []
     for stream in config.streams:
         video_directory = None
-        if stream.record_video and stream.is_live:
-            video_directory = str(Path(config.record.directory) / stream.id / "video")
+        if stream.record_video and (stream.is_live or getattr(stream, "redact", None)):
+            video_directory = str(Path(config.record.directory) / stream.id / "video")  # a file's: one folder a run
         # A redacted file stream's source is raw: the console never serves it (its video is the redacted one).
         source = None if stream.is_live or getattr(stream, "redact", None) else stream.url
         streams.append(WebStream(stream.id, stream.is_live, source, video_directory))

@@ -327,6 +327,8 @@ def _control_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from streamer.events import EVENT_KINDS  # json and time only
+
     parser = argparse.ArgumentParser(prog="groundwatch", description="Watch video for objects described in words.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -353,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
                                           "A new subscriber first gets each stream's last status and error.")
     sub.add_argument("endpoint", help="the daemon's PUB endpoint, e.g. tcp://127.0.0.1:5555")
     sub.add_argument("--stream", help="only this stream")
-    sub.add_argument("--kind", choices=("detections", "track", "status", "heartbeat", "error", "zone", "line", "alert"), help="only this kind")
+    sub.add_argument("--kind", choices=EVENT_KINDS, help="only this kind")
     sub.add_argument("--count", type=int, help="exit after this many events")
     sub.add_argument("--timeout", type=float, help="exit after this many seconds without an event")
     sub.add_argument("--connect-timeout", type=float, default=5.0,

@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 SCHEMA_VERSION = 1
+EVENT_KINDS = ("detections", "track", "status", "heartbeat", "error", "zone", "line", "alert")  # docs/events.md
 COUNTS_KIND = "zone_counts"  # worker -> hub only, never published: the live zone and line counts for heartbeats
 # Status reasons that report a change of settings, not of the stream's state. A late subscriber or a page must
 # still learn why a stream is in its state, so such a status never replaces the one that said why.

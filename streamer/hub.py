@@ -34,6 +34,12 @@ log = logging.getLogger("groundwatch.hub")
 # included) until this long after it bound: what children send meanwhile waits in its PULL queue. 0.5 s was too short
 # on a busy 2-core machine; and heartbeats used to go out from 0.5 s regardless.
 JOIN_SECONDS = 1.5
+# What a subscription may cost (anyone who can connect sends them): ZeroMQ keeps each prefix in a trie of one node
+# per byte (about 48 bytes per byte) until its sender disconnects, and frees it recursively, so one 1 MiB prefix held
+# 48 MiB, and crashed the hub (a stack overflow) when its sender left. A longer subscription than this disconnects
+# its sender (a topic is `<stream>/<kind>`: at most 75 bytes). ZeroMQ has no limit on how many a client may hold.
+MAX_SUBSCRIPTION_BYTES = 1024
+RESEND_INTERVAL_SECONDS = 0.1  # a topic's last value is re-sent at most this often, however many subscribe
 
 
 class Hub:
@@ -49,10 +55,13 @@ class Hub:
         self.pub = self.context.socket(zmq.XPUB)
         self.pub.setsockopt(zmq.SNDHWM, high_water_mark)
         self.pub.setsockopt(zmq.LINGER, 0)
+        self.pub.setsockopt(zmq.MAXMSGSIZE, MAX_SUBSCRIPTION_BYTES)
         self.pub.setsockopt(zmq.XPUB_VERBOSE, 1)  # every subscription, not only a topic's first: each gets the cache
         serve_curve(self.pub, curve_keys)
         self.pub.bind(pub_endpoint)
         self.last_values = LastValueCache()
+        self._resend_pending: set[bytes] = set()  # topics whose cached value a subscription asked for
+        self._resent_at: dict[bytes, float] = {}
         self.stats, self.recorder = stats, recorder
         self.heartbeat_seconds = heartbeat_seconds
         self.seq: dict[str, int] = {}
@@ -107,7 +116,8 @@ class Hub:
         return count
 
     def serve_subscriptions(self, limit: int = 1000) -> int:
-        """Answer new subscriptions with the cached last values they match. Returns how many subscriptions."""
+        """Answer new subscriptions with the cached last values they match, each topic at most every
+        `RESEND_INTERVAL_SECONDS`. Returns how many (un)subscriptions."""
         count = 0
         while count < limit:
             try:
@@ -115,14 +125,28 @@ class Hub:
             except zmq.Again:
                 break
             count += 1
-            if message[:1] != b"\x01":  # an unsubscription
-                continue
-            for topic_frame, payload in self.last_values.matching(message[1:]):
-                try:
-                    self.pub.send_multipart((topic_frame, payload), flags=zmq.NOBLOCK)
-                except zmq.Again:
-                    break
+            if message[:1] == b"\x01":  # not an unsubscription
+                self._resend_pending.update(topic_frame for topic_frame, _ in self.last_values.matching(message[1:]))
+        self._resend()
         return count
+
+    def _resend(self) -> None:
+        """Re-send the cached values asked for, each topic at most every `RESEND_INTERVAL_SECONDS`: ZeroMQ sends a
+        re-sent value to every subscriber of its topic, so one client subscribing in a loop would otherwise fill
+        every other subscriber's queue with copies."""
+        if not self._resend_pending:
+            return
+        now = time.monotonic()
+        for topic_frame, payload in self.last_values.matching(b""):
+            if topic_frame not in self._resend_pending or now - self._resent_at.get(topic_frame, -1e9) < \
+                    RESEND_INTERVAL_SECONDS:
+                continue
+            self._resend_pending.discard(topic_frame)
+            self._resent_at[topic_frame] = now
+            try:
+                self.pub.send_multipart((topic_frame, payload), flags=zmq.NOBLOCK)
+            except zmq.Again:
+                break
 
     def _keep_counts(self, body: bytes) -> None:
         counts = json.loads(body)
@@ -140,6 +164,7 @@ class Hub:
                                     **counts))
 
     def tick(self) -> None:
+        self._resend()  # what waited for its topic's interval
         now = time.monotonic()
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + self.heartbeat_seconds

@@ -89,6 +89,144 @@ def test_late_subscriber_gets_last_status_and_error(tmp_path, stats_factory):
         hub.close()
 
 
+def _rss_mib() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+ATTACKER = """
+import os, sys, time
+import zmq
+socket = zmq.Context.instance().socket(zmq.XSUB)
+socket.setsockopt(zmq.SNDHWM, 0)
+socket.connect(sys.argv[1])
+for n in range(3):
+    socket.send(b"\\x01" + str(n).encode() + b"x" * (1 << 20))  # 1 MiB: about 48 MiB held each
+time.sleep(3)
+os._exit(0)  # leaving: the hub frees what it holds of it (its own socket would free a 1 MiB-deep trie too)
+"""
+
+
+def test_a_huge_subscription_cannot_crash_the_hub_or_fill_its_memory(tmp_path, stats_factory):
+    """Any subscriber could crash the hub (an audit): ZeroMQ keeps a subscription prefix in a trie of one node per
+    byte (about 48 bytes per byte) for as long as its sender stays connected, and frees it recursively, so three
+    1 MiB subscriptions held about 150 MiB and the hub died of a stack overflow when their sender left. A
+    subscription over 1 KiB now disconnects its sender: the hub lives, its memory stays put, others are served."""
+    import subprocess
+    import sys
+    import threading
+
+    stats = stats_factory(["cam"])
+    endpoint = f"ipc://{tmp_path}/pub"
+    hub = Hub(pull_endpoint=f"ipc://{tmp_path}/pull", pub_endpoint=endpoint, high_water_mark=1000,
+              heartbeat_seconds=1000, stats=stats, recorder=None)
+    stop = threading.Event()
+    runner = threading.Thread(target=hub.run, args=(stop,))
+    runner.start()
+    honest = zmq.Context.instance().socket(zmq.SUB)
+    honest.setsockopt(zmq.LINGER, 0)
+    honest.setsockopt(zmq.SUBSCRIBE, b"cam/track")
+    honest.connect(endpoint)
+    push = zmq.Context.instance().socket(zmq.PUSH)  # the hub's sockets belong to its thread
+    push.setsockopt(zmq.LINGER, 1000)
+    push.connect(f"ipc://{tmp_path}/pull")
+    try:
+        time.sleep(0.5)
+        before = _rss_mib()
+        subprocess.run([sys.executable, "-c", ATTACKER, endpoint], timeout=120, check=True)
+        time.sleep(0.5)
+        grown = _rss_mib() - before
+        assert runner.is_alive()
+        assert grown < 40, f"the hub's process grew by {grown:.0f} MiB"
+        push.send_multipart([b"cam/track", b'{"stream":"cam","kind":"track","ts":0.0,"wall":1.0,"track_id":1}'])
+        assert [e["kind"] for e in receive_all(honest)] == ["track"]
+    finally:
+        stop.set()
+        runner.join()
+        push.close()
+        honest.close()
+        hub.close()
+
+
+def test_a_subscription_flood_does_not_drown_other_subscribers_in_cached_copies(tmp_path, stats_factory):
+    """Every subscription, even a repeated one-byte one, made the hub re-send each cached status and error to
+    every subscriber of those topics: one client that only subscribed, in a loop, left an honest subscriber
+    with 440 of 20,000 events (its queue full of cached copies). A topic's cache is now re-sent at most every
+    0.1 s (later subscriptions within that time get the next re-send)."""
+    import threading
+
+    stats = stats_factory(["a", "b"])
+    hub = Hub(pull_endpoint=f"ipc://{tmp_path}/pull", pub_endpoint=f"ipc://{tmp_path}/pub", high_water_mark=10_000,
+              heartbeat_seconds=1000, stats=stats, recorder=None)
+    for stream in ("a", "b"):
+        hub.publish({"stream": stream, "kind": "status", "ts": 0.0, "wall": 1.0, "state": "online", "source": "f"})
+        hub.publish({"stream": stream, "kind": "error", "ts": 0.0, "wall": 1.0, "message": "x" * 300,
+                     "error_type": "t", "fatal": False})
+    stop = threading.Event()
+    runner = threading.Thread(target=hub.run, args=(stop,))
+    runner.start()
+    honest = zmq.Context.instance().socket(zmq.SUB)
+    honest.setsockopt(zmq.LINGER, 0)
+    honest.setsockopt(zmq.RCVHWM, 1000)  # the web console's
+    honest.setsockopt(zmq.SUBSCRIBE, b"")
+    honest.connect(f"ipc://{tmp_path}/pub")
+    flooding = threading.Event()
+    sent = []
+
+    def flood():
+        socket = zmq.Context.instance().socket(zmq.XSUB)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.RCVHWM, 1)
+        socket.connect(f"ipc://{tmp_path}/pub")
+        count = 0
+        while flooding.is_set():
+            try:
+                socket.send(b"\x01", zmq.NOBLOCK)
+                count += 1
+            except zmq.Again:
+                time.sleep(0.0005)
+        sent.append(count)
+        socket.close()
+
+    got = {"track": 0, "cached": 0}
+    try:
+        time.sleep(0.5)
+        receive_all(honest, wait=0.3)  # its own cached copies
+        flooding.set()
+        flooder = threading.Thread(target=flood)
+        flooder.start()
+        time.sleep(0.5)
+        push = zmq.Context.instance().socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 1000)
+        push.connect(f"ipc://{tmp_path}/pull")
+        total = 8000
+        for n in range(total):
+            push.send_multipart([b"a/track", b'{"stream":"a","kind":"track","ts":0.0,"wall":1.0,"event":"updated",'
+                                 b'"track_id":%d}' % n])
+            if n % 40 == 0:
+                time.sleep(0.01)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and got["track"] < total:
+            if honest.poll(100):
+                event = decode_payload(honest.recv_multipart()[1])
+                got["cached" if event.get("cached") else event["kind"]] = got.get(
+                    "cached" if event.get("cached") else event["kind"], 0) + 1
+        flooding.clear()
+        flooder.join()
+        push.close()
+        assert sent[0] > 10_000  # the flood happened
+        assert got["track"] == total, got
+        assert got["cached"] < 4 * 10 * 10, got  # 4 cached topics, at most 10 times a second, for a few seconds
+    finally:
+        flooding.clear()
+        stop.set()
+        runner.join()
+        honest.close()
+        hub.close()
+
+
 def test_gap_counter_ignores_cached_resends():
     """A cached re-send keeps its old seq; it must not read as a daemon restart or a loss."""
     gaps = GapCounter()
@@ -122,6 +260,9 @@ heartbeat_seconds = 0.5
 directory = "recordings"
 
 [metrics]
+enabled = false
+
+[web]
 enabled = false
 
 [supervisor]

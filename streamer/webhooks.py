@@ -3,7 +3,9 @@
 A client of the event bus like any other: one process (started by the supervisor) subscribes to the events,
 and each endpoint gets its own bounded queue and delivery thread, so a slow or dead endpoint delays nobody but
 itself. A full queue drops its oldest event (counted); a failed attempt (connection error, timeout, 408, 429,
-5xx) is retried with exponential backoff up to `max_attempts`; other 4xx answers are not retried. Counters go
+5xx) is retried with exponential backoff up to `max_attempts`; other 4xx answers are not retried. An attempt
+ends within `timeout_seconds` of wall-clock time whatever the server does (`DeadlineBackend`), and only the
+answer's status is used: its body is not read beyond a short announced one, and never decompressed. Counters go
 to the per-stream stats (heartbeats, `groundwatch status`, Prometheus) and a failure that persists is reported
 once as an `error` event (`error_type: webhook_failed`).
 
@@ -26,6 +28,9 @@ import uuid
 from collections import deque
 from pathlib import Path
 
+import httpcore
+import httpx
+
 from streamer.busclient import BusSubscriber
 from streamer.config import WebhookConfig
 from streamer.events import make_event
@@ -36,6 +41,10 @@ log = logging.getLogger("groundwatch.webhooks")
 
 SIGNATURE_HEADER = "X-Groundwatch-Signature-256"
 RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+# An answer's body announced at most this long is read to its end, so that the connection carries the next
+# delivery; a longer, chunked or unannounced one is left unread and its connection closed.
+SHORT_BODY_BYTES = 4096
+WRITE_SLICE_BYTES = 64 * 1024  # a request body is written in slices, the deadline checked before each
 
 
 def sign(secret: str, body: bytes) -> str:
@@ -46,6 +55,83 @@ def sign(secret: str, body: bytes) -> str:
 def verify(secret: str, body: bytes, header: str) -> bool:
     """What a receiver does: recompute and compare in constant time."""
     return hmac.compare_digest(sign(secret, body), header or "")
+
+
+class DeadlineBackend(httpcore.NetworkBackend):
+    """httpcore's socket backend, each connect, read and write of which ends by the running attempt's deadline.
+
+    httpx's timeouts bound one socket operation each, not an attempt: a server that sends a byte every half second
+    never trips a 5 s read timeout and could hold a delivery forever. Between `start(seconds)` and `clear()` (per
+    thread) every operation gets at most the time left, and none starts once it is spent.
+    """
+
+    def __init__(self) -> None:
+        self.sockets = httpcore.SyncBackend()
+        self.local = threading.local()
+
+    def start(self, seconds: float) -> None:
+        self.local.deadline = time.monotonic() + seconds
+
+    def clear(self) -> None:
+        self.local.deadline = None
+
+    def left(self, timeout: float | None, expired: type[Exception]) -> float | None:
+        deadline = getattr(self.local, "deadline", None)
+        if deadline is None:
+            return timeout
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise expired("the attempt ran out of its timeout_seconds")
+        return remaining if timeout is None else min(timeout, remaining)
+
+    def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
+        stream = self.sockets.connect_tcp(host, port, self.left(timeout, httpcore.ConnectTimeout), local_address,
+                                          socket_options)
+        return DeadlineStream(stream, self)
+
+    def connect_unix_socket(self, path, timeout=None, socket_options=None):
+        stream = self.sockets.connect_unix_socket(path, self.left(timeout, httpcore.ConnectTimeout), socket_options)
+        return DeadlineStream(stream, self)
+
+    def sleep(self, seconds: float) -> None:
+        self.sockets.sleep(seconds)
+
+
+class DeadlineStream(httpcore.NetworkStream):
+    """A connection whose every operation is bounded by its backend's deadline (kept across keep-alive reuse)."""
+
+    def __init__(self, stream: httpcore.NetworkStream, backend: DeadlineBackend) -> None:
+        self.stream, self.backend = stream, backend
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self.stream.read(max_bytes, self.backend.left(timeout, httpcore.ReadTimeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        # One write of a large body to a slow reader is many sends, each allowed the whole timeout: slice it.
+        for start in range(0, len(buffer), WRITE_SLICE_BYTES):
+            self.stream.write(buffer[start:start + WRITE_SLICE_BYTES],
+                              self.backend.left(timeout, httpcore.WriteTimeout))
+
+    def close(self) -> None:
+        self.stream.close()
+
+    def start_tls(self, ssl_context, server_hostname=None, timeout=None):
+        timeout = self.backend.left(timeout, httpcore.ConnectTimeout)
+        return DeadlineStream(self.stream.start_tls(ssl_context, server_hostname, timeout), self.backend)
+
+    def get_extra_info(self, info: str):
+        return self.stream.get_extra_info(info)
+
+
+def deadline_transport(backend: DeadlineBackend) -> httpx.HTTPTransport:
+    """httpx's own transport (exception mapping, pooling) over `backend`; httpx takes no network backend itself."""
+    transport = httpx.HTTPTransport()
+    limits = httpx.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=5.0)  # httpx's own
+    transport._pool = httpcore.ConnectionPool(
+        ssl_context=httpx.create_ssl_context(), max_connections=limits.max_connections,
+        max_keepalive_connections=limits.max_keepalive_connections, keepalive_expiry=limits.keepalive_expiry,
+        network_backend=backend)
+    return transport
 
 
 def matches(config: WebhookConfig, event: dict) -> bool:
@@ -63,16 +149,16 @@ class Endpoint:
 
     def __init__(self, index: int, config: WebhookConfig, counters: "Counters", transport=None,
                  sleep=None) -> None:
-        import httpx
-
         self.index, self.config, self.counters = index, config, counters
         self.queue: deque[dict] = deque()
         self.condition = threading.Condition()
         self.stopping = threading.Event()
         self.last_delivery: dict[tuple, float] = {}
         self.failing = False
-        self.client = httpx.Client(timeout=config.timeout_seconds, transport=transport, follow_redirects=False)
-        self._httpx = httpx
+        # A transport given (tests) is used as it is, without the per-attempt deadline.
+        self.deadline = DeadlineBackend()
+        self.client = httpx.Client(timeout=config.timeout_seconds, follow_redirects=False,
+                                   transport=transport if transport is not None else deadline_transport(self.deadline))
         self._sleep = sleep or self.stopping.wait
         self.thread = threading.Thread(target=self._run, name=f"webhook-{index}", daemon=True)
 
@@ -127,18 +213,18 @@ class Endpoint:
                     break
             attempts = attempt
             try:
-                response = self.client.post(config.url, content=body, headers=headers)
-            except self._httpx.HTTPError as exc:
+                status = self.attempt(body, headers)
+            except httpx.HTTPError as exc:
                 problem = f"{type(exc).__name__}: {exc}"
                 continue
-            if 200 <= response.status_code < 300:
+            if 200 <= status < 300:
                 self.counters.add(stream, "webhook_delivered")
                 if self.failing:
                     self.failing = False
                     log.info("webhook %d (%s) delivers again", self.index, config.url)
                 return True
-            problem = f"HTTP {response.status_code}"
-            if response.status_code not in RETRY_STATUS:
+            problem = f"HTTP {status}"
+            if status not in RETRY_STATUS:
                 break
         self.counters.add(stream, "webhook_failed")
         if not self.failing:
@@ -147,6 +233,27 @@ class Endpoint:
                                  f"attempt(s): {problem}; the event was dropped (reported once until it delivers "
                                  "again)")
         return False
+
+    def attempt(self, body: bytes, headers: dict) -> int:
+        """POST once and return the answer's status, within `timeout_seconds` of wall-clock time.
+
+        Only the status line and headers are awaited. The body is read (raw, never decompressed) only when it is
+        announced short, so that the connection can be reused, and a failure while reading it does not undo the
+        status; any other body is left unread and the connection closed with the response.
+        """
+        self.deadline.start(self.config.timeout_seconds)
+        try:
+            with self.client.stream("POST", self.config.url, content=body, headers=headers) as response:
+                length = response.headers.get("Content-Length", "")
+                if response.status_code in (204, 304) or (length.isdigit() and int(length) <= SHORT_BODY_BYTES):
+                    try:
+                        for _ in response.iter_raw():
+                            pass
+                    except httpx.HTTPError:
+                        pass  # the status is what counts; this connection is closed, not reused
+                return response.status_code
+        finally:
+            self.deadline.clear()
 
     def _run(self) -> None:
         while True:

@@ -40,6 +40,9 @@ log = logging.getLogger("groundwatch.mqtt")
 # The event kinds the bridge reads; ZeroMQ filters the rest (one detections event per frame) at the publisher.
 BRIDGED_KINDS = ("track", "status", "alert", "heartbeat")
 MAX_PROMPT_BYTES = 4096
+# Levels the bridge publishes under <prefix>/<stream>/ itself: a phrase's count topic must never be one of them.
+RESERVED_LEVELS = ("all", "status", "prompt")
+ANNOUNCE_INTERVAL_SECONDS = 1.0  # least time between two announcements asked for by Home Assistant
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,14 @@ def topic_slug(text: str) -> str:
     """A phrase as one topic level (and a Home Assistant object id): 'Green star' -> 'green_star'."""
     slug = re.sub(r"[^a-z0-9_-]+", "_", text.lower()).strip("_")
     return slug or "_"
+
+
+def phrase_level(phrase: str) -> str:
+    """A phrase's count topic level under <prefix>/<stream>/ (and its Home Assistant object id): its slug, with a
+    `_` added when the bridge uses that level itself ('status' -> 'status_'). No other slug ends in `_`, so the
+    renamed one cannot meet another phrase's."""
+    slug = topic_slug(phrase)
+    return slug + "_" if slug in RESERVED_LEVELS else slug
 
 
 def prompt_phrases(prompt: str) -> list[str]:
@@ -124,8 +135,11 @@ class BridgeState:
     def available_topic(self) -> str:
         return f"{self.prefix}/available"
 
-    def count_topic(self, stream: str, key: str) -> str:
-        return f"{self.prefix}/{stream}/{topic_slug(key) if key != 'all' else 'all'}"
+    def count_topic(self, stream: str, phrase: str) -> str:
+        return f"{self.prefix}/{stream}/{phrase_level(phrase)}"
+
+    def total_topic(self, stream: str) -> str:
+        return f"{self.prefix}/{stream}/all"
 
     def node_id(self, stream: str) -> str:
         return topic_slug(f"{self.client_id}_{stream}")
@@ -198,7 +212,7 @@ class BridgeState:
         for key in keys:
             messages += self._state(self.count_topic(stream, key), str(counts.get(key, 0)).encode(), stream,
                                     throttle=True)
-        messages += self._state(self.count_topic(stream, "all"), str(sum(counts.values())).encode(), stream,
+        messages += self._state(self.total_topic(stream), str(sum(counts.values())).encode(), stream,
                                 throttle=True)
         return messages
 
@@ -229,10 +243,8 @@ class BridgeState:
                   "device": device, "origin": {"name": "groundwatch", "sw_version": self.version},
                   "qos": self.qos}
         configs: dict[str, dict] = {}
-        for phrase in phrases + ["all"]:
-            slug = topic_slug(phrase) if phrase != "all" else "all"
-            state_topic = self.count_topic(stream, phrase)
-            label = phrase if phrase != "all" else "all objects"
+        sensors = [(phrase_level(p), self.count_topic(stream, p), p) for p in phrases]
+        for slug, state_topic, label in sensors + [("all", self.total_topic(stream), "all objects")]:
             configs[f"{self.discovery_prefix}/binary_sensor/{node}/{slug}_present/config"] = {
                 "name": f"{label} present", "unique_id": f"{node}_{slug}_present", "state_topic": state_topic,
                 "value_template": "{{ 'ON' if (value | int(0)) > 0 else 'OFF' }}", "payload_on": "ON",
@@ -403,6 +415,43 @@ class Outbox:
         return len(self.messages)
 
 
+class PendingPrompts:
+    """Prompt commands not yet sent to the daemon: the newest per stream, so that a flood of commands costs
+    nothing and a stream's latest prompt never waits behind older ones (one may be in flight besides)."""
+
+    def __init__(self) -> None:
+        self.prompts: dict[str, str] = {}  # stream -> prompt, oldest stream first
+        self.replaced = 0
+        self.closed = False
+        self.changed = threading.Condition()
+
+    def put(self, stream: str, prompt: str) -> None:
+        with self.changed:
+            if stream in self.prompts:
+                self.replaced += 1
+            self.prompts[stream] = prompt
+            self.changed.notify()
+
+    def take(self) -> tuple[str, str] | None:
+        """The stream waiting longest and its newest prompt; waits for one; None once closed."""
+        with self.changed:
+            while not self.prompts and not self.closed:
+                self.changed.wait()
+            if self.closed:
+                return None
+            stream = next(iter(self.prompts))
+            return stream, self.prompts.pop(stream)
+
+    def close(self) -> None:
+        with self.changed:
+            self.closed = True
+            self.changed.notify_all()
+
+    def __len__(self) -> int:
+        with self.changed:
+            return len(self.prompts)
+
+
 class MqttBridge:
     """ZeroMQ events in, MQTT messages out, prompt changes from MQTT to the control socket."""
 
@@ -427,7 +476,10 @@ class MqttBridge:
         self._sent = 0
         self._acked = 0  # written by paho's thread only
         self._notices: queue.SimpleQueue = queue.SimpleQueue()
-        self._prompt_requests: queue.SimpleQueue = queue.SimpleQueue()
+        self._prompt_requests = PendingPrompts()
+        self.retained_commands_ignored = 0
+        self._announce_due = False  # Home Assistant asked for the discovery configs again
+        self._announce_after = float("-inf")
         self._reported: str | None = None  # the error last reported, so a retry loop reports it once
 
         self._resends = ResendFilter()
@@ -475,7 +527,7 @@ class MqttBridge:
         self._acked += 1
 
     def _on_message(self, client, userdata, message) -> None:
-        self._notices.put(("message", message.topic, bytes(message.payload)))
+        self._notices.put(("message", message.topic, bytes(message.payload), bool(message.retain)))
 
     # -- main thread ---------------------------------------------------------------------------------------
 
@@ -515,6 +567,7 @@ class MqttBridge:
             self.client.subscribe([(f"{prefix}/+/prompt/set", 1)] + (
                 [(f"{self.config.discovery_prefix}/status", 1)] if self.config.homeassistant else []))
             self.outbox.push_front(self.state.retained_messages())
+            self._announce_due = False  # the discovery configs are among them
         elif what == "refused":
             self.connected = False
             self._set_state("disconnected")
@@ -535,7 +588,7 @@ class MqttBridge:
             if was_connected:
                 log.warning("lost the MQTT broker %s (%s); reconnecting", self._broker(), notice[1])
         elif what == "message":
-            self._handle_message(notice[1], notice[2])
+            self._handle_message(notice[1], notice[2], retained=notice[3])
         elif what == "daemon_status":
             for stream, figures in notice[1].get("streams", {}).items():
                 self._queue(self.state.seed_status(stream, figures))
@@ -549,13 +602,22 @@ class MqttBridge:
                 self._queue([Message(f"{self.config.topic_prefix}/{stream}/prompt/error",
                                      _json({"prompt": prompt, "error": error}), self.config.qos, False, stream)])
 
-    def _handle_message(self, topic: str, payload: bytes) -> None:
+    def _handle_message(self, topic: str, payload: bytes, retained: bool = False) -> None:
+        """A message on a subscribed topic. `retained`: the broker's stored copy, replayed on (re)subscribing,
+        not a message published now. Commands are one-shot, so a retained copy is old news: a retained prompt
+        would undo later changes at every reconnect, and a retained Home Assistant `online` adds nothing to
+        the announcement that every (re)connect makes anyway."""
         prefix = self.config.topic_prefix
         if self.config.homeassistant and topic == f"{self.config.discovery_prefix}/status":
-            if payload.strip().lower() == b"online":  # Home Assistant restarted: announce again
-                self.outbox.extend(self.state.discovery_messages())
+            if not retained and payload.strip().lower() == b"online":  # Home Assistant restarted
+                self._announce_due = True  # announced in step(): a flood of these costs one announcement
             return
         if not (topic.startswith(prefix + "/") and topic.endswith("/prompt/set")):
+            return
+        if retained:
+            self.retained_commands_ignored += 1
+            log.warning("ignored the retained prompt command on %s: commands are one-shot (publish them "
+                        "without retain; an empty retained message deletes this one)", topic)
             return
         stream = topic[len(prefix) + 1: -len("/prompt/set")]
         if stream not in self.state.streams:
@@ -570,7 +632,7 @@ class MqttBridge:
         except UnicodeDecodeError:
             self._notices.put(("prompt_result", stream, "", {"ok": False, "error": "prompt is not UTF-8"}))
             return
-        self._prompt_requests.put((stream, prompt))
+        self._prompt_requests.put(stream, prompt)  # replaces the stream's older command not sent yet
 
     def _prompt_loop(self) -> None:
         """Control requests on their own thread: the daemon may take seconds to encode a prompt."""
@@ -586,10 +648,7 @@ class MqttBridge:
             if reply.get("ok"):
                 self._notices.put(("daemon_status", reply))
                 break
-        while True:
-            item = self._prompt_requests.get()
-            if item is None:
-                return
+        while (item := self._prompt_requests.take()) is not None:
             stream, prompt = item
             try:
                 reply = request(self.control_endpoint, {"cmd": "set_prompt", "stream": stream, "prompt": prompt},
@@ -597,6 +656,19 @@ class MqttBridge:
             except (TimeoutError, zmq.ZMQError, ValueError) as exc:
                 reply = {"ok": False, "error": str(exc)}
             self._notices.put(("prompt_result", stream, prompt, reply))
+
+    def _announce(self) -> None:
+        """Discovery configs again for Home Assistant, at most once per ANNOUNCE_INTERVAL_SECONDS and never
+        while the last announcement still waits: ahead of the queue, like the state sent on a reconnect, so
+        that they push no alert or event out of it."""
+        now = time.monotonic()
+        if not self.connected or now < self._announce_after:
+            return
+        discovery = self.config.discovery_prefix + "/"
+        if any(message.topic.startswith(discovery) for message in self.outbox.messages):
+            return
+        self._announce_due, self._announce_after = False, now + ANNOUNCE_INTERVAL_SECONDS
+        self.outbox.push_front(self.state.discovery_messages())
 
     def _queue(self, messages: list[Message]) -> None:
         """Events wait in the outbox; retained state waits only while connected, since every (re)connect
@@ -646,6 +718,8 @@ class MqttBridge:
                 self._handle_notice(self._notices.get_nowait())
             except queue.Empty:
                 break
+        if self._announce_due:
+            self._announce()
         self._queue(self.state.tick())
         self.flush()
 
@@ -661,7 +735,7 @@ class MqttBridge:
         self.close()
 
     def close(self) -> None:
-        self._prompt_requests.put(None)
+        self._prompt_requests.close()
         if self.connected:
             info = self.client.publish(self.state.available_topic, "offline", qos=1, retain=True)
             try:

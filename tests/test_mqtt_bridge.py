@@ -286,6 +286,29 @@ def test_status_of_a_bridge_that_joined_late():
     assert state.seed_status("cam", {"state": "online", "source": "live"}) == []  # events know better
 
 
+def test_a_phrase_named_like_a_bridge_topic_counts_on_its_own_topic():
+    """A prompt phrase `status` used to count on <prefix>/<stream>/status, and `all` on the total's topic: anyone
+    who could set a prompt (prompt/set) overwrote the stream's retained JSON status with a number. A phrase whose
+    slug is a level the bridge uses there itself counts on that slug plus `_` (no other slug ends in `_`);
+    ordinary phrases keep their topics, and every topic and Home Assistant unique_id stays distinct."""
+    state = BridgeState(prefix="groundwatch", streams={"cam": "person ."}, update_seconds=0.0, homeassistant=True)
+    state.handle({"stream": "cam", "kind": "status", "state": "online", "reason": "started", "ts": 1.0})
+    messages = state.set_prompt("cam", "status . all . prompt . person .")
+    messages += state.handle(track("started", 1, phrase="status"))
+    messages += state.handle(track("started", 2, phrase="person"))
+    status = json.loads(state.retained["groundwatch/cam/status"].payload)
+    assert isinstance(status, dict) and status["state"] == "online", f"the stream's status became {status!r}"
+    counts = {t: state.retained[t].payload for t in ("groundwatch/cam/status_", "groundwatch/cam/all_",
+                                                     "groundwatch/cam/prompt_", "groundwatch/cam/person",
+                                                     "groundwatch/cam/all")}
+    assert counts == {"groundwatch/cam/status_": b"1", "groundwatch/cam/all_": b"0",
+                      "groundwatch/cam/prompt_": b"0", "groundwatch/cam/person": b"1", "groundwatch/cam/all": b"2"}
+    documented = documented_topics()
+    assert all(any(p.fullmatch(m.topic) for p in documented) for m in messages)
+    configs = [json.loads(m.payload) for t, m in state.retained.items() if t.startswith("homeassistant/")]
+    assert len({c["unique_id"] for c in configs}) == len(configs) == 2 * (4 + 1) + 1
+
+
 def test_phrases_and_slugs():
     assert prompt_phrases("Green Star . black cross . green star .") == ["green star", "black cross"]
     assert topic_slug("a red car/van+#") == "a_red_car_van"
@@ -355,10 +378,53 @@ class Errors:
         raise AssertionError(f"no {error_type} error event within {timeout} s")
 
 
+class FakeControl:
+    """The daemon's control socket (ROUTER): answers every request `ok` and records each set_prompt's prompt.
+    While `free` is clear the daemon is busy encoding: the set_prompt just received waits for it."""
+
+    def __init__(self) -> None:
+        self.endpoint = f"tcp://127.0.0.1:{free_port()}"
+        self.prompts: list[str] = []
+        self.free = threading.Event()
+        self.free.set()
+        self.stop = threading.Event()
+        self.socket = zmq.Context.instance().socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.bind(self.endpoint)
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.stop.is_set():
+            if not self.socket.poll(50):
+                continue
+            *envelope, body = self.socket.recv_multipart()
+            request = json.loads(body)
+            if request["cmd"] == "set_prompt":
+                self.prompts.append(request["prompt"])
+                self.free.wait(10)
+            self.socket.send_multipart([*envelope, json.dumps({"ok": True, "streams": {}}).encode()])
+
+    def close(self) -> None:
+        self.free.set()
+        self.stop.set()
+        self.thread.join(5)
+        self.socket.close()
+
+
+def command_until_applied(client, control: FakeControl, prompt: str, timeout: float = 10.0) -> None:
+    """Publish a prompt command (not retained) until it reaches the daemon: the bridge has (re)subscribed."""
+    deadline = time.monotonic() + timeout
+    while prompt not in control.prompts:
+        assert time.monotonic() < deadline, f"{prompt!r} did not reach the daemon within {timeout} s"
+        client.publish("groundwatch/cam/prompt/set", prompt, qos=1)
+        time.sleep(0.5)
+
+
 def run_bridge(config: MqttConfig, bus: FakeBus, sender: EventSender | None = None,
-               prompts: dict | None = None):
+               prompts: dict | None = None, control_endpoint: str = "tcp://127.0.0.1:1"):
     bridge = MqttBridge(config=config, prompts=prompts or {"cam": "green star ."}, events_endpoint=bus.endpoint,
-                        control_endpoint="tcp://127.0.0.1:1", sender=sender)
+                        control_endpoint=control_endpoint, sender=sender)
     stop = threading.Event()
     thread = threading.Thread(target=bridge.run, args=(stop,), daemon=True)
     thread.start()
@@ -465,5 +531,115 @@ def test_unreachable_broker_is_reported_then_joined(tmp_path):
         stop.set()
         thread.join(10)
         sender.close()
+        bus.close()
+        broker.stop()
+
+
+@needs_broker
+def test_a_retained_prompt_command_is_not_applied(tmp_path):
+    """A prompt left retained on prompt/set (published with retain by some client) used to be applied at every
+    (re)connect: at start it replaced the config's prompt, and each broker restart or network blip undid later
+    changes. Commands are one-shot: the broker's retained copy is ignored (and counted); a command published while
+    the bridge is connected is applied once."""
+    broker = Mosquitto(tmp_path / "broker", persistence=True).start()  # keeps the retained command over a restart
+    control, bus = FakeControl(), FakeBus()
+    remote = Recorder(broker.port, ["groundwatch/cam/prompt/state"])
+    remote.client.publish("groundwatch/cam/prompt/set", "stale .", qos=1, retain=True).wait_for_publish(5)
+    bridge, stop, thread = run_bridge(MqttConfig(port=broker.port, reconnect_initial_seconds=0.1,
+                                                 reconnect_max_seconds=0.5), bus, control_endpoint=control.endpoint)
+    try:
+        # The broker replays a retained message on subscribing, before any later command: once a later command
+        # reached the daemon, the retained one would have reached it first.
+        command_until_applied(remote.client, control, "first .")
+        broker.restart(down_seconds=0.5)
+        command_until_applied(remote.client, control, "second .", timeout=15)
+        assert "stale ." not in control.prompts, control.prompts
+        assert bridge.retained_commands_ignored == 2
+    finally:
+        stop.set()
+        thread.join(10)
+        remote.close()
+        control.close()
+        bus.close()
+        broker.stop()
+
+
+@needs_broker
+def test_a_flood_of_prompt_commands_keeps_only_the_newest(tmp_path):
+    """Prompt commands used to wait in an unbounded queue, sent to the daemon one at a time (each may take up to
+    60 s to encode): a flood of them grew the bridge's memory without bound, and a legitimate prompt waited
+    behind the whole backlog. A newer command now replaces one of the same stream not sent yet: 500 commands
+    made while the daemon encodes leave one waiting, the newest."""
+    broker = Mosquitto(tmp_path / "broker").start()
+    control, bus = FakeControl(), FakeBus()
+    bridge, stop, thread = run_bridge(MqttConfig(port=broker.port), bus, control_endpoint=control.endpoint)
+    remote = Recorder(broker.port, ["groundwatch/cam/prompt/state"])
+    try:
+        command_until_applied(remote.client, control, "person .")
+        mark = len(control.prompts)
+        control.free.clear()  # the daemon is busy encoding the first command of the flood
+        for n in range(500):
+            remote.client.publish("groundwatch/cam/prompt/set", f"thing {n} .", qos=0)
+        remote.client.publish("groundwatch/cam/prompt/set", "person . car .", qos=1).wait_for_publish(5)
+        time.sleep(1.0)  # the flood reaches the bridge
+        control.free.set()
+        deadline = time.monotonic() + 5
+        while "person . car ." not in control.prompts and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # anything still waiting in the bridge would follow now
+        sent = control.prompts[mark:]
+        assert sent and sent[-1] == "person . car .", sent[-3:]
+        assert len(sent) < 10, f"{len(sent)} prompts sent to the daemon for 501 commands"
+    finally:
+        stop.set()
+        thread.join(10)
+        remote.close()
+        control.close()
+        bus.close()
+        broker.stop()
+
+
+@needs_broker
+def test_home_assistant_online_flood_does_not_push_alerts_out(tmp_path):
+    """Each `online` on homeassistant/status used to append every discovery config to the bounded outbox, pushing
+    queued alerts out: a flood of them (anyone on the broker may publish one) lost alerts. Now it only marks the
+    configs due; they are sent at most once a second, ahead of the queue, and evict nothing."""
+    broker = Mosquitto(tmp_path / "broker").start()
+    bus = FakeBus()
+    config = MqttConfig(port=broker.port, homeassistant=True, queue_size=100)
+    bridge, stop, thread = run_bridge(config, bus, prompts={"cam": "green star . black cross . purple square ."})
+    announced = "homeassistant/sensor/groundwatch_cam/all_count/config"
+    recorder = Recorder(broker.port, ["groundwatch/alerts", announced])
+    try:
+        deadline = time.monotonic() + 10
+        while not recorder.select("groundwatch/alerts"):  # until the bridge's subscription to the bus is up
+            assert time.monotonic() < deadline, "no alert went through the bridge"
+            bus.send("cam", "alert", rule="probe")
+            time.sleep(0.2)
+        mark = recorder.mark()
+
+        def flood() -> None:
+            for _ in range(3000):
+                recorder.client.publish("homeassistant/status", "online", qos=0)
+
+        flooding = threading.Thread(target=flood)
+        flooding.start()
+        for n in range(50):
+            bus.send("cam", "alert", rule="van", n=n)
+            time.sleep(0.01)
+        flooding.join()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and (len(bridge.outbox) or bridge._sent > bridge._acked):
+            time.sleep(0.1)
+        time.sleep(0.3)  # the broker forwards the last ones
+        alerts = [json.loads(p)["n"] for t, p, _ in recorder.select("groundwatch/alerts", mark)
+                  if json.loads(p).get("rule") == "van"]
+        assert alerts == list(range(50)) and bridge.dropped == 0, (alerts, bridge.dropped)
+        time.sleep(1.5)  # an `online` within the last second is answered at the end of it
+        assert 1 <= len(recorder.select(announced, mark)) <= 10
+    finally:
+        stop.set()
+        thread.join(10)
+        recorder.close()
         bus.close()
         broker.stop()

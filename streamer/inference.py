@@ -210,7 +210,11 @@ class InferenceWorker:
         self.redactions = redactions or {}
         # Prompt changes are encoded here, off the frame loop: a long prompt never stalls the streams.
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prompt-encoder")
-        self._encoding_jobs: list[tuple[Future, int, str, str, float]] = []
+        self._encoding_jobs: list[tuple[Future, int, str, str, float, int]] = []
+        # Per stream, the number of prompt changes asked for, and of the last one applied: a change finishing after
+        # a later one was applied (that one's prompt was already encoded) is superseded, never applied.
+        self._prompt_asked: dict[str, int] = {}
+        self._prompt_applied: dict[str, int] = {}
 
     # -- prompts -----------------------------------------------------------------------------------------
 
@@ -657,11 +661,12 @@ class InferenceWorker:
                     stream_id, prompt = args["stream"], args["prompt"]
                     if stream_id not in self.streams:
                         raise KeyError(f"no stream {stream_id!r}")
+                    number = self._prompt_asked[stream_id] = self._prompt_asked.get(stream_id, 0) + 1
                     if self.detector_prompt(stream_id, prompt) in self.encodings:
-                        reply = {"ok": True, **self.set_prompt(stream_id, prompt)}
+                        reply = self._apply_prompt(stream_id, prompt, number)
                     else:
                         job = self._encoder.submit(self.detector.encode, self.detector_prompt(stream_id, prompt))
-                        self._encoding_jobs.append((job, request_id, stream_id, prompt, time.perf_counter()))
+                        self._encoding_jobs.append((job, request_id, stream_id, prompt, time.perf_counter(), number))
                         continue
                 elif command in ("set_zones", "set_rules"):
                     reply = {"ok": True, **self.set_alerting(command, args)}
@@ -676,7 +681,7 @@ class InferenceWorker:
         """Switch the streams whose new prompt the encoder thread has finished; answer their requests."""
         waiting = []
         for job in self._encoding_jobs:
-            future, request_id, stream_id, prompt, started = job
+            future, request_id, stream_id, prompt, started, number = job
             if not future.done():
                 waiting.append(job)
                 continue
@@ -687,10 +692,18 @@ class InferenceWorker:
                 replies.put((request_id, {"ok": False, "error": f"cannot use the prompt: {reason}"}))
                 continue
             self.encodings[self.detector_prompt(stream_id, prompt)] = encoding
-            reply = {"ok": True, **self.set_prompt(stream_id, prompt)}
+            reply = self._apply_prompt(stream_id, prompt, number)
             reply["encode_ms"] = round((time.perf_counter() - started) * 1000, 2)
             replies.put((request_id, reply))
         self._encoding_jobs = waiting
+
+    def _apply_prompt(self, stream_id: str, prompt: str, number: int) -> dict:
+        """The reply to prompt change `number` of a stream, applied unless a later change already was."""
+        if number < self._prompt_applied.get(stream_id, 0):
+            return {"ok": False, "error": f"superseded: a later prompt change of stream {stream_id!r} is in force "
+                                          f"({self.streams[stream_id].prompt!r})"}
+        self._prompt_applied[stream_id] = number
+        return {"ok": True, **self.set_prompt(stream_id, prompt)}
 
 
 def worker_main(*, streams: list[StreamConfig], mailbox_specs: dict[str, dict], stats_spec: dict,

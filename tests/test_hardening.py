@@ -233,6 +233,36 @@ def test_prompt_encoding_never_stalls_the_frames(mailbox_factory, stats_factory)
         thread.join(10)
 
 
+def test_the_last_prompt_change_of_a_stream_wins(mailbox_factory, stats_factory):
+    """A prompt change to a prompt already encoded (a typo reverted at once) was applied at once, and an earlier
+    change still being encoded was applied when it finished: the older request won, and both clients were told
+    theirs was in force (found by an audit). The earlier one is now answered as superseded, not applied."""
+    import queue
+    import threading
+
+    from fakes import FakeDetector, FlagEvent, make_worker
+
+    worker, *_ = make_worker(mailbox_factory, stats_factory, [{"id": "a", "live": True, "prompt": "thing ."}])
+    worker.detector = _SlowOrBadDetector(FakeDetector())
+    worker.prepare_prompts()
+    control, replies, stop = queue.Queue(), queue.Queue(), FlagEvent()
+    thread = threading.Thread(target=worker.run, args=(stop, control, replies), daemon=True)
+    thread.start()
+    try:
+        control.put((1, "set_prompt", {"stream": "a", "prompt": "slow typo ."}))
+        control.put((2, "set_prompt", {"stream": "a", "prompt": "thing ."}))  # encoded already
+        answers = dict(replies.get(timeout=10) for _ in range(2))
+        assert answers[2]["ok"] and answers[2]["prompt"] == "thing ."
+        assert not answers[1]["ok"] and "superseded" in answers[1]["error"], answers[1]
+        assert worker.streams["a"].prompt == "thing ."
+        control.put((3, "set_prompt", {"stream": "a", "prompt": "slow typo ."}))  # asked again: encoded, applied
+        request_id, reply = replies.get(timeout=10)
+        assert request_id == 3 and reply["ok"] and worker.streams["a"].prompt == "slow typo ."
+    finally:
+        stop.set()
+        thread.join(10)
+
+
 def test_a_bad_prompt_at_start_costs_only_its_stream(mailbox_factory, stats_factory):
     """A prompt the detector refuses used to raise in the worker at every restart, taking every stream down.
     It must cost its own stream (an `error` event, frames skipped) and nothing else; a new prompt revives it."""

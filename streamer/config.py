@@ -320,10 +320,30 @@ class RecordConfig(_Section):
     retain: RetainConfig = RetainConfig()
 
 
+def host_is_loopback(host: str) -> bool:
+    """Whether a listening address is reachable from this machine only (a host name other than localhost, or an
+    interface's address, is not)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class MetricsConfig(_Section):
     enabled: Annotated[bool, Field(description="Serve Prometheus metrics over HTTP.")] = True
-    host: Annotated[str, Field(min_length=1, description="Address to listen on.")] = "127.0.0.1"
+    host: Annotated[str, Field(min_length=1, description="Address to listen on; beyond loopback needs a token.")] = (
+        "127.0.0.1"
+    )
     port: Annotated[int, Field(ge=0, le=65535, description="Port (0 = any free port).")] = 9108
+    token: Annotated[
+        str | None, Field(min_length=16, description="Bearer token a scrape must send; or GROUNDWATCH_METRICS_TOKEN.")
+    ] = None
+
+    @property
+    def is_loopback(self) -> bool:
+        return host_is_loopback(self.host)
 
 
 class WebConfig(_Section):
@@ -349,12 +369,7 @@ class WebConfig(_Section):
 
     @property
     def is_loopback(self) -> bool:
-        if self.host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(self.host).is_loopback
-        except ValueError:
-            return False
+        return host_is_loopback(self.host)
 
 
 class SupervisorConfig(_Section):
@@ -733,6 +748,20 @@ def _web_access(web: WebConfig) -> tuple[WebConfig, list[str]]:
     return web, errors
 
 
+def _metrics_access(metrics: MetricsConfig) -> tuple[MetricsConfig, list[str]]:
+    """The metrics token from the environment when the file has none; beyond loopback one is required (the
+    counters name the streams, and a scrape costs the supervisor time)."""
+    errors = []
+    if metrics.token is None and os.environ.get("GROUNDWATCH_METRICS_TOKEN"):
+        metrics = metrics.model_copy(update={"token": os.environ["GROUNDWATCH_METRICS_TOKEN"]})
+    if metrics.enabled and not metrics.is_loopback and not metrics.token:
+        errors.append(f"metrics.host: {metrics.host!r} is beyond loopback; set metrics.token (or "
+                      "GROUNDWATCH_METRICS_TOKEN) and give it to Prometheus as a bearer token, or bind 127.0.0.1")
+    if metrics.token and len(metrics.token) < 16:
+        errors.append("GROUNDWATCH_METRICS_TOKEN: at least 16 characters")
+    return metrics, errors
+
+
 def parse_config(data: dict, source: str = "<config>", base_dir: Path | None = None) -> Config:
     """Validate a parsed TOML document; relative file paths resolve against `base_dir`. Every problem of the
     document is reported at once."""
@@ -744,10 +773,11 @@ def parse_config(data: dict, source: str = "<config>", base_dir: Path | None = N
     except ValidationError as exc:
         errors += _validation_errors(exc)
     errors += _document_errors(data, base_dir)
-    web = None
+    web = metrics = None
     if config is not None:
         web, web_errors = _web_access(config.web)
-        errors += web_errors
+        metrics, metrics_errors = _metrics_access(config.metrics)
+        errors += web_errors + metrics_errors
     if errors:
         raise ConfigError(_report(source, errors))
     streams = [stream if stream.is_live else stream.model_copy(update={"url": str(_file_path(stream.url, base_dir))})
@@ -761,7 +791,7 @@ def parse_config(data: dict, source: str = "<config>", base_dir: Path | None = N
             update={"curve_secret_key_file": str(_key_path(publish.curve_secret_key_file, base_dir))})
     return config.model_copy(
         update={"streams": streams, "record": config.record.model_copy(update={"directory": str(record_dir)}),
-                "web": web, "publish": publish}
+                "web": web, "metrics": metrics, "publish": publish}
     )
 
 

@@ -362,7 +362,8 @@ class Supervisor:
             return
         from streamer.metrics import start_metrics_server
 
-        self._metrics_server, port = start_metrics_server(self, self.config.metrics.host, self.config.metrics.port)
+        metrics = self.config.metrics
+        self._metrics_server, port = start_metrics_server(self, metrics.host, metrics.port, metrics.token)
         self.metrics_url = f"http://{self.config.metrics.host}:{port}/metrics"
 
     def _new_worker_queues(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 from http.server import ThreadingHTTPServer
 from threading import Thread
 
@@ -97,11 +98,31 @@ def cluster_metrics(placement: dict):
     yield from (where, ready, restarts, nodes)
 
 
-def start_metrics_server(supervisor, host: str, port: int):
-    """Serve /metrics on a daemon thread. Returns (server, bound port)."""
+def _guarded(handler: type, token: str | None) -> type:
+    """`handler` answering only requests with `Authorization: Bearer <token>` (401 otherwise) when a token is set
+    (Prometheus: `authorization: {credentials: ...}` in the scrape config)."""
+    if not token:
+        return handler
+    expected = f"Bearer {token}".encode()
+
+    class TokenHandler(handler):
+        def do_GET(self) -> None:
+            if hmac.compare_digest(self.headers.get("Authorization", "").encode(), expected):
+                super().do_GET()
+                return
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", 'Bearer realm="groundwatch metrics"')
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    return TokenHandler
+
+
+def start_metrics_server(supervisor, host: str, port: int, token: str | None = None):
+    """Serve /metrics on a daemon thread (behind `token` when given). Returns (server, bound port)."""
     registry = CollectorRegistry()
     registry.register(SupervisorCollector(supervisor))
-    server = ThreadingHTTPServer((host, port), MetricsHandler.factory(registry))
+    server = ThreadingHTTPServer((host, port), _guarded(MetricsHandler.factory(registry), token))
     server.daemon_threads = True
     Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return server, server.server_address[1]

@@ -477,6 +477,41 @@ prompt = "a person ."
 # -- defect 9: a taken metrics port left shared memory and a temp folder behind ---------------------------------
 
 
+def test_metrics_beyond_loopback_need_a_token_and_a_scrape_must_send_it(stats_factory, monkeypatch):
+    """`[metrics] host` could be bound beyond loopback with no authentication at all, unlike the console and the
+    ZeroMQ endpoints (an audit). Now that needs `metrics.token` (or GROUNDWATCH_METRICS_TOKEN), and a scrape
+    without `Authorization: Bearer <token>` gets 401."""
+    import types
+    import urllib.error
+    import urllib.request
+
+    from streamer.config import ConfigError, parse_config
+    from streamer.metrics import start_metrics_server
+
+    stream = {"id": "cam", "url": "rtsp://127.0.0.1/cam", "prompt": "a person ."}
+    monkeypatch.delenv("GROUNDWATCH_METRICS_TOKEN", raising=False)
+    with pytest.raises(ConfigError, match="metrics.host"):
+        parse_config({"streams": [stream], "metrics": {"host": "0.0.0.0"}})
+    token = "scrape-token-0123456789"
+    monkeypatch.setenv("GROUNDWATCH_METRICS_TOKEN", token)
+    assert parse_config({"streams": [stream], "metrics": {"host": "0.0.0.0"}}).metrics.token == token
+
+    supervisor = types.SimpleNamespace(stats=stats_factory(["cam"]), _latest_rates={}, children=[])
+    server, port = start_metrics_server(supervisor, "127.0.0.1", 0, token)
+    try:
+        url = f"http://127.0.0.1:{port}/metrics"
+        for headers in ({}, {"Authorization": "Bearer wrong-token-0123456789"}, {"Authorization": token}):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10)
+            assert refused.value.code == 401
+        answer = urllib.request.urlopen(urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"}),
+                                        timeout=10)
+        assert answer.status == 200 and b'groundwatch_frames_processed_total{stream="cam"}' in answer.read()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_taken_metrics_port_is_a_clear_error_and_stale_leftovers_are_removed(tmp_path):
     """The metrics port in use gave a traceback and left a 37 MB shared-memory buffer and a groundwatch-* temp
     folder behind; after kill -9 such leftovers piled up. Every endpoint is checked before anything is created,

@@ -137,6 +137,55 @@ class Recorder:
         return {stream: str(log.path) for stream, log in self.logs.items()}
 
 
+def _event_ts(line: bytes) -> float | None:
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return None
+    ts = event.get("ts") if isinstance(event, dict) else None
+    return float(ts) if isinstance(ts, (int, float)) and not isinstance(ts, bool) else None
+
+
+def read_events_between(path: str | Path, start: float, end: float, disorder: float = 60.0) -> Iterator[dict]:
+    """The events of a log whose `ts` is in [start, end), without reading the whole log: a week of a camera's
+    events is gigabytes, and the console asks for one segment's minute. A live stream's log is in `ts` order up to
+    `disorder` seconds (events are logged as the hub gets them, a frame's after its detection), so the first event
+    at or after `start - disorder` is found by bisecting byte offsets, and the reading stops after
+    `end + disorder`. A torn or unreadable line is skipped as in `read_events`."""
+    with open(path, "rb") as file:
+        low, high = 0, file.seek(0, 2)
+        while high - low > 65536:  # the last stretch is read line by line
+            middle = (low + high) // 2
+            file.seek(middle)
+            file.readline()  # the rest of the line the offset fell in
+            ts = None
+            while ts is None:
+                line = file.readline()
+                if not line.endswith(b"\n"):
+                    break
+                ts = _event_ts(line)
+            if ts is None or ts >= start - disorder:
+                high = middle
+            else:
+                low = middle
+        file.seek(low)
+        if low:
+            file.readline()
+        for line in file:
+            if not line.endswith(b"\n"):
+                break
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(event, dict) or not isinstance(event.get("ts"), (int, float)):
+                continue
+            if event["ts"] >= end + disorder:
+                break
+            if start <= event["ts"] < end:
+                yield event
+
+
 def read_events(path: str | Path) -> Iterator[dict]:
     """Events of a log in order; a torn last line (the daemon was killed mid-write) is skipped."""
     with open(path, "rb") as file:

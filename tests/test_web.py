@@ -503,6 +503,32 @@ def test_a_killed_web_process_cannot_hang_the_supervisors_shutdown(tmp_path):
     assert not setter.is_alive(), "stop.set() blocked: a dead process still counts as waiting on the Event"
 
 
+def test_a_segments_events_are_found_without_reading_the_whole_log(tmp_path):
+    """Each replay of a camera segment parsed every event log of the stream from the first byte (a week of a
+    camera's events is gigabytes; found by an audit). The window is now found by bisecting the log, which is in
+    `ts` order up to a minute: the events must be exactly those a full read finds, with out-of-order, torn,
+    non-JSON and ts-less lines in the log, at windows before, inside, across and after it."""
+    from streamer.recording import read_events_between
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "events-20261127T120000Z-1.jsonl"
+    lines = []
+    for n in range(30_000):
+        ts = 1_764_000_000 + n * 0.1 + float(rng.uniform(-20, 20)) * (n % 7 == 0)  # some logged 20 s late/early
+        lines.append(json.dumps({"v": 1, "seq": n + 1, "stream": "cam", "kind": "detections", "ts": ts,
+                                 "detections": []}).encode() + b"\n")
+        if n % 5000 == 17:
+            lines.append(b"not json\n" if n % 2 else b'{"kind": "status"}\n')  # no ts
+    path.write_bytes(b"".join(lines) + b'{"v": 1, "ts": 1764001')  # a torn last line
+    assert path.stat().st_size > 1_000_000
+    every = [e for e in read_events(path) if isinstance(e.get("ts"), float)]
+    origin = 1_764_000_000
+    for start, end in ((origin - 500, origin - 100), (origin - 5, origin + 7), (origin + 1234.5, origin + 1294.5),
+                       (origin + 2990, origin + 3100), (origin + 2000, float("inf")), (origin + 4000, origin + 5000)):
+        expected = [e["seq"] for e in every if start <= e["ts"] < end]
+        assert [e["seq"] for e in read_events_between(path, start, end)] == expected, (start, end)
+
+
 def test_the_video_cache_is_bounded_and_removed_when_the_console_stops(tmp_path):
     """Every segment viewed in the console was remuxed into a cache folder under /tmp that nothing ever emptied:
     copies as large as the recordings themselves piled up for the daemon's lifetime and were left behind at every

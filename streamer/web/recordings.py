@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from streamer.recording import read_events
+from streamer.recording import read_events, read_events_between
 from streamer.web.settings import WebSettings, WebStream
 
 RUN_ID = re.compile(r"^\d{8}T\d{6}Z(-\d+)?$")
@@ -111,8 +111,7 @@ def recording_events(settings: WebSettings, stream: WebStream, recording_id: str
     end = int(later[0].stem) / 1000 if later else float("inf")
     events = []
     for path in _event_logs(settings, stream):
-        events.extend(e for e in read_events(path)
-                      if e.get("kind") in REPLAY_KINDS and start - 1.0 <= float(e.get("ts", 0)) < end)
+        events.extend(e for e in read_events_between(path, start - 1.0, end) if e.get("kind") in REPLAY_KINDS)
     events.sort(key=lambda e: e.get("ts", 0))
     return {"align": "ts", "start": start, "events": events}
 

@@ -730,36 +730,28 @@ def _access_errors(data: dict, base_dir: Path) -> list[str]:
     return errors
 
 
-def _web_access(web: WebConfig) -> tuple[WebConfig, list[str]]:
-    """The console's token from the environment when the file has none, and the rule that binding beyond loopback
-    needs one (the daemon refuses to start otherwise)."""
+def _token_access(section, name: str, env: str, hint: str = ""):
+    """A listener's token from the environment `env` when the file has none, and the rule that binding beyond
+    loopback needs one (the daemon refuses to start otherwise). Returns (section, errors)."""
     errors = []
-    if web.token is None and os.environ.get("GROUNDWATCH_WEB_TOKEN"):
-        web = web.model_copy(update={"token": os.environ["GROUNDWATCH_WEB_TOKEN"]})
-    if web.enabled and not web.is_loopback and not web.token:
-        errors.append(f"web.host: {web.host!r} is beyond loopback; set web.token (or GROUNDWATCH_WEB_TOKEN), or "
+    if section.token is None and os.environ.get(env):
+        section = section.model_copy(update={"token": os.environ[env]})
+    if section.enabled and not section.is_loopback and not section.token:
+        errors.append(f"{name}.host: {section.host!r} is beyond loopback; set {name}.token (or {env}){hint}, or "
                       "bind 127.0.0.1")
-    if web.token and len(web.token) < 16:
-        errors.append("GROUNDWATCH_WEB_TOKEN: at least 16 characters")
+    if section.token and len(section.token) < 16:
+        errors.append(f"{env}: at least 16 characters")
+    return section, errors
+
+
+def _web_access(web: WebConfig) -> tuple[WebConfig, list[str]]:
+    """The console's token (see `_token_access`) and its view-only one."""
+    web, errors = _token_access(web, "web", "GROUNDWATCH_WEB_TOKEN")
     if web.read_token and not web.token:
         errors.append("web.read_token: needs web.token too (the full-access token)")
     if web.read_token and web.token == web.read_token:
         errors.append("web.read_token: must differ from web.token")
     return web, errors
-
-
-def _metrics_access(metrics: MetricsConfig) -> tuple[MetricsConfig, list[str]]:
-    """The metrics token from the environment when the file has none; beyond loopback one is required (the
-    counters name the streams, and a scrape costs the supervisor time)."""
-    errors = []
-    if metrics.token is None and os.environ.get("GROUNDWATCH_METRICS_TOKEN"):
-        metrics = metrics.model_copy(update={"token": os.environ["GROUNDWATCH_METRICS_TOKEN"]})
-    if metrics.enabled and not metrics.is_loopback and not metrics.token:
-        errors.append(f"metrics.host: {metrics.host!r} is beyond loopback; set metrics.token (or "
-                      "GROUNDWATCH_METRICS_TOKEN) and give it to Prometheus as a bearer token, or bind 127.0.0.1")
-    if metrics.token and len(metrics.token) < 16:
-        errors.append("GROUNDWATCH_METRICS_TOKEN: at least 16 characters")
-    return metrics, errors
 
 
 def parse_config(data: dict, source: str = "<config>", base_dir: Path | None = None) -> Config:
@@ -776,7 +768,8 @@ def parse_config(data: dict, source: str = "<config>", base_dir: Path | None = N
     web = metrics = None
     if config is not None:
         web, web_errors = _web_access(config.web)
-        metrics, metrics_errors = _metrics_access(config.metrics)
+        metrics, metrics_errors = _token_access(config.metrics, "metrics", "GROUNDWATCH_METRICS_TOKEN",
+                                                " and give it to Prometheus as a bearer token")
         errors += web_errors + metrics_errors
     if errors:
         raise ConfigError(_report(source, errors))

@@ -16,7 +16,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from streamer.clips import cut_clip, segment_sources
+from streamer.clips import cut_clip, file_pass_seconds, segment_sources
 from streamer.rules import Firing, Rule, RuleEngine
 from streamer.snapshots import SnapshotKeeper
 from streamer.zones import Line, TrackRows, Zone, ZoneTracker, _grown
@@ -71,6 +71,7 @@ class StreamAlerts:
         self.clip_path: dict[int, tuple[str, bool]] = {}  # row -> (clip path, written yet)
         self.rows.grown.append(self._grow)
         self.pending: list[_PendingClip] = []
+        self._pass_seconds: float | None = None  # one pass of a looped file stream (see _pass_start)
         self.alerts_fired = 0
         self.reported_outside: set[str] = set()
         self._counts_sent: tuple | None = None
@@ -282,8 +283,8 @@ class StreamAlerts:
         try:
             if self.live or not self.settings.source:  # a redacted file: its redacted recording
                 sources = segment_sources(self.settings.video_directory, clip.start, clip.end)
-            else:
-                sources = [(Path(self.settings.source), 0.0)]
+            else:  # the file itself, from the pass of it (`loop = true`) the clip begins in
+                sources = [(Path(self.settings.source), self._pass_start(clip.start))]
             first, last = cut_clip(sources, clip.path, clip.start, clip.end)
         except (ValueError, OSError, av.FFmpegError) as exc:
             log.error("%s: clip %s not written: %s", self.stream_id, clip.path.name, exc)
@@ -293,6 +294,14 @@ class StreamAlerts:
                 self.clip_path[row] = (path, True)
         return {**fields, "event": "clip_ready", "has_clip": True, "clip": str(clip.path),
                 "clip_start": round(first, 6), "clip_end": round(last, 6)}
+
+    def _pass_start(self, ts: float) -> float:
+        """Where on the stream's clock the pass of a looped file holding `ts` began (0 on the first pass): a
+        looped file's times go on from pass to pass, the file's own start again at zero."""
+        if self._pass_seconds is None:
+            self._pass_seconds = file_pass_seconds(self.settings.source)
+        passes = int((ts + 1e-6) // self._pass_seconds) if self._pass_seconds > 0 else 0
+        return passes * self._pass_seconds
 
     def counts(self) -> tuple[dict, dict] | None:
         """(tracks in each zone, line counts) when they changed since the last call, else None."""

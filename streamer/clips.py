@@ -46,7 +46,12 @@ def cut_clip(sources: list[tuple[Path, float]], output: str | Path, start: float
     opened = []
     try:
         for path, began in sources:
-            container = av.open(str(path))
+            try:
+                container = av.open(str(path))
+            except (av.FFmpegError, OSError):
+                if len(sources) == 1:
+                    raise
+                continue  # a segment still empty (its first packets not flushed) or damaged: the others may cover
             opened.append(container)
             if not container.streams.video:
                 continue
@@ -108,3 +113,13 @@ def cut_clip(sources: list[tuple[Path, float]], output: str | Path, start: float
         for container in opened:
             container.close()
         partial.unlink(missing_ok=True)
+
+
+def file_pass_seconds(path: str | Path) -> float:
+    """The media time one pass of a looped file stream takes, as the decoder counts it (its last frame's time plus
+    one frame), so that pass k of the file runs from k times this on the stream's clock. Packets only, no decoding."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        last = max((packet.pts for packet in container.demux(stream) if packet.pts is not None), default=0)
+        rate = float(stream.average_rate or 25)
+        return float(last * stream.time_base) + 1.0 / rate

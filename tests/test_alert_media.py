@@ -129,6 +129,46 @@ def test_clip_from_live_segments_spans_segments(tmp_path):
     assert first == pytest.approx(origin + 1.0)
 
 
+def test_a_clip_is_cut_when_the_newest_segment_is_still_empty(tmp_path):
+    """A live recording's newest segment stays empty on disk until its first packets are flushed; a clip whose
+    window reached into it failed whole ("Invalid data"), although the segments before held the video (an
+    audit). An unreadable segment among several is skipped."""
+    origin = 1_700_000_000.0
+    video = write_segments(tmp_path, origin)
+    (video / f"{int((origin + 6) * 1000)}.ts").write_bytes(b"")  # just opened by the writer
+    start, end = origin + 3.05, origin + 6.5
+    sources = segment_sources(video, start, end)
+    assert len(sources) == 3
+    first, last = cut_clip(sources, tmp_path / "clip.mp4", start, end)
+    numbers = [n for _, n in decode(tmp_path / "clip.mp4")]
+    assert numbers == list(range(30, 60)) and first == pytest.approx(origin + 3.0)
+
+
+def test_a_looped_files_alert_clip_comes_from_the_pass_it_fired_in(tmp_path):
+    """A file stream with `loop = true` goes on in time from pass to pass, but its clips were cut from the file
+    at those times as if it were the first pass: every clip after the first pass failed ("no recorded video",
+    found by an audit). The clip now comes from the file at the time within its pass."""
+    import tracker
+    from streamer.alerts import AlertSettings, StreamAlerts
+    from streamer.rules import Rule
+
+    source = write_video(tmp_path / "in.mp4", numbered_frames(50), fps=10, gop=10,
+                         options={"bf": "0", "sc_threshold": "0"})
+    settings = AlertSettings(directory=str(tmp_path / "cam"), source=str(source), pre_capture=1.0, post_capture=1.0,
+                             snapshots=False)
+    stream = StreamAlerts("cam", "run", [], [], [Rule("any", "person")], settings, live=False)
+    track = tracker.Tracker(tracker.TrackerConfig(min_hits=1))
+    ts = 2 * 5.0 + 2.0  # the third pass (a pass: 50 frames at 10 frames/s), 2 s into it
+    update = track.update(np.array([[10.0, 10.0, 30.0, 40.0]]), np.array([0.9]), ["person"], 120)
+    [(kind, fired)], _ = stream.on_frame(update, np.zeros((64, 64, 3), np.uint8), ts)
+    assert kind == "alert"
+    [(kind, ready)] = stream.tick(ts + 1.5)
+    assert ready["event"] == "clip_ready", ready
+    numbers = [n for _, n in decode(ready["clip"])]
+    assert numbers == list(range(10, 31))  # keyframe at 1.0 s of the pass through 3.0 s
+    assert ready["clip_start"] == pytest.approx(11.0) and ready["clip_end"] == pytest.approx(13.0)
+
+
 def test_clip_outside_the_recording_is_a_clear_error(tmp_path):
     source = write_video(tmp_path / "in.mp4", numbered_frames(10), fps=10)
     with pytest.raises(ValueError, match="no recorded video"):

@@ -138,14 +138,12 @@ def _prompt(args) -> int:
 
 
 def _read_toml(path: str, command: str) -> dict | None:
-    import tomllib
+    from streamer.config import ConfigError, read_toml
 
     try:
-        return tomllib.loads(Path(path).read_text())
-    except OSError as exc:
-        print(f"groundwatch {command}: cannot read {path} ({exc.strerror})", file=sys.stderr)
-    except tomllib.TOMLDecodeError as exc:
-        print(f"groundwatch {command}: {path} is not valid TOML: {exc}", file=sys.stderr)
+        return read_toml(path)
+    except ConfigError as exc:
+        print(f"groundwatch {command}: {exc}", file=sys.stderr)
     return None
 
 

@@ -788,16 +788,28 @@ def parse_config(data: dict, source: str = "<config>", base_dir: Path | None = N
     )
 
 
-def load_config(path: str | Path) -> Config:
-    """Read and validate a TOML config file; raises `ConfigError` with every problem listed."""
+def read_toml(path: str | Path) -> dict:
+    """A TOML file's document, or `ConfigError` with a one-line reason (the CLI's zones and rules files too)."""
     path = Path(path)
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
     try:
-        data = tomllib.loads(text)
+        text = data.decode("utf-8")  # TOML is UTF-8; not the locale's encoding
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{path}: not UTF-8 text (line {line}); save it as UTF-8") from None
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    return parse_config(data, source=str(path), base_dir=path.resolve().parent)
+    except RecursionError:  # tomllib recurses once per level of nested arrays and inline tables
+        raise ConfigError(f"{path}: not valid TOML: nested too deeply") from None
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a TOML config file; raises `ConfigError` with every problem listed."""
+    path = Path(path)
+    return parse_config(read_toml(path), source=str(path), base_dir=path.resolve().parent)
 

@@ -8,6 +8,7 @@ a power cut can lose what the OS had not written yet. A reader skips a last line
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -137,13 +138,41 @@ class Recorder:
         return {stream: str(log.path) for stream, log in self.logs.items()}
 
 
-def _event_ts(line: bytes) -> float | None:
+def _refuse_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # "1e400"
+        raise ValueError(f"{text} is not a finite number")
+    return value
+
+
+# The daemon writes its events with allow_nan=False: a NaN or an infinity marks a line it did not write, and one
+# passed on would break every JSON reply that carries it (the console's, which refuses them too).
+_DECODER = json.JSONDecoder(parse_float=_finite_float, parse_constant=_refuse_constant)
+
+
+def parse_event_line(line: bytes) -> dict | None:
+    """One line of an event log as an event, or None when it is not one: not UTF-8 (a NUL-filled block left by a
+    crash), not JSON, nested deeper than the parser recurses, holding NaN or infinity, or not a JSON object."""
     try:
-        event = json.loads(line)
-    except ValueError:
+        event = _DECODER.decode(line.decode("utf-8"))
+    except (ValueError, RecursionError):
         return None
-    ts = event.get("ts") if isinstance(event, dict) else None
-    return float(ts) if isinstance(ts, (int, float)) and not isinstance(ts, bool) else None
+    return event if isinstance(event, dict) else None
+
+
+def event_ts(event: dict) -> float | None:
+    """An event's `ts` as a float, or None when it has none that a float holds (a bool, a string, 10**400)."""
+    ts = event.get("ts")
+    if isinstance(ts, bool) or not isinstance(ts, (int, float)):
+        return None
+    try:
+        return float(ts)
+    except OverflowError:
+        return None
 
 
 def read_events_between(path: str | Path, start: float, end: float, disorder: float = 60.0) -> Iterator[dict]:
@@ -163,7 +192,8 @@ def read_events_between(path: str | Path, start: float, end: float, disorder: fl
                 line = file.readline()
                 if not line.endswith(b"\n"):
                     break
-                ts = _event_ts(line)
+                event = parse_event_line(line)
+                ts = event_ts(event) if event is not None else None
             if ts is None or ts >= start - disorder:
                 high = middle
             else:
@@ -174,15 +204,13 @@ def read_events_between(path: str | Path, start: float, end: float, disorder: fl
         for line in file:
             if not line.endswith(b"\n"):
                 break
-            try:
-                event = json.loads(line)
-            except ValueError:
+            event = parse_event_line(line)
+            ts = event_ts(event) if event is not None else None
+            if ts is None:
                 continue
-            if not isinstance(event, dict) or not isinstance(event.get("ts"), (int, float)):
-                continue
-            if event["ts"] >= end + disorder:
+            if ts >= end + disorder:
                 break
-            if start <= event["ts"] < end:
+            if start <= ts < end:
                 yield event
 
 
@@ -192,9 +220,6 @@ def read_events(path: str | Path) -> Iterator[dict]:
         for line in file:
             if not line.endswith(b"\n"):
                 break
-            try:
-                event = json.loads(line)
-            except ValueError:  # not JSON, or not UTF-8 at all (a NUL-filled block left by a crash)
-                continue
-            if isinstance(event, dict):
+            event = parse_event_line(line)
+            if event is not None:
                 yield event

@@ -14,7 +14,6 @@ back up. An event's boxes are drawn on its own frame and held until the next sam
 from __future__ import annotations
 
 import bisect
-import json
 import math
 import os
 import re
@@ -27,6 +26,8 @@ from pathlib import Path
 import av
 import cv2
 import numpy as np
+
+from streamer.recording import parse_event_line
 
 
 class ReplayError(ValueError):
@@ -43,24 +44,45 @@ class ReplaySummary:
     warnings: list[str] = field(default_factory=list)
 
 
+# Pixel coordinates beyond this are no frame's: a box there is a bad line (cv2 draws int32 coordinates only).
+MAX_BOX_COORDINATE = 1e6
+# Frame indices and track ids beyond this are no recording's (and overflow a float in the arithmetic on them).
+MAX_INDEX = 2**53
+# Boxes scaled up from a log of a far smaller frame size can still pass int32: drawn clipped to this.
+MAX_DRAWN_COORDINATE = 1 << 24
+
+
 def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int no float holds: 10**400
+        return False
+
+
+def _is_index(value, low: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= MAX_INDEX
 
 
 def _valid_detection_event(event: dict) -> bool:
     frame, detections = event.get("frame"), event.get("detections")
-    if not isinstance(frame, int) or isinstance(frame, bool) or frame < 0 or not isinstance(detections, list):
+    if not _is_index(frame) or not isinstance(detections, list):
         return False
     if not _is_number(event.get("ts", 0)):
         return False
+    for key in ("width", "height"):  # the frame size the boxes are in; absent from logs that predate it
+        if event.get(key) is not None and not _is_index(event[key], low=1):
+            return False
     for detection in detections:
         if not isinstance(detection, dict):
             return False
         box = detection.get("box")
-        if not isinstance(box, list) or len(box) != 4 or not all(_is_number(v) for v in box):
+        if not isinstance(box, list) or len(box) != 4 or \
+                not all(_is_number(v) and abs(v) <= MAX_BOX_COORDINATE for v in box):
             return False
         track_id = detection.get("track_id")
-        if track_id is not None and (not isinstance(track_id, int) or isinstance(track_id, bool)):
+        if track_id is not None and not _is_index(track_id, low=-MAX_INDEX):
             return False
         if not _is_number(detection.get("score", 0)) or not isinstance(detection.get("phrase", ""), str):
             return False
@@ -77,12 +99,8 @@ def load_log(path: str | Path) -> tuple[list[dict], int]:
                 break
             if not line.strip():
                 continue
-            try:
-                event = json.loads(line)
-            except ValueError:  # not JSON, or not even UTF-8 (a NUL-filled block)
-                bad += 1
-                continue
-            if not isinstance(event, dict) or (event.get("kind") == "detections" and not _valid_detection_event(event)):
+            event = parse_event_line(line)  # None: not JSON, not UTF-8 (a NUL-filled block), nested too deep
+            if event is None or (event.get("kind") == "detections" and not _valid_detection_event(event)):
                 bad += 1
                 continue
             events.append(event)
@@ -116,14 +134,19 @@ def _segment_start(video: Path) -> float | None:
     return int(match.group(1)) / 1000 if match else None
 
 
+def _pixel(value: float) -> int:
+    """A coordinate cv2 can draw (int32): one far outside the frame is clipped, where it still lies outside it."""
+    return int(round(min(max(value, -MAX_DRAWN_COORDINATE), MAX_DRAWN_COORDINATE)))
+
+
 def draw_overlay(image: np.ndarray, detections: list[dict], trails: dict[int, deque]) -> int:
     """Draw boxes, labels and trails in place on an (H, W, 3) uint8 RGB image. Returns boxes drawn."""
     for track_id, points in trails.items():
         if len(points) >= 2:
-            cv2.polylines(image, [np.array(points, np.int32).reshape(-1, 1, 2)], False, color_for(track_id), 1,
-                          cv2.LINE_AA)
+            polyline = np.array([(_pixel(x), _pixel(y)) for x, y in points], np.int32).reshape(-1, 1, 2)
+            cv2.polylines(image, [polyline], False, color_for(track_id), 1, cv2.LINE_AA)
     for detection in detections:
-        x1, y1, x2, y2 = (int(round(v)) for v in detection["box"])
+        x1, y1, x2, y2 = (_pixel(v) for v in detection["box"])
         track_id = detection.get("track_id")
         color = color_for(track_id if track_id is not None else detection.get("phrase", ""))
         cv2.rectangle(image, (x1, y1), (x2, y2), color, 1 if track_id is None else 2)
@@ -158,10 +181,8 @@ def replay(video: str | Path, events: str | Path, output: str | Path, *, trail_l
     if bad_lines:
         warnings.append(f"{bad_lines} bad line{'s' if bad_lines != 1 else ''} skipped in {events.name}")
 
-    source = av.open(str(video))
+    source, in_stream = _open_video(video)
     try:
-        in_stream = source.streams.video[0]
-        in_stream.thread_type = "AUTO"
         rate = in_stream.average_rate or 25
         video_width, video_height = in_stream.codec_context.width, in_stream.codec_context.height
         scales = _check_sizes(detection_events, video_width, video_height, force, warnings)
@@ -200,7 +221,7 @@ def replay(video: str | Path, events: str | Path, output: str | Path, *, trail_l
 
         bar = tqdm(total=total, unit="frame", desc=f"replay {video.name}")
     try:
-        for frame in source.decode(in_stream):
+        for frame in _decoded(source, in_stream, video):
             index = frames
             frames += 1
             key = None  # which event this frame shows: a frame index (files) or a position in time order (live)
@@ -237,9 +258,10 @@ def replay(video: str | Path, events: str | Path, output: str | Path, *, trail_l
                 sink.mux(packet)
             if bar is not None:
                 bar.update(1)
-        if out_stream is not None:
-            for packet in out_stream.encode(None):
-                sink.mux(packet)
+        if out_stream is None:  # nothing to write: the muxer would not even create the file
+            raise ReplayError(f"{video} has no frame that can be decoded (is it cut short?)")
+        for packet in out_stream.encode(None):
+            sink.mux(packet)
         finished = True
     finally:
         if bar is not None:
@@ -259,6 +281,40 @@ def replay(video: str | Path, events: str | Path, output: str | Path, *, trail_l
     if not by_time and by_frame and max(by_frame) >= frames and not total:
         warnings.append(f"the log has events up to frame {max(by_frame)} but {video.name} has {frames} frames")
     return ReplaySummary(frames, frames_with_events, boxes, str(output), bad_lines, warnings)
+
+
+def _open_video(video: Path) -> tuple[av.container.InputContainer, av.VideoStream]:
+    """The video and its first video stream, or `ReplayError` when it has none that can be decoded."""
+    try:
+        source = av.open(str(video))
+    except av.FFmpegError as exc:  # 0 bytes, cut short before its index, not a media file at all
+        raise ReplayError(f"cannot read {video} as a video ({exc.strerror or exc})") from None
+    try:
+        if not source.streams.video:
+            raise ReplayError(f"{video} has no video stream (audio only, or cut short?)")
+        in_stream = source.streams.video[0]
+        if in_stream.codec_context is None:  # a file cut inside its index: a stream whose codec is unknown
+            raise ReplayError(f"cannot decode the video of {video} (unknown codec: the file may be cut short)")
+        in_stream.thread_type = "AUTO"
+    except BaseException:
+        source.close()
+        raise
+    return source, in_stream
+
+
+def _decoded(source: av.container.InputContainer, in_stream: av.VideoStream, video: Path):
+    """The stream's frames; a decoding error (a file cut short mid-stream) is a `ReplayError`, not a traceback."""
+    frames = source.decode(in_stream)
+    decoded = 0
+    while True:
+        try:
+            frame = next(frames)
+        except StopIteration:
+            return
+        except av.FFmpegError as exc:
+            raise ReplayError(f"cannot decode {video} after frame {decoded} ({exc.strerror or exc})") from None
+        decoded += 1
+        yield frame
 
 
 def _advance_trails(trails: dict[int, deque], detections: list[dict], trail_length: int) -> None:

@@ -159,6 +159,33 @@ port = 65536
     assert "must differ" in str(info.value) and "{" not in str(info.value), str(info.value)
 
 
+BASE_CONFIG = b'[[streams]]\nid = "a"\nurl = "rtsp://h/x"\nprompt = "a box ."\n'
+
+
+@pytest.mark.parametrize("data, expected", [
+    pytest.param(BASE_CONFIG + b"# caf\xe9\n", "not UTF-8 text (line 5)", id="latin-1"),
+    pytest.param(BASE_CONFIG + b"x = " + b"[" * 3000 + b"]" * 3000 + b"\n", "not valid TOML: nested too deeply",
+                 id="nested"),
+])
+def test_a_config_that_is_not_utf8_or_nests_too_deeply_is_a_config_error(tmp_path, data, expected, capsys):
+    """A config saved as Latin-1 (UnicodeDecodeError: only OSError was caught around the read) or nesting arrays
+    thousands deep (RecursionError from tomllib) ended `groundwatch run` and the `zones`/`rules` commands with a
+    traceback (found by an audit). Each is one line naming the file."""
+    from streamer.config import ConfigError, load_config
+
+    path = tmp_path / "c.toml"
+    path.write_bytes(data)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}: {expected}"), info.value
+    from streamer import cli
+
+    for argv in (["zones", "a", str(path)], ["rules", str(path)]):
+        assert cli.main([*argv, "--control", "tcp://127.0.0.1:1"]) == 2  # refused before any daemon is asked
+        err = capsys.readouterr().err
+        assert err.startswith(f"groundwatch {argv[0]}: {path}: {expected}") and err.count("\n") == 1, err
+
+
 def test_prompts_are_checked_in_the_config(tmp_path):
     """`prompt = " . "` passed the config check and crash-looped the worker; a prompt of thousands of words had
     no limit. The config must refuse both with the words set_prompt uses."""

@@ -61,9 +61,22 @@ def box_edge_drawn(image: np.ndarray, box=BOX, scale: float = 1.0) -> bool:
     json.dumps(detection_line(1, detections=None)).encode(),  # detections null: TypeError
     json.dumps(detection_line(1, detections=[{"box": "x"}])).encode(),  # a box that is not four numbers
     json.dumps({**detection_line(1), "frame": "one"}).encode(),  # a frame index that is not an integer
+    # nested deeper than the parser's recursion limit: RecursionError
+    pytest.param(b"[" * 200_000, id="deeply-nested"),
+    # a frame width that is not an integer: unhashable list
+    pytest.param(json.dumps(detection_line(1, width=[1])).encode(), id="width-a-list"),
+    # finite but beyond int32: cv2.error, from the box and from its track's trail
+    pytest.param(json.dumps(detection_line(1, box=[1e300, 1, 2, 3])).encode(), id="box-1e300"),
+    pytest.param(json.dumps(detection_line(1, box=[1e12, 1, 1e12, 3])).encode(), id="trail-1e12"),
+    # integers no float holds: OverflowError in the checks, then in the track's colour
+    pytest.param(json.dumps(detection_line(1, box=[1, 1, 2, 10 ** 400])).encode(), id="box-10e400"),
+    pytest.param(json.dumps(detection_line(1, detections=[{"box": BOX, "score": 1, "track_id": 10 ** 400}]))
+                 .encode(), id="track-id-10e400"),
 ])
 def test_bad_lines_are_skipped_and_counted(tmp_path, video, bad):
-    """Each of these lines used to end replay with a traceback; it must be skipped, counted, and the rest drawn."""
+    """Each of these lines used to end replay with a traceback (the last six were found by a second audit: only
+    ValueError was caught around the parser, width was used as a dict key, a finite box of 1e300 passed the checks
+    and broke cv2); it must be skipped, counted, and the rest drawn."""
     log = write_log(tmp_path / "events.jsonl", [detection_line(0), bad, detection_line(2)])
     summary = replay(video, log, tmp_path / "out.mp4", progress=False)
     assert summary.bad_lines == 1
@@ -169,3 +182,57 @@ def test_an_interrupted_replay_leaves_the_previous_output_whole(tmp_path, video,
         replay(video, log, output, progress=False)
     assert output.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["events.jsonl", "in.mp4", "long.mp4", "out.mp4"])
+
+
+def audio_only(path: Path) -> Path:
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("aac", rate=8000)
+        stream.layout = "mono"
+        for index in range(4):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = 8000, index * 1024
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return path
+
+
+def test_unreadable_or_videoless_files_are_refused_with_a_message(tmp_path, video, capsys):
+    """A 0-byte or cut-short MP4 ended `groundwatch replay` with av's InvalidDataError traceback (or an
+    AttributeError, when the cut left a stream without a codec), and an audio-only file with an IndexError (found by
+    an audit). Each is a ReplayError naming the file, one line from the CLI, and nothing is left at the output."""
+    log = write_log(tmp_path / "events.jsonl", [detection_line(0)])
+    output = tmp_path / "out.mp4"
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    with pytest.raises(ReplayError, match="empty.mp4"):
+        replay(empty, log, output, progress=False)
+    with pytest.raises(ReplayError, match="audio.mp4 has no video stream"):
+        replay(audio_only(tmp_path / "audio.mp4"), log, output, progress=False)
+    data = video.read_bytes()
+    cut = tmp_path / "cut.mp4"
+    for size in range(0, len(data), max(1, len(data) // 40)):  # every kind of cut: no moov, half a moov, no mdat
+        cut.write_bytes(data[:size])
+        try:
+            replay(cut, log, output, progress=False)
+        except ReplayError as exc:
+            assert "cut.mp4" in str(exc), (size, exc)
+    assert not output.exists() or decoded(output)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no partial output left
+    assert cli.main(["replay", str(empty), "--events", str(log), "-o", str(output), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("groundwatch replay: ") and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_boxes_scaled_far_beyond_the_frame_are_drawn_clipped():
+    """Box and trail coordinates beyond int32 (a log of a tiny frame size scaled up to a large video) broke cv2 and
+    numpy; they are clipped: what shows in the frame is the same, and nothing raises."""
+    from collections import deque
+
+    from streamer.replay import draw_overlay
+
+    image = np.zeros((64, 96, 3), np.uint8)
+    detection = {"box": [-3e9, 10, 3e9, 40], "score": 0.9, "phrase": "box", "track_id": 1}
+    assert draw_overlay(image, [detection], {1: deque([(-3e9, 20), (3e9, 20)])}) == 1
+    assert image[40, 10:90].max() > 100 and image[20, 10:90].max() > 100  # the bottom edge and the trail

@@ -358,6 +358,51 @@ def test_recordings_of_files_and_camera_segments(tmp_path):
             recording_events(settings, cam, bad)
 
 
+@pytest.mark.parametrize("bad", [
+    pytest.param(b"[" * 5000, id="deeply-nested"),  # RecursionError from the parser (its limit is 1000)
+    pytest.param(b'{"kind": "detections", "ts": ' + b"1" * 400 + b"}", id="ts-beyond-float"),  # OverflowError
+    pytest.param(b'{"kind": "detections", "ts": 1764000000.5, "score": NaN}', id="nan"),  # no JSON reply holds it
+    pytest.param(b'{"kind": "detections", "ts": 1e400}', id="infinite-ts"),
+])
+def test_one_bad_log_line_or_stray_file_never_breaks_the_recordings_api(tmp_path, bad):
+    """One deeply nested line in an event log (RecursionError: only ValueError was caught), one `ts` too large for a
+    float (OverflowError in the bisection of read_events_between), or a stray `backup.ts` beside the segments
+    (int('backup')) made the console's recordings API answer 500 (found by an audit). A NaN or an infinity, which
+    the daemon never writes, passed the reader and broke the JSON reply; a segment gone between listing and
+    `stat()` broke the listing. Each bad line is skipped, stray files are not listed, and the rest is served."""
+    start_ms = 1_764_000_000_000
+    segments = tmp_path / "rec" / "cam" / "video"
+    segments.mkdir(parents=True)
+    (segments / f"{start_ms}.ts").write_bytes(b"")
+    for stray in ("backup.ts", "\u00b2.ts", "123.ts"):  # not a segment's name (a superscript two is isdigit())
+        (segments / stray).write_bytes(b"")
+    (segments / f"{start_ms - 60_000}.ts").symlink_to(tmp_path / "gone.ts")  # as if retention deleted it just now
+    (tmp_path / "rec" / "file").mkdir()
+
+    def good(seq: int) -> bytes:
+        return json.dumps({"v": 1, "seq": seq, "stream": "cam", "kind": "detections", "ts": start_ms / 1000 + seq / 100,
+                           "detections": []}).encode()
+
+    # Large enough to be bisected, with a bad line wherever the bisection lands.
+    body = b"".join((bad if seq % 2 else good(seq)) + b"\n" for seq in range(1000))
+    (tmp_path / "rec" / "cam" / "events-20261127T120000Z-1.jsonl").write_bytes(body)
+    (tmp_path / "rec" / "file" / "events-20261127T120000Z-1.jsonl").write_bytes(body)
+    settings = WebSettings(publish_endpoint="inproc://x", control_endpoint="inproc://y",
+                           record_directory=str(tmp_path / "rec"),
+                           streams=(WebStream("cam", True, None, str(segments)),
+                                    WebStream("file", False, str(tmp_path / "none.mp4"), None)))
+    cam, file = settings.streams
+    assert [r["id"] for r in list_recordings(settings)["cam"]] == [f"segment-{start_ms}"]
+    for stream, recording in ((cam, f"segment-{start_ms}"), (file, "20261127T120000Z-1")):
+        found = recording_events(settings, stream, recording)
+        # (a file's run lines up by `pts`: an event whose `ts` no float holds is still one, and still serialisable)
+        assert [e["seq"] for e in found["events"] if "seq" in e] == list(range(0, 1000, 2)), recording
+        json.dumps(found, allow_nan=False)  # what the route's JSONResponse does
+    for stray in ("segment-backup", "segment-123"):
+        with pytest.raises(NotFound):
+            recording_events(settings, cam, stray)
+
+
 # -- access ---------------------------------------------------------------------------------------------------------
 
 

@@ -25,8 +25,8 @@ from pathlib import Path
 from streamer.recording import read_events, read_events_between
 from streamer.web.settings import WebSettings, WebStream
 
-RUN_ID = re.compile(r"^\d{8}T\d{6}Z(-\d+)?$")
-SEGMENT_ID = re.compile(r"^segment-(\d{12,14})$")
+RUN_ID = re.compile(r"^\d{8}T\d{6}Z(-\d+)?$", re.ASCII)
+SEGMENT_ID = re.compile(r"^segment-(\d{12,14})$", re.ASCII)
 REPLAY_KINDS = ("detections", "track", "status")
 
 
@@ -48,9 +48,13 @@ def _event_logs(settings: WebSettings, stream: WebStream) -> list[Path]:
 
 
 def _segments(stream: WebStream) -> list[Path]:
+    """The stream's segments, oldest first. Only files named as `SegmentWriter` names them: anything else in the
+    folder (an operator's `backup.ts`, a tool's temporary file) is not a recording."""
     if stream.video_directory is None:
         return []
-    return sorted(Path(stream.video_directory).glob("*.ts"), key=lambda p: p.stem)
+    segments = [path for path in Path(stream.video_directory).glob("*.ts")
+                if SEGMENT_ID.match(f"segment-{path.stem}")]
+    return sorted(segments, key=lambda path: int(path.stem))
 
 
 def _run_segments(stream: WebStream, run_id: str) -> list[tuple[Path, float]]:
@@ -58,8 +62,17 @@ def _run_segments(stream: WebStream, run_id: str) -> list[tuple[Path, float]]:
     if stream.live or stream.video_directory is None or not RUN_ID.match(run_id):
         return []
     folder = Path(stream.video_directory) / run_id
-    segments = [(path, int(path.stem) / 1000) for path in folder.glob("*.ts") if path.stem.isdigit()]
+    segments = [(path, int(path.stem) / 1000) for path in folder.glob("*.ts")
+                if path.stem.isascii() and path.stem.isdigit()]  # "²".isdigit() too, but int() refuses it
     return sorted(segments, key=lambda item: item[1])
+
+
+def _size(path: Path) -> int | None:
+    """The file's size, or None when it went between listing and now (retention deletes old segments and logs)."""
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
 
 
 def list_recordings(settings: WebSettings) -> dict[str, list[dict]]:
@@ -69,19 +82,22 @@ def list_recordings(settings: WebSettings) -> dict[str, list[dict]]:
         items = []
         if stream.live:
             for segment in _segments(stream):
-                items.append({"id": f"segment-{segment.stem}", "kind": "segment", "started": int(segment.stem) / 1000,
-                              "size": segment.stat().st_size, "video": True})
-            if not items and _event_logs(settings, stream):
-                items.extend({"id": path.stem.removeprefix("events-"), "kind": "events", "video": False,
-                              "started": _run_started(path.stem.removeprefix("events-")),
-                              "size": path.stat().st_size, "note": "events only: record_video is off"}
-                             for path in _event_logs(settings, stream))
+                if (size := _size(segment)) is not None:
+                    items.append({"id": f"segment-{segment.stem}", "kind": "segment",
+                                  "started": int(segment.stem) / 1000, "size": size, "video": True})
+            if not items:
+                for path in _event_logs(settings, stream):
+                    if (size := _size(path)) is not None:
+                        items.append({"id": path.stem.removeprefix("events-"), "kind": "events", "video": False,
+                                      "started": _run_started(path.stem.removeprefix("events-")), "size": size,
+                                      "note": "events only: record_video is off"})
         else:
             has_file = stream.file is not None and Path(stream.file).is_file()
             for path in _event_logs(settings, stream):
                 run_id = path.stem.removeprefix("events-")
-                items.append({"id": run_id, "kind": "run", "started": _run_started(run_id),
-                              "size": path.stat().st_size, "video": has_file or bool(_run_segments(stream, run_id))})
+                if (size := _size(path)) is not None:
+                    items.append({"id": run_id, "kind": "run", "started": _run_started(run_id), "size": size,
+                                  "video": has_file or bool(_run_segments(stream, run_id))})
         items.sort(key=lambda item: item["started"] or 0, reverse=True)
         result[stream.id] = items
     return result

@@ -79,7 +79,8 @@ class SegmentWriter:
 
     MPEG-TS because a segment cut short by a crash still plays. Each segment starts on a keyframe, its
     timestamps start at zero, and its name is the wall-clock time (ms) of its first packet, which is what
-    `groundwatch replay` uses to line events (wall-clock `ts`) up with the segment's frames.
+    `groundwatch replay` uses to line events (wall-clock `ts`) up with the segment's frames. Every packet reaches
+    the file as it is copied, so the segment still being written can be read (alert clips cut from it).
     """
 
     def __init__(self, directory: Path, segment_seconds: float, on_error=None) -> None:
@@ -101,7 +102,9 @@ class SegmentWriter:
             path = self.directory / f"{int(now * 1000)}.ts"
             try:
                 self.directory.mkdir(parents=True, exist_ok=True)
-                self.output = av.open(str(path), "w", format="mpegts")
+                # Each packet to disk at once: an alert clip may be cut from the segment still being written,
+                # and a low-bitrate camera would take minutes to fill FFmpeg's 32 KiB buffer.
+                self.output = av.open(str(path), "w", format="mpegts", options={"flush_packets": "1"})
                 self.out_stream = self.output.add_stream_from_template(in_stream)
             except (av.FFmpegError, OSError) as exc:  # disk full, read-only: the video is lost, never the events
                 self._failed(f"cannot write video segment {path}: {exc}")
@@ -153,6 +156,7 @@ class Decoder:
         self.loop, self.realtime = loop, realtime
         self.first_frame = first_frame  # files: frames before it are decoded, not delivered (a restarted decoder)
         self.passes = 0  # times a looped file was read to its end
+        self.discontinuities = 0  # times a file's timestamps jumped back (joined files), media time kept going
         self.state = None
         self.error_events = 0
 
@@ -233,17 +237,26 @@ class Decoder:
         next_pts = -1e18
         frame_index = 0
         rate = container.streams.video[0].average_rate or Fraction(25)
-        offset = 0.0  # media time of the file's start in this pass (looped files go on in time)
+        frame_seconds = 1.0 / float(rate)
+        offset = 0.0  # media time of the file's time 0 (looped files and timestamp resets go on in time)
         clock = None  # (wall, pts) the realtime pacing counts from
         try:
             while True:
-                pass_frames, last_pts = 0, None
+                pass_frames, last_pts, last_time = 0, None, None
                 for frame, width, height in self._frames(container):
                     index = frame_index
                     frame_index += 1
                     pass_frames += 1
                     self.stats.add(self.stream_id, "frames_decoded")
-                    pts = offset + (frame.time if frame.time is not None else (pass_frames - 1) / float(rate))
+                    file_time = frame.time if frame.time is not None else (pass_frames - 1) * frame_seconds
+                    if last_time is not None and file_time < last_time - 1.5 * frame_seconds:
+                        # The file's timestamps start again (MPEG-TS files or recorded segments joined with
+                        # `cat`): go on one frame after the last one, and sample from here on a new grid.
+                        offset = last_pts + frame_seconds - file_time
+                        next_pts = -1e18
+                        self._timestamps_reset(last_time, file_time, index)
+                    last_time = file_time
+                    pts = offset + file_time
                     last_pts = pts
                     if pts < next_pts - 1e-6:
                         continue  # fps cap on media time: deterministic whatever the machine's speed
@@ -264,7 +277,7 @@ class Decoder:
                 if not self.loop or self.stop.is_set() or pass_frames == 0:
                     break
                 self.passes += 1
-                offset = last_pts + 1.0 / float(rate)
+                offset = last_pts + frame_seconds
                 container.close()
                 container = self._open_file()
         except (av.FFmpegError, OSError) as exc:
@@ -280,6 +293,13 @@ class Decoder:
         # that sees it knows every event of the file is out.
         self.mailbox.finish(END_OF_FILE)
         return EXIT_DONE
+
+    def _timestamps_reset(self, before: float, after: float, frame_index: int) -> None:
+        """Count a jump back of the file's timestamps; logged once per decoder, not per join."""
+        self.discontinuities += 1
+        if self.discontinuities == 1:
+            log.warning("%s: timestamps jump back from %.3f s to %.3f s at frame %d (files joined?); media time "
+                        "goes on from the last frame", self.stream_id, before, after, frame_index)
 
     def _pace(self, clock: tuple[float, float] | None, pts: float) -> tuple[float, float]:
         """Wait until the frame at media time `pts` is due. Returns the clock to pace the next frame by."""

@@ -347,3 +347,119 @@ def test_group_ranges_needs_two_sampled_hits_and_merges_short_gaps():
     assert spans[0].best[0] == pytest.approx(0.79)
     assert len(group_ranges(times, hits, fps=2.0, merge_gap=1.0, min_hits=1)) == 2
     assert len(group_ranges(times, hits, fps=2.0, merge_gap=0.0, min_hits=1)) == 3
+
+
+# -- awkward files and caches (a stand-in detector: these are about decoding and caching, not the model) --------
+
+
+def _flat_video(path: Path, values, height: int, width: int) -> Path:
+    """A 10 fps video whose frame k is a flat grey of values[k]."""
+    return write_video(path, np.stack([np.full((height, width, 3), v, np.uint8) for v in values]), fps=FPS)
+
+
+class _WholeFrameDetector:
+    """Stands in for search.Detector: one box over each whole frame, in the original frame's pixels; records the
+    size of every frame it was given."""
+
+    shapes: list = []
+
+    def __init__(self, model, prompt, box_threshold, text_threshold):
+        from types import SimpleNamespace
+
+        self.encoding = SimpleNamespace(prompt=prompt)
+        self.frames_detected = 0
+
+    def __call__(self, frames, scales):
+        scales = list(scales) if isinstance(scales, (list, tuple)) else [scales] * len(frames)
+        self.frames_detected += len(frames)
+        _WholeFrameDetector.shapes.extend(f.shape for f in frames)
+        return [[(0.0, 0.0, f.shape[1] / s, f.shape[0] / s, 0.9, "box")] for f, s in zip(frames, scales)]
+
+
+@pytest.fixture
+def stand_in_searcher(monkeypatch):
+    """A Searcher at the default model's input scale (192 / 320) whose detector is `_WholeFrameDetector`."""
+    from types import SimpleNamespace
+
+    from streamer.editing import search as search_module
+
+    monkeypatch.setattr(search_module, "Detector", _WholeFrameDetector)
+    _WholeFrameDetector.shapes = []
+    model = SimpleNamespace(config=SimpleNamespace(input_short_side=192, input_max_side=320))
+    return lambda cache_dir: search_module.Searcher(model, cache_dir=cache_dir, model_id="stand-in")
+
+
+def test_sampling_goes_on_after_timestamps_jump_back(tmp_path):
+    """Two MPEG-TS files joined with `cat` start again at zero at the join: sampling used to stop there (8
+    samples of a 7 s file, reported as 4 s long). Times must go on past the join, and seeking into the second
+    part must find its frames."""
+    from streamer.editing.search import VideoFile
+
+    first = _flat_video(tmp_path / "a.ts", [v * 5 for v in range(40)], 48, 64)
+    second = _flat_video(tmp_path / "b.ts", [250 - v * 5 for v in range(30)], 48, 64)
+    joined = tmp_path / "joined.ts"
+    joined.write_bytes(first.read_bytes() + second.read_bytes())
+    video = VideoFile(joined)
+    assert video.duration == pytest.approx(7.0, abs=0.15)
+    times = [when for when, _ in video.sample(2.0)]
+    assert np.allclose(times, np.arange(14) * 0.5, atol=0.06)
+    assert abs(int(video.frame_at(5.0)[0, 0, 0]) - (250 - 10 * 5)) <= 4  # frame 10 of the second file
+    assert len(video.between(4.5, 5.5)) == 9
+
+
+def test_a_file_whose_resolution_changes_is_searched_and_each_frame_scaled_by_its_own_size(tmp_path,
+                                                                                            stand_in_searcher):
+    """Recordings joined with ffmpeg's concat demuxer can change size part-way: the frame cache's np.stack
+    used to fail (a traceback from `groundwatch search`), and the smaller frames were reduced by the first
+    frame's factor, so the model saw them at half its scale."""
+    import av
+
+    large = _flat_video(tmp_path / "large.ts", [100] * 20, 384, 512)  # reduced by 0.5 to the model's scale
+    small = _flat_video(tmp_path / "small.ts", [150] * 20, 192, 256)  # already at the model's scale
+    path = tmp_path / "changes.ts"
+    with av.open(str(path), "w") as output:
+        out_stream = None
+        for part, shift in ((large, 0.0), (small, 2.0)):
+            with av.open(str(part)) as source:
+                stream = source.streams.video[0]
+                out_stream = out_stream or output.add_stream_from_template(stream)
+                for packet in source.demux(stream):
+                    if packet.dts is not None:
+                        packet.pts += int(shift / stream.time_base)
+                        packet.dts += int(shift / stream.time_base)
+                        packet.stream = out_stream
+                        output.mux(packet)
+    from streamer.editing.search import SearchOptions
+
+    result = stand_in_searcher(tmp_path / "cache").search([path], "box", SearchOptions(refine=False))
+    assert result.files[0].status == "searched" and result.files[0].samples == 8
+    assert set(_WholeFrameDetector.shapes) == {(192, 256, 3)}
+    [found] = result.ranges
+    assert found.best_box_xyxy == [0.0, 0.0, 512.0, 384.0]
+
+
+def test_a_damaged_frame_cache_is_a_miss_and_is_written_whole(tmp_path, stand_in_searcher, monkeypatch):
+    """A frame cache left empty or cut short (a power cut after the rename) used to end every later search of
+    the file in EOFError / BadZipFile: it must count as a miss and be replaced. The cache is flushed to disk
+    before it is renamed into place."""
+    from streamer.editing.search import SearchOptions
+
+    path = _flat_video(tmp_path / "v.mp4", [60] * 20, 48, 64)
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+    searcher = stand_in_searcher(tmp_path / "cache")
+    searcher.search([path], "box", SearchOptions(refine=False))
+    [store] = (tmp_path / "cache" / "frames").glob("*.npz")
+    whole = store.read_bytes()
+    with np.load(store) as stored:
+        frames = stored["frames"]
+    for damaged, prompt in ((b"", "a box"), (whole[: len(whole) // 2], "the box")):
+        store.write_bytes(damaged)
+        decoded = searcher.frames_decoded
+        result = searcher.search([path], prompt, SearchOptions(refine=False))
+        assert result.files[0].status == "searched" and result.files[0].samples == 4
+        assert searcher.frames_decoded == decoded + 4  # decoded again
+        with np.load(store) as stored:  # and stored again
+            assert np.array_equal(stored["frames"], frames)
+    assert any(".npz." in name and name.endswith(".part") for name in synced)  # the temporary, before its rename

@@ -324,6 +324,49 @@ def test_decoder_fps_cap_on_files_uses_media_time(tmp_path, mailbox_factory, sta
     assert [f.frame_index for f in mailbox.take(live=False, limit=12)] == [0, 2, 4, 6, 8]
 
 
+def test_decoder_delivers_the_frames_after_timestamps_jump_back(tmp_path, mailbox_factory, stats_factory):
+    """Two MPEG-TS files joined with `cat` (or recorded segments joined) start again at zero at the join: every
+    frame after it used to be decoded and silently never delivered, even with fps = 0. They must be delivered,
+    with media times that go on increasing."""
+    first = write_video(tmp_path / "a.ts", np.stack([frame_with_value(v * 10, 48, 64) for v in range(8)]), fps=10)
+    second = write_video(tmp_path / "b.ts", np.stack([frame_with_value(200 - v * 10, 48, 64) for v in range(6)]),
+                         fps=10)
+    path = tmp_path / "joined.ts"
+    path.write_bytes(first.read_bytes() + second.read_bytes())
+    mailbox = mailbox_factory("joined", slots=16, width=64, height=48)
+    decoder = Decoder(stream_id="v", url=str(path), live=False, fps=0, max_width=64, max_height=48,
+                      mailbox=mailbox, stats=stats_factory(["v"]), sender=ListSender(), stop=FlagEvent())
+    assert decoder.run() == EXIT_DONE
+    got = mailbox.take(live=False, limit=16)
+    assert [f.frame_index for f in got] == list(range(14))
+    assert abs(int(got[8].pixels[0, 0, 0]) - 200) < 8  # the first frame of the second file
+    pts = [f.pts for f in got]
+    assert np.allclose(np.diff(pts), 0.1, atol=1e-3)  # one frame on at the join, never back
+    assert decoder.discontinuities == 1
+
+
+def test_the_segment_being_recorded_is_on_disk_packet_by_packet(tmp_path):
+    """A low-bitrate camera's current segment used to stay 0 bytes until FFmpeg's 32 KiB buffer filled, so an
+    alert clip reaching into it failed: every packet copied must reach the file at once."""
+    import av
+
+    from streamer.decoder import SegmentWriter
+
+    source = write_video(tmp_path / "cam.ts", np.stack([frame_with_value(v * 20, 48, 64) for v in range(10)]), fps=10)
+    writer = SegmentWriter(tmp_path / "video", segment_seconds=60.0)
+    with av.open(str(source)) as container:
+        stream = container.streams.video[0]
+        for packet in container.demux(stream):
+            writer.write(packet, stream)
+    try:
+        [segment] = (tmp_path / "video").glob("*.ts")
+        assert 0 < segment.stat().st_size < 32 << 10
+        with av.open(str(segment)) as container:
+            assert sum(1 for _ in container.decode(video=0)) >= 8  # readable while still being written
+    finally:
+        writer.close()
+
+
 def test_truncated_file_gives_a_fatal_error_event(tmp_path, mailbox_factory, stats_factory):
     """A file cut short used to raise out of the decoder (and be restarted forever); it must end with one
     clear error event and the 'do not restart' exit code."""

@@ -38,6 +38,8 @@ import numpy as np
 
 CACHE_VERSION = 1
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".ts", ".m4v", ".mpg", ".mpeg", ".flv")
+# FFmpeg formats with an index of their packets: one file's timestamps never start again part-way.
+INDEXED_FORMATS = ("mov", "mp4", "matroska", "webm", "avi")
 DEFAULT_BOX_THRESHOLD = 0.35  # the model's and the daemon's default (gdino.predict.detect, [model] box_threshold)
 DEFAULT_TEXT_THRESHOLD = 0.25
 
@@ -231,6 +233,11 @@ class VideoFile:
     """PyAV access to one file: sampled frames, frames between two times, the frame at a time.
 
     Times are media seconds from the stream's start time. Raises SearchError for a file that cannot be decoded.
+
+    A stream format without an index (MPEG-TS, MPEG-PS) can hold files joined with `cat`, whose timestamps start
+    again at each join: such a file's packets are scanned once when it is opened. Times then go on one frame after
+    the last frame before each join (`jumps_back` counts the joins), and the file is always decoded from the top,
+    since a seek by time could land in any of its parts.
     """
 
     def __init__(self, path: Path) -> None:
@@ -251,9 +258,13 @@ class VideoFile:
                 else:
                     self.duration = None
                 self.width, self.height = stream.codec_context.width, stream.codec_context.height
+                indexed = any(name in INDEXED_FORMATS for name in container.format.name.split(","))
                 first = next(container.decode(stream), None)  # a header alone is not a video
                 if first is None:
                     raise SearchError(f"{path}: no decodable frame")
+            self.jumps_back = 0
+            if not indexed:
+                self._scan_timestamps()
         except SearchError:
             raise
         except (av.FFmpegError, OSError, UnicodeDecodeError, ValueError) as exc:
@@ -262,16 +273,42 @@ class VideoFile:
     def _time(self, frame) -> float:
         return float((frame.pts - self.origin) * self.time_base)
 
+    def _scan_timestamps(self) -> None:
+        """Count the joins where the timestamps jump back (demuxing only); the duration is then the sum of the
+        parts'."""
+        jump = 1.5 * self.frame_duration
+        parts: list[list[float]] = []  # [first, last] presentation time of each part
+        last_decode_time = None
+        with av.open(str(self.path)) as container:
+            stream = container.streams.video[0]
+            try:
+                for packet in container.demux(stream):
+                    stamp = packet.dts if packet.dts is not None else packet.pts
+                    if stamp is None or packet.pts is None:
+                        continue
+                    decode_time = float(stamp * self.time_base)
+                    shown = float((packet.pts - self.origin) * self.time_base)
+                    if last_decode_time is None or decode_time < last_decode_time - jump:
+                        parts.append([shown, shown])
+                    last_decode_time = decode_time
+                    parts[-1] = [min(parts[-1][0], shown), max(parts[-1][1], shown)]
+            except (av.FFmpegError, OSError):
+                pass  # damaged further on: the sampling pass reports where decoding fails
+        self.jumps_back = max(0, len(parts) - 1)
+        if self.jumps_back:
+            self.duration = parts[0][0] + sum(last - first + self.frame_duration for first, last in parts)
+
     def _frames(self, start: float = 0.0) -> Iterator[tuple[float, av.VideoFrame]]:
         """(time, frame) in order from the keyframe at or before `start` (from the top when start <= 0).
 
         MPEG-TS (recorded segments) seeks by byte position and can land past `start`, even past the last frame:
         then the seek is retried further back (1, 2, 4 ... s), down to decoding from the top, so no frame at or
-        after `start` is skipped.
+        after `start` is skipped. A file whose timestamps jump back is decoded from the top, its times going on
+        one frame after the last frame before each jump.
         """
         backoff = 0.0
         while True:
-            target = start - backoff
+            target = start - backoff if not self.jumps_back else 0.0
             with av.open(str(self.path)) as container:
                 stream = container.streams.video[0]
                 stream.thread_type = "AUTO"
@@ -279,10 +316,14 @@ class VideoFile:
                     container.seek(int(target / self.time_base) + self.origin, stream=stream, backward=True,
                                    any_frame=False)
                 first = True
+                offset, last_file_time, when = 0.0, None, 0.0
                 for frame in container.decode(stream):
                     if frame.pts is None:
                         continue
-                    when = self._time(frame)
+                    file_time = self._time(frame)
+                    if last_file_time is not None and file_time < last_file_time - 1.5 * self.frame_duration:
+                        offset = when + self.frame_duration - file_time  # the timestamps start again: go on
+                    last_file_time, when = file_time, offset + file_time
                     if first and target > 0 and when > start + self.frame_duration / 2:
                         break  # overshot: seek again, further back
                     first = False
@@ -358,12 +399,13 @@ class Detector:
         self.box_threshold, self.text_threshold = box_threshold, text_threshold
         self.frames_detected = 0
 
-    def __call__(self, frames: Sequence[np.ndarray], scale: float) -> list[list[Hit]]:
+    def __call__(self, frames: Sequence[np.ndarray], scales: Sequence[float]) -> list[list[Hit]]:
+        """Hits per frame; `scales[i]` is the factor frame i was reduced by (`reduce`)."""
         found = self.predict.detect(self.model, list(frames), self.encoding, box_threshold=self.box_threshold,
                                     text_threshold=self.text_threshold, remove_combined=True)
         self.frames_detected += len(frames)
         out = []
-        for detections in found:
+        for detections, scale in zip(found, scales):
             boxes = np.asarray(detections.boxes_xyxy, np.float64).reshape(-1, 4) / scale  # back to original pixels
             out.append([(*map(float, box), float(score), str(phrase))
                         for box, score, phrase in zip(boxes, detections.scores, detections.phrases)])
@@ -375,12 +417,18 @@ class Detector:
 
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary name in the same folder, then rename: a reader never sees half a file."""
+    """Write through a temporary name in the same folder, flushed to disk, then rename: a reader never sees half
+    a file, even after a power cut (without the fsync the rename can reach the disk before the data)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     os.close(handle)
     try:
         write(Path(temporary))
+        handle = os.open(temporary, os.O_RDONLY)
+        try:
+            os.fsync(handle)
+        finally:
+            os.close(handle)
         os.replace(temporary, path)
     except BaseException:
         try:
@@ -520,8 +568,17 @@ class Searcher:
         self.frames_decoded = 0  # frames decoded in the sampling pass (0 when the frame cache had them)
 
     def _scale_for(self, video: VideoFile) -> float:
+        """The reduction of the file's frames (of its first size: part of the cache keys)."""
         config = self.model.config
         return model_scale(video.height, video.width, config.input_short_side, config.input_max_side)
+
+    def _reduced(self, frame: av.VideoFrame) -> tuple[np.ndarray, float]:
+        """(H', W', 3) uint8 RGB at the model's scale, and the factor: each frame's own, since a file (recordings
+        joined with ffmpeg's concat demuxer) can change size part-way."""
+        rgb = frame.to_ndarray(format="rgb24")
+        config = self.model.config
+        scale = model_scale(rgb.shape[0], rgb.shape[1], config.input_short_side, config.input_max_side)
+        return reduce(rgb, scale), scale
 
     def search(self, paths: Iterable[str | os.PathLike], prompt: str,
                options: SearchOptions = SearchOptions()) -> SearchResult:
@@ -608,10 +665,9 @@ class Searcher:
             start, end = times[span.first], times[span.last] + video.frame_duration
             start_refined = end_refined = False
             if options.refine:
-                start, start_refined = self._refine(video, detector, scale, cache, span.phrase, times, span.first,
+                start, start_refined = self._refine(video, detector, cache, span.phrase, times, span.first,
                                                     edge="start")
-                end, end_refined = self._refine(video, detector, scale, cache, span.phrase, times, span.last,
-                                                edge="end")
+                end, end_refined = self._refine(video, detector, cache, span.phrase, times, span.last, edge="end")
             score, best_time, best_box = span.best
             item = Range(str(source.path), start, end, float(score), span.phrase, float(best_time),
                          [float(v) for v in best_box], start_refined, end_refined)
@@ -627,7 +683,11 @@ class Searcher:
 
     def _sample(self, source: Source, video: VideoFile, fingerprint: str, scale: float, detector: Detector,
                 options: SearchOptions, cache: _DetectionCache, bar) -> None:
-        """Detect on the sampled frames not yet in the cache; checkpoint the cache every few seconds."""
+        """Detect on the sampled frames not yet in the cache; checkpoint the cache every few seconds.
+
+        The frame cache holds frames of one size reduced by `scale` (np.stack): a file that changes size part-way
+        is not kept there.
+        """
         store = self._frame_store(fingerprint, options.fps, scale) if self.use_cache else None
         stored = _load_frames(store) if store is not None else None
         resume_from = cache.sampled_to
@@ -639,18 +699,18 @@ class Searcher:
         kept_bytes = 0
         if stored is not None:
             stored_times, stored_frames = stored
-            frames = ((t, f) for t, f in zip(stored_times, stored_frames) if t > resume_from)
+            frames = ((t, f, scale) for t, f in zip(stored_times, stored_frames) if t > resume_from)
         else:
-            frames = ((t, reduce(f.to_ndarray(format="rgb24"), scale))
+            frames = ((t, *self._reduced(f))
                       for t, f in video.sample(options.fps, max(0.0, resume_from + 1e-6)) if t > resume_from)
-        batch: list[tuple[float, np.ndarray]] = []
+        batch: list[tuple[float, np.ndarray, float]] = []  # (time, frame at the model's scale, its reduction)
         last_checkpoint = time.monotonic()
         reported = max(resume_from, 0.0)
 
         def run(batch):
             nonlocal last_checkpoint, reported
-            found = detector([f for _, f in batch], scale)
-            for (when, _), frame_hits in zip(batch, found):
+            found = detector([f for _, f, _ in batch], [s for _, _, s in batch])
+            for (when, _, _), frame_hits in zip(batch, found):
                 cache.samples.append([when, [list(h) for h in frame_hits]])
             cache.dirty = True
             if bar is not None:
@@ -662,17 +722,18 @@ class Searcher:
                 last_checkpoint = time.monotonic()
 
         try:
-            for when, frame in frames:
+            for when, frame, frame_scale in frames:
                 if stored is None:
                     self.frames_decoded += 1
                 if keep_frames:
                     kept_bytes += frame.nbytes
-                    if kept_bytes <= self.frame_cache_bytes:
+                    same_size = frame_scale == scale and (not kept or frame.shape == kept[0].shape)
+                    if same_size and kept_bytes <= self.frame_cache_bytes:
                         kept.append(frame)
                         kept_times.append(when)
                     else:
                         keep_frames, kept, kept_times = False, [], []
-                batch.append((when, frame))
+                batch.append((when, frame, frame_scale))
                 if len(batch) >= options.batch_size:
                     run(batch)
                     batch = []
@@ -692,19 +753,19 @@ class Searcher:
         if keep_frames and kept and store is not None:
             try:
                 _atomic_write(store, lambda p: _save_frames(p, kept_times, kept))
-            except OSError:
-                pass
+            except (OSError, ValueError):
+                pass  # no frame cache: the next prompt decodes again
 
-    def _probe(self, video: VideoFile, detector: Detector, scale: float, cache: _DetectionCache,
-               when: float, frame: av.VideoFrame) -> list[Hit]:
+    def _probe(self, video: VideoFile, detector: Detector, cache: _DetectionCache, when: float,
+               frame: av.VideoFrame) -> list[Hit]:
         key = str(round(when * 1e6))
         if key not in cache.probes:
-            cache.probes[key] = [list(h) for h in detector([reduce(frame.to_ndarray(format="rgb24"), scale)],
-                                                           scale)[0]]
+            reduced, scale = self._reduced(frame)
+            cache.probes[key] = [list(h) for h in detector([reduced], [scale])[0]]
             cache.dirty = True
         return [tuple(h) for h in cache.probes[key]]
 
-    def _refine(self, video: VideoFile, detector: Detector, scale: float, cache: _DetectionCache, phrase: str,
+    def _refine(self, video: VideoFile, detector: Detector, cache: _DetectionCache, phrase: str,
                 times: Sequence[float], index: int, edge: str) -> tuple[float, bool]:
         """Binary search of the full-rate frames between sample `index` (a hit) and its neighbour without one.
 
@@ -722,7 +783,7 @@ class Searcher:
             low, high = 0, len(candidates)  # candidates[high] would be the sample itself (a hit)
             while low < high:
                 middle = (low + high) // 2
-                if self._has(video, detector, scale, cache, phrase, *candidates[middle]):
+                if self._has(video, detector, cache, phrase, *candidates[middle]):
                     high = middle
                 else:
                     low = middle + 1
@@ -734,26 +795,38 @@ class Searcher:
         low, high = -1, len(candidates) - 1  # index -1 stands for the sample itself (a hit)
         while low < high:
             middle = (low + high + 1) // 2
-            if self._has(video, detector, scale, cache, phrase, *candidates[middle]):
+            if self._has(video, detector, cache, phrase, *candidates[middle]):
                 low = middle
             else:
                 high = middle - 1
         return (candidates[low][0] if low >= 0 else times[index]) + step, True
 
-    def _has(self, video, detector, scale, cache, phrase, when, frame) -> bool:
-        return any(h[5] == phrase for h in self._probe(video, detector, scale, cache, when, frame))
+    def _has(self, video, detector, cache, phrase, when, frame) -> bool:
+        return any(h[5] == phrase for h in self._probe(video, detector, cache, when, frame))
 
 
 def _save_frames(path: Path, times: list[float], frames: list[np.ndarray]) -> None:
     with open(path, "wb") as file:
-        np.savez(file, times=np.asarray(times, np.float64), frames=np.stack(frames))
+        np.savez(file, times=np.asarray(times, np.float64), frames=np.stack(frames))  # (N, H, W, 3) uint8
 
 
 def _load_frames(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """(times, frames) from the frame cache; None when there is none. A file that cannot be read as one (empty
+    or cut short by a crash or a disk fault: EOFError, BadZipFile, zlib errors...) is a miss and is deleted, so
+    the search that follows writes it again."""
+    if not path.is_file():
+        return None
     try:
         with np.load(path, allow_pickle=False) as data:
-            return data["times"], data["frames"]
-    except (OSError, ValueError, KeyError):
+            times, frames = data["times"], data["frames"]
+        if times.ndim != 1 or frames.ndim != 4 or len(times) != len(frames) or frames.dtype != np.uint8:
+            raise ValueError(f"unexpected arrays {times.shape} {frames.shape} {frames.dtype}")
+        return times, frames
+    except Exception:
+        try:
+            path.unlink()
+        except OSError:
+            pass
         return None
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+MAX_IMAGE_PIXELS = 100_000_000  # `detect` refuses larger images from their header: 300 MB each once decoded
 
 
 class _InputError(Exception):
@@ -57,7 +58,9 @@ def detect_parser() -> argparse.ArgumentParser:
         prog="groundwatch detect",
         description="Detect the objects a prompt describes in images; writes an annotated image and a JSON per input.",
     )
-    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (anything OpenCV reads)")
+    parser.add_argument("images", nargs="+", metavar="IMAGE",
+                        help=f"image files (anything OpenCV reads), up to {MAX_IMAGE_PIXELS // 1_000_000} megapixels "
+                             "each")
     parser.add_argument("--prompt", "-p", required=True, help='what to find, e.g. "red car . person ."')
     parser.add_argument("--weights", "-w", default="default",
                         help="'default' (bundled model), an official .pth, a Hugging Face folder or a groundwatch "
@@ -84,9 +87,19 @@ def detect_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """An image file -> uint8 RGB (H, W, 3); raises :class:`_InputError` with the reason."""
+def _too_large(path: Path, size: str) -> _InputError:
+    return _InputError(f"image too large: {path} has {size}; the limit is {MAX_IMAGE_PIXELS // 1_000_000} "
+                       f"megapixels (resize it first)")
+
+
+def check_image(path: str | os.PathLike) -> tuple[int, int] | None:
+    """Read only an image file's header: (height, width), or None when OpenCV reads the format but Pillow cannot
+    size it from its header (then :func:`read_image` checks the size once decoded). Raises :class:`_InputError`
+    for a missing or unreadable file, one that is not an image, or one over :data:`MAX_IMAGE_PIXELS`."""
+    import warnings
+
     import cv2  # OpenCV, torch and the model load on use: `--help` and bad arguments answer at once
+    from PIL import Image, UnidentifiedImageError  # a dependency of torchvision; reads headers without decoding
 
     path = Path(path)
     if not path.exists():
@@ -94,12 +107,43 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     if not path.is_file():
         raise _InputError(f"not a file: {path}")
     try:
+        with warnings.catch_warnings():
+            # Pillow warns above its own limit (89 megapixels) and refuses at twice that: ours is MAX_IMAGE_PIXELS.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as header:  # parses the header; the pixels stay on disk
+                width, height = header.size
+    except Image.DecompressionBombError:
+        raise _too_large(path, f"more than {2 * Image.MAX_IMAGE_PIXELS // 1_000_000} megapixels") from None
+    except UnidentifiedImageError:
+        width = height = None
+    except (OSError, ValueError) as exc:  # unreadable, or a header Pillow knows to be malformed
+        raise _InputError(f"cannot read image {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    if not cv2.haveImageReader(str(path)):
+        raise _InputError(f"cannot decode image {path} (empty, truncated or not an image)")
+    if width is None:
+        return None
+    if width * height > MAX_IMAGE_PIXELS:
+        raise _too_large(path, f"{width}x{height} pixels ({width * height / 1e6:.0f} megapixels)")
+    return height, width
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """An image file -> uint8 RGB (H, W, 3), its size checked from the header first (:func:`check_image`);
+    raises :class:`_InputError` with the reason."""
+    import cv2
+
+    path = Path(path)
+    check_image(path)
+    try:
         data = np.fromfile(str(path), dtype=np.uint8)
     except OSError as exc:
         raise _InputError(f"cannot read image {path}: {exc.strerror or exc}") from None
     image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None  # BGR, 8-bit, alpha dropped
     if image is None:
         raise _InputError(f"cannot decode image {path} (empty, truncated or not an image)")
+    height, width = image.shape[:2]
+    if height * width > MAX_IMAGE_PIXELS:  # a format whose header Pillow could not size
+        raise _too_large(path, f"{width}x{height} pixels ({width * height / 1e6:.0f} megapixels)")
     return np.ascontiguousarray(image[:, :, ::-1])
 
 
@@ -154,8 +198,10 @@ def detect_main(argv: list[str] | None = None) -> int:
     if isinstance(args, int):
         return args
     try:
-        # Read every image before loading the model: a typo should not cost a model load.
-        images = [read_image(path) for path in args.images]
+        # Check every image's header before loading the model: a typo should not cost a model load. The pixels
+        # are decoded one image at a time in the loop below, so memory does not grow with the number of images.
+        for path in args.images:
+            check_image(path)
         if not args.prompt.strip():
             raise _InputError("the prompt is empty: describe what to find, e.g. --prompt 'person . red car .'")
 
@@ -174,7 +220,8 @@ def detect_main(argv: list[str] | None = None) -> int:
         model = backends.open_model(model, backend, device=args.device, onnx_path=args.onnx)
         outdir = Path(args.output)
         outdir.mkdir(parents=True, exist_ok=True)
-        for path, image, (image_out, json_out) in zip(args.images, images, _output_names(args.images, outdir)):
+        for path, (image_out, json_out) in zip(args.images, _output_names(args.images, outdir)):
+            image = read_image(path)
             try:
                 if args.referring:
                     found = model.refer(image, args.prompt)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import struct
+import zlib
 
 import cv2
 import numpy as np
@@ -100,6 +102,70 @@ def test_file_that_is_not_an_image(tmp_path, capsys):
     path.write_text("hello")
     assert detect_main([str(path), "--prompt", "cat"]) == 2
     assert "cannot decode image" in _one_line_error(capsys)
+
+
+def _png_declaring(path, width: int, height: int):
+    """A valid 1x1 PNG whose IHDR (CRC fixed) declares width x height: a few hundred bytes, never decoded here."""
+    data = bytearray(cv2.imencode(".png", np.zeros((1, 1, 3), np.uint8))[1].tobytes())
+    # Signature (8 bytes), then the IHDR chunk: length (4), type (4), width, height, ... and its CRC.
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])) & 0xFFFFFFFF)
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("width, height", [(20000, 20000), (12000, 10000)])
+def test_an_image_declaring_too_many_pixels_is_refused_from_its_header(width, height, tmp_path, monkeypatch,
+                                                                        capsys):
+    """A 1.2 MB PNG declaring 20000x20000 pixels (a decompression bomb) used to be decoded in full: 4.9 GB of
+    memory before the model even loaded. Its header is now checked against the pixel limit and the pixels are
+    never decoded."""
+    import gdino.cli
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("the pixels of an over-sized image were decoded")
+
+    monkeypatch.setattr(cv2, "imdecode", no_decoding)
+    bomb = _png_declaring(tmp_path / "bomb.png", width, height)
+    assert detect_main([str(bomb), "--prompt", "cat", "--weights", str(tmp_path / "never-loaded.pth"),
+                        "-o", str(tmp_path / "out")]) == 2
+    line = _one_line_error(capsys)
+    assert "bomb.png" in line and "too large" in line, line
+    assert f"{gdino.cli.MAX_IMAGE_PIXELS // 1_000_000} megapixels" in line, line
+    if width * height < 150_000_000:  # below Pillow's own hard cap the exact size is known
+        assert f"{width}x{height}" in line, line
+
+
+def test_images_are_decoded_one_at_a_time_after_the_model_loads(image_file, tmp_path, monkeypatch):
+    """Every image given to `detect` used to be decoded before the model loaded and kept in memory until the end
+    (24 photos of 12 MP: 1.4 GB; a thousand killed the process). Only headers are checked before the model
+    loads; each image is decoded just before its detection. A stand-in model keeps the test small."""
+    import gdino
+    from gdino.processing import Detections
+
+    events = []
+    real_imdecode = cv2.imdecode
+
+    def imdecode(*args, **kwargs):
+        events.append("decode")
+        return real_imdecode(*args, **kwargs)
+
+    class StandIn:
+        def detect(self, image, prompt, **kwargs):
+            events.append("detect")
+            return Detections.empty(["cat"])
+
+    def load(*args, **kwargs):
+        events.append("load")
+        return StandIn()
+
+    monkeypatch.setattr(cv2, "imdecode", imdecode)
+    monkeypatch.setattr(gdino, "load", load)
+    code = detect_main([str(image_file), str(image_file), str(image_file), "--prompt", "cat", "--weights",
+                        "stand-in", "-o", str(tmp_path / "out")])
+    assert code == 0
+    assert events == ["load"] + ["decode", "detect"] * 3
+    assert json.loads((tmp_path / "out" / "street_3_detections.json").read_text())["width"] == 90
 
 
 def test_missing_weights(image_file, tmp_path, capsys):

@@ -147,3 +147,32 @@ def test_eval_refuses_a_report_over_the_weights_or_in_a_missing_folder(tmp_path,
         assert message in capsys.readouterr().err, report
     assert (weights / "model.safetensors").read_bytes() == b"weights"
     assert (weights / "groundwatch.json").read_text() == "{}"
+
+
+def test_eval_reports_unusable_weights_in_one_line(tmp_path, capsys):
+    """`groundwatch eval` printed a traceback for weights it could not load (a truncated safetensors file, a
+    pickle holding objects, /dev/zero, a missing file) where `detect` and `export` say what is wrong in one line.
+    It now answers as they do: one line on stderr, exit status 1."""
+    import pickle
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import save_file
+
+    from gdino.train.cli import eval_main
+
+    whole = tmp_path / "whole.safetensors"
+    save_file({"weight": torch.zeros(64, 64)}, str(whole))
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(whole.read_bytes()[: whole.stat().st_size // 3])
+    objects = tmp_path / "objects.pth"
+    objects.write_bytes(pickle.dumps({"a": ValueError("x")}, protocol=2))
+    cases = [truncated, objects, tmp_path / "missing.pth"]
+    if Path("/dev/zero").exists():
+        cases.append(Path("/dev/zero"))
+    for weights in cases:
+        assert eval_main(["--weights", str(weights), "--num-images", "1", "--device", "cpu"]) == 1, weights
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert "Traceback" not in err and len(lines) == 1, err
+        assert lines[0].startswith("groundwatch eval: error: "), lines[0]

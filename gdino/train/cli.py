@@ -28,6 +28,7 @@ import torch
 
 import gdino
 from gdino import config as configs
+from gdino.cli import _fail
 from gdino.evaluate import evaluate_shapes, evaluate_world, format_world_report
 from gdino.train import data
 from gdino.train.loop import LoopConfig, OptimConfig, Trainer, config_from_dict
@@ -235,7 +236,10 @@ def eval_main(argv: list[str] | None = None, score_tracking=None) -> int:
         if problem:
             parser.error(problem)
 
-    model = load_for_eval(args.weights, args.device)
+    try:
+        model = load_for_eval(args.weights, args.device)
+    except Exception as exc:  # missing, truncated or foreign weights, a bad --device: one line, as `detect` says it
+        return _fail(parser.prog, exc)
     if args.world == "wide":
         report = evaluate_world(model, num_images=args.num_images, referring_images=args.referring_images or 40,
                                 seed=args.seed, image_size=args.image_size, batch_size=args.batch_size)

@@ -163,14 +163,15 @@ def tiny_config(streams: str, extra: str, publish: str, control: str, *, record_
 
 
 class Subscriber:
-    """A SUB socket read on demand (the test decides when to read). With `watch_connection`, `joined` becomes the
-    wall time at which it first completed the handshake with the publisher (None until then)."""
+    """A SUB socket read on demand (the test decides when to read). With `watch_connection`, `joins` lists the wall
+    times at which it completed a handshake with a publisher (the daemon's start-up probe of the endpoint is one
+    too; then the hub, and each hub after a restart)."""
 
     def __init__(self, endpoint: str, prefix: bytes = b"", *, watch_connection: bool = False) -> None:
         self.socket = zmq.Context.instance().socket(zmq.SUB)
         self.socket.setsockopt(zmq.SUBSCRIBE, prefix)
         self.socket.setsockopt(zmq.LINGER, 0)
-        self.joined: float | None = None
+        self.joins: list[float] = []
         self._monitor = self._watcher = None
         self._closing = threading.Event()
         if watch_connection:
@@ -186,8 +187,7 @@ class Subscriber:
         while not self._closing.is_set():
             if self._monitor.poll(20):
                 recv_monitor_message(self._monitor)
-                self.joined = time.time()
-                return
+                self.joins.append(time.time())
 
     def read(self, seconds: float) -> list[dict]:
         from streamer.events import decode_payload

@@ -644,12 +644,14 @@ shutdown_timeout_seconds = 120
         bound = beat["ts"] - beat["uptime"]  # when the hub had bound its sockets
         assert beat["ts"] >= bound + JOIN_SECONDS - 0.05, (beat["ts"] - bound, JOIN_SECONDS)
         seqs = [e["seq"] for e in received]
-        assert subscriber.joined is not None
-        if subscriber.joined <= bound + JOIN_SECONDS - 0.3:
-            assert seqs == list(range(1, len(seqs) + 1)), seqs  # nothing missed, nothing out of order
+        # Its first handshake with the hub (an earlier one was with the daemon's probe of the endpoint, which a
+        # loaded machine can leave seconds before the hub binds).
+        joined = next(t for t in subscriber.joins if t >= bound - 0.2)
+        if joined <= bound + JOIN_SECONDS - 0.3:
+            assert seqs == list(range(1, len(seqs) + 1)), (seqs, joined - bound)  # nothing missed, in order
         else:
-            made_after = {e["seq"] for e in first_hub if e["wall"] >= subscriber.joined + 0.5 and e["seq"] <= seqs[-1]}
-            assert made_after <= set(seqs), (subscriber.joined - bound, sorted(made_after - set(seqs)))
+            made_after = {e["seq"] for e in first_hub if e["wall"] >= joined + 0.5 and e["seq"] <= seqs[-1]}
+            assert made_after <= set(seqs), (joined - bound, sorted(made_after - set(seqs)))
         sigterm_at = [i for i, e in enumerate(events) if e["kind"] == "error"][-1]
         ended = [e for e in events[sigterm_at:] if e["kind"] == "track" and e["event"] == "ended"
                  and e.get("reason")]

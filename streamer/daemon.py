@@ -376,9 +376,14 @@ class Supervisor:
         self.worker_control = self.context.Queue()
         self.worker_replies = self.context.Queue()
         self.worker_control.cancel_join_thread()  # never wait at exit for a dead worker to read its requests
+        self._fail_pending("the inference worker restarted; try again")
+
+    def _fail_pending(self, error: str) -> None:
+        """Answer every request still waiting for the worker with `error` (its clients would wait out their
+        timeouts otherwise)."""
         pending, self._pending = getattr(self, "_pending", {}), {}
         for _, on_reply in pending.values():
-            on_reply({"ok": False, "error": "the inference worker restarted; try again"})
+            on_reply({"ok": False, "error": error})
 
     def _spawn(self, child: Child) -> None:
         if child.name == "hub":
@@ -733,6 +738,8 @@ class Supervisor:
                     log.warning("%s did not stop within %.0f s; killing it", child.name, timeout)
                     child.process.kill()
                     child.process.join(5)
+        # Not read from the worker's reply queue here: a worker killed mid-reply leaves a message a read would wait on.
+        self._fail_pending("the daemon stopped before the inference worker answered")
         self.sender.close()
         self.control.close()
         if self.web_listener is not None:

@@ -403,6 +403,38 @@ shutdown_timeout_seconds = 120
         daemon.kill()
 
 
+def test_a_request_waiting_for_the_worker_is_answered_when_the_daemon_stops(tmp_path):
+    """A prompt change waiting for the worker when the daemon was stopped was never answered: its client waited
+    its whole timeout (60-90 s) for a reply from a daemon that had exited (found by an audit). It is now answered
+    that the daemon stopped."""
+    import threading
+
+    daemon = Daemon(tmp_path, f"""
+[[streams]]
+id = "cam"
+url = "{dead_rtsp_url()}"
+prompt = "a person ."
+""", """
+[supervisor]
+shutdown_timeout_seconds = 2
+""")
+    daemon.start()
+    try:
+        daemon.wait_ready()
+        os.kill(daemon.child_pids()["worker"], signal.SIGSTOP)  # a worker busy for longer than the client waits
+        answer = {}
+        client = threading.Thread(target=lambda: answer.update(daemon.request(
+            {"cmd": "set_prompt", "stream": "cam", "prompt": "a dog ."}, timeout=40)))
+        client.start()
+        time.sleep(1.0)  # the request reached the worker's queue
+        daemon.process.send_signal(signal.SIGTERM)
+        client.join(60)
+        assert answer and not answer["ok"] and "stopp" in answer["error"], answer
+        assert daemon.wait_exit(30) is not None
+    finally:
+        daemon.kill()
+
+
 # -- defect 3: a recording problem stopped live publishing -----------------------------------------------------
 
 

@@ -574,6 +574,27 @@ def test_a_segments_events_are_found_without_reading_the_whole_log(tmp_path):
         assert [e["seq"] for e in read_events_between(path, start, end)] == expected, (start, end)
 
 
+def test_a_runs_replay_is_capped_so_a_run_of_days_cannot_fill_the_consoles_memory(tmp_path, monkeypatch):
+    """A whole run's events were read into one list and one JSON answer: a looped file's run grows for days, and
+    one replay request could make the console's process run out of memory (found by an audit). The answer holds
+    the run's first MAX_REPLAY_EVENTS and says it was cut."""
+    from streamer.web import recordings
+
+    monkeypatch.setattr(recordings, "MAX_REPLAY_EVENTS", 50)
+    recorder = Recorder(tmp_path / "rec", ["file"], stamp="20261127T120000Z-1")
+    for n in range(200):
+        recorder.append("file", json.dumps({"v": 1, "seq": n + 1, "stream": "file", "kind": "detections",
+                                            "ts": n * 0.1, "pts": n * 0.1, "frame": n, "detections": []}).encode())
+    recorder.close()
+    settings = WebSettings(publish_endpoint="inproc://x", control_endpoint="inproc://y",
+                           record_directory=str(tmp_path / "rec"), streams=(WebStream("file", False, None, None),))
+    replay = recording_events(settings, settings.streams[0], "20261127T120000Z-1")
+    assert replay["truncated"] and [e["seq"] for e in replay["events"]] == list(range(1, 51))
+    monkeypatch.setattr(recordings, "MAX_REPLAY_EVENTS", 1000)
+    replay = recording_events(settings, settings.streams[0], "20261127T120000Z-1")
+    assert not replay["truncated"] and len(replay["events"]) == 200
+
+
 def test_the_video_cache_is_bounded_and_removed_when_the_console_stops(tmp_path):
     """Every segment viewed in the console was remuxed into a cache folder under /tmp that nothing ever emptied:
     copies as large as the recordings themselves piled up for the daemon's lifetime and were left behind at every

@@ -28,6 +28,9 @@ from streamer.web.settings import WebSettings, WebStream
 RUN_ID = re.compile(r"^\d{8}T\d{6}Z(-\d+)?$", re.ASCII)
 SEGMENT_ID = re.compile(r"^segment-(\d{12,14})$", re.ASCII)
 REPLAY_KINDS = ("detections", "track", "status")
+# A whole run's events are answered in one JSON document: the first this many, so that a run of days (a looped file)
+# cannot fill the console's memory (nor the browser's); about 40 MB of JSON.
+MAX_REPLAY_EVENTS = 100_000
 
 
 class NotFound(LookupError):
@@ -114,13 +117,20 @@ def _segment_path(stream: WebStream, recording_id: str) -> Path:
 
 
 def recording_events(settings: WebSettings, stream: WebStream, recording_id: str) -> dict:
-    """{"align": "pts"|"ts", "start": seconds, "events": [...]}: the replayed events in log order."""
+    """{"align": "pts"|"ts", "start": seconds, "events": [...], "truncated"?}: the replayed events in log order
+    (a run's first `MAX_REPLAY_EVENTS`)."""
     if RUN_ID.match(recording_id):
         path = Path(settings.record_directory or "/nonexistent") / stream.id / f"events-{recording_id}.jsonl"
         if not path.is_file():
             raise NotFound(f"no recording {recording_id!r} of stream {stream.id!r}")
-        events = [e for e in read_events(path) if e.get("kind") in REPLAY_KINDS]
-        return {"align": "ts" if stream.live else "pts", "start": 0.0, "events": events}
+        events = []
+        for event in read_events(path):
+            if event.get("kind") in REPLAY_KINDS:
+                if len(events) == MAX_REPLAY_EVENTS:  # a run that went on for days (a looped file)
+                    return {"align": "ts" if stream.live else "pts", "start": 0.0, "events": events,
+                            "truncated": True}
+                events.append(event)
+        return {"align": "ts" if stream.live else "pts", "start": 0.0, "events": events, "truncated": False}
     segment = _segment_path(stream, recording_id)
     start = int(segment.stem) / 1000
     later = [p for p in _segments(stream) if int(p.stem) > int(segment.stem)]

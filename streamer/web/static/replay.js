@@ -104,6 +104,7 @@ export async function renderReplay(view, h, stream, recording) {
   view.replaceChildren(h("div", { class: "replay" },
     h("section", { class: "panel" }, h("h2", {}, `${stream}: ${recording}`),
       h("div", { class: "screen" }, video, canvas), info,
-      h("p", { class: "muted" }, `${detections.length} recorded frames of events; boxes drawn from the event log.`)),
+      h("p", { class: "muted" }, `${detections.length} recorded frames of events; boxes drawn from the event log.` +
+        (body.truncated ? ` Only the first ${body.events.length} events of this run are shown (a long run).` : ""))),
     h("aside", { class: "panel" }, h("h3", {}, "Tracks (click to jump)"), trackList)));
 }

@@ -5,6 +5,7 @@ ZeroMQ clients, the real RTSP server and real tmpfs mounts where root can make t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -223,24 +224,37 @@ class _SlowOrBadDetector:
         return self.inner.detect(frames, encoding)
 
 
-def test_prompt_encoding_never_stalls_the_frames(mailbox_factory, stats_factory):
-    """set_prompt used to encode in the worker's frame loop, so a long prompt stopped every stream; frames of
-    the other streams must keep flowing while the new prompt is encoded, and the reply comes when it is done."""
+@contextlib.contextmanager
+def _running_worker(mailbox_factory, stats_factory, streams):
+    """A worker with `_SlowOrBadDetector` running its loop on a thread: (worker, mailboxes, stats, control queue,
+    reply queue)."""
     import queue
     import threading
 
-    import tracker
-    from fakes import FakeDetector, FlagEvent, frame_with_value, make_worker
+    from fakes import FakeDetector, FlagEvent, make_worker
 
-    tracker.warm_up()  # compiling the tracker on its first frame is not what this test measures
-    streams = [{"id": "a", "live": True, "prompt": "thing ."}, {"id": "b", "live": True, "prompt": "thing ."}]
-    worker, mailboxes, _, sender, stats = make_worker(mailbox_factory, stats_factory, streams)
+    worker, mailboxes, _, _, stats = make_worker(mailbox_factory, stats_factory, streams)
     worker.detector = _SlowOrBadDetector(FakeDetector())
     worker.prepare_prompts()
     control, replies, stop = queue.Queue(), queue.Queue(), FlagEvent()
     thread = threading.Thread(target=worker.run, args=(stop, control, replies), daemon=True)
     thread.start()
     try:
+        yield worker, mailboxes, stats, control, replies
+    finally:
+        stop.set()
+        thread.join(10)
+
+
+def test_prompt_encoding_never_stalls_the_frames(mailbox_factory, stats_factory):
+    """set_prompt used to encode in the worker's frame loop, so a long prompt stopped every stream; frames of
+    the other streams must keep flowing while the new prompt is encoded, and the reply comes when it is done."""
+    import tracker
+    from fakes import frame_with_value
+
+    tracker.warm_up()  # compiling the tracker on its first frame is not what this test measures
+    streams = [{"id": "a", "live": True, "prompt": "thing ."}, {"id": "b", "live": True, "prompt": "thing ."}]
+    with _running_worker(mailbox_factory, stats_factory, streams) as (worker, mailboxes, stats, control, replies):
         control.put((1, "set_prompt", {"stream": "a", "prompt": "slow ."}))
         time.sleep(0.1)
         processed = stats.get("b", "frames_processed")
@@ -255,27 +269,14 @@ def test_prompt_encoding_never_stalls_the_frames(mailbox_factory, stats_factory)
         request_id, reply = replies.get(timeout=10)
         assert request_id == 2 and not reply["ok"] and "cannot be encoded" in reply["error"]
         assert worker.streams["a"].prompt == "slow ."
-    finally:
-        stop.set()
-        thread.join(10)
 
 
 def test_the_last_prompt_change_of_a_stream_wins(mailbox_factory, stats_factory):
     """A prompt change to a prompt already encoded (a typo reverted at once) was applied at once, and an earlier
     change still being encoded was applied when it finished: the older request won, and both clients were told
     theirs was in force (found by an audit). The earlier one is now answered as superseded, not applied."""
-    import queue
-    import threading
-
-    from fakes import FakeDetector, FlagEvent, make_worker
-
-    worker, *_ = make_worker(mailbox_factory, stats_factory, [{"id": "a", "live": True, "prompt": "thing ."}])
-    worker.detector = _SlowOrBadDetector(FakeDetector())
-    worker.prepare_prompts()
-    control, replies, stop = queue.Queue(), queue.Queue(), FlagEvent()
-    thread = threading.Thread(target=worker.run, args=(stop, control, replies), daemon=True)
-    thread.start()
-    try:
+    streams = [{"id": "a", "live": True, "prompt": "thing ."}]
+    with _running_worker(mailbox_factory, stats_factory, streams) as (worker, _, _, control, replies):
         control.put((1, "set_prompt", {"stream": "a", "prompt": "slow typo ."}))
         control.put((2, "set_prompt", {"stream": "a", "prompt": "thing ."}))  # encoded already
         answers = dict(replies.get(timeout=10) for _ in range(2))
@@ -285,9 +286,6 @@ def test_the_last_prompt_change_of_a_stream_wins(mailbox_factory, stats_factory)
         control.put((3, "set_prompt", {"stream": "a", "prompt": "slow typo ."}))  # asked again: encoded, applied
         request_id, reply = replies.get(timeout=10)
         assert request_id == 3 and reply["ok"] and worker.streams["a"].prompt == "slow typo ."
-    finally:
-        stop.set()
-        thread.join(10)
 
 
 def test_a_bad_prompt_at_start_costs_only_its_stream(mailbox_factory, stats_factory):

@@ -28,6 +28,7 @@ import numpy as np
 
 from streamer.events import make_event
 from streamer.frames import FrameMailbox
+from streamer.media import ForwardClock
 from streamer.config import LiveConfig, StreamConfig
 from streamer.process import EXIT_DONE, EXIT_FATAL, EventSender, child_setup
 from streamer.stats import STATE_CODES, StreamStats
@@ -238,26 +239,24 @@ class Decoder:
         frame_index = 0
         rate = container.streams.video[0].average_rate or Fraction(25)
         frame_seconds = 1.0 / float(rate)
-        offset = 0.0  # media time of the file's time 0 (looped files and timestamp resets go on in time)
+        media = ForwardClock(frame_seconds)  # looped files and timestamp resets go on in time
         clock = None  # (wall, pts) the realtime pacing counts from
         try:
             while True:
-                pass_frames, last_pts, last_time = 0, None, None
+                pass_frames = 0
                 for frame, width, height in self._frames(container):
                     index = frame_index
                     frame_index += 1
                     pass_frames += 1
                     self.stats.add(self.stream_id, "frames_decoded")
                     file_time = frame.time if frame.time is not None else (pass_frames - 1) * frame_seconds
-                    if last_time is not None and file_time < last_time - 1.5 * frame_seconds:
+                    last_file_time = media.file_time
+                    pts = media(file_time)
+                    if media.jumped:
                         # The file's timestamps start again (MPEG-TS files or recorded segments joined with
-                        # `cat`): go on one frame after the last one, and sample from here on a new grid.
-                        offset = last_pts + frame_seconds - file_time
+                        # `cat`): media time went on one frame after the last one; sample from here on a new grid.
                         next_pts = -1e18
-                        self._timestamps_reset(last_time, file_time, index)
-                    last_time = file_time
-                    pts = offset + file_time
-                    last_pts = pts
+                        self._timestamps_reset(last_file_time, file_time, index)
                     if pts < next_pts - 1e-6:
                         continue  # fps cap on media time: deterministic whatever the machine's speed
                     # Keep a steady grid of media times; after a jump (seek, gap in the file) restart it at pts.
@@ -277,7 +276,7 @@ class Decoder:
                 if not self.loop or self.stop.is_set() or pass_frames == 0:
                     break
                 self.passes += 1
-                offset = last_pts + frame_seconds
+                media.next_pass()
                 container.close()
                 container = self._open_file()
         except (av.FFmpegError, OSError) as exc:

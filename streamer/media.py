@@ -1,4 +1,5 @@
-"""Writing small videos with PyAV: the bundled demo video, test files, benchmark inputs."""
+"""Small PyAV helpers: writing videos (the bundled demo video, test files, benchmark inputs), counting their
+frames, and the clock that keeps a file's media time going forward across joined parts and loop passes."""
 
 from __future__ import annotations
 
@@ -36,3 +37,40 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float = 10.0, codec: 
 def count_frames(path: str | Path) -> int:
     with av.open(str(path)) as container:
         return sum(1 for _ in container.decode(video=0))
+
+
+class ForwardClock:
+    """A file's presentation times in, media times out that never jump back.
+
+    Files joined with `cat` (MPEG-TS segments, recordings) start their timestamps again at each join: where a
+    time falls more than 1.5 frames before the previous one, media time goes on one frame after the previous frame
+    instead. `next_pass()` does the same for a looped file read again from the top. Used by the decoder and by
+    search, so a frame has the same media time in both.
+
+        clock = ForwardClock(1 / 25)
+        media_time = clock(frame.time)     # clock.jumped: this frame started a new part
+    """
+
+    def __init__(self, frame_seconds: float) -> None:
+        self.frame_seconds = frame_seconds
+        self.offset = 0.0  # media time of the current part's file time 0
+        self.last: float | None = None  # media time of the previous frame
+        self.file_time: float | None = None  # file time of the previous frame
+        self.jumped = False  # the frame just timed jumped back in file time (a new part began)
+
+    def __call__(self, file_time: float) -> float:
+        previous = self.file_time
+        self.jumped = previous is not None and file_time < previous - 1.5 * self.frame_seconds
+        if self.jumped:
+            self.offset = self.last + self.frame_seconds - file_time
+        self.file_time = file_time
+        self.last = self.offset + file_time
+        return self.last
+
+    def next_pass(self) -> None:
+        """The file is read again from its top: its file time 0 is one frame after the last media time given (a
+        pass of a file starting at 0 follows the last pass by one frame, as `streamer.clips.file_pass_seconds`
+        counts passes)."""
+        if self.last is not None:
+            self.offset = self.last + self.frame_seconds
+        self.file_time = None

@@ -345,6 +345,22 @@ def test_decoder_delivers_the_frames_after_timestamps_jump_back(tmp_path, mailbo
     assert decoder.discontinuities == 1
 
 
+def test_forward_clock_goes_on_across_joins_and_loop_passes():
+    """The one clock of the decoder and search: file times that start again (a join) or a new loop pass go on one
+    frame after the last media time; small backward steps (B-frame reordering jitter) are not joins."""
+    from streamer.media import ForwardClock
+
+    clock = ForwardClock(0.1)
+    times = [clock(t) for t in (5.0, 5.1, 5.2, 0.0, 0.1, 0.05)]
+    assert np.allclose(times, [5.0, 5.1, 5.2, 5.3, 5.4, 5.35])  # 0.05 is half a frame back: not a join
+    assert clock.jumped is False and clock.file_time == 0.05
+    clock.next_pass()
+    # the next pass's file time 0 is one frame after the last media time (streamer.clips.file_pass_seconds
+    # counts passes so), and a join within the pass still goes on
+    assert [round(clock(t), 6) for t in (0.0, 0.1, 3.0, 0.0)] == [5.45, 5.55, 8.45, 8.55]
+    assert clock.jumped
+
+
 def test_the_segment_being_recorded_is_on_disk_packet_by_packet(tmp_path):
     """A low-bitrate camera's current segment used to stay 0 bytes until FFmpeg's 32 KiB buffer filled, so an
     alert clip reaching into it failed: every packet copied must reach the file at once."""

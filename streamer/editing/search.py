@@ -36,6 +36,8 @@ import av
 import cv2
 import numpy as np
 
+from streamer.media import ForwardClock
+
 CACHE_VERSION = 1
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".ts", ".m4v", ".mpg", ".mpeg", ".flv")
 # FFmpeg formats with an index of their packets: one file's timestamps never start again part-way.
@@ -276,9 +278,8 @@ class VideoFile:
     def _scan_timestamps(self) -> None:
         """Count the joins where the timestamps jump back (demuxing only); the duration is then the sum of the
         parts'."""
-        jump = 1.5 * self.frame_duration
+        decoding = ForwardClock(self.frame_duration)  # on decode times: where they jump back, a new part begins
         parts: list[list[float]] = []  # [first, last] presentation time of each part
-        last_decode_time = None
         with av.open(str(self.path)) as container:
             stream = container.streams.video[0]
             try:
@@ -286,11 +287,10 @@ class VideoFile:
                     stamp = packet.dts if packet.dts is not None else packet.pts
                     if stamp is None or packet.pts is None:
                         continue
-                    decode_time = float(stamp * self.time_base)
                     shown = float((packet.pts - self.origin) * self.time_base)
-                    if last_decode_time is None or decode_time < last_decode_time - jump:
+                    decoding(float(stamp * self.time_base))
+                    if not parts or decoding.jumped:
                         parts.append([shown, shown])
-                    last_decode_time = decode_time
                     parts[-1] = [min(parts[-1][0], shown), max(parts[-1][1], shown)]
             except (av.FFmpegError, OSError):
                 pass  # damaged further on: the sampling pass reports where decoding fails
@@ -316,14 +316,11 @@ class VideoFile:
                     container.seek(int(target / self.time_base) + self.origin, stream=stream, backward=True,
                                    any_frame=False)
                 first = True
-                offset, last_file_time, when = 0.0, None, 0.0
+                clock = ForwardClock(self.frame_duration)  # where the timestamps start again, time goes on
                 for frame in container.decode(stream):
                     if frame.pts is None:
                         continue
-                    file_time = self._time(frame)
-                    if last_file_time is not None and file_time < last_file_time - 1.5 * self.frame_duration:
-                        offset = when + self.frame_duration - file_time  # the timestamps start again: go on
-                    last_file_time, when = file_time, offset + file_time
+                    when = clock(self._time(frame))
                     if first and target > 0 and when > start + self.frame_duration / 2:
                         break  # overshot: seek again, further back
                     first = False

@@ -9,7 +9,9 @@ detections and add, per track:
   a frame edge within `edge_frames` of its first (last) sighting is followed until it is out of the frame: the
   object was already (still) there, only too cut off to be detected. A sighting between two others, and a
   track's first and last sightings, also get the box carried to their frame from the sightings beside them
-  (one bad, short or shifted detection box is covered by where the track was going).
+  (one bad, short or shifted detection box is covered by where the track was going). A detection cut by the
+  frame edge grows along that edge (`_along_edge`: the part in view is boxed least surely there), and a weak
+  track that the video's first or last frames cut short of `confirm_hits` sightings is redacted.
 - causally (`LiveRedactionPlanner`, for a live stream: no look-ahead): a lost track's box extrapolated for up to
   `extend_frames` frames (or until out of the frame) after its last sighting, growing as above; a sighting boxed
   short of its track or cut by the frame edge also gets the box carried from the sightings before it.
@@ -119,6 +121,24 @@ def _cut_sides(box_xyxy: np.ndarray, width: int, height: int) -> np.ndarray:
     """(4,) bool: which sides (x1, y1, x2, y2) of a detection lie on a frame edge, so say nothing of the object."""
     x1, y1, x2, y2 = box_xyxy
     return np.array([x1 <= _EDGE_MARGIN, y1 <= _EDGE_MARGIN, x2 >= width - _EDGE_MARGIN, y2 >= height - _EDGE_MARGIN])
+
+
+_ALONG_EDGE = 0.3  # a detection cut by the frame edge grows by this fraction of its length along that edge
+
+
+def _along_edge(box_xyxy: np.ndarray, width: int, height: int) -> np.ndarray:
+    """A detection box cut by a frame edge, grown along that edge by `_ALONG_EDGE` of its length there at each end:
+    it spans only the part in view, and that part's extent along the edge is the least sure (a rotated or
+    cross-shaped object entering shows a thin piece of itself first, boxed short)."""
+    cut = _cut_sides(box_xyxy, width, height)
+    if not cut.any():
+        return box_xyxy
+    x1, y1, x2, y2 = box_xyxy
+    if cut[0] or cut[2]:
+        y1, y2 = y1 - _ALONG_EDGE * (y2 - y1), y2 + _ALONG_EDGE * (y2 - y1)
+    if cut[1] or cut[3]:
+        x1, x2 = x1 - _ALONG_EDGE * (x2 - x1), x2 + _ALONG_EDGE * (x2 - x1)
+    return np.array([x1, y1, x2, y2])
 
 
 def _robust_velocity(frames: Sequence[int], boxes: Sequence[np.ndarray], width: int, height: int) -> np.ndarray:
@@ -261,16 +281,21 @@ class RedactionPlanner:
     def plan(self, frame_count: int | None = None) -> list[FramePlan]:
         count = self._count if frame_count is None else frame_count
         config, sightings = self.config, self._sightings
-        plans = [FramePlan(detected=list(self._detected.get(i, []))) for i in range(count)]
+        plans = [FramePlan(detected=[_along_edge(box, self.width, self.height) for box in self._detected.get(i, [])])
+                 for i in range(count)]
         fragments = [_Fragment(list(frames), list(sightings.boxes[track_id]), list(sightings.scores[track_id]))
                      for track_id, frames in sightings.frames.items()]
         for track in _linked(fragments, config, self.width, self.height):
-            if not (max(track.scores) >= config.box_threshold or len(track.frames) >= config.confirm_hits):
+            # A weak track needs `confirm_hits` sightings; one the video's start or end cut short (an object
+            # entering on its last frames, leaving on its first) could not have them: redaction favours recall.
+            cut_short = count - track.frames[0] < config.confirm_hits or track.frames[-1] + 1 < config.confirm_hits
+            if not (max(track.scores) >= config.box_threshold or len(track.frames) >= config.confirm_hits
+                    or cut_short):
                 continue
             frames, boxes = track.frames, track.boxes
             for f, box, score in zip(frames, boxes, track.scores):
                 if score < config.box_threshold and f < count:  # strong ones are in already
-                    plans[f].detected.append(box)
+                    plans[f].detected.append(_along_edge(box, self.width, self.height))
             for (f0, b0), (f1, b1) in zip(zip(frames, boxes), zip(frames[1:], boxes[1:])):
                 for f in range(f0 + 1, min(f1, count)):
                     t = (f - f0) / (f1 - f0)

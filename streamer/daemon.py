@@ -9,7 +9,7 @@ Processes (all spawned, never forked: torch and ZeroMQ do not survive a fork):
     webhooks with [[webhooks]]: event bus -> signed JSON POSTs
     web      with [web] enabled (the default): the operator's console (streamer/web), a client of PUB and control
 
-Shutdown (SIGINT, SIGTERM, or every file done): decoders stop first, then the worker drains what they decoded
+Shutdown (SIGINT, SIGTERM, SIGHUP, or every file done): decoders stop first, then the worker drains what they decoded
 and ends open tracks, then the hub publishes and records what is in flight and closes the logs. Each stage has
 its own stop event so the order is explicit; a stage that overruns its timeout is killed. The bridges (mqtt,
 webhooks) stop last, after the hub, so that they still carry its final events. Children also get
@@ -500,12 +500,17 @@ class Supervisor:
 
     def install_signal_handlers(self) -> None:
         def handler(signum, _frame):
-            if self.stop_reason is not None:
+            # A hang-up can come twice (the shell passes it on to its jobs, then the kernel sends it to the
+            # foreground group): only a second SIGINT or SIGTERM is someone asking for the exit now.
+            if self.stop_reason is not None and signum != signal.SIGHUP:
                 self.force_exit(signum)
             self.request_stop(signal.Signals(signum).name)
 
         signal.signal(signal.SIGINT, handler)
         signal.signal(signal.SIGTERM, handler)
+        # A closed terminal or SSH session hangs up: stop in order too (its default action killed us on the spot,
+        # leaving shared memory, the runtime folder and the hub's last events behind).
+        signal.signal(signal.SIGHUP, handler)
 
     def run(self, on_ready: Callable[["Supervisor"], None] | None = None) -> int:
         """Start, supervise until asked to stop (or every file is done), shut down. Returns the exit code."""

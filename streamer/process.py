@@ -38,10 +38,12 @@ def child_setup(name: str, parent_pid: int) -> None:
         pass
     if os.getppid() != parent_pid:
         os._exit(EXIT_ORPHANED)
-    # The terminal sends SIGINT, and a service manager SIGTERM, to the whole process group; only the supervisor
-    # decides the shutdown order (it stops us through our stop flag, and kills us if we overrun).
+    # The terminal sends SIGINT (and SIGHUP when it closes), and a service manager SIGTERM, to the whole process
+    # group; only the supervisor decides the shutdown order (it stops us through our stop flag, and kills us if we
+    # overrun).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     logging.basicConfig(
         level=os.environ.get("GROUNDWATCH_LOG", "INFO").upper(),
         format=f"%(asctime)s {name} %(levelname)s %(message)s",

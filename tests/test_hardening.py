@@ -401,6 +401,40 @@ shutdown_timeout_seconds = 120
         daemon.kill()
 
 
+def test_sighup_to_the_process_group_stops_in_order(tmp_path):
+    """A closed terminal or SSH session sends SIGHUP to the whole foreground process group. Nobody handled it: the
+    supervisor and every child died at once (exit -1), the hub's last events never reached the log, and the
+    shared memory and runtime folder were left behind (found by an audit). It must stop like SIGTERM."""
+    import tempfile
+
+    daemon = Daemon(tmp_path, f"""
+[[streams]]
+id = "cam"
+url = "{dead_rtsp_url()}"
+prompt = "a person ."
+""", """
+[supervisor]
+shutdown_timeout_seconds = 5
+""")
+    daemon.start()
+    try:
+        daemon.wait_ready()
+        pids = daemon.child_pids()
+        os.killpg(daemon.process.pid, signal.SIGHUP)
+        code = daemon.wait_exit(30)
+        assert code == 0, f"exit {code}; log:\n{daemon.log()}"
+        assert "SIGHUP" in daemon.log()
+        time.sleep(0.5)
+        assert not [name for name, pid in pids.items() if _alive(pid)]
+        assert not list(Path("/dev/shm").glob(f"groundwatch-{daemon.process.pid}-*"))
+        assert not list(Path(tempfile.gettempdir()).glob(f"groundwatch-{daemon.process.pid}-*"))
+        cam = [json.loads(line) for line in next((tmp_path / "recordings" / "cam").glob("*.jsonl")).open()]
+        last = [e for e in cam if e["kind"] == "status"][-1]
+        assert last["state"] == "offline" and last["reason"] == "shutdown"  # stopped in order, not killed
+    finally:
+        daemon.kill()
+
+
 def test_a_request_waiting_for_the_worker_is_answered_when_the_daemon_stops(tmp_path):
     """A prompt change waiting for the worker when the daemon was stopped was never answered: its client waited
     its whole timeout (60-90 s) for a reply from a daemon that had exited (found by an audit). It is now answered

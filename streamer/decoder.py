@@ -146,7 +146,7 @@ class Decoder:
                  open_timeout: float = 5.0, read_timeout: float = 5.0, reconnect_initial: float = 0.5,
                  reconnect_max: float = 30.0, video_directory: Path | None = None,
                  segment_seconds: float = 60.0, loop: bool = False, realtime: bool = False,
-                 first_frame: int = 0) -> None:
+                 first_frame: int | None = 0) -> None:
         self.stream_id, self.url, self.live, self.fps = stream_id, url, live, fps
         self.max_width, self.max_height = max_width, max_height
         self.mailbox, self.stats, self.sender, self.stop = mailbox, stats, sender, stop
@@ -155,7 +155,9 @@ class Decoder:
         self.video_directory, self.segment_seconds = video_directory, segment_seconds
         self.rng = random.Random(os.getpid())
         self.loop, self.realtime = loop, realtime
-        self.first_frame = first_frame  # files: frames before it are decoded, not delivered (a restarted decoder)
+        # Files: frames before it are decoded, not delivered (a restarted decoder); None: where the mailbox's
+        # previous decoder stopped (`FrameMailbox.reset`).
+        self.first_frame = first_frame
         self.passes = 0  # times a looped file was read to its end
         self.discontinuities = 0  # times a file's timestamps jumped back (joined files), media time kept going
         self.state = None
@@ -209,7 +211,9 @@ class Decoder:
                 yield frame, size[0], size[1]
 
     def run(self) -> int:
-        self.mailbox.reset()
+        resume = self.mailbox.reset()
+        if self.first_frame is None:
+            self.first_frame = resume
         self.stats.set(self.stream_id, "state", STATE_CODES["starting"])
         try:
             return self._run_live() if self.live else self._run_file()
@@ -404,7 +408,8 @@ class Decoder:
 
 def decoder_main(*, stream: StreamConfig, mailbox_spec: dict, stats_spec: dict, events_endpoint: str,
                  live: LiveConfig, video_directory: str | None, stop, parent_pid: int) -> None:
-    """Entry point of the decoder process (spawned by the supervisor)."""
+    """Entry point of the decoder process (spawned by the supervisor; a restarted decoder of a file goes on where
+    the dead one stopped, `FrameMailbox.reset`)."""
     child_setup(f"decoder-{stream.id}", parent_pid)
     sender = EventSender(events_endpoint)
     mailbox = FrameMailbox.attach(mailbox_spec)
@@ -416,7 +421,7 @@ def decoder_main(*, stream: StreamConfig, mailbox_spec: dict, stats_spec: dict, 
         read_timeout=live.read_timeout_seconds, reconnect_initial=live.reconnect_initial_seconds,
         reconnect_max=live.reconnect_max_seconds,
         video_directory=Path(video_directory) if video_directory else None,
-        segment_seconds=live.segment_seconds, loop=stream.loop, realtime=stream.realtime,
+        segment_seconds=live.segment_seconds, loop=stream.loop, realtime=stream.realtime, first_frame=None,
     )
     code = decoder.run()
     sender.close()

@@ -45,6 +45,7 @@ CONTROL_DTYPE = np.dtype(
         ("finished", np.int64),  # 1: the decoder will write no more frames (end of file or fatal error)
         ("dropped", np.int64),  # stale live frames dropped, by either side
         ("end_reason", np.int64),  # why the decoder finished: END_REASONS
+        ("next_frame", np.int64),  # frame_index + 1 of the newest frame made READY (a restarted decoder's start)
     ]
 )
 END_REASONS = {0: "unknown", 1: "end_of_file", 2: "error", 3: "shutdown"}
@@ -101,14 +102,20 @@ class FrameMailbox:
 
     # -- decoder side ------------------------------------------------------------------------------------
 
-    def reset(self) -> None:
+    def reset(self) -> int:
         """Forget the slots a previous decoder left (called when a decoder starts). READING slots stay with
-        the worker, which frees them when it is done."""
+        the worker, which frees them when it is done. Returns the frame index a restarted decoder of a file goes
+        on from: the oldest frame freed here, or the one after the newest frame delivered (0 for a new mailbox);
+        so no frame the worker took is delivered twice, and none is lost. Decided under the lock: the worker may
+        take a frame up to the moment it is freed."""
         with self.lock:
             states = self.header["state"]
+            ready = np.flatnonzero(states == READY)
+            resume = int(self.header["frame_index"][ready].min()) if ready.size else int(self.control["next_frame"])
             states[(states == READY) | (states == WRITING)] = FREE
             self.control["finished"] = 0
             self.control["end_reason"] = 0
+            return resume
 
     def put(self, pixels: np.ndarray, *, frame_index: int, pts: float, ts: float, live: bool,
             stop=None, poll_seconds: float = 0.005) -> bool:
@@ -163,6 +170,7 @@ class FrameMailbox:
             record["height"], record["width"] = height, width
             record["pts"], record["ts"], record["decoded_at"] = pts, ts, time.time()
             record["state"] = READY
+            self.control["next_frame"] = max(int(self.control["next_frame"]), frame_index + 1)
         return True
 
     def recover_reading(self, redeliver: bool = False) -> None:

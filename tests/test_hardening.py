@@ -873,6 +873,48 @@ shutdown_timeout_seconds = 120
     assert later and min(later) > max(restarted)
 
 
+@pytest.mark.slow
+def test_decoder_restart_goes_on_from_the_next_file_frame(tmp_path):
+    """A file's decoder killed mid-file was restarted from the file's first frame: every frame already published
+    was detected and published again (frames 0..11 twice here, `frame` going back; found by an audit). The
+    restarted decoder must go on from the first frame the worker has not taken: each frame once, in order."""
+    from gdino.shapes import render_video
+    from streamer.media import write_video
+    from streamer.recording import read_events
+
+    total = 40
+    frames, _ = render_video(5, total, (120, 160), 10)
+    write_video(tmp_path / "clip.mp4", frames, fps=10)
+    daemon = Daemon(tmp_path, """
+[[streams]]
+id = "clip"
+url = "clip.mp4"
+prompt = "red circle . blue square ."
+realtime = true
+""", """
+[supervisor]
+exit_when_done = true
+restart_initial_seconds = 0.2
+shutdown_timeout_seconds = 60
+""")
+    daemon.start()
+    try:
+        daemon.wait_ready()
+        deadline = time.monotonic() + 60
+        while daemon.request({"cmd": "status"})["streams"]["clip"]["frames_processed"] < 10:
+            assert time.monotonic() < deadline, daemon.log()
+            time.sleep(0.05)
+        os.kill(daemon.child_pids()["decoder-clip"], signal.SIGKILL)
+        assert daemon.wait_exit(120) == 0, daemon.log()
+    finally:
+        daemon.kill()
+    [log] = list((tmp_path / "recordings" / "clip").glob("events-*.jsonl"))
+    events = list(read_events(log))
+    assert any(e["kind"] == "error" and e.get("process") == "decoder-clip" for e in events)
+    processed = [e["frame"] for e in events if e["kind"] == "detections"]
+    assert processed == list(range(total)), processed
+
+
 def test_track_ids_stay_unique_across_prompt_changes(mailbox_factory, stats_factory):
     """After a prompt change the new tracker numbered its tracks from 1 again, reusing the ids of tracks that had
     ended (docs/events.md: unique within the stream for the run)."""

@@ -69,6 +69,11 @@ class EventLog:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 # O_APPEND: every write lands at the end even if something else appends too; never rewritten.
                 self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+                if self._ends_torn():
+                    # A writer killed mid-line (a restarted hub appends to its run's log): end that half line, which
+                    # readers skip, so our first event is not glued onto it and lost too.
+                    self._backlog.insert(0, b"\n")
+                    self._backlog_bytes += 1
             if self._backlog:
                 data = memoryview(b"".join(self._backlog))
                 self._backlog, self._backlog_bytes = [], 0
@@ -90,6 +95,17 @@ class EventLog:
         self._retry_delay = self.retry_seconds
         self._retry_at = 0.0
         return True
+
+    def _ends_torn(self) -> bool:
+        """Whether the file holds something whose last line has no newline (False when it cannot be read)."""
+        try:
+            with open(self.path, "rb") as file:
+                if file.seek(0, os.SEEK_END) == 0:
+                    return False
+                file.seek(-1, os.SEEK_END)
+                return file.read(1) != b"\n"
+        except OSError:
+            return False
 
     def close(self) -> None:
         if not self.flush():

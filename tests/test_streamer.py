@@ -533,6 +533,18 @@ def test_torn_last_line_is_skipped(tmp_path):
     assert [e["a"] for e in read_events(path)] == [1, 2]
 
 
+def test_a_restarted_hub_never_glues_its_first_event_to_a_torn_line(tmp_path):
+    """A hub killed mid-write (a short write on a full disk, or SIGKILL inside a large write) leaves a torn last
+    line; the restarted hub appends to the same run's log, and its first event used to be glued onto that half
+    line: one unreadable line, the new event lost to every reader (found by an audit)."""
+    path = tmp_path / "e.jsonl"
+    path.write_bytes(b'{"a":1}\n{"a":')
+    log = EventLog(path, flush_seconds=0.0)
+    log.append(b'{"a":3}')
+    log.close()
+    assert [e["a"] for e in read_events(path)] == [1, 3]
+
+
 # -- replay ---------------------------------------------------------------------------------------------------
 
 

@@ -110,5 +110,9 @@ def _write_jpeg(path: Path, image_bgr: np.ndarray, quality: int) -> None:
     if not ok:
         raise OSError(f"cannot encode {path.name} as JPEG")
     partial = path.with_name(path.name + ".part")
-    partial.write_bytes(data.tobytes())
-    os.replace(partial, path)
+    try:
+        partial.write_bytes(data.tobytes())
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)  # retention keeps `.part` files: a full disk must not keep this one
+        raise

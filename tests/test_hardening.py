@@ -544,6 +544,25 @@ prompt = "a person ."
         daemon.kill()
 
 
+def test_a_snapshot_refused_by_a_full_disk_leaves_no_partial_file(small_tmpfs):
+    """A snapshot written on a full disk raised with its half-written `.part` file left behind, and retention
+    never deletes `.part` files (one may be being written): each refused snapshot kept its bytes on the full disk
+    for good (found by an audit). The write must fail cleanly, with nothing left."""
+    import numpy as np
+
+    from streamer.snapshots import SnapshotKeeper
+
+    keeper = SnapshotKeeper(small_tmpfs / "snapshots", capacity=1)
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (480, 640, 3), np.uint8)  # noise: a JPEG bigger than the room left
+    keeper.offer(pixels, np.array([0]), np.array([[10.0, 10.0, 300.0, 300.0]]), np.array([0.9]))
+    (small_tmpfs / "snapshots").mkdir()
+    _fill(small_tmpfs)
+    with pytest.raises(OSError):
+        keeper.write(0, "cam-run-1", "a person")
+    assert not list((small_tmpfs / "snapshots").iterdir())
+
+
 def test_read_only_record_directory_is_refused_at_start(tmp_path, small_tmpfs):
     """A record.directory the daemon cannot write used to be found by the hub crashing; it must be a clear
     error at start, before anything runs."""

@@ -92,7 +92,6 @@ class SegmentWriter:
         self.out_stream = None
         self.first_pts = 0
         self.started = 0.0
-        self.paths: list[Path] = []
 
     def write(self, packet: av.Packet, in_stream) -> None:
         if packet.pts is None or packet.size == 0:
@@ -112,7 +111,6 @@ class SegmentWriter:
                 self.output, self.started = None, now  # retried at the first keyframe a segment later
                 return
             self.first_pts, self.started = packet.pts, now
-            self.paths.append(path)
         if self.output is None:
             return  # wait for the first keyframe: a segment must be decodable from its start
         packet.pts -= self.first_pts

@@ -141,7 +141,6 @@ class RedactedSegmentWriter:
         self.size: tuple[int, int] | None = None
         self.failures = 0
         self.frames_written = 0
-        self.paths: list[Path] = []
         self._retry_at: float | None = None
 
     def _open(self, ts: float, width: int, height: int) -> None:
@@ -159,7 +158,6 @@ class RedactedSegmentWriter:
             raise
         self.output, self.stream, self.size = output, stream, (width, height)
         self.started, self.last_keyframe, self.last_pts = ts, ts, -1
-        self.paths.append(path)
 
     def write(self, pixels_rgb: np.ndarray, ts: float) -> bool:
         """Encode one redacted (H, W, 3) uint8 RGB frame taken at `ts` seconds. Returns whether it was written."""

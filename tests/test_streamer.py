@@ -383,6 +383,36 @@ def test_the_segment_being_recorded_is_on_disk_packet_by_packet(tmp_path):
         writer.close()
 
 
+def test_segment_writers_keep_no_list_of_every_segment(tmp_path, monkeypatch):
+    """Both segment writers (the camera's packet copy, the redacted stream's encoder) appended every segment's path
+    to a list nobody read: a camera recording for months grew it by one path a segment, for good (found by an
+    audit). What a writer holds must not grow with the segments it has written."""
+    import av
+
+    from streamer import decoder
+    from streamer.decoder import SegmentWriter
+    from streamer.redaction import RedactedSegmentWriter
+
+    clock = [1_000_000.0]
+    monkeypatch.setattr(decoder.time, "time", lambda: clock[0])
+    source = write_video(tmp_path / "cam.ts", np.stack([frame_with_value(v * 20, 48, 64) for v in range(12)]), fps=10,
+                         gop=1)
+    writer = SegmentWriter(tmp_path / "video", segment_seconds=1.0)
+    with av.open(str(source)) as container:
+        stream = container.streams.video[0]
+        for packet in container.demux(stream):
+            clock[0] += 2.0  # every keyframe starts a new segment
+            writer.write(packet, stream)
+    writer.close()
+    redacted = RedactedSegmentWriter(tmp_path / "redacted", segment_seconds=1.0)
+    for index in range(12):
+        redacted.write(frame_with_value(index * 20, 48, 64), ts=2.0 * index)
+    redacted.close()
+    assert len(list((tmp_path / "video").glob("*.ts"))) >= 10 and len(list((tmp_path / "redacted").glob("*.ts"))) == 12
+    for held in (writer, redacted):
+        assert not [name for name, value in vars(held).items() if isinstance(value, (list, dict, set)) and len(value) > 1]
+
+
 def test_truncated_file_gives_a_fatal_error_event(tmp_path, mailbox_factory, stats_factory):
     """A file cut short used to raise out of the decoder (and be restarted forever); it must end with one
     clear error event and the 'do not restart' exit code."""

@@ -14,7 +14,8 @@ detections and add, per track:
   track that the video's first or last frames cut short of `confirm_hits` sightings is redacted.
 - causally (`LiveRedactionPlanner`, for a live stream: no look-ahead): a lost track's box extrapolated for up to
   `extend_frames` frames (or until out of the frame) after its last sighting, growing as above; a sighting boxed
-  short of its track or cut by the frame edge also gets the box carried from the sightings before it.
+  short of its track or cut by the frame edge also gets the box carried from the sightings before it; a weak
+  detection cut by the frame edge is redacted at once (an entering object is cut off and scored low).
 
 Everything is xyxy pixels of the frame. Detections at or above `box_threshold` are always redacted; those between
 `track_threshold` and `box_threshold` only when a track takes them (ByteTrack's second stage: a partly hidden
@@ -501,7 +502,9 @@ class LiveRedactionPlanner:
     A track the detector loses is redacted where its velocity carries it for `extend_frames` frames (or until
     it is out of the frame, within `edge_frames`); a sighting boxed short of its track (width or height under
     `_SHORT` of the median of its earlier sightings clear of the edges) or cut by the frame edge also gets the
-    box carried to its frame from the sightings before it. What the detector has not yet seen cannot be redacted.
+    box carried to its frame from the sightings before it. A weak detection cut by the frame edge is redacted at
+    once, before its track is confirmed, and detections cut by the edge grow along it (`_along_edge`). What the
+    detector has not yet seen cannot be redacted.
     """
 
     def __init__(self, config: PlannerConfig, width: int, height: int) -> None:
@@ -512,8 +515,12 @@ class LiveRedactionPlanner:
     def update(self, frame_index: int, boxes_xyxy, scores, labels: Sequence[Hashable] | None = None) -> np.ndarray:
         strong, weak, update = self._sightings.add(frame_index, boxes_xyxy, scores, labels)
         sightings = self._sightings
-        # A weak track is redacted from the frame it is confirmed on (live cannot go back to its first sightings).
-        out = strong + [box for track_id, box in weak.items() if sightings.confirmed(track_id)]
+        # A weak track is redacted from the frame it is confirmed on (live cannot go back to its first sightings);
+        # a weak box cut by the frame edge at once: an object entering is cut off and scored low, and waiting for
+        # its confirmation leaked its first frames in view. Detections cut by the edge grow along it (as offline).
+        out = strong + [box for track_id, box in weak.items()
+                        if sightings.confirmed(track_id) or _cut_sides(box, self.width, self.height).any()]
+        out = [_along_edge(box, self.width, self.height) for box in out]
         for track_id, unseen in zip(update.ids.tolist(), update.frames_unseen.tolist()):
             if not sightings.confirmed(track_id):
                 continue

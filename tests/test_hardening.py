@@ -832,15 +832,14 @@ def test_stalled_camera_is_detected_within_the_read_timeout(mailbox_factory, sta
 # -- defect 6: track ids reused, file frames skipped and tracks left open by a worker restart -------------------
 
 
-def test_worker_restart_keeps_every_file_frame_and_track_ids_unique(tmp_path):
-    """A killed worker silently skipped the file frames it had taken, restarted track ids at 1 and left its open
-    tracks without `ended`. Every frame of the file must be published, ids must stay unique for the run, and
-    the open tracks must end with `reason: worker_restarted`."""
+def _kill_mid_clip(tmp_path, total: int, child: str, after_frames: int, stream_extra: str, settings: str,
+                   timeout: float, exit_timeout: float) -> list[dict]:
+    """Run the daemon on a `total`-frame shapes clip, SIGKILL `child` once `after_frames` are processed (within
+    `timeout` s), let it finish the file (exit 0 within `exit_timeout` s) and return the run's recorded events."""
     from gdino.shapes import render_video
     from streamer.media import write_video
     from streamer.recording import read_events
 
-    total = 24
     frames, _ = render_video(5, total, (120, 160), 10)
     write_video(tmp_path / "clip.mp4", frames, fps=10)
     daemon = Daemon(tmp_path, """
@@ -848,7 +847,28 @@ def test_worker_restart_keeps_every_file_frame_and_track_ids_unique(tmp_path):
 id = "clip"
 url = "clip.mp4"
 prompt = "red circle . blue square ."
-""", """
+""" + stream_extra, settings)
+    daemon.start()
+    try:
+        daemon.wait_ready()
+        deadline = time.monotonic() + timeout
+        while daemon.request({"cmd": "status"})["streams"]["clip"]["frames_processed"] < after_frames:
+            assert time.monotonic() < deadline, daemon.log()
+            time.sleep(0.05)
+        os.kill(daemon.child_pids()[child], signal.SIGKILL)
+        assert daemon.wait_exit(exit_timeout) == 0, daemon.log()
+    finally:
+        daemon.kill()
+    [log] = list((tmp_path / "recordings" / "clip").glob("events-*.jsonl"))
+    return list(read_events(log))
+
+
+def test_worker_restart_keeps_every_file_frame_and_track_ids_unique(tmp_path):
+    """A killed worker silently skipped the file frames it had taken, restarted track ids at 1 and left its open
+    tracks without `ended`. Every frame of the file must be published, ids must stay unique for the run, and
+    the open tracks must end with `reason: worker_restarted`."""
+    total = 24
+    events = _kill_mid_clip(tmp_path, total, "worker", 4, "", """
 [tracker]
 min_hits = 1
 max_age = 100
@@ -856,20 +876,7 @@ max_age = 100
 exit_when_done = true
 restart_initial_seconds = 0.2
 shutdown_timeout_seconds = 120
-""")
-    daemon.start()
-    try:
-        daemon.wait_ready()
-        deadline = time.monotonic() + 120
-        while daemon.request({"cmd": "status"})["streams"]["clip"]["frames_processed"] < 4:
-            assert time.monotonic() < deadline, daemon.log()
-            time.sleep(0.05)
-        os.kill(daemon.child_pids()["worker"], signal.SIGKILL)
-        assert daemon.wait_exit(400) == 0, daemon.log()
-    finally:
-        daemon.kill()
-    [log] = list((tmp_path / "recordings" / "clip").glob("events-*.jsonl"))
-    events = list(read_events(log))
+""", timeout=120, exit_timeout=400)
     processed = sorted({e["frame"] for e in events if e["kind"] == "detections"})
     assert processed == list(range(total)), f"frames never published: {sorted(set(range(total)) - set(processed))}"
     crash = next(i for i, e in enumerate(events) if e["kind"] == "error" and e["error_type"] == "process_crashed")
@@ -897,38 +904,13 @@ def test_decoder_restart_goes_on_from_the_next_file_frame(tmp_path):
     """A file's decoder killed mid-file was restarted from the file's first frame: every frame already published
     was detected and published again (frames 0..11 twice here, `frame` going back; found by an audit). The
     restarted decoder must go on from the first frame the worker has not taken: each frame once, in order."""
-    from gdino.shapes import render_video
-    from streamer.media import write_video
-    from streamer.recording import read_events
-
     total = 40
-    frames, _ = render_video(5, total, (120, 160), 10)
-    write_video(tmp_path / "clip.mp4", frames, fps=10)
-    daemon = Daemon(tmp_path, """
-[[streams]]
-id = "clip"
-url = "clip.mp4"
-prompt = "red circle . blue square ."
-realtime = true
-""", """
+    events = _kill_mid_clip(tmp_path, total, "decoder-clip", 10, "realtime = true\n", """
 [supervisor]
 exit_when_done = true
 restart_initial_seconds = 0.2
 shutdown_timeout_seconds = 60
-""")
-    daemon.start()
-    try:
-        daemon.wait_ready()
-        deadline = time.monotonic() + 60
-        while daemon.request({"cmd": "status"})["streams"]["clip"]["frames_processed"] < 10:
-            assert time.monotonic() < deadline, daemon.log()
-            time.sleep(0.05)
-        os.kill(daemon.child_pids()["decoder-clip"], signal.SIGKILL)
-        assert daemon.wait_exit(120) == 0, daemon.log()
-    finally:
-        daemon.kill()
-    [log] = list((tmp_path / "recordings" / "clip").glob("events-*.jsonl"))
-    events = list(read_events(log))
+""", timeout=60, exit_timeout=120)
     assert any(e["kind"] == "error" and e.get("process") == "decoder-clip" for e in events)
     processed = [e["frame"] for e in events if e["kind"] == "detections"]
     assert processed == list(range(total)), processed

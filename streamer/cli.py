@@ -469,10 +469,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("detect", "convert", "export", "train", "eval"):
-        return _delegate(argv[0], argv[1:])
-    args = build_parser().parse_args(argv)
-    return args.handler(args)
+    try:
+        if argv and argv[0] in ("detect", "convert", "export", "train", "eval"):
+            return _delegate(argv[0], argv[1:])
+        args = build_parser().parse_args(argv)
+        return args.handler(args)
+    except KeyboardInterrupt:  # Ctrl-C: one line, not the traceback of wherever it landed
+        print(f"\n{' '.join(['groundwatch'] + argv[:1])}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `groundwatch status --json | head`: the reader has what it wanted
+        # stdout's buffer still holds unwritable bytes; point it at /dev/null so the exit's flush stays quiet
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

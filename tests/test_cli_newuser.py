@@ -1,0 +1,59 @@
+"""The `groundwatch` command as a new user meets it: Ctrl-C, a closed pipe, a client command against a daemon
+that needs keys, a folder it cannot write (found by following README.md from the top in a scratch folder)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from streamer import cli
+
+from rtsp_server import free_port
+
+
+def nobody() -> str:
+    return f"tcp://127.0.0.1:{free_port()}"
+
+
+def _interrupted(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+def _main(argv: list[str]) -> int:
+    try:
+        return cli.main(argv)
+    except KeyboardInterrupt:  # pytest would stop the whole session on it
+        pytest.fail("KeyboardInterrupt escaped groundwatch (a traceback on the terminal)")
+
+
+def test_ctrl_c_in_a_client_command_is_one_line(monkeypatch, capsys):
+    """Ctrl-C while `status` (or prompt, rules, zones, keys, replay, redact, detect, export, train, eval) waited
+    used to print a KeyboardInterrupt traceback."""
+    import streamer.client
+
+    monkeypatch.setattr(streamer.client, "status", _interrupted)
+    assert _main(["status", "--control", nobody()]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip() == "groundwatch status: interrupted"
+
+
+def test_ctrl_c_in_a_delegated_command_is_one_line(monkeypatch, capsys):
+    from gdino import cli as gdino_cli
+
+    monkeypatch.setattr(gdino_cli, "export_main", _interrupted)
+    assert _main(["export", "default", "-o", "x.onnx"]) == 130
+    assert capsys.readouterr().err.strip() == "groundwatch export: interrupted"
+
+
+def test_status_json_into_a_closed_pipe_is_quiet():
+    """`groundwatch status --json | head -3` printed a BrokenPipeError traceback (seen on a running daemon)."""
+    code = ("import sys, streamer.client, streamer.cli\n"
+            "streamer.client.status = lambda *a, **k: {'ok': True, 'streams': {f's{i}': {'fps': i} for i in "
+            "range(20000)}}\n"
+            "sys.exit(streamer.cli.main(['status', '--json']))\n")
+    process = subprocess.run(f"{sys.executable} -c \"{code}\" | head -c 10", shell=True, capture_output=True,
+                             text=True, timeout=60)
+    assert "Traceback" not in process.stderr and "BrokenPipeError" not in process.stderr, process.stderr

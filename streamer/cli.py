@@ -159,7 +159,8 @@ def _zones(args) -> int:
               file=sys.stderr)
         return 2
     try:
-        reply = set_zones(args.control, args.stream, data.get("zones", []), data.get("lines", []))
+        reply = set_zones(args.control, args.stream, data.get("zones", []), data.get("lines", []),
+                          server_key=_server_key(args, "zones"), reachable_timeout=args.timeout)
     except TimeoutError as exc:
         print(f"groundwatch zones: {exc}", file=sys.stderr)
         return 1
@@ -178,7 +179,8 @@ def _rules(args) -> int:
         print(f"groundwatch rules: {args.file}: unknown tables {sorted(unknown)} (only [[rules]])", file=sys.stderr)
         return 2
     try:
-        reply = set_rules(args.control, data.get("rules", []))
+        reply = set_rules(args.control, data.get("rules", []), server_key=_server_key(args, "rules"),
+                          reachable_timeout=args.timeout)
     except TimeoutError as exc:
         print(f"groundwatch rules: {exc}", file=sys.stderr)
         return 1
@@ -385,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "uses them.")
     zones.add_argument("stream", help="the stream id from the config")
     zones.add_argument("file", help="TOML with [[zones]] and [[lines]] tables, as under [[streams]] in the config")
-    zones.add_argument("--control", default=DEFAULT_CONTROL, help=f"control endpoint (default {DEFAULT_CONTROL})")
+    _control_arguments(zones)
     zones.set_defaults(handler=_zones)
 
     rules = commands.add_parser("rules", help="replace every rule while the daemon runs",
@@ -393,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "config; a rule whose phrase is in no prompt is a warning, not an "
                                             "error. The next frame uses them.")
     rules.add_argument("file", help="TOML with [[rules]] tables, as in the config")
-    rules.add_argument("--control", default=DEFAULT_CONTROL, help=f"control endpoint (default {DEFAULT_CONTROL})")
+    _control_arguments(rules)
     rules.set_defaults(handler=_rules)
 
     rep = commands.add_parser("replay", help="draw recorded events over a video",

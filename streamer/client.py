@@ -170,14 +170,26 @@ def wait_ready(endpoint: str, timeout: float = 60.0, server_key: bytes | None = 
         time.sleep(0.2)
 
 
-def set_zones(endpoint: str, stream: str, zones: list[dict], lines: list[dict], timeout: float = 30.0) -> dict:
+def _ask_after_ping(endpoint: str, message: dict, timeout: float, server_key: bytes | None,
+                    reachable_timeout: float | None) -> dict:
+    """With `reachable_timeout`, a ping first says "no daemon" (TimeoutError) within it; then `message` may take
+    `timeout` seconds (the worker applies it)."""
+    if reachable_timeout is not None:
+        request(endpoint, {"cmd": "ping"}, reachable_timeout, server_key)
+    return request(endpoint, message, timeout, server_key)
+
+
+def set_zones(endpoint: str, stream: str, zones: list[dict], lines: list[dict], timeout: float = 30.0,
+              server_key: bytes | None = None, reachable_timeout: float | None = None) -> dict:
     """Replace a stream's zones and lines; the reply says `ok` or every problem found."""
-    return request(endpoint, {"cmd": "set_zones", "stream": stream, "zones": zones, "lines": lines}, timeout=timeout)
+    return _ask_after_ping(endpoint, {"cmd": "set_zones", "stream": stream, "zones": zones, "lines": lines},
+                           timeout, server_key, reachable_timeout)
 
 
-def set_rules(endpoint: str, rules: list[dict], timeout: float = 30.0) -> dict:
+def set_rules(endpoint: str, rules: list[dict], timeout: float = 30.0, server_key: bytes | None = None,
+              reachable_timeout: float | None = None) -> dict:
     """Replace every rule; the reply says `ok` (with `warnings`) or every problem found."""
-    return request(endpoint, {"cmd": "set_rules", "rules": rules}, timeout=timeout)
+    return _ask_after_ping(endpoint, {"cmd": "set_rules", "rules": rules}, timeout, server_key, reachable_timeout)
 
 
 def format_status(reply: dict) -> str:

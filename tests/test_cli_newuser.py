@@ -57,3 +57,24 @@ def test_status_json_into_a_closed_pipe_is_quiet():
     process = subprocess.run(f"{sys.executable} -c \"{code}\" | head -c 10", shell=True, capture_output=True,
                              text=True, timeout=60)
     assert "Traceback" not in process.stderr and "BrokenPipeError" not in process.stderr, process.stderr
+
+
+@pytest.mark.parametrize("command", [["rules"], ["zones", "cam"]])
+def test_rules_and_zones_take_timeout_and_server_key(command, tmp_path, capsys):
+    """`groundwatch rules`/`zones` had neither --timeout nor --server-key: they waited 30 s for a missing daemon
+    (status and prompt: 5 s) and could not reach a daemon bound beyond loopback, whose control socket needs the
+    CURVE key (README: clients pass its public key with --server-key)."""
+    from streamer.auth import write_key_pair
+
+    public, _ = write_key_pair(tmp_path / "keys")
+    (tmp_path / "x.toml").write_text("")
+    endpoint = nobody()
+    started = time.monotonic()
+    try:
+        code = cli.main([*command, str(tmp_path / "x.toml"), "--control", endpoint, "--timeout", "0.5",
+                         "--server-key", str(public)])
+    except SystemExit as exit_:
+        pytest.fail(f"options refused (exit {exit_.code}): {capsys.readouterr().err}")
+    assert code == 1 and time.monotonic() - started < 10
+    assert f"no daemon at {endpoint}" in capsys.readouterr().err
+    assert 1 <= cli.build_parser().parse_args([*command, "x.toml"]).timeout <= 10

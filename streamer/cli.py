@@ -281,13 +281,22 @@ def _search(args) -> int:
 def _keys(args) -> int:
     from streamer.auth import write_key_pair
 
+    directory = Path(args.directory)
     try:
-        public, secret = write_key_pair(args.directory, args.name)
-    except FileExistsError as exc:
-        print(f"groundwatch keys: {exc}", file=sys.stderr)
+        public, secret = write_key_pair(directory, args.name)
+    except OSError as exc:
+        if exc.filename is None:  # ours: a pair is there already
+            message = str(exc)
+        elif directory.exists() and not directory.is_dir():
+            message = f"{directory} is a file, not a folder"
+        else:
+            message = f"cannot write the key pair into {directory}: {exc.strerror or exc}"
+        print(f"groundwatch keys: {message}", file=sys.stderr)
         return 1
+    # Absolute: relative paths in config.toml are relative to the config file, not to this folder.
     print(f"groundwatch keys: public key {public} (give it to clients: --server-key {public})")
-    print(f"groundwatch keys: secret key {secret} (the daemon's; [publish] curve_secret_key_file = \"{secret}\")")
+    print(f"groundwatch keys: secret key {secret} (the daemon's; [publish] curve_secret_key_file = "
+          f"\"{secret.resolve()}\")")
     return 0
 
 

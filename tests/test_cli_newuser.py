@@ -78,3 +78,22 @@ def test_rules_and_zones_take_timeout_and_server_key(command, tmp_path, capsys):
     assert code == 1 and time.monotonic() - started < 10
     assert f"no daemon at {endpoint}" in capsys.readouterr().err
     assert 1 <= cli.build_parser().parse_args([*command, "x.toml"]).timeout <= 10
+
+
+def test_keys_into_a_place_it_cannot_write_is_one_line(tmp_path, capsys):
+    """`groundwatch keys` into a path under a file (or /proc, or a read-only disk) printed a traceback; into a file
+    it printed "[Errno 17] File exists: 'afile'"."""
+    (tmp_path / "afile").write_text("")
+    for target, expected in ((tmp_path / "afile" / "keys", "cannot write the key pair"),
+                             (tmp_path / "afile", "is a file, not a folder")):
+        assert cli.main(["keys", str(target)]) == 1
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and "Errno" not in err and expected in err and len(err.splitlines()) == 1
+
+
+def test_keys_prints_the_secret_file_as_an_absolute_path(tmp_path, monkeypatch, capsys):
+    """The printed config line is copied into config.toml, whose relative paths are relative to the config file,
+    not to the folder `groundwatch keys` ran in."""
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["keys", "keys"]) == 0
+    assert f'curve_secret_key_file = "{tmp_path / "keys" / "server.key_secret"}"' in capsys.readouterr().out

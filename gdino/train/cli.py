@@ -17,6 +17,7 @@ A training config is TOML with four tables (every key optional; unknown keys are
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -28,7 +29,8 @@ import torch
 
 import gdino
 from gdino import config as configs
-from gdino.cli import _fail
+from gdino.checkpoint import CheckpointError
+from gdino.cli import _InputError, _fail
 from gdino.evaluate import evaluate_shapes, evaluate_world, format_world_report
 from gdino.train import data
 from gdino.train.loop import LoopConfig, OptimConfig, Trainer, config_from_dict
@@ -48,9 +50,15 @@ TABLES = {"model", "data", "optim", "loop", "loss", "eval"}
 
 
 def read_config(path: str | Path) -> dict:
-    """Parse and check a training config; every problem is reported at once."""
-    with open(path, "rb") as f:
-        config = tomllib.load(f)
+    """Parse and check a training config; every problem is reported at once (ValueError; OSError when it cannot
+    be read)."""
+    try:
+        with open(path, "rb") as f:
+            config = tomllib.load(f)
+    except OSError as exc:
+        raise OSError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path} is not valid TOML: {exc}") from None
     problems = []
     for table in sorted(set(config) - TABLES):
         problems.append(f"unknown table [{table}]")
@@ -129,10 +137,12 @@ def train_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to log.jsonl)")
     args = parser.parse_args(argv)
 
-
-    config = read_config(args.config)
-    optim = config_from_dict(OptimConfig, config.get("optim", {}), "optim")
-    loop = config_from_dict(LoopConfig, config.get("loop", {}), "loop")
+    try:
+        config = read_config(args.config)
+        optim = config_from_dict(OptimConfig, config.get("optim", {}), "optim")
+        loop = config_from_dict(LoopConfig, config.get("loop", {}), "loop")
+    except (OSError, ValueError) as exc:
+        return _fail(parser.prog, _InputError(str(exc)))
     if args.out_dir:
         loop.out_dir = args.out_dir
     if args.steps:
@@ -144,8 +154,11 @@ def train_main(argv: list[str] | None = None) -> int:
         parser.error(f"{out_dir} already holds a training run ({', '.join(earlier[-3:]) or 'latest'}): continue it "
                      f"with --resume, or start a new one with --out-dir (nothing was changed)")
     torch.manual_seed(loop.seed)
-    model = build_model(config.get("model", {}))
-    dataset = build_dataset(config.get("data", {}))
+    try:
+        model = build_model(config.get("model", {}))
+        dataset = build_dataset(config.get("data", {}))
+    except (OSError, ValueError, TypeError, CheckpointError) as exc:  # weights or data the config names
+        return _fail(parser.prog, _InputError(str(exc)))
     if not hasattr(dataset, "clutter"):
         dataset = _Cycle(dataset)
     evaluate = None
@@ -164,10 +177,45 @@ def train_main(argv: list[str] | None = None) -> int:
     if args.resume:
         resumed = trainer.resume(None if args.resume == "latest" else args.resume)
         print(f"resumed at step {trainer.step}" if resumed else "nothing to resume: starting fresh", flush=True)
-    trainer.run()
-    final = Path(loop.out_dir) / (Path(loop.out_dir) / "latest").read_text().strip()
+    with _first_ctrl_c_stops(trainer):
+        trainer.run()
+    latest = Path(loop.out_dir) / "latest"
+    if trainer.stop_requested and trainer.step < optim.steps:
+        if not latest.exists():  # Ctrl-C before the first step ended
+            print(f"{parser.prog}: interrupted before the first step; nothing saved", file=sys.stderr)
+            return 130
+        checkpoint = latest.parent / latest.read_text().strip()
+        print(f"{parser.prog}: interrupted at step {trainer.step}: checkpoint {checkpoint}; go on with "
+              f"`{parser.prog} {args.config} --resume{f' --out-dir {args.out_dir}' if args.out_dir else ''}`",
+              file=sys.stderr, flush=True)
+        return 130
+    final = Path(loop.out_dir) / latest.read_text().strip()
     print(f"done: {trainer.step} steps; weights in {final / 'weights'}", flush=True)
     return 0
+
+
+@contextlib.contextmanager
+def _first_ctrl_c_stops(trainer: Trainer):
+    """The first Ctrl-C (SIGINT) lets the step under way finish and the run save a checkpoint; a second one
+    interrupts at once (KeyboardInterrupt, losing the steps since the last checkpoint)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def first(_signum, _frame):
+        print(f"\ngroundwatch train: stopping after step {trainer.step + 1} to save a checkpoint "
+              "(Ctrl-C again: quit without it)", file=sys.stderr, flush=True)
+        trainer.request_stop()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    previous = signal.signal(signal.SIGINT, first)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def load_for_eval(weights: str, device: str = "cpu"):

@@ -149,6 +149,11 @@ class Trainer:
                                            weight_decay=optim.weight_decay)
         self.step = 0
         self.history: list[dict] = []
+        self.stop_requested = False  # set by request_stop (Ctrl-C): the run ends after the step under way
+
+    def request_stop(self) -> None:
+        """End the run after the step under way, with a checkpoint of it (safe from a signal handler)."""
+        self.stop_requested = True
 
     # -- checkpoints -----------------------------------------------------------------------------------------
 
@@ -220,7 +225,7 @@ class Trainer:
         self._set_train_mode()
         running: dict[str, float] = {}
         started = time.time()
-        while self.step < optim.steps:
+        while self.step < optim.steps and not self.stop_requested:
             self._apply_curriculum()
             factor = lr_factor(self.step, optim)
             for group in self.optimizer.param_groups:
@@ -262,6 +267,10 @@ class Trainer:
                 self._run_eval(log_path)
         if bar is not None:
             bar.close()
+        if self.stop_requested:  # interrupted: a checkpoint to resume from, no final evaluation
+            if self.step > 0 and not (self.out_dir / f"step{self.step:07d}").is_dir():
+                self.save()
+            return self.history
         self.save()
         if self.evaluate is not None:
             self._run_eval(log_path)

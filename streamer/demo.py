@@ -102,6 +102,12 @@ def run_demo(output_directory: str | Path = "runs/demo", weights: str = "default
         print(f"groundwatch demo: the daemon failed ({supervisor.stop_reason})", flush=True)
         return code
     events_path = Path(supervisor.record_paths[stream.id])
+    if not stay and supervisor.stop_reason in ("SIGINT", "SIGTERM", "SIGHUP"):
+        # Stopped before the video ended: no replay or summary pretending the demo ran (with --stay, Ctrl-C is
+        # how it ends).
+        print(f"groundwatch demo: interrupted ({supervisor.stop_reason}); the events so far: {events_path}",
+              flush=True)
+        return 130
     detections = [e for e in read_events(events_path) if e["kind"] == "detections"]
     replay_path = output_directory / "demo-replay.mp4"
     summary = replay(stream.url, events_path, replay_path, progress=True)

@@ -97,3 +97,34 @@ def test_keys_prints_the_secret_file_as_an_absolute_path(tmp_path, monkeypatch, 
     monkeypatch.chdir(tmp_path)
     assert cli.main(["keys", "keys"]) == 0
     assert f'curve_secret_key_file = "{tmp_path / "keys" / "server.key_secret"}"' in capsys.readouterr().out
+
+
+def test_ctrl_c_during_the_demo_says_interrupted(tmp_path, monkeypatch, capsys):
+    """Ctrl-C a few seconds into `groundwatch demo` stopped the daemon, then drew a 60-frame "replay" from the 6
+    frames detected, printed it as the demo's result and exited 0, as if the demo had run."""
+    import streamer.daemon
+    from streamer.demo import run_demo
+
+    events = tmp_path / "recordings" / "demo" / "events.jsonl"
+
+    class InterruptedSupervisor:
+        web_url = None
+
+        def __init__(self, config):
+            self.stop_reason = None
+            self.record_paths = {"demo": str(events)}
+
+        def install_signal_handlers(self):
+            pass
+
+        def run(self, on_ready=None):
+            events.parent.mkdir(parents=True)
+            events.write_text("")
+            self.stop_reason = "SIGINT"  # as the supervisor's handler sets it; the daemon stops in order, exit 0
+            return 0
+
+    monkeypatch.setattr(streamer.daemon, "Supervisor", InterruptedSupervisor)
+    assert run_demo(tmp_path) == 130
+    out = capsys.readouterr().out
+    assert "interrupted" in out and str(events) in out
+    assert not (tmp_path / "demo-replay.mp4").exists() and not (tmp_path / "summary.json").exists()

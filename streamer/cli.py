@@ -86,6 +86,12 @@ def _server_key(args, command: str) -> bytes | None:
         raise SystemExit(2) from None
 
 
+def _no_daemon(command: str, exc: TimeoutError, args) -> None:
+    # A daemon bound beyond loopback answers only clients holding its key: without one it looks absent.
+    hint = "" if args.server_key else "; one serving beyond loopback answers only with its key (--server-key)"
+    print(f"groundwatch {command}: {exc}{hint}", file=sys.stderr)
+
+
 def _subscribe(args) -> int:
     from streamer.client import GapCounter, subscribe
 
@@ -118,7 +124,7 @@ def _status(args) -> int:
     try:
         reply = status(args.control, timeout=args.timeout, server_key=_server_key(args, "status"))
     except TimeoutError as exc:
-        print(f"groundwatch status: {exc}", file=sys.stderr)
+        _no_daemon("status", exc, args)
         return 1
     print(json.dumps(reply, indent=2) if args.json else format_status(reply))
     return 0
@@ -131,7 +137,7 @@ def _prompt(args) -> int:
         reply = set_prompt(args.control, args.stream, args.prompt, timeout=args.answer_timeout,
                            server_key=_server_key(args, "prompt"), reachable_timeout=args.timeout)
     except TimeoutError as exc:
-        print(f"groundwatch prompt: {exc}", file=sys.stderr)
+        _no_daemon("prompt", exc, args)
         return 1
     print(json.dumps(reply))
     return 0 if reply.get("ok") else 1
@@ -162,7 +168,7 @@ def _zones(args) -> int:
         reply = set_zones(args.control, args.stream, data.get("zones", []), data.get("lines", []),
                           server_key=_server_key(args, "zones"), reachable_timeout=args.timeout)
     except TimeoutError as exc:
-        print(f"groundwatch zones: {exc}", file=sys.stderr)
+        _no_daemon("zones", exc, args)
         return 1
     print(json.dumps(reply) if reply.get("ok") else reply.get("error"))
     return 0 if reply.get("ok") else 1
@@ -182,7 +188,7 @@ def _rules(args) -> int:
         reply = set_rules(args.control, data.get("rules", []), server_key=_server_key(args, "rules"),
                           reachable_timeout=args.timeout)
     except TimeoutError as exc:
-        print(f"groundwatch rules: {exc}", file=sys.stderr)
+        _no_daemon("rules", exc, args)
         return 1
     for warning in reply.get("warnings", []):
         print(f"groundwatch rules: warning: {warning}", file=sys.stderr)

@@ -128,3 +128,12 @@ def test_ctrl_c_during_the_demo_says_interrupted(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "interrupted" in out and str(events) in out
     assert not (tmp_path / "demo-replay.mp4").exists() and not (tmp_path / "summary.json").exists()
+
+
+def test_no_answer_without_a_key_mentions_the_key(capsys):
+    """A daemon bound beyond loopback answers only CURVE clients: `groundwatch status` without --server-key said
+    "no daemon at ..." of a daemon that was running, with nothing pointing at the key."""
+    endpoint = nobody()
+    assert cli.main(["status", "--control", endpoint, "--timeout", "0.3"]) == 1
+    err = capsys.readouterr().err
+    assert f"no daemon at {endpoint}" in err and "--server-key" in err and len(err.splitlines()) == 1

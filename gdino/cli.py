@@ -294,9 +294,13 @@ def _same_path(a: Path, b: Path) -> bool:
 
 def _check_export_paths(weights: Path, output: Path, text: Path | None) -> None:
     """Refuse, before loading anything, a graph written over the weights it is exported from (their file, or a file
-    of their folder other than an earlier export) or the two graphs written to one file."""
+    of their folder other than an earlier export), the two graphs written to one file, or into a missing folder."""
     if text is not None and _same_path(text, output):
         raise _InputError(f"--text {text} would overwrite the image graph -o {output}; give two file names")
+    for path, flag in ((output, "-o"), (text, "--text")):
+        folder = path.parent if path is not None else None
+        if folder is not None and not folder.is_dir():  # found now, not after minutes of tracing
+            raise _InputError(f"cannot write {flag} {path}: the folder {folder} does not exist")
     for path, flag in ((output, "-o"), (text, "--text")):
         if path is None or not weights.exists():
             continue

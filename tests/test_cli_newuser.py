@@ -137,3 +137,17 @@ def test_no_answer_without_a_key_mentions_the_key(capsys):
     assert cli.main(["status", "--control", endpoint, "--timeout", "0.3"]) == 1
     err = capsys.readouterr().err
     assert f"no daemon at {endpoint}" in err and "--server-key" in err and len(err.splitlines()) == 1
+
+
+def test_export_to_a_folder_that_is_not_there_is_refused_before_the_export(tmp_path, capsys):
+    """`groundwatch export default -o missing/model.onnx` loaded and traced the model (20 s) and then said
+    "[Errno 2] No such file or directory: 'missing/.model.partial-1234.onnx'", a file the user never named."""
+    from gdino.cli import export_main
+
+    started = time.monotonic()
+    for output in (tmp_path / "missing" / "model.onnx", tmp_path / "afile" / "model.onnx"):
+        (tmp_path / "afile").write_text("")
+        assert export_main(["default", "-o", str(output)]) == 2
+        err = capsys.readouterr().err
+        assert ".partial" not in err and f"-o {output}" in err and str(output.parent) in err, err
+    assert time.monotonic() - started < 5  # before the model loads

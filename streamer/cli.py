@@ -26,6 +26,14 @@ from pathlib import Path
 DEFAULT_CONTROL = "tcp://127.0.0.1:5556"
 
 
+def _endpoint(text: str) -> str:
+    """An argparse type: a ZeroMQ endpoint (`tcp://host:port`, `ipc://path`); `host:port` alone is a usage error
+    that shows the fix, not ZeroMQ's traceback."""
+    if "://" not in text:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a ZeroMQ endpoint; did you mean tcp://{text} ?")
+    return text
+
+
 def _configure_logging() -> None:
     import os
 
@@ -335,7 +343,8 @@ def _delegate(command: str, argv: list[str]) -> int:
 
 def _control_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of a command that asks the running daemon over its control socket and waits for it."""
-    parser.add_argument("--control", default=DEFAULT_CONTROL, help=f"control endpoint (default {DEFAULT_CONTROL})")
+    parser.add_argument("--control", default=DEFAULT_CONTROL, type=_endpoint,
+                        help=f"control endpoint (default {DEFAULT_CONTROL})")
     parser.add_argument("--timeout", type=float, default=5.0,
                         help="seconds to wait for the daemon before saying there is none (default 5)")
     parser.add_argument("--server-key", help="the daemon's public CURVE key (a .key file or its 40 characters)")
@@ -368,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = commands.add_parser("subscribe", help="print events as JSON lines",
                               description="Print the daemon's events as JSON lines (schema: docs/events.md). "
                                           "A new subscriber first gets each stream's last status and error.")
-    sub.add_argument("endpoint", help="the daemon's PUB endpoint, e.g. tcp://127.0.0.1:5555")
+    sub.add_argument("endpoint", type=_endpoint, help="the daemon's PUB endpoint, e.g. tcp://127.0.0.1:5555")
     sub.add_argument("--stream", help="only this stream")
     sub.add_argument("--kind", choices=EVENT_KINDS, help="only this kind")
     sub.add_argument("--count", type=int, help="exit after this many events")

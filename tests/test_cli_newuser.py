@@ -151,3 +151,15 @@ def test_export_to_a_folder_that_is_not_there_is_refused_before_the_export(tmp_p
         err = capsys.readouterr().err
         assert ".partial" not in err and f"-o {output}" in err and str(output.parent) in err, err
     assert time.monotonic() - started < 5  # before the model loads
+
+
+@pytest.mark.parametrize("argv", [["subscribe", "127.0.0.1:5555"], ["status", "--control", "127.0.0.1:5556"],
+                                  ["prompt", "cam", "a cat .", "--control", "localhost:5556"],
+                                  ["rules", "r.toml", "--control", "127.0.0.1:5556"]])
+def test_an_endpoint_without_its_scheme_is_a_usage_error(argv, capsys):
+    """`groundwatch subscribe 127.0.0.1:5555` (tcp:// left out) printed a ZMQError traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "tcp://" in err and err.strip().splitlines()[-1].startswith("groundwatch")

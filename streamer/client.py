@@ -200,6 +200,11 @@ def format_status(reply: dict) -> str:
         rows.append((stream, *(str(figures.get(c, "")) for c in columns)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows]
+    for stream, figures in reply.get("streams", {}).items():  # why a stream is not online, what last went wrong
+        if figures.get("reason"):
+            lines.append(f"{stream}: {figures.get('state')}: {figures['reason']}")
+        if figures.get("last_error"):
+            lines.append(f"{stream}: last error: {figures['last_error']}")
     lines.append(f"uptime {reply.get('uptime', 0):.0f} s; events on {reply.get('publish')}; "
                  f"metrics {reply.get('metrics') or 'off'}")
     return "\n".join(lines)

@@ -163,3 +163,18 @@ def test_an_endpoint_without_its_scheme_is_a_usage_error(argv, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "tcp://" in err and err.strip().splitlines()[-1].startswith("groundwatch")
+
+
+def test_status_says_why_a_stream_is_not_online():
+    """`groundwatch status` showed a camera that could not be reached as 'reconnecting' and nothing else; the
+    reason ('connection refused (nothing listening at ...)') was in the reply, shown only by --json."""
+    from streamer.client import format_status
+
+    reason = "cannot connect: connection refused (nothing listening at 127.0.0.1:8554)"
+    text = format_status({"uptime": 10, "publish": "tcp://127.0.0.1:5555", "streams": {
+        "cam": {"state": "reconnecting", "reason": reason, "last_error": None},
+        "door": {"state": "online", "reason": None, "last_error": "decode error: corrupt frame"},
+        "yard": {"state": "online", "reason": None, "last_error": None}}})
+    assert f"cam: reconnecting: {reason}" in text
+    assert "door: last error: decode error: corrupt frame" in text
+    assert "yard:" not in text

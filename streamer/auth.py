@@ -59,8 +59,14 @@ def write_key_pair(directory: str | Path, name: str = "server") -> tuple[Path, P
         if path.exists():
             raise FileExistsError(f"{path} exists; remove it first (clients that hold its public key lose access)")
     directory.mkdir(parents=True, exist_ok=True)
-    public_path, secret_path = zmq.auth.create_certificates(str(directory), name)
-    os.chmod(secret_path, 0o600)
+    # The secret is created unreadable to others (umask), not made so after being written: a chmod afterwards left
+    # a moment in which anyone on the machine could read it. The public key is then opened to all.
+    previous = os.umask(0o077)
+    try:
+        public_path, secret_path = zmq.auth.create_certificates(str(directory), name)
+    finally:
+        os.umask(previous)
+    os.chmod(public_path, 0o644)
     return Path(public_path), Path(secret_path)
 
 

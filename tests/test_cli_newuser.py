@@ -178,3 +178,31 @@ def test_status_says_why_a_stream_is_not_online():
     assert f"cam: reconnecting: {reason}" in text
     assert "door: last error: decode error: corrupt frame" in text
     assert "yard:" not in text
+
+
+def test_the_secret_key_is_never_readable_by_others(tmp_path, monkeypatch):
+    """`groundwatch keys` wrote the secret key with the default umask (0644 here) and only then made it 0600: for
+    that moment anyone on the machine could read the daemon's secret. It must be created 0600; the public key is
+    for everyone."""
+    import os
+    import stat
+
+    from streamer.auth import write_key_pair
+
+    created_modes = []
+    real_chmod = os.chmod
+
+    def chmod(path, mode, *args, **kwargs):
+        created_modes.append((str(path), stat.S_IMODE(os.stat(path).st_mode)))  # the mode the file was made with
+        return real_chmod(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "chmod", chmod)
+    previous = os.umask(0o022)
+    try:
+        public, secret = write_key_pair(tmp_path / "keys")
+    finally:
+        os.umask(previous)
+    made = dict(created_modes)
+    assert made.get(str(secret), stat.S_IMODE(secret.stat().st_mode)) == 0o600, made
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+    assert stat.S_IMODE(public.stat().st_mode) == 0o644

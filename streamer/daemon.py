@@ -104,6 +104,7 @@ class Supervisor:
         self.detect_stamp = self.context.Value("d", 0.0, lock=False)  # see streamer.watchdog
         self.children: list[Child] = []
         self.stop_reason: str | None = None
+        self.signalled = False  # a stop signal has come (a second one forces the exit)
         self.exit_code = 0
         self.run_stamp = f"{run_stamp()}-{os.getpid()}"
         self.started = time.time()
@@ -501,9 +502,14 @@ class Supervisor:
     def install_signal_handlers(self) -> None:
         def handler(signum, _frame):
             # A hang-up can come twice (the shell passes it on to its jobs, then the kernel sends it to the
-            # foreground group): only a second SIGINT or SIGTERM is someone asking for the exit now.
-            if self.stop_reason is not None and signum != signal.SIGHUP:
+            # foreground group): only a second SIGINT or SIGTERM is someone asking for the exit now. A first
+            # signal during a stop the daemon began itself (every file done) asks for nothing more: it stops.
+            if self.signalled and signum != signal.SIGHUP:
                 self.force_exit(signum)
+            self.signalled = True
+            if self.stop_reason is not None:
+                log.info("%s: already stopping (%s); send it again to force the exit", signal.Signals(signum).name,
+                         self.stop_reason)
             self.request_stop(signal.Signals(signum).name)
 
         signal.signal(signal.SIGINT, handler)

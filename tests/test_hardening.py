@@ -933,3 +933,28 @@ def test_track_ids_stay_unique_across_prompt_changes(mailbox_factory, stats_fact
     assert len(started) == 2 and started[1] > started[0], started
     boxes = [d["track_id"] for e in sender.events if e["kind"] == "detections" for d in e["detections"]]
     assert set(boxes) - {None} == set(started)
+
+
+def test_one_ctrl_c_while_the_daemon_stops_by_itself_does_not_kill_its_children(monkeypatch):
+    """Every file done, the daemon was stopping in order; one Ctrl-C then was taken for the second of two and
+    killed every child on the spot ("second SIGINT while stopping: forcing the exit"), losing what the hub and the
+    recorders still held (found with `groundwatch demo`, Ctrl-C at the video's end). Only a second signal forces."""
+    from streamer.config import parse_config
+    from streamer.daemon import Supervisor
+
+    config = parse_config({"streams": [{"id": "cam", "url": "rtsp://127.0.0.1/cam", "prompt": "a person ."}]})
+    supervisor = Supervisor(config)
+    forced = []
+    monkeypatch.setattr(supervisor, "force_exit", forced.append)
+    previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        supervisor.install_signal_handlers()
+        handler = signal.getsignal(signal.SIGINT)
+        supervisor.request_stop("every stream finished")
+        handler(signal.SIGINT, None)
+        assert forced == [] and supervisor.stop_reason == "every stream finished"
+        handler(signal.SIGINT, None)
+        assert forced == [signal.SIGINT]
+    finally:
+        for number, old in previous.items():
+            signal.signal(number, old)

@@ -170,6 +170,9 @@ def replay(video: str | Path, events: str | Path, output: str | Path, *, trail_l
         if output.resolve() == source_path.resolve() or _same_file(output, source_path):
             raise ReplayError(f"the output {output} would overwrite the input {source_path}; choose another -o")
     log, bad_lines = load_log(events)
+    if not log and bad_lines:  # a video or any other file given as the log: not a video without boxes
+        raise ReplayError(f"{events} holds no events ({bad_lines} lines, none an event): give a stream's "
+                          "events-*.jsonl")
     detection_events = [e for e in log if e.get("kind") == "detections"]
     live = any(e.get("kind") == "status" and e.get("source") == "live" for e in log)
     segment_start = _segment_start(video)

@@ -126,6 +126,14 @@ def test_log_of_another_shape_is_refused(tmp_path, video):
     assert summary.frames == 6
 
 
+def test_a_file_that_is_no_event_log_is_refused(tmp_path, video):
+    """A video given as --events (an easy slip: both are in the recording folder) drew a box-free copy and exited 0
+    with only "N bad lines skipped" (found by the new-user audit): a file without one event is refused."""
+    with pytest.raises(ReplayError, match="holds no events"):
+        replay(video, video, tmp_path / "out.mp4", progress=False)
+    assert not (tmp_path / "out.mp4").exists()
+
+
 def test_log_longer_than_the_video_is_refused(tmp_path, video):
     """Events for frames the video does not have mean the log belongs to another (longer) video."""
     log = write_log(tmp_path / "events.jsonl", [detection_line(i) for i in (0, 1, 50)])

@@ -245,7 +245,7 @@ class Decoder:
         clock = None  # (wall, pts) the realtime pacing counts from
         try:
             while True:
-                pass_frames = 0
+                pass_frames, pass_offset = 0, media.offset
                 for frame, width, height in self._frames(container):
                     index = frame_index
                     frame_index += 1
@@ -279,6 +279,16 @@ class Decoder:
                     break
                 self.passes += 1
                 media.next_pass()
+                # A restarted decoder of a looped file goes on from a frame passes ahead: a pass is known now (its
+                # frames, its media time), so the whole passes before that frame are counted, not decoded (a
+                # file looping for days would take hours to decode up to where its dead decoder stopped).
+                skip = (self.first_frame - frame_index) // pass_frames
+                if skip > 0:
+                    span = media.offset - pass_offset  # media time one pass takes
+                    frame_index += skip * pass_frames
+                    self.passes += skip
+                    media.offset += skip * span
+                    next_pts += skip * span
                 container.close()
                 container = self._open_file()
         except (av.FFmpegError, OSError) as exc:

@@ -51,6 +51,25 @@ def test_looped_file_goes_on_with_increasing_frames_and_times(tmp_path, mailbox_
     assert not mailbox.finished or mailbox.end_reason != "end_of_file"  # a looped file never ends by itself
 
 
+def test_a_restarted_looped_file_skips_whole_passes_without_decoding_them(tmp_path, mailbox_factory,
+                                                                         stats_factory):
+    """A restarted decoder goes on from the frame its dead predecessor stopped at (`first_frame`); for a file
+    looping for days it decoded every earlier pass to get there (found by an audit: 3 days at 10 fps are 2.6
+    million frames before the first one delivered). Whole passes are counted once one pass is known: the frame
+    delivered first is the one asked for, at the media time the loop gives it, after decoding a few passes (the mailbox lets it decode ahead)."""
+    path = write_video(tmp_path / "v.mp4", np.stack([frame_with_value(v * 40, 48, 64) for v in range(5)]), fps=10)
+    mailbox, stop, stats = mailbox_factory("skip", slots=4, width=64, height=48), FlagEvent(), stats_factory(["v"])
+    first = 5 * 200 + 3  # pass 200, its fourth frame
+    decoder = Decoder(stream_id="v", url=str(path), live=False, fps=0, max_width=64, max_height=48,
+                      mailbox=mailbox, stats=stats, sender=ListSender(), stop=stop, loop=True, first_frame=first)
+    code, got = run_decoder(decoder, mailbox, stop, until=4)
+    assert code == EXIT_DONE
+    assert [g[0] for g in got[:4]] == list(range(first, first + 4))
+    assert np.allclose([g[1] for g in got[:4]], np.arange(first, first + 4) / 10, atol=1e-3)
+    assert abs(got[0][2] - 3 * 40) < 8  # the file's fourth frame's pixels
+    assert stats.get("v", "frames_decoded") < 5 * 6, stats.get("v", "frames_decoded")  # 1000+ before
+
+
 def test_unlooped_file_still_ends(tmp_path, mailbox_factory, stats_factory):
     path = write_video(tmp_path / "v.mp4", np.stack([frame_with_value(v, 48, 64) for v in range(3)]), fps=10)
     mailbox, stop = mailbox_factory("once", slots=4, width=64, height=48), FlagEvent()
